@@ -642,8 +642,10 @@ def _observed_rss(data, W, H):
 
 
 def _make_solver(data, W, H, method, loss, penalty, update_H=True):
-    if data.masked or (data.sparse is not None and loss == "kl"):
-        return _ObservedCellsSolver(data, W, H, method, loss, penalty, update_H)
+    if loss == "kl" and (data.masked or data.sparse is not None):
+        return _CellsKLSolver(data, W, H, penalty, update_H)
+    if data.masked:
+        return _MaskedSolver(data, W, H, method, penalty, update_H)
     if loss == "kl":
         return _DenseKLSolver(data.dense, W, H, penalty, update_H)
     return _DenseSolver(data.dense if data.sparse is None else data.sparse, W, H, method,
@@ -766,71 +768,139 @@ def _indptr(sorted_index, size):
     return out
 
 
-class _ObservedCellsSolver:
-    """Streams over observed cells only (missing values), or over the stored entries of a
-    sparse X for KL. Holds W (m x k) and H transposed (n x k) so a cell's two factor rows are
-    contiguous; cells are kept both row-major (for W) and column-major (for H)."""
+def _cells(rows, cols, shape):
+    """Row-major (CSR) and column-major (CSC) index structures of a set of cells."""
+    m, n = shape
+    order = np.lexsort((rows, cols))
+    return (_indptr(rows, m), np.ascontiguousarray(cols, dtype=np.int64),
+            _indptr(cols[order], n), np.ascontiguousarray(rows[order], dtype=np.int64), order)
 
-    def __init__(self, data, W, H, method, loss, penalty, update_H):
-        self.method, self.loss, self.pen, self.update_H = method, loss, penalty, update_H
+
+class _MaskedSolver:
+    """Frobenius loss with missing cells, exactly. The Gram matrix of a row's observed cells is
+    handled implicitly as ``G0 + sign * sum over the row's cells S of b b'``: either the full
+    Gram minus the *missing* cells (complement mode, when fewer cells are missing than observed:
+    the heavy products are BLAS on X with missing cells zeroed) or zero plus the *observed*
+    cells (direct mode, for mostly-missing data). Either way one sweep costs
+    O(min(missing, observed) * k + (m + n) k^2) beyond the products, and no m x n array is
+    allocated per iteration. Holds W (m x k) and H transposed (n x k)."""
+
+    def __init__(self, data, W, H, method, penalty, update_H, sweeps=None):
+        self.method, self.pen, self.update_H = method, penalty, update_H
+        m, n = data.shape
+        k = W.shape[1]
+        self.W, self.Ht = W, np.ascontiguousarray(H.T)
+        self.xx = _sqnorm(data.values)
+        observed = np.zeros(data.shape, dtype=bool)
+        observed[data.rows, data.cols] = True
+        n_missing = m * n - len(data.values)
+        self.complement = n_missing <= len(data.values)
+        if self.complement:
+            self.sign = -1.0
+            self.X = np.zeros(data.shape, dtype=data.dtype)
+            self.X[data.rows, data.cols] = data.values
+            rows, cols = np.nonzero(~observed)
+        else:
+            self.sign = 1.0
+            self.X = sp.csr_matrix((data.values, (data.rows, data.cols)), shape=data.shape)
+            rows, cols = data.rows, data.cols
+        self.r_ptr, self.r_idx, self.c_ptr, self.c_idx, _ = _cells(rows, cols, data.shape)
+        longest = max(np.diff(self.r_ptr).max(initial=0), np.diff(self.c_ptr).max(initial=0))
+        self.scratch = np.empty(max(longest, 1) * (k + 1), dtype=np.float64)
+        n_cells = len(rows)
+        if sweeps is not None:
+            self.sweeps_W = self.sweeps_H = sweeps
+        elif method == "hals":
+            self.sweeps_W = self._sweeps(m, n, k, n_cells)
+            self.sweeps_H = self._sweeps(n, m, k, n_cells)
+        else:
+            self.sweeps_W = self.sweeps_H = 100  # gdcls: H by constrained least squares
+        self.objective = self._objective(*self._products_W(), self._cells_wh2())
+
+    def _sweeps(self, p, q, k, n_cells):
+        # Setup (products, gathers) against the cost of one sweep, as in _inner_sweeps.
+        setup = (p * q * k if self.complement else 0.0) + 3.0 * n_cells * k
+        sweep = 2.0 * n_cells * k + p * k * k
+        return max(1, min(int(1 + 0.5 * setup / sweep), 50))
+
+    def _gram(self, A):
+        if self.complement:
+            return A.T @ A
+        return np.zeros((A.shape[1], A.shape[1]), dtype=A.dtype)
+
+    def _products_W(self):
+        """(X H', G0) for the W update."""
+        return np.ascontiguousarray(self.X @ self.Ht), self._gram(self.Ht)
+
+    def _products_H(self):
+        """(X' W, G0) for the H update."""
+        return np.ascontiguousarray(self.X.T @ self.W), self._gram(self.W)
+
+    def _cells_wh2(self):
+        return _cells_sq_prediction(self.W, self.Ht, self.r_ptr, self.r_idx)
+
+    def _objective(self, XHt, G0, cells_wh2):
+        fit = _fdot(self.W, XHt)
+        model = _fdot(self.W.T @ self.W, G0) + self.sign * cells_wh2
+        return max(0.5 * self.xx - fit + 0.5 * model, 0.0) + self.pen.value(self.W, self.Ht)
+
+    def step(self):
+        p, s = self.pen, self.sign
+        if self.update_H:
+            XtW, G0 = self._products_H()
+            if self.method == "mu":
+                _masked_mu_rows(self.Ht, self.W, G0, XtW, self.c_ptr, self.c_idx, s,
+                                p.l1_H, p.l2_H, self.scratch, False)
+            else:
+                tol = 0.1 if self.method == "hals" else 1e-3
+                _masked_cd_rows(self.Ht, self.W, G0, XtW, self.c_ptr, self.c_idx, s,
+                                p.l1_H, p.l2_H, self.sweeps_H, tol, self.scratch, False)
+        XHt, G0 = self._products_W()
+        if self.method == "hals" or not self.update_H:
+            sweeps, tol = (self.sweeps_W, 0.1) if self.update_H else (100, 1e-3)
+            wh2 = _masked_cd_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx, s,
+                                  p.l1_W, p.l2_W, sweeps, tol, self.scratch, True)
+        else:
+            wh2 = _masked_mu_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx, s,
+                                  p.l1_W, p.l2_W, self.scratch, True)
+        self.objective = self._objective(XHt, G0, wh2)
+        return self.objective
+
+    def views(self):
+        return self.W, self.Ht.T
+
+    def factors(self):
+        return self.W, np.ascontiguousarray(self.Ht.T)
+
+
+class _CellsKLSolver:
+    """KL multiplicative updates streaming over the observed cells (missing values), or over
+    the stored entries of a sparse X (whose zeros then count in the denominators only).
+    Holds W (m x k) and H transposed (n x k) so a cell's two factor rows are contiguous."""
+
+    def __init__(self, data, W, H, penalty, update_H):
+        self.pen, self.update_H = penalty, update_H
         if data.masked:
             rows, cols, x = data.rows, data.cols, data.values
-        else:  # sparse KL: stored entries; zeros count in the denominators only
+        else:
             csr = data.sparse
             rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
             cols, x = csr.indices.astype(np.int64), csr.data
         self.all_cells = not data.masked
-        m, n = data.shape
-        order = np.lexsort((rows, cols))
-        self.r_ptr, self.r_idx, self.r_x = _indptr(rows, m), np.ascontiguousarray(cols), x
-        self.c_ptr, self.c_idx = _indptr(cols, n), np.ascontiguousarray(rows[order])
-        self.c_x, self.perm = np.ascontiguousarray(x[order]), order
+        self.r_ptr, self.r_idx, self.c_ptr, self.c_idx, order = _cells(rows, cols, data.shape)
+        self.r_x, self.c_x = x, np.ascontiguousarray(x[order])
         self.W, self.Ht = W, np.ascontiguousarray(H.T)
         self.eps = _kl_floor(x.dtype)
         self.no_den = np.zeros(0, dtype=x.dtype)
-        if method == "hals":
-            self.res_r = np.empty_like(x)
-            self.res_c = np.empty_like(x)
-            self.scratch = np.empty(max(np.diff(self.r_ptr).max(), np.diff(self.c_ptr).max())
-                                    * W.shape[1], dtype=x.dtype)
-            self.n_steps = 0
-        self.objective = self._evaluate()
+        s, wh = _masked_kl_loss(self.W, self.Ht, self.r_ptr, self.r_idx, self.r_x, self.eps)
+        self.objective = self._total(s, wh)
 
-    def _evaluate(self):
-        if self.method == "hals":
-            _masked_residual(self.W, self.Ht, self.r_ptr, self.r_idx, self.r_x, self.res_r)
-            half_rss = 0.5 * _sqnorm(self.res_r)
-        elif self.loss == "kl":
-            s, wh = _masked_kl_loss(self.W, self.Ht, self.r_ptr, self.r_idx, self.r_x, self.eps)
-            return self._kl_total(s, wh)
-        else:
-            half_rss = 0.5 * _masked_rss(self.W, self.Ht, self.r_ptr, self.r_idx, self.r_x)
-        return half_rss + self.pen.value(self.W, self.Ht)
-
-    def _kl_total(self, s, wh):
+    def _total(self, s, wh):
         if self.all_cells:
             wh = float(self.W.sum(axis=0, dtype=np.float64) @ self.Ht.sum(axis=0, dtype=np.float64))
         return s + wh + self.pen.value(self.W, self.Ht)
 
     def step(self):
-        if self.method == "hals":
-            return self._step_hals()
-        if self.loss == "kl":
-            return self._step_kl()
-        p = self.pen
-        if self.update_H:
-            if self.method == "gdcls":
-                _masked_gram_nnls(self.Ht, self.W, self.c_ptr, self.c_idx, self.c_x,
-                                  p.l1_H, p.l2_H, 100, 1e-3)
-            else:
-                _masked_mu_rows(self.Ht, self.W, self.c_ptr, self.c_idx, self.c_x,
-                                p.l1_H, p.l2_H, False)
-        half_rss = _masked_mu_rows(self.W, self.Ht, self.r_ptr, self.r_idx, self.r_x,
-                                   p.l1_W, p.l2_W, True)
-        self.objective = half_rss + p.value(self.W, self.Ht)
-        return self.objective
-
-    def _step_kl(self):
         p = self.pen
         if self.update_H:
             den = self.W.sum(axis=0) if self.all_cells else self.no_den
@@ -839,23 +909,7 @@ class _ObservedCellsSolver:
         den = self.Ht.sum(axis=0) if self.all_cells else self.no_den
         s, wh = _masked_kl_rows(self.W, self.Ht, self.r_ptr, self.r_idx, self.r_x, den,
                                 p.l1_W, p.l2_W, self.eps, True)
-        self.objective = self._kl_total(s, wh)
-        return self.objective
-
-    def _step_hals(self):
-        p = self.pen
-        # Recompute the residual now and then so rounding cannot accumulate over long fits.
-        self.n_steps += 1
-        if self.n_steps % 64 == 0:
-            _masked_residual(self.W, self.Ht, self.r_ptr, self.r_idx, self.r_x, self.res_r)
-        if self.update_H:
-            np.take(self.res_r, self.perm, out=self.res_c)
-            _masked_hals_rows(self.Ht, self.W, self.c_ptr, self.c_idx, self.res_c,
-                              p.l1_H, p.l2_H, self.scratch, 1)
-            self.res_r[self.perm] = self.res_c
-        _masked_hals_rows(self.W, self.Ht, self.r_ptr, self.r_idx, self.res_r,
-                          p.l1_W, p.l2_W, self.scratch, 1 if self.update_H else 50)
-        self.objective = 0.5 * _sqnorm(self.res_r) + p.value(self.W, self.Ht)
+        self.objective = self._total(s, wh)
         return self.objective
 
     def views(self):
@@ -870,9 +924,12 @@ class _ObservedCellsSolver:
 # =============================================================================================
 # Conventions: factors are row-major; a kernel that updates "rows" of A (p x k) reads the other
 # factor B (q x k) through the cells of each row, given as CSR (indptr, idx, values).
-# Scalar sums accumulate in float64 whatever the array dtype.
+# Scalar sums accumulate in float64 whatever the array dtype. _FAST lets LLVM reorder sums and
+# fuse multiply-adds (so loops vectorize) but keeps IEEE semantics for NaN, inf and signed zero.
+_FAST = {"reassoc", "contract"}
 
-@njit(cache=True)
+
+@njit(cache=True, fastmath=_FAST)
 def _hals_update(A, G, B, l1, l2, max_sweeps, tol):
     """Coordinate descent on A (k x p) >= 0 for 1/2 tr(A'GA) - tr(B'A) + l1 sum A + l2/2 |A|^2.
 
@@ -939,19 +996,6 @@ def _kl_ratio(X, buf, eps, want_loss):
 
 
 @njit(cache=True)
-def _masked_residual(A, B, indptr, idx, x, res):
-    """res = x - A B' over the cells (row-major); the HALS solver maintains it afterwards."""
-    p, k = A.shape
-    for a in range(p):
-        for q in range(indptr[a], indptr[a + 1]):
-            b = idx[q]
-            wh = 0.0
-            for t in range(k):
-                wh += A[a, t] * B[b, t]
-            res[q] = x[q] - wh
-
-
-@njit(cache=True)
 def _masked_rss(A, B, indptr, idx, x):
     """Sum over the cells of (x - A B')^2."""
     p, k = A.shape
@@ -964,78 +1008,6 @@ def _masked_rss(A, B, indptr, idx, x):
                 wh += A[a, t] * B[b, t]
             total += (x[q] - wh) ** 2
     return total
-
-
-@njit(cache=True)
-def _masked_hals_rows(A, B, indptr, idx, res, l1, l2, scratch, sweeps):
-    """Exact coordinate descent on each row of A over its observed cells, keeping the
-    residual ``res`` (x - A B' on the cells) up to date. Rows are independent, so each row's
-    residual and the rows of B it touches are gathered once and stay in cache."""
-    p, k = A.shape
-    for a in range(p):
-        s = indptr[a]
-        c = indptr[a + 1] - s
-        if c == 0:
-            continue
-        for q in range(c):  # gather B rows of this row's cells, component-major
-            b = idx[s + q]
-            for t in range(k):
-                scratch[t * c + q] = B[b, t]
-        for _ in range(sweeps):
-            for t in range(k):
-                num = 0.0
-                den = 0.0
-                base = t * c
-                for q in range(c):
-                    bv = scratch[base + q]
-                    num += res[s + q] * bv
-                    den += bv * bv
-                hess = den + l2
-                if hess <= 0.0:
-                    continue
-                old = A[a, t]
-                new = (num + old * den - l1) / hess
-                if new < 0.0:
-                    new = 0.0
-                d = new - old
-                if d != 0.0:
-                    A[a, t] = new
-                    for q in range(c):
-                        res[s + q] -= d * scratch[base + q]
-
-
-@njit(cache=True)
-def _masked_mu_rows(A, B, indptr, idx, x, l1, l2, want_loss):
-    """Lee-Seung Frobenius update of each row of A over its observed cells:
-    A_at *= sum x B_bt / (sum (AB')_ab B_bt + l1 + l2 A_at). Returns 1/2 RSS after the update
-    if asked (same pass, the row still in cache)."""
-    p, k = A.shape
-    num = np.empty(k, dtype=np.float64)
-    den = np.empty(k, dtype=np.float64)
-    half_rss = 0.0
-    for a in range(p):
-        num[:] = 0.0
-        den[:] = 0.0
-        for q in range(indptr[a], indptr[a + 1]):
-            b = idx[q]
-            wh = 0.0
-            for t in range(k):
-                wh += A[a, t] * B[b, t]
-            for t in range(k):
-                num[t] += x[q] * B[b, t]
-                den[t] += wh * B[b, t]
-        for t in range(k):
-            d = den[t] + l1 + l2 * A[a, t]
-            if d > 0.0:
-                A[a, t] = A[a, t] * (num[t] / d)
-        if want_loss:
-            for q in range(indptr[a], indptr[a + 1]):
-                b = idx[q]
-                wh = 0.0
-                for t in range(k):
-                    wh += A[a, t] * B[b, t]
-                half_rss += 0.5 * (x[q] - wh) ** 2
-    return half_rss
 
 
 @njit(cache=True)
@@ -1106,46 +1078,136 @@ def _masked_kl_loss(A, B, indptr, idx, x, eps):
 
 
 @njit(cache=True)
-def _masked_gram_nnls(A, B, indptr, idx, x, l1, l2, max_sweeps, tol):
-    """For each row a of A: min over A_a >= 0 of 1/2 sum_cells (x - A_a . B_b)^2 + l1 sum A_a
-    + l2/2 |A_a|^2, by coordinate descent on the row's own k x k Gram matrix, warm-started
-    from the current A_a (so the objective never increases)."""
+def _cells_sq_prediction(A, B, indptr, idx):
+    """Sum over the cells of (A B')^2."""
     p, k = A.shape
-    G = np.empty((k, k), dtype=np.float64)
-    rhs = np.empty(k, dtype=np.float64)
+    total = 0.0
     for a in range(p):
-        G[:, :] = 0.0
-        rhs[:] = 0.0
         for q in range(indptr[a], indptr[a + 1]):
             b = idx[q]
+            wh = 0.0
             for t in range(k):
-                bt = B[b, t]
-                rhs[t] += x[q] * bt
-                for r in range(t + 1):
-                    G[t, r] += bt * B[b, r]
+                wh += A[a, t] * B[b, t]
+            total += wh * wh
+    return total
+
+
+@njit(cache=True)
+def _gather_rows(B, idx, s, c, scratch):
+    """scratch[t * c + q] = B[idx[s + q], t]: the B rows of one row's cells, component-major."""
+    k = B.shape[1]
+    for q in range(c):
+        b = idx[s + q]
         for t in range(k):
-            for r in range(t):
-                G[r, t] = G[t, r]
+            scratch[t * c + q] = B[b, t]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _predict_cells(A, a, scratch, c, u):
+    """u[q] = A[a] . b_q for the gathered cells of one row."""
+    u[:] = 0.0
+    for t in range(A.shape[1]):
+        at = A[a, t]
+        if at != 0.0:
+            base = t * c
+            for q in range(c):
+                u[q] += at * scratch[base + q]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _masked_cd_rows(A, B, G0, XB, indptr, idx, sign, l1, l2, sweeps, tol, scratch, want):
+    """Exact coordinate descent on each row a of A >= 0 for the masked least-squares problem
+    1/2 a'G a - XB_a . a + l1 sum a + l2/2 |a|^2, where the row's Gram matrix is
+    G = G0 + sign * sum over its cells of b b' (b = B[cell]). G is never formed: v = G0 a and
+    the cells' predictions u = b . a are kept up to date instead. Up to ``sweeps`` sweeps
+    per row, stopping when one moves the row by less than ``tol`` times the first.
+    Returns the sum over all cells of u^2 after the update if ``want``."""
+    p, k = A.shape
+    v = np.empty(k, dtype=np.float64)
+    hess = np.empty(k, dtype=np.float64)
+    total = 0.0
+    for a in range(p):
+        s = indptr[a]
+        c = indptr[a + 1] - s
+        _gather_rows(B, idx, s, c, scratch)
+        u = scratch[k * c:k * c + c]
+        _predict_cells(A, a, scratch, c, u)
+        for t in range(k):
+            acc = 0.0
+            for r in range(k):
+                acc += G0[t, r] * A[a, r]
+            v[t] = acc
+            sq = 0.0
+            for q in range(c):
+                sq += scratch[t * c + q] * scratch[t * c + q]
+            hess[t] = G0[t, t] + sign * sq + l2
         first = 0.0
-        for sweep in range(max_sweeps):
+        for sweep in range(sweeps):
             moved = 0.0
             for t in range(k):
-                hess = G[t, t] + l2
-                if hess <= 0.0:
+                if hess[t] <= 0.0:
                     continue
-                grad = l1 - rhs[t] + l2 * A[a, t]
-                for r in range(k):
-                    grad += G[t, r] * A[a, r]
+                base = t * c
+                cross = 0.0
+                for q in range(c):
+                    cross += scratch[base + q] * u[q]
                 old = A[a, t]
-                new = old - grad / hess
+                grad = v[t] + sign * cross - XB[a, t] + l1 + l2 * old
+                new = old - grad / hess[t]
                 if new < 0.0:
                     new = 0.0
-                A[a, t] = new
-                moved += (new - old) * (new - old)
+                d = new - old
+                if d != 0.0:
+                    A[a, t] = new
+                    moved += d * d
+                    for r in range(k):
+                        v[r] += d * G0[r, t]
+                    for q in range(c):
+                        u[q] += d * scratch[base + q]
             if sweep == 0:
                 first = moved
             elif moved <= tol * tol * first:
                 break
+        if want:
+            for q in range(c):
+                total += u[q] * u[q]
+    return total
+
+
+@njit(cache=True, fastmath=_FAST)
+def _masked_mu_rows(A, B, G0, XB, indptr, idx, sign, l1, l2, scratch, want):
+    """Lee-Seung Frobenius update of each row a of A over its observed cells:
+    A_a *= XB_a / (G a + l1 + l2 A_a) with the row's Gram matrix G = G0 + sign * sum over the
+    row's cells of b b' (see _masked_cd_rows). Returns the sum over all cells of (b . a)^2
+    after the update if ``want``."""
+    p, k = A.shape
+    den = np.empty(k, dtype=np.float64)
+    total = 0.0
+    for a in range(p):
+        s = indptr[a]
+        c = indptr[a + 1] - s
+        _gather_rows(B, idx, s, c, scratch)
+        u = scratch[k * c:k * c + c]
+        _predict_cells(A, a, scratch, c, u)
+        for t in range(k):
+            acc = 0.0
+            for r in range(k):
+                acc += G0[t, r] * A[a, r]
+            cross = 0.0
+            for q in range(c):
+                cross += scratch[t * c + q] * u[q]
+            den[t] = acc + sign * cross
+        for t in range(k):
+            d = den[t] + l1 + l2 * A[a, t]
+            if d > 0.0:
+                A[a, t] = A[a, t] * (XB[a, t] / d)
+        if want:
+            for q in range(c):
+                acc = 0.0
+                for t in range(k):
+                    acc += A[a, t] * scratch[t * c + q]
+                total += acc * acc
+    return total
 
 
 # =============================================================================================
