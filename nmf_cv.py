@@ -172,13 +172,13 @@ def _check_finite_nonnegative(values, X, observed, all_observed, name):
         where = np.argwhere(observed & ~np.isfinite(X))
         kind = "NaN" if np.isnan(X[tuple(where[0])]) else "infinite"
         raise ValueError(f"{name} has {len(where)} non-finite observed entries (first, {kind}, "
-                         f"at {list(where[0])}); mark missing cells with NaN or mask=False")
+                         f"at {where[0].tolist()}); mark missing cells with NaN or mask=False")
     negative = values < 0
     if negative.any():
         where = np.argwhere(observed & (np.where(observed, X, 0) < 0))
-        first = tuple(where[0])
+        first = where[0].tolist()
         raise ValueError(f"{name} has {len(where)} negative entries; NMF needs X >= 0 "
-                         f"(first at {list(first)} = {X[first]:g})")
+                         f"(first at {first} = {X[tuple(first)]:g})")
 
 
 def _check_no_empty_lines(observed, name):
@@ -225,7 +225,7 @@ def _check_options(method, loss, max_iter, tol, alpha_W, alpha_H, l1_ratio):
 
 def _initialize(data, k, init, rng):
     """Initial (W, H) in the data's dtype; reads observed cells only."""
-    if isinstance(init, tuple) or isinstance(init, list):
+    if isinstance(init, (tuple, list)):
         return _check_user_init(init, data.shape, k, data.dtype)
     _check_choice(init, INITS, "init")
     mean = data.observed_mean()
@@ -245,7 +245,7 @@ def _initialize(data, k, init, rng):
 def _check_user_init(init, shape, k, dtype):
     if len(init) != 2:
         raise ValueError("init given as a tuple must be (W, H)")
-    W, H = (_as_float_array(a, label) for a, label in zip(init, ("init W", "init H")))
+    W, H = (_as_float_array(a, label) for a, label in zip(init, ("init W", "init H"), strict=True))
     m, n = shape
     if W.shape != (m, k) or H.shape != (k, n):
         raise ValueError(f"init (W, H) must have shapes {(m, k)} and {(k, n)}; got "
@@ -629,15 +629,19 @@ def _observed_sq_norm(data):
 
 def _observed_rss(data, W, H):
     """Exact sum of squared residuals over observed cells, without an m x n temporary."""
+    Ht = np.ascontiguousarray(H.T)
     if data.masked:
-        indptr = _indptr(data.rows, data.shape[0])
-        return _masked_rss(W, np.ascontiguousarray(H.T), indptr, data.cols, data.values)
+        return _masked_rss(W, Ht, _indptr(data.rows, data.shape[0]), data.cols, data.values)
+    if data.sparse is not None:  # stored cells exactly, zeros as |WH|^2 - stored cells' part
+        X = data.sparse
+        indptr, idx = X.indptr.astype(np.int64), X.indices.astype(np.int64)
+        stored = _masked_rss(W, Ht, indptr, idx, X.data)
+        everywhere = _fdot(W.T @ W, H @ H.T)
+        return stored + max(everywhere - _cells_sq_prediction(W, Ht, indptr, idx), 0.0)
     rss = 0.0
-    block = max(1, 4_000_000 // max(data.shape[1], 1))
+    block = max(1, 4_000_000 // data.shape[1])
     for lo in range(0, data.shape[0], block):
-        X = data.dense[lo:lo + block] if data.sparse is None else data.sparse[lo:lo + block].toarray()
-        R = X - W[lo:lo + block] @ H
-        rss += _sqnorm(R)
+        rss += _sqnorm(data.dense[lo:lo + block] - W[lo:lo + block] @ H)
     return rss
 
 
@@ -664,14 +668,16 @@ class _DenseSolver:
     """Frobenius loss on a fully observed X (ndarray or sparse), BLAS products. W is held
     transposed (k x m) so both factor updates run the same row-major kernels."""
 
-    def __init__(self, X, W, H, method, penalty, update_H):
+    def __init__(self, X, W, H, method, penalty, update_H, sweeps=None):
         self.X, self.method, self.pen, self.update_H = X, method, penalty, update_H
         self.Wt = np.ascontiguousarray(W.T)
         self.H = H
         self.xx = _sqnorm(X.data if sp.issparse(X) else X)
         m, n = X.shape
         k = H.shape[0]
-        if method == "hals":
+        if sweeps is not None:
+            self.sweeps_W = self.sweeps_H = sweeps
+        elif method == "hals":
             self.sweeps_W, self.sweeps_H = _inner_sweeps(m, n, k), _inner_sweeps(n, m, k)
         else:
             self.sweeps_W = self.sweeps_H = 100  # gdcls: H by constrained least squares
@@ -1221,7 +1227,7 @@ def main(argv=None):
     --------
     >>> import nmf_cv
     >>> nmf_cv.main(["demo", "--rows", "60", "--cols", "40"])  # doctest: +ELLIPSIS
-    planted rank 4 ...
+    planted rank 4...
     0
     """
     parser = argparse.ArgumentParser(prog="nmf_cv", description=__doc__.splitlines()[0])

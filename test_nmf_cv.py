@@ -1,0 +1,525 @@
+"""Tests for nmf_cv. References are independent: plain numpy updates written here,
+scipy.optimize.nnls, planted factors, scikit-learn."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.optimize import nnls
+
+import nmf_cv
+
+COMBOS = [("hals", "frobenius"), ("mu", "frobenius"), ("mu", "kl"), ("gdcls", "frobenius")]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def lkr(seed):
+    """The 50 x 100 exact rank-5 integer matrix L @ K @ R with entries of L, K, R in 0..10."""
+    rng = np.random.default_rng(seed)
+    L = rng.integers(0, 11, (50, 5))
+    K = rng.integers(0, 11, (5, 5))
+    R = rng.integers(0, 11, (5, 100))
+    return (L @ K @ R).astype(float)
+
+
+def random_mask(shape, missing, rng):
+    """Boolean mask (True = observed) keeping at least one cell in every row and column."""
+    m, n = shape
+    mask = rng.random(shape) >= missing
+    mask[np.arange(m), rng.integers(0, n, m)] = True
+    mask[rng.integers(0, m, n), np.arange(n)] = True
+    return mask
+
+
+def objective(X, M, W, H, loss):
+    """Independent objective over observed cells (no penalties)."""
+    WH = W @ H
+    if loss == "frobenius":
+        return 0.5 * np.sum(M * (np.where(M, X, 0) - WH) ** 2)
+    x = np.where(M, X, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xlog = np.where(x > 0, x * np.log(x / WH), 0.0)
+    return np.sum(M * (xlog - x + WH))
+
+
+def ref_hals_step(X, M, W, H):
+    """One masked HALS iteration (H then W), coordinate by coordinate, plain numpy."""
+    X0 = np.where(M, X, 0.0)
+    k = W.shape[1]
+    for t in range(k):
+        R = M * (X0 - W @ H)
+        num = W[:, t] @ R
+        den = (M * W[:, t][:, None] ** 2).sum(axis=0)
+        H[t] = np.maximum(0.0, H[t] + num / den)
+    for t in range(k):
+        R = M * (X0 - W @ H)
+        num = R @ H[t]
+        den = (M * H[t][None, :] ** 2).sum(axis=1)
+        W[:, t] = np.maximum(0.0, W[:, t] + num / den)
+
+
+def ref_mu_step(X, M, W, H, loss):
+    X0 = np.where(M, X, 0.0)
+    if loss == "frobenius":
+        H *= (W.T @ X0) / (W.T @ (M * (W @ H)))
+        W *= (X0 @ H.T) / ((M * (W @ H)) @ H.T)
+    else:
+        H *= (W.T @ (X0 / (W @ H))) / (W.T @ M)
+        W *= ((X0 / (W @ H)) @ H.T) / (M @ H.T)
+
+
+def fit(X, k, **kw):
+    kw.setdefault("random_state", 0)
+    return nmf_cv.fit_nmf(X, k, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# monotonicity (property tests)
+# ---------------------------------------------------------------------------------------------
+
+@st.composite
+def problems(draw):
+    m = draw(st.integers(2, 14))
+    n = draw(st.integers(2, 14))
+    k = draw(st.integers(1, min(m, n)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    missing = draw(st.sampled_from([0.0, 0.1, 0.4, 0.75]))
+    rng = np.random.default_rng(seed)
+    X = rng.random((m, k + 1)) @ rng.random((k + 1, n)) + 0.1 * rng.random((m, n))
+    X[rng.random((m, n)) < 0.2] = 0.0
+    mask = random_mask((m, n), missing, rng)
+    return X, mask, k, seed
+
+
+@pytest.mark.parametrize("method,loss", COMBOS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), init=st.sampled_from(["nndsvda", "random", "nndsvd"]),
+       penalised=st.booleans())
+def test_objective_never_increases(method, loss, problem, init, penalised):
+    X, mask, k, seed = problem
+    if init == "nndsvd" and method in ("mu", "gdcls"):
+        init = "nndsvda"  # exact zeros are fixed points of multiplicative updates
+    pen = dict(alpha_W=0.05, alpha_H=0.1, l1_ratio=0.3) if penalised else {}
+    res = nmf_cv.fit_nmf(X, k, mask=mask, method=method, loss=loss, init=init, tol=0,
+                         max_iter=30, random_state=seed, **pen)
+    f = res.loss_history
+    assert np.all(np.isfinite(f))
+    assert np.all(np.diff(f) <= 1e-9 * f[0] + 1e-12), np.diff(f).max()
+    assert np.all(res.W >= 0) and np.all(res.H >= 0)
+    if not penalised:  # the recorded objective is the true one, not a running estimate
+        assert f[-1] == pytest.approx(objective(X, mask, res.W, res.H, loss), rel=1e-7, abs=1e-9)
+
+
+@pytest.mark.parametrize("method,loss", COMBOS)
+def test_objective_never_increases_sparse(method, loss):
+    rng = np.random.default_rng(3)
+    X = sp.random(40, 30, density=0.3, random_state=3, format="csr") * 5
+    res = nmf_cv.fit_nmf(X, 4, method=method, loss=loss, tol=0, max_iter=60, random_state=rng)
+    f = res.loss_history
+    assert np.all(np.diff(f) <= 1e-9 * f[0])
+    assert f[-1] == pytest.approx(objective(X.toarray(), np.ones(X.shape, bool), res.W, res.H,
+                                            loss), rel=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# planted exact factorization
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(5))
+def test_planted_rank5_hals(seed):
+    res = fit(lkr(seed), 5, method="hals", max_iter=1000, tol=0)
+    assert res.relative_error < 2e-3
+
+
+@pytest.mark.parametrize("method", ["mu", "gdcls"])
+@pytest.mark.parametrize("seed", range(5))
+def test_planted_rank5_mu_gdcls(method, seed):
+    res = fit(lkr(seed), 5, method=method, max_iter=5000, tol=0)
+    assert res.relative_error < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels against plain numpy / scipy references
+# ---------------------------------------------------------------------------------------------
+
+def _problem(missing, seed=0, m=30, n=20, k=4):
+    rng = np.random.default_rng(seed)
+    X = rng.random((m, k)) @ rng.random((k, n)) + 0.05 * rng.random((m, n))
+    mask = random_mask((m, n), missing, rng)
+    W = rng.random((m, k)) + 0.1
+    H = rng.random((k, n)) + 0.1
+    return X, mask, W, H
+
+
+def _solver(X, mask, W, H, method, loss, sweeps=1):
+    data = nmf_cv._validate_data(X, mask)
+    pen = nmf_cv._Penalty(0.0, 0.0, 0.0, 0.0)
+    if loss == "kl":
+        return nmf_cv._make_solver(data, W.copy(), H.copy(), method, loss, pen)
+    if data.masked:
+        return nmf_cv._MaskedSolver(data, W.copy(), H.copy(), method, pen, True, sweeps=sweeps)
+    return nmf_cv._DenseSolver(data.dense, W.copy(), H.copy(), method, pen, True, sweeps=sweeps)
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.2, 0.7])  # dense, complement mode, direct mode
+def test_hals_iterates_match_numpy_reference(missing):
+    X, mask, W, H = _problem(missing)
+    solver = _solver(X, mask, W, H, "hals", "frobenius")
+    if missing:
+        assert solver.complement == (missing < 0.5)
+    Wr, Hr = W.copy(), H.copy()
+    for _ in range(4):
+        solver.step()
+        ref_hals_step(X, mask, Wr, Hr)
+        Ws, Hs = solver.factors()
+        np.testing.assert_allclose(Ws, Wr, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(Hs, Hr, rtol=1e-10, atol=1e-12)
+        assert solver.objective == pytest.approx(objective(X, mask, Wr, Hr, "frobenius"),
+                                                 rel=1e-10)
+
+
+@pytest.mark.parametrize("loss", ["frobenius", "kl"])
+@pytest.mark.parametrize("missing", [0.0, 0.2, 0.7])
+def test_mu_iterates_match_numpy_reference(loss, missing):
+    X, mask, W, H = _problem(missing, seed=1)
+    solver = _solver(X, mask, W, H, "mu", loss)
+    Wr, Hr = W.copy(), H.copy()
+    for _ in range(5):
+        solver.step()
+        ref_mu_step(X, mask, Wr, Hr, loss)
+        Ws, Hs = solver.factors()
+        np.testing.assert_allclose(Ws, Wr, rtol=1e-10)
+        np.testing.assert_allclose(Hs, Hr, rtol=1e-10)
+        assert solver.objective == pytest.approx(objective(X, mask, Wr, Hr, loss), rel=1e-10)
+
+
+@pytest.mark.parametrize("missing", [0.2, 0.7])
+def test_masked_cd_solves_nnls_like_scipy(missing):
+    """Run to convergence, the masked coordinate-descent kernel (GDCLS's H step) is exact
+    ridge-regularised NNLS per column: compare with scipy.optimize.nnls."""
+    X, mask, W, H = _problem(missing, seed=2)
+    lam = 0.3
+    solver = _solver(X, mask, W, H, "gdcls", "frobenius")
+    XtW, G0 = solver._products_H()
+    Ht = np.ascontiguousarray(H.T)
+    nmf_cv._masked_cd_rows(Ht, solver.W, G0, XtW, solver.c_ptr, solver.c_idx, solver.sign,
+                           0.0, lam, 5000, 0.0, solver.scratch, False)
+    k = W.shape[1]
+    for j in range(X.shape[1]):
+        rows = mask[:, j]
+        A = np.vstack([W[rows], math.sqrt(lam) * np.eye(k)])
+        b = np.concatenate([X[rows, j], np.zeros(k)])
+        np.testing.assert_allclose(Ht[j], nnls(A, b)[0], atol=1e-8)
+
+
+def test_dense_hals_update_solves_nnls_like_scipy():
+    rng = np.random.default_rng(5)
+    W = rng.random((25, 4))
+    X = rng.random((25, 7))
+    H = np.full((4, 7), 0.5)
+    nmf_cv._hals_update(H, W.T @ W, W.T @ X, 0.0, 0.0, 5000, 0.0)
+    for j in range(7):
+        np.testing.assert_allclose(H[:, j], nnls(W, X[:, j])[0], atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# missing values
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,loss", COMBOS)
+@pytest.mark.parametrize("init", ["nndsvda", "random"])
+@pytest.mark.parametrize("missing", [0.15, 0.7])
+def test_values_under_mask_change_nothing(method, loss, init, missing):
+    X, mask, _, _ = _problem(missing, seed=4)
+    results = []
+    for fill in [None, np.nan, np.inf, 1e300, -5.0]:
+        Xf = X.copy()
+        if fill is not None:
+            Xf[~mask] = fill
+        res = fit(Xf, 3, mask=mask, method=method, loss=loss, init=init, max_iter=25, tol=0)
+        results.append(res)
+    for res in results[1:]:
+        assert np.array_equal(res.W, results[0].W) and np.array_equal(res.H, results[0].H)
+        assert np.array_equal(res.loss_history, results[0].loss_history)
+
+
+def test_nan_is_missing_same_as_mask():
+    X, mask, _, _ = _problem(0.2, seed=6)
+    Xn = np.where(mask, X, np.nan)
+    a = fit(Xn, 3, max_iter=20)
+    b = fit(X, 3, mask=mask, max_iter=20)
+    assert np.array_equal(a.W, b.W) and np.array_equal(a.H, b.H)
+
+
+@pytest.mark.parametrize("method,loss", COMBOS)
+def test_all_true_mask_equals_no_mask(method, loss):
+    X, _, _, _ = _problem(0.0, seed=7)
+    a = fit(X, 3, method=method, loss=loss, max_iter=50)
+    b = fit(X, 3, mask=np.ones(X.shape, dtype=bool), method=method, loss=loss, max_iter=50)
+    np.testing.assert_allclose(a.W, b.W, rtol=1e-12)
+    np.testing.assert_allclose(a.H, b.H, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["hals", "mu", "gdcls"])
+def test_held_out_cells_predicted_to_noise_level(method):
+    rng = np.random.default_rng(8)
+    m, n, k = 200, 120, 4
+    clean = rng.random((m, k)) @ rng.random((k, n))
+    noise = 0.01 * clean.mean() * rng.standard_normal((m, n))
+    X = clean + noise
+    hidden = ~random_mask((m, n), 0.2, rng)
+    max_iter = 10000 if method == "mu" else 3000  # MU converges slowly (known)
+    res = fit(np.where(hidden, np.nan, X), k, method=method, max_iter=max_iter, tol=1e-9)
+    pred = (res.W @ res.H)[hidden]
+    held_out_error = np.linalg.norm(pred - X[hidden]) / np.linalg.norm(X[hidden])
+    noise_level = np.linalg.norm(noise[hidden]) / np.linalg.norm(X[hidden])
+    assert held_out_error < 1.5 * noise_level, (held_out_error, noise_level)
+    # and the truth behind the noise is recovered better than the noise itself
+    assert np.linalg.norm(pred - clean[hidden]) < np.linalg.norm(noise[hidden])
+
+
+# ---------------------------------------------------------------------------------------------
+# reproducibility, dtypes, sparse input
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,loss", COMBOS)
+@pytest.mark.parametrize("init", ["random", "nndsvda"])
+def test_same_seed_same_result(method, loss, init):
+    X = nmf_cv.make_planted(300, 150, 4, noise=0.1, missing=0.1, random_state=9)
+    a = fit(X, 4, method=method, loss=loss, init=init, random_state=11, max_iter=30)
+    b = fit(X, 4, method=method, loss=loss, init=init, random_state=11, max_iter=30)
+    c = fit(X, 4, method=method, loss=loss, init="random", random_state=12, max_iter=30)
+    assert np.array_equal(a.W, b.W) and np.array_equal(a.H, b.H)
+    if init == "random":
+        assert not np.array_equal(a.W, c.W)
+
+
+@pytest.mark.parametrize("method,loss", COMBOS)
+@pytest.mark.parametrize("kind", ["dense", "masked", "sparse"])
+def test_float32_stays_float32(method, loss, kind):
+    X = nmf_cv.make_planted(60, 40, 3, noise=0.01, random_state=10, dtype=np.float32)
+    mask = None
+    if kind == "masked":
+        mask = random_mask(X.shape, 0.2, np.random.default_rng(0))
+    if kind == "sparse":
+        X = sp.csr_matrix(np.where(X > np.median(X), X, 0))
+    res = fit(X, 3, mask=mask, method=method, loss=loss, max_iter=200)
+    assert res.W.dtype == np.float32 and res.H.dtype == np.float32
+    assert res.relative_error < 0.3
+    f = res.loss_history
+    assert np.all(np.diff(f) <= 1e-5 * f[0])  # float32 rounding only
+
+
+@pytest.mark.parametrize("method,loss", COMBOS)
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_sparse_matches_dense(method, loss, fmt, monkeypatch):
+    rng = np.random.default_rng(12)
+    D = rng.random((50, 35)) @ rng.random((35, 35))
+    D[rng.random(D.shape) < 0.5] = 0
+    S = sp.csr_matrix(D) if fmt == "csr" else sp.csc_matrix(D)
+    dense = fit(D, 4, method=method, loss=loss, init="random", max_iter=40, tol=0)
+
+    def no_densify(*args, **kwargs):
+        raise AssertionError("sparse X was densified")
+
+    for cls in (sp.csr_matrix, sp.csc_matrix, sp.coo_matrix):
+        monkeypatch.setattr(cls, "toarray", no_densify)
+        monkeypatch.setattr(cls, "todense", no_densify)
+    sparse = fit(S, 4, method=method, loss=loss, init="random", max_iter=40, tol=0)
+    np.testing.assert_allclose(sparse.W @ sparse.H, dense.W @ dense.H, rtol=1e-6, atol=1e-9)
+    assert sparse.relative_error == pytest.approx(dense.relative_error, rel=1e-6)
+    svd_init = fit(S, 4, method=method, loss=loss, max_iter=40, tol=0)  # randomized SVD
+    assert svd_init.relative_error < 1.1 * dense.relative_error
+
+
+# ---------------------------------------------------------------------------------------------
+# result object, stopping, callback, inits
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("missing", [0.0, 0.3])
+def test_relative_error_and_history(missing):
+    X, mask, _, _ = _problem(missing, seed=13)
+    res = fit(X, 3, mask=mask, max_iter=40, tol=0)
+    R = np.where(mask, X - res.W @ res.H, 0.0)
+    expected = np.linalg.norm(R) / np.linalg.norm(np.where(mask, X, 0.0))
+    assert res.relative_error == pytest.approx(expected, rel=1e-10)
+    assert len(res.loss_history) == len(res.time_history) == res.n_iter + 1 == 41
+    assert np.all(np.diff(res.time_history) >= 0)
+    assert not res.converged
+
+
+def test_tolerance_stops_and_reports_convergence():
+    X = lkr(0)
+    res = fit(X, 5, tol=1e-3, max_iter=1000)
+    assert res.converged and res.n_iter < 1000
+    f = res.loss_history
+    assert f[-2] - f[-1] <= 1e-3 * f[-2]
+    assert np.all(f[:-2] - f[1:-1] > 1e-3 * f[:-2])  # it did not stop earlier than it should
+
+
+def test_callback_can_stop():
+    seen = []
+
+    def callback(n_iter, W, H, obj):
+        seen.append((n_iter, obj, W.shape, H.shape))
+        return n_iter == 7
+
+    res = fit(lkr(1), 5, tol=0, max_iter=100, callback=callback)
+    assert res.n_iter == 7 and len(seen) == 7 and not res.converged
+    assert seen[-1][1] == res.loss_history[-1] and seen[-1][2:] == ((50, 5), (5, 100))
+
+
+def test_nndsvd_recovers_rank_one_exactly():
+    rng = np.random.default_rng(14)
+    X = np.outer(rng.random(20) + 0.1, rng.random(15) + 0.1)
+    res = fit(X, 1, init="nndsvd", max_iter=0)
+    np.testing.assert_allclose(res.W @ res.H, X, rtol=1e-10)
+
+
+def test_nndsvd_on_large_input_uses_randomized_svd_well():
+    X = nmf_cv.make_planted(700, 500, 6, random_state=15)
+    res = fit(X, 6, init="nndsvd", max_iter=0)
+    exact = fit(X, 6, init="nndsvd", max_iter=0)
+    assert res.relative_error < 0.3 and res.relative_error == exact.relative_error
+
+
+def test_random_init_scaled_to_data_mean():
+    X = 1000 * lkr(2)
+    res = fit(X, 5, init="random", max_iter=0)
+    assert 0.5 < (res.W @ res.H).mean() / X.mean() < 2
+
+
+def test_user_init_is_used_and_not_modified():
+    X = lkr(3)
+    rng = np.random.default_rng(0)
+    W0, H0 = rng.random((50, 5)), rng.random((5, 100))
+    W0c, H0c = W0.copy(), H0.copy()
+    res = fit(X, 5, init=(W0, H0), max_iter=0)
+    assert np.array_equal(res.W, W0) and np.array_equal(res.H, H0)
+    fit(X, 5, init=(W0, H0), max_iter=10)
+    assert np.array_equal(W0, W0c) and np.array_equal(H0, H0c)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("X,kwargs,exc,match", [
+    ([[1.0, -2.0], [-3.0, 4.0]], {}, ValueError, r"2 negative entries.*first at \[0, 1\]"),
+    ([[1.0, np.inf], [3.0, 4.0]], {}, ValueError, r"non-finite.*infinite.*\[0, 1\]"),
+    ([[1.0, 2.0], [3.0, -np.inf]], {}, ValueError, r"non-finite.*\[1, 1\]"),
+    ([["a", "b"], ["c", "d"]], {}, TypeError, "must hold numbers"),
+    (np.array([[1, "x"], [2, 3]], dtype=object), {}, TypeError, "non-numeric objects"),
+    ([[1 + 1j, 2], [3, 4]], {}, TypeError, "complex"),
+    ([1.0, 2.0, 3.0], {}, ValueError, "2-D"),
+    (np.ones((2, 2, 2)), {}, ValueError, "2-D"),
+    (np.ones((0, 3)), {}, ValueError, "empty"),
+    (np.ones((3, 3)), {"mask": np.ones((3, 2), bool)}, ValueError, "mask has shape"),
+    (np.ones((3, 3)), {"mask": np.full((3, 3), 0.5)}, TypeError, "mask must be boolean"),
+    (np.ones((3, 3)), {"n_components": 0}, ValueError, r"n_components must be in 1\.\.3"),
+    (np.ones((3, 3)), {"n_components": 4}, ValueError, r"n_components must be in 1\.\.3"),
+    (np.ones((3, 3)), {"n_components": 2.0}, TypeError, "positive int"),
+    (np.ones((3, 3)), {"n_components": True}, TypeError, "positive int"),
+    ([[1, np.nan], [np.nan, np.nan]], {}, ValueError, r"1 row\(s\) with no observed.*row 1"),
+    ([[1, np.nan], [2, np.nan]], {}, ValueError, r"column\(s\) with no observed.*column 1"),
+    (np.ones((3, 3)), {"method": "als"}, ValueError, "method must be one of"),
+    (np.ones((3, 3)), {"loss": "l2"}, ValueError, "loss must be one of"),
+    (np.ones((3, 3)), {"init": "svd"}, ValueError, "init must be one of"),
+    (np.ones((3, 3)), {"loss": "kl", "method": "hals"}, ValueError, "needs method='mu'"),
+    (np.ones((3, 3)), {"max_iter": -1}, ValueError, "max_iter"),
+    (np.ones((3, 3)), {"tol": np.nan}, ValueError, "tol"),
+    (np.ones((3, 3)), {"alpha_W": -1}, ValueError, "alpha_W"),
+    (np.ones((3, 3)), {"l1_ratio": 2}, ValueError, "l1_ratio"),
+    (np.ones((3, 3)), {"init": (np.ones((3, 2)), np.ones((1, 3)))}, ValueError, "shapes"),
+    (np.ones((3, 3)), {"init": (-np.ones((3, 1)), np.ones((1, 3)))}, ValueError, "non-negative"),
+    (np.ones((3, 3)), {"callback": 3}, TypeError, "callable"),
+    (sp.csr_matrix(-np.eye(3)), {}, ValueError, r"3 negative entries.*first at \[0, 0\]"),
+    (sp.csr_matrix(np.array([[np.nan, 1], [1, 1]])), {}, ValueError, "non-finite"),
+])
+def test_bad_input_raises_clear_error(X, kwargs, exc, match):
+    kwargs = dict(kwargs)
+    k = kwargs.pop("n_components", 1)
+    with pytest.raises(exc, match=match):
+        nmf_cv.fit_nmf(X, k, **kwargs)
+
+
+def test_negative_or_inf_under_mask_is_fine():
+    X = np.array([[1.0, -5.0], [np.inf, 2.0], [1.0, 1.0]])
+    mask = np.array([[True, False], [False, True], [True, True]])
+    res = fit(X, 1, mask=mask, max_iter=10)
+    assert np.isfinite(res.relative_error)
+
+
+def test_callers_arrays_are_never_modified():
+    X, mask, W, H = _problem(0.2, seed=16)
+    X[~mask] = np.nan
+    copies = [a.copy() for a in (X, mask, W, H)]
+    for method, loss in COMBOS:
+        fit(X, 4, mask=mask, method=method, loss=loss, max_iter=5)
+        fit(X, 4, method=method, loss=loss, init=(W, H), max_iter=5)
+        Xd = np.nan_to_num(X)
+        Xd_copy = Xd.copy()
+        fit(Xd, 4, method=method, loss=loss, init=(W, H), max_iter=5)
+        assert np.array_equal(Xd, Xd_copy)
+    for a, b in zip((X, mask, W, H), copies):
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+    S = sp.csr_matrix(np.nan_to_num(X))
+    data = S.data.copy()
+    fit(S, 4, max_iter=5)
+    assert np.array_equal(S.data, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# estimator
+# ---------------------------------------------------------------------------------------------
+
+def test_estimator_api():
+    X = nmf_cv.make_planted(80, 40, 3, noise=0.02, random_state=17)
+    model = nmf_cv.NMF(3, random_state=0, max_iter=1000, tol=1e-8)
+    W = model.fit_transform(X)
+    assert W.shape == (80, 3) and model.components_.shape == (3, 40)
+    assert model.reconstruction_err_ == pytest.approx(np.linalg.norm(X - W @ model.components_))
+    assert model.n_iter_ == model.result_.n_iter
+    W2 = model.transform(X)
+    np.testing.assert_allclose(W2 @ model.components_, W @ model.components_, rtol=1e-3,
+                               atol=1e-3 * X.mean())
+    np.testing.assert_allclose(model.inverse_transform(W), W @ model.components_)
+    assert model.get_params()["n_components"] == 3
+    assert model.set_params(max_iter=5).max_iter == 5
+    with pytest.raises(ValueError, match="unknown parameter"):
+        model.set_params(bogus=1)
+    with pytest.raises(ValueError, match="not fitted"):
+        nmf_cv.NMF(2).transform(X)
+
+
+@pytest.mark.parametrize("method,loss", COMBOS)
+def test_transform_with_missing_cells_uses_observed_only(method, loss):
+    X = nmf_cv.make_planted(100, 30, 3, random_state=18)
+    model = nmf_cv.NMF(3, method=method, loss=loss, random_state=0, max_iter=3000, tol=1e-10)
+    model.fit(X)
+    mask = random_mask(X.shape, 0.3, np.random.default_rng(1))
+    Xm = np.where(mask, X, 1e6)  # garbage under the mask
+    W = model.transform(Xm, mask=mask)
+    np.testing.assert_allclose(W @ model.components_, X, rtol=0.05, atol=0.05 * X.mean())
+
+
+def test_comparable_to_scikit_learn():
+    sklearn_nmf = pytest.importorskip("sklearn.decomposition").NMF
+    X = nmf_cv.make_planted(120, 80, 5, noise=0.1, random_state=19)
+    res = fit(X, 5, max_iter=2000, tol=1e-10)
+    ref = sklearn_nmf(5, init="nndsvda", max_iter=2000, tol=1e-10, random_state=0)
+    Wr = ref.fit_transform(X)
+    ref_error = np.linalg.norm(X - Wr @ ref.components_) / np.linalg.norm(X)
+    assert res.relative_error <= ref_error * 1.001
+
+
+def test_command_line_demo(capsys):
+    assert nmf_cv.main(["demo", "--rows", "60", "--cols", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "hals" in out and "relative error" in out
