@@ -35,7 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
-__all__ = ["NMF", "NMFResult", "fit_nmf", "make_planted"]
+__all__ = ["CVResult", "NMF", "NMFResult", "cross_validate", "fit_nmf", "make_planted"]
 __version__ = "0.1.0"
 
 METHODS = ("hals", "mu", "gdcls")
@@ -710,9 +710,9 @@ class _DenseSolver:
                 _hals_update(self.H, self.WtW, WtX, p.l1_H, p.l2_H, self.sweeps_H, tol)
         HHt = self.H @ self.H.T
         HXt = self._HXt()
-        if self.method == "hals":
-            sweeps = self.sweeps_W if self.update_H else 100
-            _hals_update(self.Wt, HHt, HXt, p.l1_W, p.l2_W, sweeps, 0.1 if self.update_H else 1e-3)
+        if self.method == "hals" or not self.update_H:  # transform: W by exact NNLS
+            sweeps, tol = (self.sweeps_W, 0.1) if self.update_H else (100, 1e-3)
+            _hals_update(self.Wt, HHt, HXt, p.l1_W, p.l2_W, sweeps, tol)
         else:
             _mu_apply(self.Wt, HXt, HHt @ self.Wt, p.l1_W, p.l2_W)
         self.WtW = self.Wt @ self.Wt.T
@@ -783,13 +783,13 @@ def _cells(rows, cols, shape):
 
 
 class _MaskedSolver:
-    """Frobenius loss with missing cells, exactly. The Gram matrix of a row's observed cells is
-    handled implicitly as ``G0 + sign * sum over the row's cells S of b b'``: either the full
-    Gram minus the *missing* cells (complement mode, when fewer cells are missing than observed:
-    the heavy products are BLAS on X with missing cells zeroed) or zero plus the *observed*
-    cells (direct mode, for mostly-missing data). Either way one sweep costs
-    O(min(missing, observed) * k + (m + n) k^2) beyond the products, and no m x n array is
-    allocated per iteration. Holds W (m x k) and H transposed (n x k)."""
+    """Frobenius loss with missing cells, exactly. The Gram matrix of one row's observed cells
+    is handled implicitly, through whichever of the row's cell sets is smaller: the full Gram
+    matrix G0 minus the row's *missing* cells' part (a mostly observed row) or the sum over its
+    *observed* cells (a mostly missing one, which also avoids cancellation). Columns choose
+    the same way for the H update. One sweep costs O(min(missing, observed) * k + (m + n) k^2)
+    beyond two BLAS or sparse products per iteration, and no m x n array is allocated per
+    iteration. Holds W (m x k) and H transposed (n x k)."""
 
     def __init__(self, data, W, H, method, penalty, update_H, sweeps=None):
         self.method, self.pen, self.update_H = method, penalty, update_H
@@ -799,77 +799,76 @@ class _MaskedSolver:
         self.xx = _sqnorm(data.values)
         observed = np.zeros(data.shape, dtype=bool)
         observed[data.rows, data.cols] = True
-        n_missing = m * n - len(data.values)
-        self.complement = n_missing <= len(data.values)
-        if self.complement:
-            self.sign = -1.0
+        if 2 * len(data.values) >= m * n:
             self.X = np.zeros(data.shape, dtype=data.dtype)
             self.X[data.rows, data.cols] = data.values
-            rows, cols = np.nonzero(~observed)
         else:
-            self.sign = 1.0
             self.X = sp.csr_matrix((data.values, (data.rows, data.cols)), shape=data.shape)
-            rows, cols = data.rows, data.cols
-        self.r_ptr, self.r_idx, self.c_ptr, self.c_idx, _ = _cells(rows, cols, data.shape)
+        # A line (row or column) is "direct" (sign +1) when fewer of its cells are observed
+        # than missing; its cells are then its observed cells, else its missing cells (-1).
+        row_direct = 2 * observed.sum(axis=1) < n
+        col_direct = 2 * observed.sum(axis=0) < m
+        self.r_sign = np.where(row_direct, 1.0, -1.0)
+        self.c_sign = np.where(col_direct, 1.0, -1.0)
+        r_rows, r_cols = np.nonzero(observed == row_direct[:, None])
+        c_rows, c_cols = np.nonzero(observed == col_direct[None, :])
+        self.r_ptr, self.r_idx = _indptr(r_rows, m), r_cols.astype(np.int64)
+        order = np.lexsort((c_rows, c_cols))
+        self.c_ptr, self.c_idx = _indptr(c_cols[order], n), c_rows[order].astype(np.int64)
         longest = max(np.diff(self.r_ptr).max(initial=0), np.diff(self.c_ptr).max(initial=0))
         self.scratch = np.empty(max(longest, 1) * (k + 1), dtype=np.float64)
-        n_cells = len(rows)
         if sweeps is not None:
             self.sweeps_W = self.sweeps_H = sweeps
         elif method == "hals":
-            self.sweeps_W = self._sweeps(m, n, k, n_cells)
-            self.sweeps_H = self._sweeps(n, m, k, n_cells)
+            dense_products = isinstance(self.X, np.ndarray)
+            self.sweeps_W = self._sweeps(m, n, k, len(r_rows), dense_products)
+            self.sweeps_H = self._sweeps(n, m, k, len(c_rows), dense_products)
         else:
             self.sweeps_W = self.sweeps_H = 100  # gdcls: H by constrained least squares
-        self.objective = self._objective(*self._products_W(), self._cells_wh2())
+        XHt, G0 = self._products_W()
+        model = _masked_model(self.W, self.Ht, G0, self.r_ptr, self.r_idx, self.r_sign)
+        self.objective = self._objective(XHt, model)
 
-    def _sweeps(self, p, q, k, n_cells):
+    @staticmethod
+    def _sweeps(p, q, k, n_cells, dense_products):
         # Setup (products, gathers) against the cost of one sweep, as in _inner_sweeps.
-        setup = (p * q * k if self.complement else 0.0) + 3.0 * n_cells * k
+        setup = (p * q * k if dense_products else 0.0) + 3.0 * n_cells * k
         sweep = 2.0 * n_cells * k + p * k * k
         return max(1, min(int(1 + 0.5 * setup / sweep), 50))
 
-    def _gram(self, A):
-        if self.complement:
-            return A.T @ A
-        return np.zeros((A.shape[1], A.shape[1]), dtype=A.dtype)
-
     def _products_W(self):
-        """(X H', G0) for the W update."""
-        return np.ascontiguousarray(self.X @ self.Ht), self._gram(self.Ht)
+        """(X H', H H') for the W update."""
+        return np.ascontiguousarray(self.X @ self.Ht), self.Ht.T @ self.Ht
 
     def _products_H(self):
-        """(X' W, G0) for the H update."""
-        return np.ascontiguousarray(self.X.T @ self.W), self._gram(self.W)
+        """(X' W, W' W) for the H update."""
+        return np.ascontiguousarray(self.X.T @ self.W), self.W.T @ self.W
 
-    def _cells_wh2(self):
-        return _cells_sq_prediction(self.W, self.Ht, self.r_ptr, self.r_idx)
-
-    def _objective(self, XHt, G0, cells_wh2):
-        fit = _fdot(self.W, XHt)
-        model = _fdot(self.W.T @ self.W, G0) + self.sign * cells_wh2
-        return max(0.5 * self.xx - fit + 0.5 * model, 0.0) + self.pen.value(self.W, self.Ht)
+    def _objective(self, XHt, model):
+        """1/2 (|X|^2 - 2 <W, X H'> + sum over observed cells of (WH)^2) + penalties."""
+        half_rss = 0.5 * self.xx - _fdot(self.W, XHt) + 0.5 * model
+        return max(half_rss, 0.0) + self.pen.value(self.W, self.Ht)
 
     def step(self):
-        p, s = self.pen, self.sign
+        p = self.pen
         if self.update_H:
             XtW, G0 = self._products_H()
             if self.method == "mu":
-                _masked_mu_rows(self.Ht, self.W, G0, XtW, self.c_ptr, self.c_idx, s,
+                _masked_mu_rows(self.Ht, self.W, G0, XtW, self.c_ptr, self.c_idx, self.c_sign,
                                 p.l1_H, p.l2_H, self.scratch, False)
             else:
                 tol = 0.1 if self.method == "hals" else 1e-3
-                _masked_cd_rows(self.Ht, self.W, G0, XtW, self.c_ptr, self.c_idx, s,
+                _masked_cd_rows(self.Ht, self.W, G0, XtW, self.c_ptr, self.c_idx, self.c_sign,
                                 p.l1_H, p.l2_H, self.sweeps_H, tol, self.scratch, False)
         XHt, G0 = self._products_W()
-        if self.method == "hals" or not self.update_H:
+        if self.method == "hals" or not self.update_H:  # transform: W by exact NNLS
             sweeps, tol = (self.sweeps_W, 0.1) if self.update_H else (100, 1e-3)
-            wh2 = _masked_cd_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx, s,
-                                  p.l1_W, p.l2_W, sweeps, tol, self.scratch, True)
+            model = _masked_cd_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
+                                    self.r_sign, p.l1_W, p.l2_W, sweeps, tol, self.scratch, True)
         else:
-            wh2 = _masked_mu_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx, s,
-                                  p.l1_W, p.l2_W, self.scratch, True)
-        self.objective = self._objective(XHt, G0, wh2)
+            model = _masked_mu_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
+                                    self.r_sign, p.l1_W, p.l2_W, self.scratch, True)
+        self.objective = self._objective(XHt, model)
         return self.objective
 
     def views(self):
@@ -923,6 +922,238 @@ class _CellsKLSolver:
 
     def factors(self):
         return self.W, np.ascontiguousarray(self.Ht.T)
+
+
+# =============================================================================================
+# Cross-validation: leave-cells-out PRESS
+# =============================================================================================
+
+@dataclass
+class CVResult:
+    """Outcome of `cross_validate`.
+
+    Attributes
+    ----------
+    ranks : ndarray (r,)
+    press : ndarray (r, n_repeats, n_folds)
+        Sum of squared errors over each fold's held-out cells.
+    train_rss : ndarray (r, n_repeats, n_folds)
+        Sum of squared residuals over each fold's training cells.
+    press_mean, press_se : ndarray (r,)
+        Mean PRESS per fold and its standard error over the ``n_repeats * n_folds`` folds.
+    best_rank : int
+        The rank with the smallest mean PRESS.
+    best_rank_1se : int
+        The smallest rank whose mean PRESS is within one standard error of that minimum.
+    n_kept : int
+        Observed cells never held out, because holding them out would leave a row or column of
+        a training set without any observed cell.
+    folds : ndarray of int (n_repeats, m, n)
+        Fold of every cell in each repeat: -1 never held out, -2 missing.
+    factors : dict or None
+        ``(rank, repeat, fold) -> (W, H)`` when ``return_factors=True``.
+
+    Examples
+    --------
+    >>> import nmf_cv
+    >>> X = nmf_cv.make_planted(40, 30, 2, noise=0.05, random_state=0)
+    >>> cv = nmf_cv.cross_validate(X, [1, 2, 3], n_folds=3, random_state=0, progress=False)
+    >>> cv.best_rank
+    2
+    """
+
+    ranks: np.ndarray
+    press: np.ndarray
+    train_rss: np.ndarray
+    n_kept: int = 0
+    folds: np.ndarray = None
+    factors: dict = None
+    press_mean: np.ndarray = field(init=False)
+    press_se: np.ndarray = field(init=False)
+    best_rank: int = field(init=False)
+    best_rank_1se: int = field(init=False)
+
+    def __post_init__(self):
+        per_fold = self.press.reshape(len(self.ranks), -1)
+        self.press_mean = per_fold.mean(axis=1)
+        n = per_fold.shape[1]
+        sd = per_fold.std(axis=1, ddof=1) if n > 1 else np.zeros(len(self.ranks))
+        self.press_se = sd / math.sqrt(n)
+        best = int(np.argmin(self.press_mean))
+        self.best_rank = int(self.ranks[best])
+        within = self.press_mean <= self.press_mean[best] + self.press_se[best]
+        self.best_rank_1se = int(self.ranks[np.flatnonzero(within)[0]])
+
+    def __repr__(self):
+        return (f"CVResult(ranks={self.ranks.tolist()}, best_rank={self.best_rank}, "
+                f"best_rank_1se={self.best_rank_1se}, folds={self.press.shape[2]}, "
+                f"repeats={self.press.shape[1]})")
+
+
+def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method="hals",
+                   random_state=None, executor=None, progress=None, return_factors=False,
+                   allow_large_loo=False, **fit_kwargs):
+    """Leave-cells-out cross-validation of the rank: PRESS over held-out cells.
+
+    The observed cells are split at random into ``n_folds`` folds ("speckled" holdout). For
+    each rank and fold, NMF is fitted on the other folds' cells only (the held-out cells are
+    treated as missing, so nothing of them reaches the fit, inits included) and
+    ``PRESS = sum over held-out cells of (X - WH)^2``. A cell is never held out when it is the
+    last observed cell of its row or column in a fold's training set (it stays in training for
+    every fold; ``n_kept`` counts them), so every training set covers every row and column.
+
+    Parameters
+    ----------
+    X : array-like (m, n)
+        Non-negative data, NaN = missing.
+    ranks : iterable of int
+    n_folds : int >= 2 or "loo"
+        ``"loo"``: exact leave-one-cell-out, one fit per observed cell and rank, giving
+        E(k) = sum of the held-out squared errors. Refused above 2000 observed cells unless
+        ``allow_large_loo=True``.
+    n_repeats : int
+        Independent re-splits into folds.
+    mask : array-like of bool, optional
+        True = observed (as in `fit_nmf`).
+    method : str
+        Passed to `fit_nmf` (Frobenius loss).
+    random_state : None, int or SeedSequence
+        Seeds the splits and every fit; each fit gets its own child seed
+        (``SeedSequence.spawn``), so results do not depend on the executor.
+    executor : concurrent.futures.Executor, optional
+        Runs the independent fits (rank x repeat x fold), e.g. a ProcessPoolExecutor or a
+        dask.distributed ``client.get_executor()``.
+    progress : bool or None
+        Progress line on stderr; None shows it only when stderr is a terminal.
+    return_factors : bool
+        Keep every fold's (W, H) in ``CVResult.factors``.
+    **fit_kwargs
+        Passed to `fit_nmf` (``max_iter``, ``tol``, ``init``, penalties, ...).
+
+    Returns
+    -------
+    CVResult
+
+    Examples
+    --------
+    >>> import nmf_cv
+    >>> X = nmf_cv.make_planted(40, 30, 3, noise=0.05, random_state=1)
+    >>> nmf_cv.cross_validate(X, range(1, 6), random_state=0, progress=False).best_rank
+    3
+    """
+    data = _validate_data(X, mask)
+    ranks = np.array([_check_n_components(k, data.shape) for k in ranks], dtype=int)
+    if ranks.size == 0:
+        raise ValueError("ranks is empty")
+    if fit_kwargs.get("loss", "frobenius") != "frobenius":
+        raise ValueError("cross_validate scores squared error; use loss='frobenius'")
+    rows, cols, values = _observed_cells(data)
+    loo = isinstance(n_folds, str)
+    if loo:
+        _check_choice(n_folds, ("loo",), "n_folds")
+        if len(values) > 2000 and not allow_large_loo:
+            raise ValueError(f"n_folds='loo' fits every rank once per observed cell "
+                             f"({len(values)} cells here); pass allow_large_loo=True to do it "
+                             "anyway, or use k-fold")
+    elif isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
+        raise ValueError(f"n_folds must be an int >= 2 or 'loo'; got {n_folds!r}")
+    seeds = np.random.SeedSequence(random_state).spawn(2)
+    split_rngs = [np.random.default_rng(s) for s in seeds[0].spawn(n_repeats)]
+    folds = [_speckled_folds(rows, cols, data.shape, n_folds, rng) for rng in split_rngs]
+    n_fold_count = len(values) if loo else n_folds
+    tasks = [(ki, r, f) for ki in range(len(ranks)) for r in range(n_repeats)
+             for f in range(n_fold_count)]
+    fit_seeds = seeds[1].spawn(len(tasks))
+    shared = (rows, cols, values, data.shape, method, fit_kwargs)
+    args = [(shared, folds[r], f, int(ranks[ki]), fit_seeds[i])
+            for i, (ki, r, f) in enumerate(tasks)]
+    outputs = _map_tasks(_cv_task, args, executor, progress, "cross_validate")
+    press = np.zeros((len(ranks), n_repeats, n_fold_count))
+    train = np.zeros_like(press)
+    factors = {} if return_factors else None
+    for (ki, r, f), (p, t, W, H) in zip(tasks, outputs, strict=True):
+        press[ki, r, f], train[ki, r, f] = p, t
+        if return_factors:
+            factors[(int(ranks[ki]), r, f)] = (W, H)
+    kept = int(np.sum(folds[0] < 0))
+    grid = np.full((n_repeats,) + data.shape, -2, dtype=np.int64)
+    for r, fold in enumerate(folds):
+        grid[r, rows, cols] = fold
+    if loo:  # E(k) is the sum over cells; one "fold" holding it keeps press_mean = E(k)
+        press = press.sum(axis=2, keepdims=True)
+        train = train.mean(axis=2, keepdims=True)
+    return CVResult(ranks, press, train, kept, grid, factors)
+
+
+def _observed_cells(data):
+    if data.masked:
+        return data.rows, data.cols, data.values
+    dense = data.dense if data.sparse is None else data.sparse.toarray()
+    rows, cols = np.nonzero(np.ones(data.shape, dtype=bool))
+    return rows, cols, dense.ravel()
+
+
+def _speckled_folds(rows, cols, shape, n_folds, rng):
+    """Fold of each observed cell (-1 = never held out); ``n_folds="loo"``: one cell a fold.
+
+    A row's or column's only observed cell is never held out; then, where a fold holds all of
+    a row's (column's) cells, one of them, chosen at random, is never held out either."""
+    n_cells = len(rows)
+    n_folds = n_cells if isinstance(n_folds, str) else n_folds
+    fold = rng.permutation(n_cells) % n_folds
+    order = rng.permutation(n_cells)
+    for index, size in ((rows, shape[0]), (cols, shape[1])):
+        total = np.bincount(index, minlength=size)
+        fold[total[index] == 1] = -1
+        held = order[fold[order] >= 0]
+        keys = index[held] * n_folds + fold[held]
+        unique, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        emptied = counts == total[unique // n_folds]
+        fold[held[first[emptied]]] = -1
+    return fold
+
+
+def _cv_task(shared, fold, f, k, seed):
+    rows, cols, values, shape, method, fit_kwargs = shared
+    train = fold != f
+    mask = np.zeros(shape, dtype=bool)
+    mask[rows[train], cols[train]] = True
+    X = np.zeros(shape, dtype=values.dtype)
+    X[rows[train], cols[train]] = values[train]
+    res = fit_nmf(X, k, mask=mask, method=method, random_state=seed, **fit_kwargs)
+    test = ~train
+    pred_test = np.einsum("ij,ij->i", res.W[rows[test]], res.H[:, cols[test]].T)
+    pred_train = np.einsum("ij,ij->i", res.W[rows[train]], res.H[:, cols[train]].T)
+    press = float(np.sum((values[test] - pred_test) ** 2))
+    train_rss = float(np.sum((values[train] - pred_train) ** 2))
+    return press, train_rss, res.W, res.H
+
+
+def _map_tasks(function, args, executor, progress, label):
+    """function(*a) for a in args, in order, on ``executor`` when given, with progress."""
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    total = len(args)
+    if executor is None:
+        results = []
+        for i, a in enumerate(args):
+            results.append(function(*a))
+            if show:
+                _progress_line(label, i + 1, total)
+    else:
+        futures = [executor.submit(function, *a) for a in args]
+        results = []
+        for i, fut in enumerate(futures):
+            results.append(fut.result())
+            if show:
+                _progress_line(label, i + 1, total)
+    if show:
+        sys.stderr.write("\n")
+    return results
+
+
+def _progress_line(label, done, total):
+    sys.stderr.write(f"\r{label}: {done}/{total} fits")
+    sys.stderr.flush()
 
 
 # =============================================================================================
@@ -1099,6 +1330,26 @@ def _cells_sq_prediction(A, B, indptr, idx):
 
 
 @njit(cache=True)
+def _masked_model(A, B, G0, indptr, idx, signs):
+    """Sum over observed cells of (A B')^2, each row through its own cell set (as in
+    _masked_cd_rows): a' G0 a - sum over missing cells, or the sum over observed cells."""
+    p, k = A.shape
+    total = 0.0
+    for a in range(p):
+        if signs[a] < 0.0:
+            for t in range(k):
+                for r in range(k):
+                    total += A[a, t] * G0[t, r] * A[a, r]
+        for q in range(indptr[a], indptr[a + 1]):
+            b = idx[q]
+            wh = 0.0
+            for t in range(k):
+                wh += A[a, t] * B[b, t]
+            total += signs[a] * wh * wh
+    return total
+
+
+@njit(cache=True)
 def _gather_rows(B, idx, s, c, scratch):
     """scratch[t * c + q] = B[idx[s + q], t]: the B rows of one row's cells, component-major."""
     k = B.shape[1]
@@ -1121,13 +1372,14 @@ def _predict_cells(A, a, scratch, c, u):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _masked_cd_rows(A, B, G0, XB, indptr, idx, sign, l1, l2, sweeps, tol, scratch, want):
+def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, scratch, want):
     """Exact coordinate descent on each row a of A >= 0 for the masked least-squares problem
-    1/2 a'G a - XB_a . a + l1 sum a + l2/2 |a|^2, where the row's Gram matrix is
-    G = G0 + sign * sum over its cells of b b' (b = B[cell]). G is never formed: v = G0 a and
-    the cells' predictions u = b . a are kept up to date instead. Up to ``sweeps`` sweeps
-    per row, stopping when one moves the row by less than ``tol`` times the first.
-    Returns the sum over all cells of u^2 after the update if ``want``."""
+    1/2 a'G a - XB_a . a + l1 sum a + l2/2 |a|^2. The row's Gram matrix G is never formed:
+    with sign -1 it is G0 minus the sum of b b' over the row's cells (its missing cells), with
+    sign +1 the sum over its cells (its observed cells); b = B[cell]. v = G0 a (when used) and
+    the cells' predictions u = b . a are kept up to date instead. Up to ``sweeps`` sweeps per
+    row, stopping when one moves the row by less than ``tol`` times the first.
+    Returns the sum over observed cells of (b . a)^2 after the update if ``want``."""
     p, k = A.shape
     v = np.empty(k, dtype=np.float64)
     hess = np.empty(k, dtype=np.float64)
@@ -1135,18 +1387,21 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, sign, l1, l2, sweeps, tol, scratc
     for a in range(p):
         s = indptr[a]
         c = indptr[a + 1] - s
+        sign = signs[a]
+        base_gram = 1.0 if sign < 0.0 else 0.0
         _gather_rows(B, idx, s, c, scratch)
         u = scratch[k * c:k * c + c]
         _predict_cells(A, a, scratch, c, u)
         for t in range(k):
             acc = 0.0
-            for r in range(k):
-                acc += G0[t, r] * A[a, r]
+            if sign < 0.0:
+                for r in range(k):
+                    acc += G0[t, r] * A[a, r]
             v[t] = acc
             sq = 0.0
             for q in range(c):
                 sq += scratch[t * c + q] * scratch[t * c + q]
-            hess[t] = G0[t, t] + sign * sq + l2
+            hess[t] = base_gram * G0[t, t] + sign * sq + l2
         first = 0.0
         for sweep in range(sweeps):
             moved = 0.0
@@ -1159,15 +1414,14 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, sign, l1, l2, sweeps, tol, scratc
                     cross += scratch[base + q] * u[q]
                 old = A[a, t]
                 grad = v[t] + sign * cross - XB[a, t] + l1 + l2 * old
-                new = old - grad / hess[t]
-                if new < 0.0:
-                    new = 0.0
+                new = max(old - grad / hess[t], 0.0)
                 d = new - old
                 if d != 0.0:
                     A[a, t] = new
                     moved += d * d
-                    for r in range(k):
-                        v[r] += d * G0[r, t]
+                    if sign < 0.0:
+                        for r in range(k):
+                            v[r] += d * G0[r, t]
                     for q in range(c):
                         u[q] += d * scratch[base + q]
             if sweep == 0:
@@ -1175,30 +1429,34 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, sign, l1, l2, sweeps, tol, scratc
             elif moved <= tol * tol * first:
                 break
         if want:
+            for t in range(k):
+                total += v[t] * A[a, t]
             for q in range(c):
-                total += u[q] * u[q]
+                total += sign * u[q] * u[q]
     return total
 
 
 @njit(cache=True, fastmath=_FAST)
-def _masked_mu_rows(A, B, G0, XB, indptr, idx, sign, l1, l2, scratch, want):
+def _masked_mu_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, scratch, want):
     """Lee-Seung Frobenius update of each row a of A over its observed cells:
-    A_a *= XB_a / (G a + l1 + l2 A_a) with the row's Gram matrix G = G0 + sign * sum over the
-    row's cells of b b' (see _masked_cd_rows). Returns the sum over all cells of (b . a)^2
-    after the update if ``want``."""
+    A_a *= XB_a / (G a + l1 + l2 A_a), with the row's Gram matrix G given implicitly as in
+    _masked_cd_rows. Returns the sum over observed cells of (b . a)^2 after the update if
+    ``want``."""
     p, k = A.shape
     den = np.empty(k, dtype=np.float64)
     total = 0.0
     for a in range(p):
         s = indptr[a]
         c = indptr[a + 1] - s
+        sign = signs[a]
         _gather_rows(B, idx, s, c, scratch)
         u = scratch[k * c:k * c + c]
         _predict_cells(A, a, scratch, c, u)
         for t in range(k):
             acc = 0.0
-            for r in range(k):
-                acc += G0[t, r] * A[a, r]
+            if sign < 0.0:
+                for r in range(k):
+                    acc += G0[t, r] * A[a, r]
             cross = 0.0
             for q in range(c):
                 cross += scratch[t * c + q] * u[q]
@@ -1208,11 +1466,13 @@ def _masked_mu_rows(A, B, G0, XB, indptr, idx, sign, l1, l2, scratch, want):
             if d > 0.0:
                 A[a, t] = A[a, t] * (XB[a, t] / d)
         if want:
-            for q in range(c):
-                acc = 0.0
+            if sign < 0.0:
                 for t in range(k):
-                    acc += A[a, t] * scratch[t * c + q]
-                total += acc * acc
+                    for r in range(k):
+                        total += A[a, t] * G0[t, r] * A[a, r]
+            _predict_cells(A, a, scratch, c, u)
+            for q in range(c):
+                total += sign * u[q] * u[q]
     return total
 
 

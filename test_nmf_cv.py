@@ -113,7 +113,9 @@ def test_objective_never_increases(method, loss, problem, init, penalised):
     assert np.all(np.diff(f) <= 1e-9 * f[0] + 1e-12), np.diff(f).max()
     assert np.all(res.W >= 0) and np.all(res.H >= 0)
     if not penalised:  # the recorded objective is the true one, not a running estimate
-        assert f[-1] == pytest.approx(objective(X, mask, res.W, res.H, loss), rel=1e-7, abs=1e-9)
+        scale = np.sum(X[mask] ** 2)  # float64 cancellation in |X|^2 - 2<W, XH'> + |WH|^2
+        assert f[-1] == pytest.approx(objective(X, mask, res.W, res.H, loss), rel=1e-7,
+                                      abs=1e-12 * scale)
 
 
 @pytest.mark.parametrize("method,loss", COMBOS)
@@ -171,8 +173,10 @@ def _solver(X, mask, W, H, method, loss, sweeps=1):
 def test_hals_iterates_match_numpy_reference(missing):
     X, mask, W, H = _problem(missing)
     solver = _solver(X, mask, W, H, "hals", "frobenius")
-    if missing:
-        assert solver.complement == (missing < 0.5)
+    if missing:  # mostly observed lines go through their missing cells, and vice versa
+        n_obs = mask.sum(axis=1)
+        np.testing.assert_array_equal(solver.r_sign, np.where(2 * n_obs < X.shape[1], 1, -1))
+        assert ((solver.r_sign < 0).mean() > 0.5) == (missing < 0.5)
     Wr, Hr = W.copy(), H.copy()
     for _ in range(4):
         solver.step()
@@ -208,7 +212,7 @@ def test_masked_cd_solves_nnls_like_scipy(missing):
     solver = _solver(X, mask, W, H, "gdcls", "frobenius")
     XtW, G0 = solver._products_H()
     Ht = np.ascontiguousarray(H.T)
-    nmf_cv._masked_cd_rows(Ht, solver.W, G0, XtW, solver.c_ptr, solver.c_idx, solver.sign,
+    nmf_cv._masked_cd_rows(Ht, solver.W, G0, XtW, solver.c_ptr, solver.c_idx, solver.c_sign,
                            0.0, lam, 5000, 0.0, solver.scratch, False)
     k = W.shape[1]
     for j in range(X.shape[1]):
@@ -523,3 +527,128 @@ def test_command_line_demo(capsys):
     assert nmf_cv.main(["demo", "--rows", "60", "--cols", "40"]) == 0
     out = capsys.readouterr().out
     assert "hals" in out and "relative error" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-validation
+# ---------------------------------------------------------------------------------------------
+
+def test_cv_folds_cover_rows_and_columns_and_partition_cells():
+    X = nmf_cv.make_planted(25, 18, 2, missing=0.6, random_state=20)
+    cv = nmf_cv.cross_validate(X, [1, 2], n_folds=4, n_repeats=2, random_state=0,
+                               progress=False, max_iter=5)
+    observed = ~np.isnan(X)
+    assert np.array_equal(cv.folds[0] != -2, observed)
+    for grid in cv.folds:
+        for f in range(4):
+            train = observed & (grid != f)
+            assert train.any(axis=1).all() and train.any(axis=0).all()
+        held = np.isin(grid, range(4))
+        sizes = np.bincount(grid[held], minlength=4)
+        assert sizes.max() - sizes.min() <= max(2, 0.1 * sizes.mean())
+    assert not np.array_equal(cv.folds[0], cv.folds[1])
+    assert cv.n_kept == int((cv.folds[0] == -1).sum())
+
+
+def test_cv_no_information_from_held_out_cells():
+    X = nmf_cv.make_planted(30, 20, 3, noise=0.05, random_state=21)
+    kw = dict(n_folds=3, random_state=5, progress=False, return_factors=True, max_iter=50,
+              init="random")
+    a = nmf_cv.cross_validate(X, [2, 3], **kw)
+    fold0 = a.folds[0] == 0
+    X2 = X.copy()
+    X2[fold0] = X2[fold0] * 10 + 1  # change only fold 0's held-out values
+    b = nmf_cv.cross_validate(X2, [2, 3], **kw)
+    assert np.array_equal(a.folds, b.folds)
+    for k in (2, 3):
+        for Wa, Wb in zip(a.factors[(k, 0, 0)], b.factors[(k, 0, 0)]):
+            assert np.array_equal(Wa, Wb)
+        assert not np.array_equal(a.factors[(k, 0, 1)][0], b.factors[(k, 0, 1)][0])
+    assert np.all(b.press[:, 0, 0] > a.press[:, 0, 0])
+    np.testing.assert_array_equal(a.train_rss[:, 0, 0], b.train_rss[:, 0, 0])
+
+
+def test_cv_press_matches_independent_computation():
+    X = nmf_cv.make_planted(20, 15, 2, noise=0.1, random_state=22)
+    cv = nmf_cv.cross_validate(X, [2], n_folds=3, random_state=1, progress=False,
+                               return_factors=True, max_iter=30)
+    for f in range(3):
+        W, H = cv.factors[(2, 0, f)]
+        held = cv.folds[0] == f
+        train = ~held
+        assert cv.press[0, 0, f] == pytest.approx(np.sum((X - W @ H)[held] ** 2), rel=1e-12)
+        assert cv.train_rss[0, 0, f] == pytest.approx(np.sum((X - W @ H)[train] ** 2),
+                                                      rel=1e-12)
+    assert cv.press_mean[0] == pytest.approx(cv.press[0, 0].mean())
+    assert cv.press_se[0] == pytest.approx(cv.press[0, 0].std(ddof=1) / np.sqrt(3))
+
+
+def test_cv_leave_one_out_is_exact():
+    X = nmf_cv.make_planted(8, 6, 2, noise=0.1, random_state=23)
+    cv = nmf_cv.cross_validate(X, [1, 2], n_folds="loo", random_state=0, progress=False,
+                               max_iter=40, tol=0)
+    for i, k in enumerate((1, 2)):
+        total = 0.0
+        for a in range(8):
+            for b in range(6):
+                mask = np.ones(X.shape, dtype=bool)
+                mask[a, b] = False
+                res = nmf_cv.fit_nmf(X, k, mask=mask, max_iter=40, tol=0)  # exact-SVD init
+                total += (X[a, b] - res.W[a] @ res.H[:, b]) ** 2
+        assert cv.press_mean[i] == pytest.approx(total, rel=1e-9)
+    with pytest.raises(ValueError, match="allow_large_loo"):
+        nmf_cv.cross_validate(np.ones((50, 50)), [1], n_folds="loo")
+
+
+def test_cv_same_results_with_process_pool():
+    from concurrent.futures import ProcessPoolExecutor
+
+    X = nmf_cv.make_planted(40, 25, 3, noise=0.05, missing=0.1, random_state=24)
+    kw = dict(n_folds=3, n_repeats=2, random_state=7, progress=False, max_iter=60,
+              init="random")
+    serial = nmf_cv.cross_validate(X, [2, 3, 4], **kw)
+    with ProcessPoolExecutor(2) as pool:
+        parallel = nmf_cv.cross_validate(X, [2, 3, 4], executor=pool, **kw)
+    np.testing.assert_array_equal(serial.press, parallel.press)
+    np.testing.assert_array_equal(serial.train_rss, parallel.train_rss)
+
+
+@pytest.mark.parametrize("k_true,seed", [(2, 0), (2, 1), (4, 2), (4, 3), (6, 4)])
+def test_cv_recovers_planted_rank(k_true, seed):
+    X = nmf_cv.make_planted(120, 80, k_true, noise=0.1, random_state=seed)
+    cv = nmf_cv.cross_validate(X, range(1, 10), random_state=seed, progress=False,
+                               max_iter=300, tol=1e-6)
+    assert cv.best_rank == k_true
+
+
+def test_cv_on_pure_noise_does_not_pick_the_largest_rank():
+    X = np.random.default_rng(25).random((80, 60))
+    cv = nmf_cv.cross_validate(X, range(1, 8), random_state=0, progress=False, max_iter=200)
+    assert cv.best_rank < 7 and cv.best_rank_1se <= cv.best_rank
+
+
+def test_cv_bad_arguments():
+    X = np.ones((5, 4))
+    with pytest.raises(ValueError, match="n_folds"):
+        nmf_cv.cross_validate(X, [1], n_folds=1)
+    with pytest.raises(ValueError, match="n_components must be in"):
+        nmf_cv.cross_validate(X, [1, 5])
+    with pytest.raises(ValueError, match="empty"):
+        nmf_cv.cross_validate(X, [])
+    with pytest.raises(ValueError, match="frobenius"):
+        nmf_cv.cross_validate(X, [1], loss="kl", method="mu")
+
+
+def test_underdetermined_rows_stay_accurate():
+    """Regression (found by hypothesis): k = n with rows of 1-2 observed cells. Curvatures of
+    mostly missing rows must not come from cancellation (full Gram minus missing part)."""
+    rng = np.random.default_rng(26)
+    X = rng.random((13, 4)) + 1.0
+    mask = random_mask((13, 4), 0.45, rng)
+    mask[6] = [True, False, False, False]
+    mask[11] = [True, False, False, False]
+    res = nmf_cv.fit_nmf(X, 4, mask=mask, init="nndsvd", tol=0, max_iter=60, random_state=4)
+    f = res.loss_history
+    assert np.all(np.diff(f) <= 1e-12 * f[0])
+    truth = objective(X, mask, res.W, res.H, "frobenius")
+    assert f[-1] == pytest.approx(truth, rel=1e-6, abs=1e-12 * np.sum(X[mask] ** 2))
