@@ -35,7 +35,12 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
-__all__ = ["CVResult", "NMF", "NMFResult", "cross_validate", "fit_nmf", "make_planted"]
+__all__ = [
+    "NMF", "CVResult", "ConsensusResult", "NMFResult", "RandomizedRSSResult", "RankReport",
+    "best_cophenetic_rank", "bicross_validate", "choose_rank", "consensus",
+    "cophenetic_correlation", "cross_validate", "dispersion_coefficient", "fit_nmf",
+    "make_planted", "randomized_rss",
+]
 __version__ = "0.1.0"
 
 METHODS = ("hals", "mu", "gdcls")
@@ -540,20 +545,26 @@ class NMF:
         if data.shape[1] != H.shape[1]:
             raise ValueError(f"X has {data.shape[1]} columns; the model was fitted with "
                              f"{H.shape[1]}")
-        k = H.shape[0]
-        H = H.astype(data.dtype)
-        mean = data.observed_mean()
-        W = np.full((data.shape[0], k), math.sqrt(max(mean, 1e-12) / k), dtype=data.dtype)
         penalty = _Penalty(self.alpha_W * self.l1_ratio, self.alpha_W * (1 - self.l1_ratio),
                            0.0, 0.0)
-        solver = _make_solver(data, W, H, self.method, self.loss, penalty, update_H=False)
-        res = _run(solver, data, self.method, self.loss, max(self.max_iter, 200),
-                   min(self.tol, 1e-6), None, time.perf_counter())
-        return res.W
+        return _solve_W(data, H, self.method, self.loss, penalty, max(self.max_iter, 200),
+                        min(self.tol, 1e-6))
 
     def inverse_transform(self, W):
         """``W @ components_``."""
         return np.asarray(W) @ self.components_
+
+
+def _solve_W(data, H, method="hals", loss="frobenius", penalty=None, max_iter=200, tol=1e-6):
+    """argmin over W >= 0 of the objective with H fixed: non-negative least squares (exact
+    coordinate descent) for Frobenius, multiplicative updates for KL; observed cells only."""
+    k = H.shape[0]
+    H = np.ascontiguousarray(H, dtype=data.dtype)
+    mean = data.observed_mean()
+    W = np.full((data.shape[0], k), math.sqrt(max(mean, 1e-12) / k), dtype=data.dtype)
+    penalty = penalty or _Penalty(0.0, 0.0, 0.0, 0.0)
+    solver = _make_solver(data, W, H, method, loss, penalty, update_H=False)
+    return _run(solver, data, method, loss, max_iter, tol, None, time.perf_counter()).W
 
 
 def _reconstruction_err(res, X, mask):
@@ -928,6 +939,11 @@ class _CellsKLSolver:
 # Cross-validation: leave-cells-out PRESS
 # =============================================================================================
 
+# Rank selection compares fits across ranks, so each fit must be close to converged: an
+# under-converged fit at the true rank looks worse than it is (measured: bi-cross-validation
+# PRESS at the true rank fell from 2.67 to 1.72 going from tol=1e-4 to 1e-9).
+_RANK_FIT_DEFAULTS = {"max_iter": 2000, "tol": 1e-6}
+
 @dataclass
 class CVResult:
     """Outcome of `cross_validate`.
@@ -1028,7 +1044,8 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method="hals"
     return_factors : bool
         Keep every fold's (W, H) in ``CVResult.factors``.
     **fit_kwargs
-        Passed to `fit_nmf` (``max_iter``, ``tol``, ``init``, penalties, ...).
+        Passed to `fit_nmf` (``max_iter``, ``tol``, ``init``, penalties, ...); default
+        ``max_iter=2000, tol=1e-6``.
 
     Returns
     -------
@@ -1042,11 +1059,10 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method="hals"
     3
     """
     data = _validate_data(X, mask)
-    ranks = np.array([_check_n_components(k, data.shape) for k in ranks], dtype=int)
-    if ranks.size == 0:
-        raise ValueError("ranks is empty")
+    ranks = _check_ranks(ranks, data.shape)
     if fit_kwargs.get("loss", "frobenius") != "frobenius":
         raise ValueError("cross_validate scores squared error; use loss='frobenius'")
+    fit_kwargs = {**_RANK_FIT_DEFAULTS, **fit_kwargs}
     rows, cols, values = _observed_cells(data)
     loo = isinstance(n_folds, str)
     if loo:
@@ -1057,7 +1073,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method="hals"
                              "anyway, or use k-fold")
     elif isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise ValueError(f"n_folds must be an int >= 2 or 'loo'; got {n_folds!r}")
-    seeds = np.random.SeedSequence(random_state).spawn(2)
+    seeds = _seed_sequence(random_state).spawn(2)
     split_rngs = [np.random.default_rng(s) for s in seeds[0].spawn(n_repeats)]
     folds = [_speckled_folds(rows, cols, data.shape, n_folds, rng) for rng in split_rngs]
     n_fold_count = len(values) if loo else n_folds
@@ -1154,6 +1170,613 @@ def _map_tasks(function, args, executor, progress, label):
 def _progress_line(label, done, total):
     sys.stderr.write(f"\r{label}: {done}/{total} fits")
     sys.stderr.flush()
+
+
+# =============================================================================================
+# Consensus clustering: cophenetic correlation and dispersion
+# =============================================================================================
+
+@dataclass
+class ConsensusResult:
+    """Outcome of `consensus`.
+
+    Attributes
+    ----------
+    ranks : ndarray (r,)
+    consensus_matrices : dict
+        rank -> (n, n) consensus matrix: the fraction of runs in which two samples share a
+        cluster (each sample's cluster is the component with its largest loading).
+    labels : dict
+        rank -> (n_runs, n) cluster of every sample in every run.
+    cophenetic : ndarray (r,)
+        Cophenetic correlation of each consensus matrix (Brunet et al. 2004).
+    dispersion : ndarray (r,)
+        Dispersion coefficient of each consensus matrix (Kim & Park 2007).
+    best_rank : int
+        See `best_cophenetic_rank`.
+    axis : str
+        ``"columns"`` (samples are columns, clustered by H) or ``"rows"`` (by W).
+
+    Examples
+    --------
+    >>> import numpy as np, nmf_cv
+    >>> res = nmf_cv.consensus(np.random.default_rng(0).random((30, 12)), [2, 3], n_runs=5,
+    ...                        max_iter=50, random_state=0, progress=False)
+    >>> res.consensus_matrices[2].shape, len(res.cophenetic)
+    ((12, 12), 2)
+    """
+
+    ranks: np.ndarray
+    consensus_matrices: dict
+    labels: dict
+    cophenetic: np.ndarray
+    dispersion: np.ndarray
+    best_rank: int
+    axis: str = "columns"
+
+    def __repr__(self):
+        values = ", ".join(f"{k}: {c:.3f}" for k, c in zip(self.ranks, self.cophenetic,
+                                                            strict=True))
+        return f"ConsensusResult(cophenetic={{{values}}}, best_rank={self.best_rank})"
+
+
+def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns", mask=None,
+              random_state=None, executor=None, progress=None, **fit_kwargs):
+    """Consensus clustering over random restarts (Brunet, Tamayo, Golub & Mesirov 2004).
+
+    For each rank, ``n_runs`` fits from random inits each assign every sample to the component
+    with its largest loading (column of H, or row of W with ``axis="rows"``); the consensus
+    matrix is the mean of the runs' connectivity matrices. Its stability is summarised by
+    the cophenetic correlation (`cophenetic_correlation`) and the dispersion coefficient
+    (`dispersion_coefficient`).
+
+    Parameters
+    ----------
+    X : array-like (m, n)
+        Non-negative data, NaN = missing.
+    ranks : iterable of int, each >= 2
+    n_runs : int
+        Restarts per rank.
+    method, loss : str
+        Passed to `fit_nmf`; Brunet's choice (KL multiplicative updates) by default.
+    axis : {"columns", "rows"}
+        What is clustered.
+    random_state, executor, progress
+        As in `cross_validate`: each run has its own spawned seed; results do not depend on
+        the executor.
+    **fit_kwargs
+        Passed to `fit_nmf`; default ``max_iter=500, tol=1e-5``.
+
+    Returns
+    -------
+    ConsensusResult
+    """
+    data = _validate_data(X, mask)
+    _check_choice(axis, ("columns", "rows"), "axis")
+    ranks = _check_ranks(ranks, data.shape, minimum=2)
+    _check_positive_int(n_runs, "n_runs")
+    fit_kwargs = {"max_iter": 500, "tol": 1e-5, **fit_kwargs}
+    Xc = _nan_copy(data)
+    seeds = _seed_sequence(random_state).spawn(len(ranks) * n_runs)
+    args = [(Xc, int(k), seeds[i * n_runs + r], axis, method, loss, fit_kwargs)
+            for i, k in enumerate(ranks) for r in range(n_runs)]
+    labels_flat = _map_tasks(_consensus_task, args, executor, progress, "consensus")
+    matrices, labels, coph, disp = {}, {}, [], []
+    for i, k in enumerate(ranks):
+        runs = np.array(labels_flat[i * n_runs:(i + 1) * n_runs])
+        C = np.zeros((runs.shape[1], runs.shape[1]))
+        for run in runs:
+            C += run[:, None] == run[None, :]
+        C /= n_runs
+        matrices[int(k)], labels[int(k)] = C, runs
+        coph.append(cophenetic_correlation(C))
+        disp.append(dispersion_coefficient(C))
+    coph = np.array(coph)
+    return ConsensusResult(ranks, matrices, labels, coph, np.array(disp),
+                           best_cophenetic_rank(ranks, coph), axis)
+
+
+def cophenetic_correlation(C):
+    """Cophenetic correlation of a consensus matrix C (Brunet et al. 2004).
+
+    Average-linkage hierarchical clustering of the distance ``1 - C``; the Pearson correlation
+    between those distances and the dendrogram's cophenetic distances (the height at which two
+    samples first join), over all pairs. 1 means a perfectly stable clustering; a matrix whose
+    distances are all equal (nothing to correlate) also gives 1 when the dendrogram reproduces
+    it exactly.
+
+    Examples
+    --------
+    >>> import numpy as np, nmf_cv
+    >>> labels = np.array([0, 0, 1, 1, 1])
+    >>> nmf_cv.cophenetic_correlation((labels[:, None] == labels).astype(float))
+    1.0
+    """
+    from scipy.cluster.hierarchy import linkage
+
+    d = _consensus_distances(C)
+    if len(d) == 0:
+        raise ValueError("a consensus matrix needs at least 2 samples")
+    coph = _cophenetic_distances(linkage(d, method="average"), len(C))
+    if np.allclose(d, coph, rtol=0, atol=1e-12):
+        return 1.0
+    if np.ptp(d) == 0 or np.ptp(coph) == 0:
+        return 0.0
+    return float(np.corrcoef(d, coph)[0, 1])
+
+
+def dispersion_coefficient(C):
+    """Dispersion of a consensus matrix (Kim & Park 2007): ``sum 4 (C_ij - 1/2)^2 / n^2``.
+
+    1 when every entry is 0 or 1 (perfectly stable); lower when entries sit near 1/2.
+
+    Examples
+    --------
+    >>> import numpy as np, nmf_cv
+    >>> nmf_cv.dispersion_coefficient(np.eye(3))
+    1.0
+    """
+    C = np.asarray(C, dtype=float)
+    return float(np.sum(4.0 * (C - 0.5) ** 2) / C.size)
+
+
+def best_cophenetic_rank(ranks, cophenetic, min_drop=0.01):
+    """Brunet's rule, made exact: the rank just before the largest drop of the cophenetic
+    coefficient between consecutive ranks ("the largest k before it drops markedly"). When no
+    drop exceeds ``min_drop`` (a flat or rising curve), the rank with the highest coefficient
+    (the smallest such rank on ties).
+
+    Examples
+    --------
+    >>> import nmf_cv
+    >>> nmf_cv.best_cophenetic_rank([2, 3, 4, 5], [0.99, 0.995, 0.90, 0.92])
+    3
+    """
+    ranks = np.asarray(ranks)
+    cophenetic = np.asarray(cophenetic, dtype=float)
+    drops = cophenetic[:-1] - cophenetic[1:]
+    if len(drops) and drops.max() > min_drop:
+        return int(ranks[int(np.argmax(drops))])
+    return int(ranks[int(np.argmax(cophenetic))])
+
+
+def _consensus_distances(C):
+    """Condensed 1 - C, symmetrised and clipped to [0, 1]."""
+    C = np.asarray(C, dtype=float)
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"a consensus matrix must be square; got shape {C.shape}")
+    rows, cols = np.triu_indices(len(C), k=1)
+    return np.clip(1.0 - 0.5 * (C[rows, cols] + C[cols, rows]), 0.0, 1.0)
+
+
+def _cophenetic_distances(Z, n):
+    """Condensed cophenetic distances from a linkage matrix: every pair joined by merge i
+    gets that merge's height."""
+    members = [[i] for i in range(n)]
+    out = np.zeros(n * (n - 1) // 2)
+    for a, b, height, _ in Z:
+        left, right = np.array(members[int(a)]), np.array(members[int(b)])
+        i = np.minimum(left[:, None], right[None, :])
+        j = np.maximum(left[:, None], right[None, :])
+        out[(n * i - i * (i + 1) // 2 + j - i - 1).ravel()] = height
+        members.append(members[int(a)] + members[int(b)])
+    return out
+
+
+def _consensus_task(X, k, seed, axis, method, loss, fit_kwargs):
+    kw = {"init": "random", **fit_kwargs}
+    res = fit_nmf(X, k, method=method, loss=loss, random_state=seed, **kw)
+    return np.argmax(res.H, axis=0) if axis == "columns" else np.argmax(res.W, axis=1)
+
+
+# =============================================================================================
+# RSS against randomized data (Frigyesi & Hoglund 2008)
+# =============================================================================================
+
+@dataclass
+class RandomizedRSSResult:
+    """Outcome of `randomized_rss`.
+
+    Attributes
+    ----------
+    ranks : ndarray (r,)
+    rss : ndarray (r,)
+        Residual sum of squares of the data's fit at each rank (observed cells).
+    rss_randomized : ndarray (r, n_permutations)
+        The same for copies whose entries are permuted within each column.
+    best_rank : int
+        The smallest rank k after which the next rank removes no larger a fraction of the
+        data's RSS than of the randomized data's (mean over permutations); the largest rank
+        offered if that never happens. Fractions, not absolute decreases, because the
+        randomized data's RSS is on a much larger scale (structure was destroyed).
+
+    Examples
+    --------
+    >>> import nmf_cv
+    >>> X = nmf_cv.make_planted(60, 40, 3, noise=0.05, random_state=0)
+    >>> nmf_cv.randomized_rss(X, range(1, 7), random_state=0, progress=False).best_rank
+    3
+    """
+
+    ranks: np.ndarray
+    rss: np.ndarray
+    rss_randomized: np.ndarray
+    best_rank: int
+
+    @property
+    def rss_randomized_mean(self):
+        return self.rss_randomized.mean(axis=1)
+
+
+def randomized_rss(X, ranks, *, n_permutations=3, mask=None, method="hals", random_state=None,
+                   executor=None, progress=None, **fit_kwargs):
+    """RSS of the data against RSS of randomized data, per rank (Frigyesi & Hoglund 2008).
+
+    The data are fitted at every rank, and so are ``n_permutations`` copies whose observed
+    entries are permuted independently within each column (missing cells stay where they
+    are), which destroys the structure shared across columns and keeps each column's
+    distribution. Where the data's RSS stops falling faster than the randomized data's, the
+    extra components fit noise.
+
+    Parameters
+    ----------
+    X : array-like (m, n)
+        Non-negative data, NaN = missing.
+    ranks : iterable of int, increasing
+    n_permutations : int
+    mask, method, random_state, executor, progress
+        As in `cross_validate`.
+    **fit_kwargs
+        Passed to `fit_nmf`; default ``max_iter=2000, tol=1e-6``.
+
+    Returns
+    -------
+    RandomizedRSSResult
+    """
+    data = _validate_data(X, mask)
+    ranks = _check_ranks(ranks, data.shape)
+    _check_positive_int(n_permutations, "n_permutations")
+    fit_kwargs = {**_RANK_FIT_DEFAULTS, **fit_kwargs}
+    Xc = _nan_copy(data)
+    seeds = _seed_sequence(random_state).spawn(n_permutations + 1)
+    copies = [Xc] + [_permute_columns(Xc, np.random.default_rng(s)) for s in seeds[1:]]
+    fit_seeds = seeds[0].spawn(len(copies) * len(ranks))
+    args = [(copy, int(k), method, fit_seeds[c * len(ranks) + i], fit_kwargs)
+            for c, copy in enumerate(copies) for i, k in enumerate(ranks)]
+    rss = np.array(_map_tasks(_rss_task, args, executor, progress, "randomized_rss"))
+    rss = rss.reshape(len(copies), len(ranks))
+    data_rss, rand_rss = rss[0], rss[1:].T
+    data_gain = -np.diff(data_rss) / np.maximum(data_rss[:-1], 1e-300)
+    rand_mean = rand_rss.mean(axis=1)
+    rand_gain = -np.diff(rand_mean) / np.maximum(rand_mean[:-1], 1e-300)
+    stop = np.flatnonzero(data_gain <= rand_gain)
+    best = int(ranks[stop[0]]) if len(stop) else int(ranks[-1])
+    return RandomizedRSSResult(ranks, data_rss, rand_rss, best)
+
+
+def _permute_columns(X, rng):
+    out = X.copy()
+    for j in range(X.shape[1]):
+        rows = np.flatnonzero(~np.isnan(X[:, j]))
+        out[rows, j] = X[rng.permutation(rows), j]
+    return out
+
+
+def _rss_task(X, k, method, seed, fit_kwargs):
+    res = fit_nmf(X, k, method=method, random_state=seed, **fit_kwargs)
+    return res.relative_error ** 2 * float(np.nansum(np.asarray(X, dtype=np.float64) ** 2))
+
+
+# =============================================================================================
+# Bi-cross-validation (Owen & Perry 2009)
+# =============================================================================================
+
+def bicross_validate(X, ranks, *, n_row_folds=2, n_col_folds=2, n_repeats=1, mask=None,
+                     method="hals", block_solver="lstsq", random_state=None, executor=None,
+                     progress=None, **fit_kwargs):
+    """Bi-cross-validation of the rank (Owen & Perry 2009), adapted to NMF.
+
+    Rows and columns are split at random into ``n_row_folds`` and ``n_col_folds`` groups.
+    For every pair (I, J), with ``X = [[A, B], [C, D]]`` where A = X[I, J] is held out:
+    NMF is fitted to D only; H_B is solved from B ~ W_D H_B and W_C from C ~ W_C H_D with D's
+    factors fixed; A is predicted by W_C H_B. PRESS is the squared error over A's observed
+    cells. One fit of D per block and rank, no masked fitting needed for complete data.
+
+    ``block_solver="lstsq"`` (default) solves H_B and W_C by ordinary least squares, which
+    makes the prediction Owen & Perry's ``C (W_D H_D)^+ B`` with D's rank-k NMF in place of
+    its truncated SVD. ``"nnls"`` constrains them to be non-negative; because an NMF of D is
+    not unique, W_D H_B >= 0 often cannot follow B, and the PRESS curve then keeps falling
+    past the true rank (measured on planted rank-3 60 x 40 data, 5% noise, six seeds: the
+    minimum was at the true rank 6/6 times with "lstsq", 2/6 with "nnls").
+
+    Parameters
+    ----------
+    X : array-like (m, n)
+        Non-negative data, NaN = missing.
+    ranks : iterable of int
+        Each at most the smaller dimension of D.
+    n_row_folds, n_col_folds : int >= 2
+    n_repeats : int
+        Independent re-splits.
+    block_solver : {"lstsq", "nnls"}
+        How H_B and W_C are solved (see above).
+    mask, method, random_state, executor, progress, **fit_kwargs
+        As in `cross_validate` (same fit defaults).
+
+    Returns
+    -------
+    CVResult
+        ``press`` and ``train_rss`` (RSS of the fit to D) have shape
+        (rank, repeat, n_row_folds * n_col_folds); ``folds`` and ``n_kept`` are not used.
+
+    Examples
+    --------
+    >>> import nmf_cv
+    >>> X = nmf_cv.make_planted(60, 40, 3, noise=0.05, random_state=2)
+    >>> nmf_cv.bicross_validate(X, range(1, 7), random_state=0, progress=False).best_rank
+    3
+    """
+    data = _validate_data(X, mask)
+    _check_choice(block_solver, ("lstsq", "nnls"), "block_solver")
+    for value, label in ((n_row_folds, "n_row_folds"), (n_col_folds, "n_col_folds")):
+        _check_positive_int(value, label, minimum=2)
+    m, n = data.shape
+    smallest_d = min(m - -(-m // n_row_folds), n - -(-n // n_col_folds))
+    ranks = _check_ranks(ranks, data.shape)
+    if ranks.max() > smallest_d:
+        raise ValueError(f"bi-cross-validation fits ranks up to {smallest_d} here (the "
+                         f"smaller side of the retained block D); got {ranks.max()}")
+    fit_kwargs = {**_RANK_FIT_DEFAULTS, **fit_kwargs}
+    Xc = _nan_copy(data)
+    seeds = _seed_sequence(random_state).spawn(n_repeats + 1)
+    splits = []
+    for s in seeds[1:]:
+        rng = np.random.default_rng(s)
+        rows = np.array_split(rng.permutation(m), n_row_folds)
+        cols = np.array_split(rng.permutation(n), n_col_folds)
+        splits.append([(r, c) for r in rows for c in cols])
+    n_blocks = n_row_folds * n_col_folds
+    tasks = [(i, r, b) for i in range(len(ranks)) for r in range(n_repeats)
+             for b in range(n_blocks)]
+    fit_seeds = seeds[0].spawn(len(tasks))
+    args = [(Xc, splits[r][b], int(ranks[i]), method, block_solver, fit_seeds[t], fit_kwargs)
+            for t, (i, r, b) in enumerate(tasks)]
+    outputs = _map_tasks(_bicv_task, args, executor, progress, "bicross_validate")
+    press = np.zeros((len(ranks), n_repeats, n_blocks))
+    train = np.zeros_like(press)
+    for (i, r, b), (p, t) in zip(tasks, outputs, strict=True):
+        press[i, r, b], train[i, r, b] = p, t
+    return CVResult(ranks, press, train)
+
+
+def _bicv_task(X, block, k, method, block_solver, seed, fit_kwargs):
+    held_rows, held_cols = block
+    keep_rows = np.setdiff1d(np.arange(X.shape[0]), held_rows)
+    keep_cols = np.setdiff1d(np.arange(X.shape[1]), held_cols)
+    D = X[np.ix_(keep_rows, keep_cols)]
+    res = fit_nmf(D, k, method=method, random_state=seed, **fit_kwargs)
+    B = X[np.ix_(keep_rows, held_cols)]
+    C = X[np.ix_(held_rows, keep_cols)]
+    try:
+        if block_solver == "lstsq":
+            H_B = _masked_lstsq(res.W, B)
+            W_C = _masked_lstsq(res.H.T, C.T).T
+        else:
+            H_B = _solve_W(_validate_data(B.T), res.W.T).T
+            W_C = _solve_W(_validate_data(C), res.H)
+    except ValueError as exc:
+        raise ValueError(f"a bi-cross-validation block cannot be predicted ({exc}); use "
+                         "fewer folds") from None
+    A = X[np.ix_(held_rows, held_cols)]
+    press = float(np.nansum((A - W_C @ H_B) ** 2))
+    train = res.relative_error ** 2 * float(np.nansum(D ** 2))
+    return press, train
+
+
+def _masked_lstsq(A, Y):
+    """argmin_Z sum over non-NaN cells of (Y - A Z)^2, column by column where cells miss."""
+    missing = np.isnan(Y)
+    if not missing.any():
+        return np.linalg.lstsq(A, Y, rcond=None)[0]
+    Z = np.empty((A.shape[1], Y.shape[1]))
+    for j in range(Y.shape[1]):
+        rows = ~missing[:, j]
+        if not rows.any():
+            raise ValueError(f"column {j} of a block has no observed cell")
+        Z[:, j] = np.linalg.lstsq(A[rows], Y[rows, j], rcond=None)[0]
+    return Z
+
+
+# =============================================================================================
+# One report
+# =============================================================================================
+
+CRITERIA = ("cv", "cophenetic", "randomized", "bicv")
+
+
+@dataclass
+class RankReport:
+    """Every criterion's evidence on the rank, side by side (made by `choose_rank`).
+
+    Attributes
+    ----------
+    ranks : ndarray (r,)
+    results : dict
+        criterion -> its result object (`CVResult`, `ConsensusResult`,
+        `RandomizedRSSResult`, `CVResult` for ``"bicv"``).
+    suggestions : dict
+        criterion -> suggested rank.
+
+    ``str(report)`` is a plain-text table; ``to_dict()`` gives JSON-ready numbers.
+    """
+
+    ranks: np.ndarray
+    results: dict
+    suggestions: dict
+
+    def columns(self):
+        """Column name -> {rank: value} for every number in the table."""
+        cols = {}
+        if "cv" in self.results:
+            cv = self.results["cv"]
+            cols["PRESS"] = dict(zip(cv.ranks.tolist(), cv.press_mean.tolist(), strict=True))
+            cols["PRESS se"] = dict(zip(cv.ranks.tolist(), cv.press_se.tolist(), strict=True))
+        if "bicv" in self.results:
+            bi = self.results["bicv"]
+            cols["BCV PRESS"] = dict(zip(bi.ranks.tolist(), bi.press_mean.tolist(), strict=True))
+        if "cophenetic" in self.results:
+            co = self.results["cophenetic"]
+            cols["cophenetic"] = dict(zip(co.ranks.tolist(), co.cophenetic.tolist(),
+                                          strict=True))
+            cols["dispersion"] = dict(zip(co.ranks.tolist(), co.dispersion.tolist(),
+                                          strict=True))
+        if "randomized" in self.results:
+            ra = self.results["randomized"]
+            cols["RSS"] = dict(zip(ra.ranks.tolist(), ra.rss.tolist(), strict=True))
+            cols["RSS randomized"] = dict(zip(ra.ranks.tolist(),
+                                              ra.rss_randomized_mean.tolist(), strict=True))
+        return cols
+
+    def table(self):
+        """The report as a plain-text table (k x criteria) with each suggestion below."""
+        cols = self.columns()
+        names = ["k"] + list(cols)
+        lines = []
+        for k in self.ranks.tolist():
+            cells = [str(k)] + [_format_number(cols[name].get(k)) for name in cols]
+            lines.append(cells)
+        widths = [max(len(name), *(len(row[i]) for row in lines)) for i, name in
+                  enumerate(names)]
+        out = ["  ".join(name.rjust(w) for name, w in zip(names, widths, strict=True))]
+        out += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+                for row in lines]
+        out.append("")
+        out += [f"suggested k by {_CRITERION_NAMES[c]}: {k}" for c, k in self.suggestions.items()]
+        return "\n".join(out)
+
+    def __str__(self):
+        return self.table()
+
+    def to_dict(self):
+        """JSON-ready dict: ranks, suggestions, and every column of the table."""
+        return {"ranks": self.ranks.tolist(), "suggestions": dict(self.suggestions),
+                "columns": {name: {str(k): v for k, v in col.items()}
+                            for name, col in self.columns().items()}}
+
+
+_CRITERION_NAMES = {"cv": "cross-validated PRESS (minimum)", "cv_1se": "PRESS, one-SE rule",
+                    "cophenetic": "cophenetic correlation (Brunet)",
+                    "randomized": "RSS vs randomized data",
+                    "bicv": "bi-cross-validation (minimum)"}
+
+
+def choose_rank(X, ranks, criteria=CRITERIA, *, mask=None, random_state=None, executor=None,
+                progress=None, cv_kwargs=None, consensus_kwargs=None, randomized_kwargs=None,
+                bicv_kwargs=None):
+    """Run several rank-selection criteria and put them side by side.
+
+    Parameters
+    ----------
+    X : array-like (m, n)
+        Non-negative data, NaN = missing.
+    ranks : iterable of int
+    criteria : tuple of str
+        Any of ``"cv"`` (`cross_validate`; suggests the minimum of mean PRESS, and reports the
+        one-standard-error rule as ``"cv_1se"``), ``"cophenetic"`` (`consensus`, ranks >= 2),
+        ``"randomized"`` (`randomized_rss`), ``"bicv"`` (`bicross_validate`).
+    mask, random_state, executor, progress
+        Shared by all criteria (each criterion gets its own spawned seed).
+    cv_kwargs, consensus_kwargs, randomized_kwargs, bicv_kwargs : dict, optional
+        Extra arguments for each criterion's function.
+
+    Returns
+    -------
+    RankReport
+
+    Examples
+    --------
+    >>> import nmf_cv
+    >>> X = nmf_cv.make_planted(60, 40, 3, noise=0.05, random_state=3)
+    >>> report = nmf_cv.choose_rank(X, range(1, 6), criteria=("cv", "bicv"), random_state=0,
+    ...                             progress=False)
+    >>> report.suggestions["cv"], report.suggestions["bicv"]
+    (3, 3)
+    >>> print(report.table().splitlines()[0])   # then one line per rank, then suggestions
+    k   PRESS  PRESS se  BCV PRESS
+    """
+    criteria = tuple(criteria)
+    for c in criteria:
+        _check_choice(c, CRITERIA, "criterion")
+    data = _validate_data(X, mask)
+    ranks = _check_ranks(ranks, data.shape)
+    seeds = dict(zip(CRITERIA, _seed_sequence(random_state).spawn(len(CRITERIA)),
+                     strict=True))
+    common = {"executor": executor, "progress": progress}
+    Xc = _nan_copy(data)
+    results, suggestions = {}, {}
+    if "cv" in criteria:
+        cv = cross_validate(Xc, ranks, random_state=seeds["cv"], **common, **(cv_kwargs or {}))
+        results["cv"] = cv
+        suggestions["cv"] = cv.best_rank
+        suggestions["cv_1se"] = cv.best_rank_1se
+    if "cophenetic" in criteria and np.any(ranks >= 2):
+        co = consensus(Xc, ranks[ranks >= 2], random_state=seeds["cophenetic"], **common,
+                       **(consensus_kwargs or {}))
+        results["cophenetic"] = co
+        suggestions["cophenetic"] = co.best_rank
+    if "randomized" in criteria:
+        ra = randomized_rss(Xc, ranks, random_state=seeds["randomized"], **common,
+                            **(randomized_kwargs or {}))
+        results["randomized"] = ra
+        suggestions["randomized"] = ra.best_rank
+    if "bicv" in criteria:
+        bi = bicross_validate(Xc, ranks, random_state=seeds["bicv"], **common,
+                              **(bicv_kwargs or {}))
+        results["bicv"] = bi
+        suggestions["bicv"] = bi.best_rank
+    return RankReport(ranks, results, suggestions)
+
+
+def _format_number(value):
+    if value is None:
+        return "-"
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.4g}"
+    return f"{value:.3e}"
+
+
+def _check_ranks(ranks, shape, minimum=1):
+    ranks = np.array([_check_n_components(k, shape) for k in ranks], dtype=int)
+    if ranks.size == 0:
+        raise ValueError("ranks is empty")
+    if ranks.min() < minimum:
+        raise ValueError(f"ranks must be >= {minimum} here; got {ranks.min()}")
+    if np.any(np.diff(ranks) <= 0):
+        raise ValueError(f"ranks must be strictly increasing; got {ranks.tolist()}")
+    return ranks
+
+
+def _check_positive_int(value, name, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+def _seed_sequence(random_state):
+    """A SeedSequence from None, an int, a SeedSequence or a Generator."""
+    if isinstance(random_state, np.random.SeedSequence):
+        return random_state
+    if isinstance(random_state, np.random.Generator):
+        return np.random.SeedSequence(int(random_state.integers(2**63)))
+    return np.random.SeedSequence(random_state)
+
+
+def _nan_copy(data):
+    """Dense float array with NaN at missing cells (what the per-task fits receive)."""
+    if data.masked:
+        out = np.full(data.shape, np.nan, dtype=data.dtype)
+        out[data.rows, data.cols] = data.values
+        return out
+    return data.dense if data.sparse is None else data.sparse.toarray()
 
 
 # =============================================================================================
