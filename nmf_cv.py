@@ -21,7 +21,8 @@ Objective (what ``loss_history`` records, over observed cells ``M`` only)::
     kl:         sum_M (X log(X / WH) - X + WH)                + penalties
     penalties:  alpha_W * (l1_ratio * |W|_1 + (1 - l1_ratio) / 2 * |W|_F^2)  (and the same for H)
 
-Sections, in reading order: validation, initialization, fitting (public API and solvers),
+Sections, in reading order: validation, initialization, fitting (public API, then solvers),
+rank selection (cross-validation, consensus, randomized RSS, bi-cross-validation, the report),
 numba kernels, command line.
 """
 
@@ -667,6 +668,28 @@ def _make_solver(data, W, H, method, loss, penalty, update_H=True):
                         penalty, update_H)
 
 
+class _WtH:
+    """Solvers holding W transposed (Wt, k x m) and H (k x n)."""
+
+    def views(self):
+        """(W, H) as views of the live arrays, for callbacks."""
+        return self.Wt.T, self.H
+
+    def factors(self):
+        """(W, H) as contiguous arrays, for the result."""
+        return np.ascontiguousarray(self.Wt.T), self.H
+
+
+class _WHt:
+    """Solvers holding W (m x k) and H transposed (Ht, n x k)."""
+
+    def views(self):
+        return self.W, self.Ht.T
+
+    def factors(self):
+        return self.W, np.ascontiguousarray(self.Ht.T)
+
+
 def _inner_sweeps(p, q, k):
     """HALS inner sweeps per factor update (Gillis & Glineur 2012): the BLAS products for a
     p x k factor cost about (p q + q k) / (p (k + 1)) sweeps, so half of that is spent on
@@ -675,7 +698,7 @@ def _inner_sweeps(p, q, k):
     return max(1, min(int(1 + 0.5 * rho), 50))
 
 
-class _DenseSolver:
+class _DenseSolver(_WtH):
     """Frobenius loss on a fully observed X (ndarray or sparse), BLAS products. W is held
     transposed (k x m) so both factor updates run the same row-major kernels."""
 
@@ -730,14 +753,8 @@ class _DenseSolver:
         self.objective = self._objective(HXt, HHt)
         return self.objective
 
-    def views(self):
-        return self.Wt.T, self.H
 
-    def factors(self):
-        return np.ascontiguousarray(self.Wt.T), self.H
-
-
-class _DenseKLSolver:
+class _DenseKLSolver(_WtH):
     """KL multiplicative updates on a dense, fully observed X. One m x n buffer, allocated
     once, holds WH and then X / WH."""
 
@@ -767,12 +784,6 @@ class _DenseKLSolver:
         self.objective = self._ratio(want_loss=True)
         return self.objective
 
-    def views(self):
-        return self.Wt.T, self.H
-
-    def factors(self):
-        return np.ascontiguousarray(self.Wt.T), self.H
-
 
 def _kl_floor(dtype):
     """Smallest WH used in X / WH: keeps ratios finite without touching realistic values."""
@@ -793,7 +804,7 @@ def _cells(rows, cols, shape):
             _indptr(cols[order], n), np.ascontiguousarray(rows[order], dtype=np.int64), order)
 
 
-class _MaskedSolver:
+class _MaskedSolver(_WHt):
     """Frobenius loss with missing cells, exactly. The Gram matrix of one row's observed cells
     is handled implicitly, through whichever of the row's cell sets is smaller: the full Gram
     matrix G0 minus the row's *missing* cells' part (a mostly observed row) or the sum over its
@@ -882,14 +893,8 @@ class _MaskedSolver:
         self.objective = self._objective(XHt, model)
         return self.objective
 
-    def views(self):
-        return self.W, self.Ht.T
 
-    def factors(self):
-        return self.W, np.ascontiguousarray(self.Ht.T)
-
-
-class _CellsKLSolver:
+class _CellsKLSolver(_WHt):
     """KL multiplicative updates streaming over the observed cells (missing values), or over
     the stored entries of a sparse X (whose zeros then count in the denominators only).
     Holds W (m x k) and H transposed (n x k) so a cell's two factor rows are contiguous."""
@@ -927,12 +932,6 @@ class _CellsKLSolver:
                                 p.l1_W, p.l2_W, self.eps, True)
         self.objective = self._total(s, wh)
         return self.objective
-
-    def views(self):
-        return self.W, self.Ht.T
-
-    def factors(self):
-        return self.W, np.ascontiguousarray(self.Ht.T)
 
 
 # =============================================================================================
@@ -2119,30 +2118,40 @@ def main(argv=None):
     Examples
     --------
     >>> import nmf_cv
-    >>> nmf_cv.main(["demo", "--rows", "60", "--cols", "40"])  # doctest: +ELLIPSIS
-    planted rank 4...
+    >>> nmf_cv.main(["demo", "--rows", "60", "--cols", "40", "--no-ranks"])  # doctest: +ELLIPSIS
+    planted rank 3...
     0
     """
     parser = argparse.ArgumentParser(prog="nmf_cv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fit a built-in planted matrix with missing cells")
-    demo.add_argument("--rows", type=int, default=500)
-    demo.add_argument("--cols", type=int, default=300)
-    demo.add_argument("--rank", type=int, default=4)
-    demo.add_argument("--missing", type=float, default=0.2)
+    demo.add_argument("--rows", type=int, default=150)
+    demo.add_argument("--cols", type=int, default=80)
+    demo.add_argument("--rank", type=int, default=3)
+    demo.add_argument("--missing", type=float, default=0.1)
+    demo.add_argument("--no-ranks", dest="ranks", action="store_false",
+                      help="skip rank selection (fits only)")
     args = parser.parse_args(argv)
     return _demo(args)
 
 
 def _demo(args):
-    X = make_planted(args.rows, args.cols, args.rank, noise=0.01, missing=args.missing,
+    X = make_planted(args.rows, args.cols, args.rank, noise=0.05, missing=args.missing,
                      random_state=0)
-    print(f"planted rank {args.rank}, {args.rows} x {args.cols}, noise 1%, "
+    print(f"planted rank {args.rank}, {args.rows} x {args.cols}, noise 5%, "
           f"{np.isnan(X).mean():.0%} of cells missing")
     for method in METHODS:
         res = fit_nmf(X, args.rank, method=method, random_state=0, max_iter=2000, tol=1e-6)
         print(f"  {method:6s} relative error {res.relative_error:.4f} on observed cells, "
               f"{res.n_iter} iterations, {res.time:.2f} s")
+    if args.ranks:
+        start = time.perf_counter()
+        ranks = range(1, 2 * args.rank + 1)
+        print(f"\nchoose_rank over k = 1..{2 * args.rank}:")
+        report = choose_rank(X, ranks, random_state=0, progress=None,
+                             consensus_kwargs={"n_runs": 10, "max_iter": 200})
+        print(report)
+        print(f"({time.perf_counter() - start:.1f} s)")
     return 0
 
 
