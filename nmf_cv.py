@@ -838,7 +838,9 @@ class _MaskedSolver(_WHt):
         order = np.lexsort((c_rows, c_cols))
         self.c_ptr, self.c_idx = _indptr(c_cols[order], n), c_rows[order].astype(np.int64)
         longest = max(np.diff(self.r_ptr).max(initial=0), np.diff(self.c_ptr).max(initial=0))
-        self.scratch = np.empty(max(longest, 1) * (k + 1), dtype=np.float64)
+        # Gathered B rows and the cells' predictions: separate buffers, so LLVM can vectorize.
+        self.scratch = np.empty(max(longest, 1) * k, dtype=np.float64)
+        self.u = np.empty(max(longest, 1), dtype=np.float64)
         if sweeps is not None:
             self.sweeps_W = self.sweeps_H = sweeps
         elif method == "hals":
@@ -877,19 +879,21 @@ class _MaskedSolver(_WHt):
             XtW, G0 = self._products_H()
             if self.method == "mu":
                 _masked_mu_rows(self.Ht, self.W, G0, XtW, self.c_ptr, self.c_idx, self.c_sign,
-                                p.l1_H, p.l2_H, self.scratch, False)
+                                p.l1_H, p.l2_H, self.scratch, self.u, False)
             else:
                 tol = 0.1 if self.method == "hals" else 1e-3
                 _masked_cd_rows(self.Ht, self.W, G0, XtW, self.c_ptr, self.c_idx, self.c_sign,
-                                p.l1_H, p.l2_H, self.sweeps_H, tol, self.scratch, False)
+                                p.l1_H, p.l2_H, self.sweeps_H, tol, self.scratch, self.u,
+                                False)
         XHt, G0 = self._products_W()
         if self.method == "hals" or not self.update_H:  # transform: W by exact NNLS
             sweeps, tol = (self.sweeps_W, 0.1) if self.update_H else (100, 1e-3)
             model = _masked_cd_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
-                                    self.r_sign, p.l1_W, p.l2_W, sweeps, tol, self.scratch, True)
+                                    self.r_sign, p.l1_W, p.l2_W, sweeps, tol, self.scratch,
+                                    self.u, True)
         else:
             model = _masked_mu_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
-                                    self.r_sign, p.l1_W, p.l2_W, self.scratch, True)
+                                    self.r_sign, p.l1_W, p.l2_W, self.scratch, self.u, True)
         self.objective = self._objective(XHt, model)
         return self.objective
 
@@ -1994,7 +1998,8 @@ def _gather_rows(B, idx, s, c, scratch):
 @njit(cache=True, fastmath=_FAST)
 def _predict_cells(A, a, scratch, c, u):
     """u[q] = A[a] . b_q for the gathered cells of one row."""
-    u[:] = 0.0
+    for q in range(c):
+        u[q] = 0.0
     for t in range(A.shape[1]):
         at = A[a, t]
         if at != 0.0:
@@ -2004,7 +2009,7 @@ def _predict_cells(A, a, scratch, c, u):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, scratch, want):
+def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, scratch, u, want):
     """Exact coordinate descent on each row a of A >= 0 for the masked least-squares problem
     1/2 a'G a - XB_a . a + l1 sum a + l2/2 |a|^2. The row's Gram matrix G is never formed:
     with sign -1 it is G0 minus the sum of b b' over the row's cells (its missing cells), with
@@ -2022,7 +2027,6 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, scrat
         sign = signs[a]
         base_gram = 1.0 if sign < 0.0 else 0.0
         _gather_rows(B, idx, s, c, scratch)
-        u = scratch[k * c:k * c + c]
         _predict_cells(A, a, scratch, c, u)
         for t in range(k):
             acc = 0.0
@@ -2069,7 +2073,7 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, scrat
 
 
 @njit(cache=True, fastmath=_FAST)
-def _masked_mu_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, scratch, want):
+def _masked_mu_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, scratch, u, want):
     """Lee-Seung Frobenius update of each row a of A over its observed cells:
     A_a *= XB_a / (G a + l1 + l2 A_a), with the row's Gram matrix G given implicitly as in
     _masked_cd_rows. Returns the sum over observed cells of (b . a)^2 after the update if
@@ -2082,7 +2086,6 @@ def _masked_mu_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, scratch, want):
         c = indptr[a + 1] - s
         sign = signs[a]
         _gather_rows(B, idx, s, c, scratch)
-        u = scratch[k * c:k * c + c]
         _predict_cells(A, a, scratch, c, u)
         for t in range(k):
             acc = 0.0

@@ -213,7 +213,7 @@ def test_masked_cd_solves_nnls_like_scipy(missing):
     XtW, G0 = solver._products_H()
     Ht = np.ascontiguousarray(H.T)
     nmf_cv._masked_cd_rows(Ht, solver.W, G0, XtW, solver.c_ptr, solver.c_idx, solver.c_sign,
-                           0.0, lam, 5000, 0.0, solver.scratch, False)
+                           0.0, lam, 5000, 0.0, solver.scratch, solver.u, False)
     k = W.shape[1]
     for j in range(X.shape[1]):
         rows = mask[:, j]
