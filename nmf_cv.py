@@ -1065,6 +1065,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method="hals"
     ranks = _check_ranks(ranks, data.shape)
     if fit_kwargs.get("loss", "frobenius") != "frobenius":
         raise ValueError("cross_validate scores squared error; use loss='frobenius'")
+    _check_positive_int(n_repeats, "n_repeats")
     fit_kwargs = {**_RANK_FIT_DEFAULTS, **fit_kwargs}
     rows, cols, values = _observed_cells(data)
     loo = isinstance(n_folds, str)
@@ -1531,6 +1532,7 @@ def bicross_validate(X, ranks, *, n_row_folds=2, n_col_folds=2, n_repeats=1, mas
     """
     data = _validate_data(X, mask)
     _check_choice(block_solver, ("lstsq", "nnls"), "block_solver")
+    _check_positive_int(n_repeats, "n_repeats")
     for value, label in ((n_row_folds, "n_row_folds"), (n_col_folds, "n_col_folds")):
         _check_positive_int(value, label, minimum=2)
     m, n = data.shape

@@ -650,6 +650,10 @@ def test_cv_bad_arguments():
         nmf_cv.cross_validate(X, [])
     with pytest.raises(ValueError, match="frobenius"):
         nmf_cv.cross_validate(X, [1], loss="kl", method="mu")
+    with pytest.raises(ValueError, match="n_repeats"):
+        nmf_cv.cross_validate(X, [1], n_repeats=0)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        nmf_cv.cross_validate(X, [2, 1])
 
 
 def test_underdetermined_rows_stay_accurate():
