@@ -3,13 +3,16 @@
 Prints markdown tables (with a machine and version header) to stdout; progress goes to
 stderr. Run from the repository root::
 
-    python benchmarks/bench_rank.py                # full run, about half an hour on 2 cores
+    python benchmarks/bench_rank.py                # full run, about 45 minutes on 2 cores
     python benchmarks/bench_rank.py --quick        # small data, few runs: a smoke test (<1 min)
     python benchmarks/bench_rank.py --runs 50      # consensus restarts per rank (default 20)
+    python benchmarks/bench_rank.py --no-wait      # skip the wait for an idle machine
 
-Timings are wall-clock, in one process on identical data. A full run first waits (30 s at a
-time, 10 minutes at most) for the 1-minute load average to fall to 0.5 or below; the header
-records the load at the start and end of the measurements.
+Timings are wall-clock, in one process on identical data. Before each section a full run
+waits (30 s at a time, 10 minutes at most) for the 1-minute load average to fall to 0.5 or
+below. The header records the load at the start and end of the measurements, each section
+its own load at start, and each timing the CPU time other processes took meanwhile (from
+/proc/stat): a check that the rest of the machine did not disturb it.
 
 What is measured
 ----------------
@@ -31,7 +34,9 @@ What is measured
    - nmf-rs (``nmf_rs.nmf(X, k, method="brunet", seed=s, max_iter=500)``; Rust, GPL,
      benchmark only), consensus and cophenetic computed here with nmf_cv's functions;
    - plain numpy KL multiplicative updates written below (the floor any compiled code should
-     beat), same bookkeeping;
+     beat), same bookkeeping. It draws its inits like nmf_cv (same spawned seeds, same
+     uniform formula), so it follows nmf_cv's trajectories and its cophenetic values should
+     equal nmf_cv's: a check of nmf_cv's KL updates as well as a timing;
    - nimfa 1.4.0 (``nimfa.Nmf(V, seed="random", rank=k, update="divergence",
      objective="div", max_iter=500, n_run=N, track_factor=True, min_residuals=None)``, then
      its own ``consensus()`` and ``coph_cor()``), in a subprocess of a separate virtual
@@ -44,8 +49,9 @@ What is measured
      iteration (its default) and seeds each run from its own unseeded RandomState, so its
      cophenetic values change from one benchmark run to the next.
 
-   The random inits differ between implementations (each uses its own), so cophenetic
-   values agree only up to the sampling noise of N restarts.
+   nmf-rs and nimfa draw their own inits, so their cophenetic values agree with nmf_cv's
+   only up to the sampling noise of N restarts. 20 restarts (not 50) keep the full run's
+   consensus part near 20 minutes, nimfa alone taking about 10.
 3. Cost of one dense KL iteration on the medulloblastoma data, by part: nmf_cv's per-iteration
    time from ``time_history`` (median), its BLAS products and its ``X / WH`` pass with and
    without the KL objective (a log per cell), against plain numpy and nmf-rs per iteration.
@@ -139,6 +145,16 @@ def git_revision():
     return rev + (" + uncommitted nmf_cv.py changes" if dirty else "")
 
 
+def source_digest():
+    """Hash of nmf_cv.py on disk, to tell whether it changed while the benchmark ran."""
+    import hashlib
+    return hashlib.sha256(Path(nmf_cv.__file__).read_bytes()).hexdigest()
+
+
+def now():
+    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
 def load_average():
     try:
         return "/".join(f"{x:.2f}" for x in os.getloadavg())
@@ -163,17 +179,21 @@ def package_version(name):
         return "not installed"
 
 
-def machine_header(load_at_start, waited, nimfa_versions):
+def machine_header(start, nimfa_versions):
+    """``start``: dict with the revision, source digest, date and load taken at the start."""
     import numba
     import scipy
-    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    changed = source_digest() != start["digest"]
     return (f"Machine: nproc={os.cpu_count()}, CPU {cpu_model()}, BLAS {blas_description()}; "
             f"python {platform.python_version()}, numpy {np.__version__}, "
             f"scipy {scipy.__version__}, numba {numba.__version__}; nmf_cv "
-            f"{nmf_cv.__version__} (git {git_revision()}); peers: nmf-rs "
-            f"{package_version('nmf-rs')}, nimfa {nimfa_versions}; {now}; load average "
-            f"(1/5/15 min) {load_at_start} at start (after waiting {waited} s for it to fall "
-            f"to {IDLE_LOAD}), {load_average()} at end")
+            f"{nmf_cv.__version__} (git {start['revision']} at import"
+            f"{'; nmf_cv.py changed on disk during the run' if changed else ''}); peers: "
+            f"nmf-rs {package_version('nmf-rs')}, nimfa {nimfa_versions}; started "
+            f"{start['date']}, ended {now()}; load average (1/5/15 min) {start['load']} at "
+            f"the start of the measurements (after waiting {start['waited']} s for the "
+            f"1-minute load to fall to {IDLE_LOAD}; each section waits again), "
+            f"{load_average()} at the end")
 
 
 def markdown_table(headers, rows):
@@ -202,6 +222,42 @@ def timed(function, *args, **kwargs):
     return time.perf_counter() - start, out
 
 
+def machine_cpu_seconds():
+    """Busy CPU seconds of the whole machine since boot (/proc/stat); NaN elsewhere."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return math.nan
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds():
+    """CPU seconds of this process and its waited-for children (pool workers, subprocesses)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class Meter:
+    """Wall time of a block, and the CPU time other processes took meanwhile (``others``):
+    a measure of how much the rest of the machine disturbed the timing."""
+
+    def __enter__(self):
+        self.start = (time.perf_counter(), machine_cpu_seconds(), own_cpu_seconds())
+        return self
+
+    def __exit__(self, *exc_info):
+        wall, busy, own = time.perf_counter(), machine_cpu_seconds(), own_cpu_seconds()
+        self.wall = wall - self.start[0]
+        self.others = max(busy - self.start[1] - (own - self.start[2]), 0.0)
+
+
+def measured(function, *args):
+    """(wall seconds, result, other processes' CPU seconds meanwhile)."""
+    with Meter() as meter:
+        out = function(*args)
+    return meter.wall, out, meter.others
+
+
 def limit_blas(n_threads):
     """ProcessPoolExecutor initializer: at most ``n_threads`` BLAS threads in the worker."""
     from threadpoolctl import threadpool_limits
@@ -227,22 +283,19 @@ def pool(blas_threads):
 # ---------------------------------------------------------------------------------------------
 
 def cv_run(X, plan, blas_threads=None, use_pool=False):
-    """(wall seconds, CVResult); a pool is created (and its start-up timed) when asked."""
+    """CVResult; a pool is created (so its start-up is timed) when asked."""
     kwargs = {"n_folds": plan.cv_folds, "random_state": 0, "progress": False}
-    start = time.perf_counter()
     if not use_pool:
         with blas_limit(blas_threads):
-            cv = nmf_cv.cross_validate(X, plan.cv_ranks, **kwargs)
-    else:
-        with pool(blas_threads) as executor:
-            cv = nmf_cv.cross_validate(X, plan.cv_ranks, executor=executor, **kwargs)
-    return time.perf_counter() - start, cv
+            return nmf_cv.cross_validate(X, plan.cv_ranks, **kwargs)
+    with pool(blas_threads) as executor:
+        return nmf_cv.cross_validate(X, plan.cv_ranks, executor=executor, **kwargs)
 
 
-def cv_row(label, wall, cv, serial):
+def cv_row(label, wall, cv, others, serial):
     diff = float(np.max(np.abs(cv.press - serial[1].press) / serial[1].press))
     return [label, sec(wall), ratio(serial[0], wall), cv.best_rank, cv.best_rank_1se,
-            f"{diff:.1e}"]
+            f"{diff:.1e}", f"{others:.1f}"]
 
 
 def bench_cv(plan):
@@ -256,10 +309,10 @@ def bench_cv(plan):
     results = []
     for label, threads, use_pool in runs:
         log(f"1. cross_validate {m}x{n} k={k}, ranks {ranks[0]}..{ranks[-1]}: {label}")
-        results.append((label, cv_run(X, plan, threads, use_pool)))
+        results.append((label, measured(cv_run, X, plan, threads, use_pool)))
     rows = [cv_row(label, *res, results[0][1]) for label, res in results]
     headers = ["run", "wall s", "speed-up vs serial", "best_rank", "best_rank_1se",
-               "max rel. PRESS diff vs serial"]
+               "max rel. PRESS diff vs serial", "other processes' CPU s"]
     n_fits = len(ranks) * plan.cv_folds
     note = (f"`cross_validate(X, range({ranks[0]}, {ranks[-1] + 1}), n_folds={plan.cv_folds}, "
             f"random_state=0)` on `make_planted({m}, {n}, {k}, noise=0.1, random_state=0)`: "
@@ -367,19 +420,22 @@ def nimfa_consensus(plan, python):
     rows = "all" if plan.rows is None else str(plan.rows)
     args = [str(python), "-c", NIMFA_SCRIPT, str(MEDULLO), rows, json.dumps(plan.ranks),
             str(plan.runs), str(plan.max_iter)]
-    proc = subprocess.run(args, capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    with Meter() as meter:
+        proc = subprocess.run(args, capture_output=True, text=True, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["others"] = meter.others
+    return out
 
 
 def coph_cells(values):
     return [f"{c:.4f}" for c in values]
 
 
-def consensus_row(label, wall, coph, plan, reference):
+def consensus_row(label, wall, coph, others, plan, reference):
     n_iter = len(plan.ranks) * plan.runs * plan.max_iter
     best = nmf_cv.best_cophenetic_rank(plan.ranks, coph)
-    return [label, sec(wall), ms(wall / n_iter), ratio(wall, reference)] + coph_cells(coph) + [
-        best]
+    return ([label, sec(wall), ms(wall / n_iter), ratio(wall, reference)] + coph_cells(coph)
+            + [best, "n/a" if math.isnan(others) else f"{others:.1f}"])
 
 
 def nimfa_rows(nimfa, plan, reference):
@@ -390,56 +446,75 @@ def nimfa_rows(nimfa, plan, reference):
     own = [r["cophenetic"] for r in per_rank]
     ours = [nmf_cv.cophenetic_correlation(np.array(r["consensus"])) for r in per_rank]
     label = "nimfa 1.4.0, divergence MU (subprocess, its own timing)"
-    return [consensus_row(label, nimfa["wall"], own, plan, reference),
+    return [consensus_row(label, nimfa["wall"], own, nimfa["others"], plan, reference),
             consensus_row("nimfa: same consensus matrices, nmf_cv.cophenetic_correlation",
-                          math.nan, ours, plan, reference)]
+                          math.nan, ours, math.nan, plan, reference)]
 
 
-def nimfa_notes(nimfa, nmf_cv_wall, nmf_cv_coph, plan):
+def nimfa_notes(nimfa):
     if nimfa is None:
         return [f"nimfa skipped: no interpreter at {NIMFA_PYTHON} (see the module docstring). "
                 "../shared/PEERS.md has nimfa at 415 s for k=2..5 x 20 runs x 500 KL-MU "
                 "iterations on a Golub-sized 5000x38 matrix."]
-    own = np.array([nimfa["ranks"][str(k)]["cophenetic"] for k in plan.ranks])
-    iters = [i for k in plan.ranks for i in nimfa["ranks"][str(k)]["n_iter"]]
+    iters = [i for r in nimfa["ranks"].values() for i in r["n_iter"]]
     return [f"nimfa ran {min(iters)}..{max(iters)} iterations per fit (it stops early if its "
-            "objective rises).",
-            f"Targets: nmf_cv is {nimfa['wall'] / nmf_cv_wall:.1f}x faster than nimfa "
-            f"(target >= 10x); max |cophenetic nmf_cv - nimfa| = "
-            f"{np.max(np.abs(np.array(nmf_cv_coph) - own)):.4f} (target <= 0.02)."]
+            "objective rises)."]
+
+
+def ratio_notes(runs, nimfa, plan):
+    """Time ratios against the peers, and the targets against nimfa."""
+    wall = {run[0]: run[2] for run in runs}
+    lines = [f"Time ratios: nmf_cv serial / plain numpy = {ratio(wall['serial'], wall['numpy'])}"]
+    if "nmf_rs" in wall:
+        lines[0] += (f"; nmf_cv serial / nmf-rs = {ratio(wall['serial'], wall['nmf_rs'])}; "
+                     f"nmf_cv pool / nmf-rs = {ratio(wall['pool'], wall['nmf_rs'])}")
+    if nimfa is not None:
+        own = np.array([nimfa["ranks"][str(k)]["cophenetic"] for k in plan.ranks])
+        gap = np.max(np.abs(np.array(runs[0][3]) - own))
+        lines.append(f"Targets: nimfa / nmf_cv serial = {ratio(nimfa['wall'], wall['serial'])}"
+                     f", nimfa / nmf_cv pool = {ratio(nimfa['wall'], wall['pool'])} (target "
+                     f">= 10); max |cophenetic nmf_cv - nimfa| = {gap:.4f} (target <= 0.02).")
+    return lines
+
+
+def consensus_runs(X, plan):
+    """(key, label, wall s, cophenetic values, others' CPU s) of each one but nimfa."""
+    jobs = [("serial", "nmf_cv.consensus, serial", nmf_cv_consensus),
+            ("serial_1", "nmf_cv.consensus, serial, 1 BLAS thread", nmf_cv_consensus_1blas),
+            ("pool", "nmf_cv.consensus, ProcessPoolExecutor(2), 1 BLAS thread each",
+             nmf_cv_consensus_pool)]
+    if nmf_rs is not None:
+        jobs.append(("nmf_rs", "nmf-rs brunet (rayon, default threads)", nmf_rs_consensus))
+    jobs.append(("numpy", "plain numpy KL MU (floor, nmf_cv's seeds and init)",
+                 numpy_consensus))
+    out = []
+    for key, label, job in jobs:
+        log(f"2. consensus on {X.shape[0]}x{X.shape[1]}: {label}")
+        out.append((key, label, *measured(job, X, plan)))
+    return out
 
 
 def bench_consensus(plan, nimfa_python):
     X = load_medulloblastoma(plan)
-    log(f"2. consensus on {X.shape[0]}x{X.shape[1]}: nmf_cv serial")
-    ours = timed(nmf_cv_consensus, X, plan)
-    rows = [consensus_row("nmf_cv.consensus, serial", *ours, plan, ours[0])]
-    log("2. consensus: nmf_cv serial, 1 BLAS thread")
-    rows.append(consensus_row("nmf_cv.consensus, serial, 1 BLAS thread",
-                              *timed(nmf_cv_consensus_1blas, X, plan), plan, ours[0]))
-    log("2. consensus: nmf_cv with ProcessPoolExecutor(2)")
-    rows.append(consensus_row("nmf_cv.consensus, ProcessPoolExecutor(2), 1 BLAS thread each",
-                              *timed(nmf_cv_consensus_pool, X, plan), plan, ours[0]))
-    if nmf_rs is not None:
-        log("2. consensus: nmf-rs")
-        rows.append(consensus_row("nmf-rs brunet (rayon, default threads)",
-                                  *timed(nmf_rs_consensus, X, plan), plan, ours[0]))
-    log("2. consensus: plain numpy")
-    rows.append(consensus_row("plain numpy KL MU (floor)", *timed(numpy_consensus, X, plan),
-                              plan, ours[0]))
+    runs = consensus_runs(X, plan)
+    reference = runs[0][2]
+    rows = [consensus_row(*run[1:], plan, reference) for run in runs]
     log("2. consensus: nimfa (subprocess)")
     nimfa = nimfa_consensus(plan, nimfa_python)
-    rows += nimfa_rows(nimfa, plan, ours[0])
+    rows += nimfa_rows(nimfa, plan, reference)
     headers = (["implementation", "wall s", "ms per iteration", "time / nmf_cv serial"]
-               + [f"cophenetic k={k}" for k in plan.ranks] + ["best rank (Brunet's rule)"])
+               + [f"cophenetic k={k}" for k in plan.ranks]
+               + ["best rank (Brunet's rule)", "other processes' CPU s"])
     note = (f"Data {X.shape[0]}x{X.shape[1]}; ranks {plan.ranks}, {plan.runs} random restarts "
             f"per rank, {plan.max_iter} KL multiplicative-update iterations per fit (tol=0), "
             "clusters = argmax over each column of H. 'ms per iteration' is the wall time "
-            "over all fits' iterations (consensus bookkeeping included).")
-    out = ["## 2. Consensus clustering, medulloblastoma (Brunet et al. 2004)", "", note, "",
-           markdown_table(headers, rows), ""]
-    out += nimfa_notes(nimfa, ours[0], ours[1], plan)
-    return "\n".join(out), (nimfa or {}).get("versions", "not run")
+            "over all fits' iterations (consensus bookkeeping included). The plain numpy "
+            "fits start from nmf_cv's inits (same seeds, same formula), so their cophenetic "
+            "values should equal nmf_cv's.")
+    parts = ["## 2. Consensus clustering, medulloblastoma (Brunet et al. 2004)", note,
+             markdown_table(headers, rows)]
+    parts += nimfa_notes(nimfa) + ratio_notes(runs, nimfa, plan)
+    return "\n\n".join(parts), (nimfa or {}).get("versions", "not run")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,6 +600,23 @@ def warm_up():
     nmf_cv.consensus(X, [2], n_runs=2, max_iter=5, random_state=0, progress=False)
 
 
+def run_section(wait, function, *args):
+    """``function(*args)`` after waiting (if ``wait``) for an idle machine; returns its result
+    and the conditions it ran in (load at its start, seconds waited, others' CPU time)."""
+    waited = wait_for_idle() if wait else 0
+    conditions = {"load": load_average(), "waited": waited}
+    with Meter() as meter:
+        result = function(*args)
+    conditions.update(wall=meter.wall, others=meter.others)
+    return result, conditions
+
+
+def conditions_note(c):
+    return (f"Section conditions: load average (1/5/15 min) {c['load']} at its start (after "
+            f"waiting {c['waited']} s); other processes used {c['others']:.1f} CPU s during "
+            f"its {c['wall']:.0f} s.")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -540,21 +632,27 @@ def main(argv=None):
     if not MEDULLO.exists():
         log(f"missing {MEDULLO}")
         return 1
-    waited = 0 if args.quick or args.no_wait else wait_for_idle()
-    start, load_at_start = time.perf_counter(), load_average()
+    wait = not (args.quick or args.no_wait)
+    start = {"revision": git_revision(), "digest": source_digest(), "date": now(),
+             "clock": time.perf_counter()}
     log("warm-up (numba compile)")
     warm_up()
-    sections = [bench_cv(plan)]
-    consensus_section, nimfa_versions = bench_consensus(plan, args.nimfa_python)
-    sections += [consensus_section, bench_iteration(plan)]
+    cv, cv_conditions = run_section(wait, bench_cv, plan)
+    (consensus, nimfa_versions), consensus_conditions = run_section(
+        wait, bench_consensus, plan, args.nimfa_python)
+    iteration, iteration_conditions = run_section(wait, bench_iteration, plan)
+    start.update(load=cv_conditions["load"], waited=cv_conditions["waited"])
     print("# nmf_cv rank-selection benchmarks" + (" (--quick)" if args.quick else ""))
     print()
-    print(machine_header(load_at_start, waited, nimfa_versions))
-    for section in sections:
+    print(machine_header(start, nimfa_versions))
+    for text, conditions in ((cv, cv_conditions), (consensus, consensus_conditions),
+                             (iteration, iteration_conditions)):
         print()
-        print(section)
+        print(text)
+        print()
+        print(conditions_note(conditions))
     print()
-    print(f"Benchmark wall time: {time.perf_counter() - start:.0f} s")
+    print(f"Benchmark wall time: {time.perf_counter() - start['clock']:.0f} s")
     return 0
 
 
