@@ -61,6 +61,18 @@ from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
 
 ROOT = Path(__file__).resolve().parent.parent
+from _common import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+    blas_description,
+    cpu_model,
+    git_revision,
+    load_average,
+    log,
+    markdown_table,
+    ms,
+    ratio,
+    sec,
+)
+
 try:
     import nmf_cv
 except ImportError:
@@ -83,51 +95,9 @@ SINGLE_THREAD_BLAS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                       "MKL_NUM_THREADS": "1"}
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Machine description and markdown output
 # ---------------------------------------------------------------------------------------------
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def blas_description():
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "unknown"
-    libs = [f"{d.get('internal_api')} ({d.get('num_threads')} threads)"
-            for d in threadpool_info() if d.get("user_api") == "blas"]
-    return ", ".join(dict.fromkeys(libs)) or "unknown"
-
-
-def git_revision():
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "nmf_cv.py"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + (" + uncommitted nmf_cv.py changes" if dirty else "")
-
-
-def load_average():
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
 
 def machine_header(load_at_start):
     import numba
@@ -139,26 +109,6 @@ def machine_header(load_at_start):
             f"scikit-learn {sklearn.__version__}; nmf_cv {nmf_cv.__version__} "
             f"(git {git_revision()}); {now}; load average (1/5/15 min) {load_at_start} at "
             f"start, {load_average()} at end")
-
-
-def markdown_table(headers, rows):
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def ms(seconds):
-    return "n/a" if seconds is None or math.isnan(seconds) else f"{1e3 * seconds:.3g}"
-
-
-def sec(seconds):
-    return "n/a" if seconds is None or math.isnan(seconds) else f"{seconds:.3g}"
-
-
-def ratio(a, b):
-    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
-        return "n/a"
-    return f"{a / b:.2f}"
 
 
 def shape_label(shape):

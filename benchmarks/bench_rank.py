@@ -74,6 +74,18 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+from _common import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+    blas_description,
+    cpu_model,
+    git_revision,
+    load_average,
+    log,
+    markdown_table,
+    ms,
+    ratio,
+    sec,
+)
+
 try:
     import nmf_cv
 except ImportError:
@@ -106,44 +118,9 @@ class Plan:
         self.repeats = 3 if quick else 20
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Machine description, load and markdown output
 # ---------------------------------------------------------------------------------------------
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def blas_description():
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "unknown"
-    libs = [f"{d.get('internal_api')} {d.get('version')} ({d.get('num_threads')} threads)"
-            for d in threadpool_info() if d.get("user_api") == "blas"]
-    return ", ".join(dict.fromkeys(libs)) or "unknown"
-
-
-def git_revision():
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "nmf_cv.py"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + (" + uncommitted nmf_cv.py changes" if dirty else "")
-
 
 def source_digest():
     """Hash of nmf_cv.py on disk, to tell whether it changed while the benchmark ran."""
@@ -153,13 +130,6 @@ def source_digest():
 
 def now():
     return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-
-
-def load_average():
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def wait_for_idle():
@@ -194,26 +164,6 @@ def machine_header(start, nimfa_versions):
             f"the start of the measurements (after waiting {start['waited']} s for the "
             f"1-minute load to fall to {IDLE_LOAD}; each section waits again), "
             f"{load_average()} at the end")
-
-
-def markdown_table(headers, rows):
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def sec(seconds):
-    return "n/a" if seconds is None or math.isnan(seconds) else f"{seconds:.3g}"
-
-
-def ms(seconds):
-    return "n/a" if seconds is None or math.isnan(seconds) else f"{1e3 * seconds:.3g}"
-
-
-def ratio(a, b):
-    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
-        return "n/a"
-    return f"{a / b:.2f}"
 
 
 def timed(function, *args, **kwargs):
