@@ -419,17 +419,26 @@ def fit_nmf(X, n_components, *, mask=None, method="hals", loss="frobenius", init
     (True, (40, 3))
     """
     start = time.perf_counter()
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable")
+    data, solver = _setup_fit(X, n_components, mask=mask, method=method, loss=loss, init=init,
+                              max_iter=max_iter, tol=tol, random_state=random_state,
+                              alpha_W=alpha_W, alpha_H=alpha_H, l1_ratio=l1_ratio)
+    return _run(solver, data, method, loss, max_iter, tol, callback, start)
+
+
+def _setup_fit(X, n_components, *, mask=None, method="hals", loss="frobenius", init="nndsvda",
+               max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0,
+               l1_ratio=0.0):
+    """Validated data and a solver at the initial point (`fit_nmf`'s arguments)."""
     data = _validate_data(X, mask)
     k = _check_n_components(n_components, data.shape)
     _check_options(method, loss, max_iter, tol, alpha_W, alpha_H, l1_ratio)
-    if callback is not None and not callable(callback):
-        raise TypeError("callback must be callable")
     rng = np.random.default_rng(random_state)
     W, H = _initialize(data, k, init, rng)
     penalty = _Penalty(alpha_W * l1_ratio, alpha_W * (1 - l1_ratio),
                        alpha_H * l1_ratio, alpha_H * (1 - l1_ratio))
-    solver = _make_solver(data, W, H, method, loss, penalty)
-    return _run(solver, data, method, loss, max_iter, tol, callback, start)
+    return data, _make_solver(data, W, H, method, loss, penalty)
 
 
 def make_planted(n_rows, n_cols, rank, *, noise=0.0, missing=0.0, random_state=None,
@@ -733,7 +742,7 @@ class _DenseSolver(_WtH):
         half_rss = 0.5 * self.xx - _fdot(self.Wt, HXt) + 0.5 * _fdot(self.WtW, HHt)
         return max(half_rss, 0.0) + self.pen.value(self.Wt, self.H)
 
-    def step(self):
+    def step(self, want_loss=True):
         p = self.pen
         if self.update_H:
             WtX = self._WtX()
@@ -750,7 +759,7 @@ class _DenseSolver(_WtH):
         else:
             _mu_apply(self.Wt, HXt, HHt @ self.Wt, p.l1_W, p.l2_W)
         self.WtW = self.Wt @ self.Wt.T
-        self.objective = self._objective(HXt, HHt)
+        self.objective = self._objective(HXt, HHt) if want_loss else math.nan
         return self.objective
 
 
@@ -769,9 +778,9 @@ class _DenseKLSolver(_WtH):
     def _ratio(self, want_loss):
         np.dot(self.Wt.T, self.H, out=self.buf)
         loss = _kl_ratio(self.X, self.buf, self.eps, want_loss)
-        return loss + self.pen.value(self.Wt, self.H)
+        return loss + self.pen.value(self.Wt, self.H) if want_loss else math.nan
 
-    def step(self):
+    def step(self, want_loss=True):
         p = self.pen
         if self.update_H:
             num = self.Wt @ self.buf
@@ -781,7 +790,7 @@ class _DenseKLSolver(_WtH):
         num = self.H @ self.buf.T
         den = np.broadcast_to(self.H.sum(axis=1)[:, None], self.Wt.shape)
         _mu_apply(self.Wt, num, np.ascontiguousarray(den), p.l1_W, p.l2_W)
-        self.objective = self._ratio(want_loss=True)
+        self.objective = self._ratio(want_loss)
         return self.objective
 
 
@@ -873,7 +882,7 @@ class _MaskedSolver(_WHt):
         half_rss = 0.5 * self.xx - _fdot(self.W, XHt) + 0.5 * model
         return max(half_rss, 0.0) + self.pen.value(self.W, self.Ht)
 
-    def step(self):
+    def step(self, want_loss=True):
         p = self.pen
         if self.update_H:
             XtW, G0 = self._products_H()
@@ -890,11 +899,12 @@ class _MaskedSolver(_WHt):
             sweeps, tol = (self.sweeps_W, 0.1) if self.update_H else (100, 1e-3)
             model = _masked_cd_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
                                     self.r_sign, p.l1_W, p.l2_W, sweeps, tol, self.scratch,
-                                    self.u, True)
+                                    self.u, want_loss)
         else:
             model = _masked_mu_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
-                                    self.r_sign, p.l1_W, p.l2_W, self.scratch, self.u, True)
-        self.objective = self._objective(XHt, model)
+                                    self.r_sign, p.l1_W, p.l2_W, self.scratch, self.u,
+                                    want_loss)
+        self.objective = self._objective(XHt, model) if want_loss else math.nan
         return self.objective
 
 
@@ -925,7 +935,7 @@ class _CellsKLSolver(_WHt):
             wh = float(self.W.sum(axis=0, dtype=np.float64) @ self.Ht.sum(axis=0, dtype=np.float64))
         return s + wh + self.pen.value(self.W, self.Ht)
 
-    def step(self):
+    def step(self, want_loss=True):
         p = self.pen
         if self.update_H:
             den = self.W.sum(axis=0) if self.all_cells else self.no_den
@@ -933,8 +943,8 @@ class _CellsKLSolver(_WHt):
                             p.l1_H, p.l2_H, self.eps, False)
         den = self.Ht.sum(axis=0) if self.all_cells else self.no_den
         s, wh = _masked_kl_rows(self.W, self.Ht, self.r_ptr, self.r_idx, self.r_x, den,
-                                p.l1_W, p.l2_W, self.eps, True)
-        self.objective = self._total(s, wh)
+                                p.l1_W, p.l2_W, self.eps, want_loss)
+        self.objective = self._total(s, wh) if want_loss else math.nan
         return self.objective
 
 
@@ -1225,8 +1235,9 @@ class ConsensusResult:
         return f"ConsensusResult(cophenetic={{{values}}}, best_rank={self.best_rank})"
 
 
-def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns", mask=None,
-              random_state=None, executor=None, progress=None, **fit_kwargs):
+def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
+              stop="connectivity", stable_iter=400, mask=None, random_state=None,
+              executor=None, progress=None, **fit_kwargs):
     """Consensus clustering over random restarts (Brunet, Tamayo, Golub & Mesirov 2004).
 
     For each rank, ``n_runs`` fits from random inits each assign every sample to the component
@@ -1246,11 +1257,21 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns", ma
         Passed to `fit_nmf`; Brunet's choice (KL multiplicative updates) by default.
     axis : {"columns", "rows"}
         What is clustered.
+    stop : {"connectivity", "objective", "max_iter"}
+        When a run ends. ``"connectivity"`` (Brunet et al.'s rule): once its clustering has
+        not changed for ``stable_iter`` iterations, checked every 10 iterations.
+        ``"objective"``: `fit_nmf`'s rule (relative decrease below ``tol``). ``"max_iter"``:
+        after exactly ``max_iter`` iterations. Only ``"objective"`` evaluates the objective,
+        which for the KL loss costs a logarithm per cell and iteration (about half the
+        iteration's time); the clustering is all that consensus keeps.
+    stable_iter : int
+        See ``stop``; a multiple of 10. Brunet et al. used 400.
     random_state, executor, progress
         As in `cross_validate`: each run has its own spawned seed; results do not depend on
         the executor.
     **fit_kwargs
-        Passed to `fit_nmf`; default ``max_iter=500, tol=1e-5``.
+        Passed to `fit_nmf` (``init`` defaults to ``"random"``); ``max_iter`` defaults to
+        2000, ``tol`` (used by ``stop="objective"`` only) to 1e-5.
 
     Returns
     -------
@@ -1260,10 +1281,19 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns", ma
     _check_choice(axis, ("columns", "rows"), "axis")
     ranks = _check_ranks(ranks, data.shape, minimum=2)
     _check_positive_int(n_runs, "n_runs")
-    fit_kwargs = {"max_iter": 500, "tol": 1e-5, **fit_kwargs}
+    _check_choice(stop, ("connectivity", "objective", "max_iter"), "stop")
+    _check_positive_int(stable_iter, "stable_iter", minimum=10)
+    if stable_iter % 10:
+        raise ValueError(f"stable_iter must be a multiple of 10, got {stable_iter}")
+    unknown = sorted(set(fit_kwargs) - {"init", "max_iter", "tol", "alpha_W", "alpha_H",
+                                         "l1_ratio"})
+    if unknown:
+        raise TypeError(f"consensus() got unexpected keyword argument(s) {unknown}")
+    fit_kwargs = {"init": "random", "max_iter": 2000, "tol": 1e-5, **fit_kwargs}
     Xc = _nan_copy(data)
     seeds = _seed_sequence(random_state).spawn(len(ranks) * n_runs)
-    args = [(Xc, int(k), seeds[i * n_runs + r], axis, method, loss, fit_kwargs)
+    rule = {"connectivity": stable_iter, "objective": None, "max_iter": 0}[stop]
+    args = [(Xc, int(k), seeds[i * n_runs + r], axis, method, loss, rule, fit_kwargs)
             for i, k in enumerate(ranks) for r in range(n_runs)]
     labels_flat = _map_tasks(_consensus_task, args, executor, progress, "consensus")
     matrices, labels, coph, disp = {}, {}, [], []
@@ -1368,10 +1398,30 @@ def _cophenetic_distances(Z, n):
     return out
 
 
-def _consensus_task(X, k, seed, axis, method, loss, fit_kwargs):
-    kw = {"init": "random", **fit_kwargs}
-    res = fit_nmf(X, k, method=method, loss=loss, random_state=seed, **kw)
-    return np.argmax(res.H, axis=0) if axis == "columns" else np.argmax(res.W, axis=1)
+def _consensus_task(X, k, seed, axis, method, loss, stable_iter, fit_kwargs):
+    """One run's clustering. ``stable_iter``: None stops by the objective (`fit_nmf`), 0 runs
+    ``max_iter`` iterations, else Brunet's rule (clustering unchanged that long)."""
+    if stable_iter is None:
+        res = fit_nmf(X, k, method=method, loss=loss, random_state=seed, **fit_kwargs)
+        return _clusters(res.W, res.H, axis)
+    _, solver = _setup_fit(X, k, method=method, loss=loss, random_state=seed,
+                           **{**fit_kwargs, "tol": 0.0})
+    labels, unchanged = None, 0
+    for n_iter in range(1, fit_kwargs["max_iter"] + 1):
+        solver.step(want_loss=False)
+        if stable_iter == 0 or n_iter % 10:
+            continue
+        current = _clusters(*solver.views(), axis)
+        same = labels is not None and np.array_equal(current, labels)
+        unchanged = unchanged + 10 if same else 0
+        labels = current
+        if unchanged >= stable_iter:
+            break
+    return _clusters(*solver.views(), axis)
+
+
+def _clusters(W, H, axis):
+    return np.argmax(H, axis=0) if axis == "columns" else np.argmax(W, axis=1)
 
 
 # =============================================================================================

@@ -755,6 +755,55 @@ def test_consensus_on_medulloblastoma_if_available():
     assert res.cophenetic[0] > 0.9
 
 
+def _brunet_reference(X, k, seed, stable_iter, max_iter):
+    """Brunet's stopping rule through fit_nmf's callback: stop once the clustering has not
+    changed for stable_iter iterations, checked every 10."""
+    state = {"labels": None, "unchanged": 0}
+
+    def callback(n_iter, W, H, objective):
+        if n_iter % 10:
+            return False
+        labels = np.argmax(H, axis=0)
+        same = state["labels"] is not None and np.array_equal(labels, state["labels"])
+        state["unchanged"] = state["unchanged"] + 10 if same else 0
+        state["labels"] = labels
+        return state["unchanged"] >= stable_iter
+
+    res = nmf_cv.fit_nmf(X, k, method="mu", loss="kl", init="random", tol=0,
+                         max_iter=max_iter, random_state=seed, callback=callback)
+    return np.argmax(res.H, axis=0)
+
+
+@pytest.mark.parametrize("stop", ["max_iter", "connectivity"])
+def test_consensus_stopping_rules_match_fit_nmf(stop):
+    """The objective-free loop consensus runs gives the iterates fit_nmf gives."""
+    X, _ = _clustered(6, 3, seed=4, noise=0.3)
+    ranks, n_runs = [2, 3], 3
+    res = nmf_cv.consensus(X, ranks, n_runs=n_runs, stop=stop, stable_iter=30, max_iter=400,
+                           random_state=5, progress=False)
+    seeds = np.random.SeedSequence(5).spawn(len(ranks) * n_runs)
+    for i, k in enumerate(ranks):
+        for r in range(n_runs):
+            seed = seeds[i * n_runs + r]
+            if stop == "max_iter":
+                fit = nmf_cv.fit_nmf(X, k, method="mu", loss="kl", init="random", tol=0,
+                                     max_iter=400, random_state=seed)
+                expected = np.argmax(fit.H, axis=0)
+            else:
+                expected = _brunet_reference(X, k, seed, 30, 400)
+            np.testing.assert_array_equal(res.labels[k][r], expected)
+
+
+def test_consensus_rejects_bad_stopping_options():
+    X, _ = _clustered(5, 2, seed=2)
+    with pytest.raises(ValueError, match="stop"):
+        nmf_cv.consensus(X, [2], stop="never")
+    with pytest.raises(ValueError, match="multiple of 10"):
+        nmf_cv.consensus(X, [2], stable_iter=25)
+    with pytest.raises(TypeError, match="max_iters"):
+        nmf_cv.consensus(X, [2], max_iters=10)
+
+
 def test_consensus_same_with_executor_and_bad_input():
     from concurrent.futures import ThreadPoolExecutor
 
