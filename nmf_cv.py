@@ -22,8 +22,8 @@ Objective (what ``loss_history`` records, over observed cells ``M`` only)::
     penalties:  alpha_W * (l1_ratio * |W|_1 + (1 - l1_ratio) / 2 * |W|_F^2)  (and the same for H)
 
 Sections, in reading order: validation, initialization, fitting (public API, then solvers),
-rank selection (cross-validation, consensus, randomized RSS, bi-cross-validation, the report),
-numba kernels, command line.
+rank selection (cross-validation, consensus, randomized RSS, bi-cross-validation, prior
+predictive matching, the report), plots, numba kernels, command line.
 """
 
 import argparse
@@ -37,10 +37,12 @@ import scipy.sparse as sp
 from numba import njit
 
 __all__ = [
-    "NMF", "CVResult", "ConsensusResult", "NMFResult", "RandomizedRSSResult", "RankReport",
-    "best_cophenetic_rank", "bicross_validate", "choose_rank", "consensus",
-    "cophenetic_correlation", "cross_validate", "dispersion_coefficient", "fit_nmf",
-    "make_planted", "randomized_rss",
+    "NMF", "CVResult", "ConsensusResult", "NMFResult", "PriorPredictiveResult",
+    "RandomizedRSSResult", "RankReport", "best_cophenetic_rank", "bicross_validate",
+    "choose_rank", "consensus", "cophenetic_correlation", "cross_validate",
+    "dispersion_coefficient", "fit_nmf", "make_planted", "plot_components", "plot_consensus",
+    "plot_consensus_grid", "plot_cophenetic", "plot_cv", "plot_loss", "plot_randomized_rss",
+    "plot_rank_report", "prior_predictive_rank", "randomized_rss",
 ]
 __version__ = "0.1.0"
 
@@ -1653,6 +1655,272 @@ def _masked_lstsq(A, Y):
 
 
 # =============================================================================================
+# Rank selection: prior predictive matching
+# =============================================================================================
+
+LIKELIHOODS = ("poisson", "gaussian")
+
+
+@dataclass
+class PriorPredictiveResult:
+    """Outcome of `prior_predictive_rank`.
+
+    Attributes
+    ----------
+    rank : float or None
+        The closed-form estimate of K (real-valued); None when K is not identifiable.
+    rank_int : int or None
+        ``rank`` rounded half up, at least 1 (not capped at ``min(X.shape)``); None when K is
+        not identifiable.
+    mean, var : float
+        Mean and variance (divisor: number of observed cells) of the observed cells.
+    rho_row, rho_col : float
+        Correlation of two distinct observed cells in the same row (column), pooled over all
+        such pairs; NaN when no row (column) has two observed cells.
+    tau : float
+        ``1 - rho_row - rho_col``.
+    likelihood : str
+    noise_var : float
+        ``E[Var(Y | theta, beta)]`` used: ``mean`` for Poisson, the given value for Gaussian.
+    n_observed : int
+        Number of observed cells.
+    identifiable : bool
+        False when the moments leave the formula undefined or non-positive (only returned
+        with ``strict=False``; ``strict=True`` raises instead).
+    reason : str
+        Why K is not identifiable, naming the offending quantity; "" when it is.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> res = prior_predictive_rank(np.ones((3, 4)), strict=False)
+    >>> res.identifiable, res.rank
+    (False, None)
+    """
+
+    rank: float | None
+    rank_int: int | None
+    mean: float
+    var: float
+    rho_row: float
+    rho_col: float
+    tau: float
+    likelihood: str
+    noise_var: float
+    n_observed: int
+    identifiable: bool = True
+    reason: str = ""
+
+    def __repr__(self):
+        if self.identifiable:
+            head = f"rank={self.rank:.4g} (rank_int={self.rank_int})"
+        else:
+            head = f"rank=None (not identifiable: {self.reason})"
+        return (f"PriorPredictiveResult({head}, likelihood={self.likelihood!r}, "
+                f"mean={self.mean:.4g}, var={self.var:.4g}, rho_row={self.rho_row:.4g}, "
+                f"rho_col={self.rho_col:.4g}, tau={self.tau:.4g}, "
+                f"noise_var={self.noise_var:.4g}, n_observed={self.n_observed})")
+
+
+def prior_predictive_rank(X, *, likelihood="poisson", noise_var=None, mask=None, strict=True):
+    """Closed-form estimate of the number of NMF factors from data moments alone.
+
+    Prior predictive matching (Silva, Kusmierczyk, Hartmann & Klami, JMLR 2023, "Prior
+    specification for Bayesian matrix factorization via prior predictive matching"): the
+    mean, variance and the same-row and same-column correlations of the observed cells are
+    matched to those the Bayesian NMF model implies, and the match is solved for K.
+
+    **Model.** ``theta_ik`` (mean ``mu_t``, variance ``s_t^2``) and ``beta_jk`` (``mu_b``,
+    ``s_b^2``) are all independent, ``E[Y_ij | theta, beta] = sum_k theta_ik beta_jk``, and the
+    cells are independent given the factors, with ``v = E[Var(Y_ij | theta, beta)]``. The K
+    terms of the sum are independent, each with variance
+    ``E[theta^2] E[beta^2] - mu_t^2 mu_b^2 = s_t^2 s_b^2 + s_t^2 mu_b^2 + mu_t^2 s_b^2``;
+    two cells of a row share ``theta_i`` only (covariance ``K (E[theta^2] - mu_t^2) mu_b^2``),
+    two cells of a column share ``beta_j`` only, and cells in different rows and columns are
+    independent. So::
+
+        E[Y]              = K mu_t mu_b
+        Var[Y]            = v + K (s_t^2 s_b^2 + s_t^2 mu_b^2 + mu_t^2 s_b^2)
+        rho_1 = Corr(Y_ij, Y_ij') = K s_t^2 mu_b^2 / Var[Y]     (same row, j != j')
+        rho_2 = Corr(Y_ij, Y_i'j) = K mu_t^2 s_b^2 / Var[Y]     (same column, i != i')
+
+    **Solving for K.** Removing the two shared parts from ``Var[Y] - v`` leaves the
+    interaction, ``tau Var[Y] - v = K s_t^2 s_b^2`` with ``tau = 1 - rho_1 - rho_2``. The
+    product ``rho_1 rho_2 Var[Y]^2 = (K s_t^2 s_b^2) (K mu_t^2 mu_b^2)
+    = (tau Var[Y] - v) E[Y]^2``, hence::
+
+        K = (tau Var[Y] - v) / (rho_1 rho_2) * (E[Y] / Var[Y])^2
+
+    with ``v = E[Y]`` for a Poisson likelihood (``Var(Y | .) = E[Y | .]``) and ``v = sigma^2``
+    for a Gaussian one. The moments fix only K and the products above, not the individual
+    prior parameters, and the priors' family (gamma or other) does not matter.
+
+    **Estimates.** All moments are taken over the observed cells only, centred at their mean
+    ``ybar``: ``var = sum z^2 / N`` with ``z = y - ybar`` over the N observed cells. In a row
+    with ``c_i`` observed cells, whose ``z`` have sum ``S_i`` and sum of squares ``Q_i``, the
+    mean of ``z_ij z_ij'`` over its ``c_i (c_i - 1)`` ordered pairs of distinct cells is
+    ``r_i = (S_i^2 - Q_i) / (c_i (c_i - 1))``, and the same-row covariance is the average of
+    the ``r_i`` weighted by ``c_i - 1``, i.e. ``sum_i (S_i^2 - Q_i) / c_i`` over
+    ``sum_i (c_i - 1)``; ``rho_row`` is that over ``var``. Columns likewise. Why this pooling:
+    ``r_i`` varies with the row's own factor draw (not reduced by more cells) and with noise
+    (falling like ``1 / c_i^2``). Pooling every pair equally (weight ``c_i (c_i - 1)``) lets
+    dense rows dominate although each holds one factor draw; equal weights let a row with two
+    cells count as much as a full one. ``c_i - 1`` lies between, gives a one-cell row weight
+    0, and is the same as pooling pairs when all rows have equal counts (complete data).
+    Measured on Poisson data from the model (1000 x 800, K = 3..20, rows keeping 2..100% and
+    columns 10..100% of cells, 30 seeds): the spread of the estimate of K was 0.06..0.09 K
+    against 0.11 K pooling pairs, with the same mean. Time and memory are O(observed
+    cells) (no pair tensor); sparse input stays sparse (its unstored zeros enter the line
+    sums as counts), except that a sparse X with a ``mask`` is densified by validation, as
+    in `fit_nmf`. Centring at ``ybar`` biases every second moment down by ``Var(ybar)``,
+    relatively O(1/m + 1/n); missing cells are assumed missing at random.
+
+    Parameters
+    ----------
+    X : array-like or scipy.sparse matrix, shape (m, n)
+        Non-negative data (counts for Poisson); NaN marks a missing cell (dense input).
+    likelihood : {"poisson", "gaussian"}
+    noise_var : float, optional
+        The Gaussian noise variance ``sigma^2 >= 0``; required for ``"gaussian"`` and refused
+        for ``"poisson"``. It cannot be estimated from these moments: for every
+        ``sigma^2 < tau var`` some K matches them exactly, so sigma^2 and K trade off.
+        Estimate it from replicates or the residual of a trusted fit.
+    mask : array-like of bool, shape (m, n), optional
+        True where a cell is observed. Cells that are False (or NaN) are never read.
+    strict : bool
+        When the formula is undefined for these data (constant data, ``rho_row`` or
+        ``rho_col`` <= 0 or undefined, ``tau var <= v``), True raises ValueError naming the
+        quantity; False returns the moments with ``identifiable=False``, ``rank=None`` and
+        the same message in ``reason`` (for reports). Invalid arguments always raise.
+
+    Returns
+    -------
+    PriorPredictiveResult
+
+    Examples
+    --------
+    Poisson counts from the model with K = 4 exponential (gamma, shape 1) factors:
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> theta, beta = rng.gamma(1.0, 1.0, (1000, 4)), rng.gamma(1.0, 2.0, (800, 4))
+    >>> res = prior_predictive_rank(rng.poisson(theta @ beta.T))
+    >>> res.rank_int, round(res.rank, 1)
+    (4, 4.2)
+    """
+    _check_choice(likelihood, LIKELIHOODS, "likelihood")
+    noise_var = _check_noise_var(noise_var, likelihood)
+    if not isinstance(strict, (bool, np.bool_)):
+        raise TypeError(f"strict must be True or False; got {strict!r}")
+    data = _validate_data(X, mask)
+    mean = data.observed_mean()
+    rows, cols = _line_moments(data, mean)
+    n_observed = int(np.sum(rows[0]))
+    var = float(np.sum(rows[2])) / n_observed
+    rho_row, rho_col = (_pair_covariance(*line) / var if var > 0 else math.nan
+                        for line in (rows, cols))
+    v = mean if likelihood == "poisson" else noise_var
+    rank, reason = _rank_from_moments(mean, var, rho_row, rho_col, v)
+    if reason and strict:
+        raise ValueError(f"the number of factors is not identifiable from these data: "
+                         f"{reason} (strict=False returns the moments with this reason)")
+    rank_int = None if reason else max(1, math.floor(rank + 0.5))
+    return PriorPredictiveResult(rank, rank_int, mean, var, rho_row, rho_col,
+                                 1.0 - rho_row - rho_col, likelihood, v, n_observed,
+                                 identifiable=not reason, reason=reason)
+
+
+def _check_noise_var(noise_var, likelihood):
+    if likelihood == "poisson":
+        if noise_var is not None:
+            raise ValueError("noise_var is for likelihood='gaussian' only: the Poisson "
+                             "likelihood fixes E[Var(Y | theta, beta)] = E[Y]")
+        return None
+    if noise_var is None:
+        raise ValueError("likelihood='gaussian' needs noise_var (the noise variance sigma^2): "
+                         "it cannot be estimated from the mean, variance and row/column "
+                         "correlations, since every sigma^2 < tau * var matches them with "
+                         "some K; estimate it from replicates or the residual of a fit")
+    ok = isinstance(noise_var, (int, float, np.number)) and not isinstance(noise_var, bool)
+    if not (ok and math.isfinite(noise_var) and noise_var >= 0):
+        raise ValueError(f"noise_var must be a finite number >= 0; got {noise_var!r}")
+    return float(noise_var)
+
+
+def _rank_from_moments(mean, var, rho_row, rho_col, noise_var):
+    """``(K, "")`` from the moments, or ``(None, reason)`` when the formula is undefined or
+    not positive (see `prior_predictive_rank`)."""
+    # Below this the "variance" is rounding error of the mean and the correlations are noise.
+    if not var > (1e-8 * mean) ** 2:
+        return None, (f"var = {var:.3g}: the observed cells are constant, so the correlations "
+                      "are undefined")
+    for rho, name, line in ((rho_row, "rho_row", "row"), (rho_col, "rho_col", "column")):
+        if math.isnan(rho):
+            return None, f"{name} is undefined: no {line} has two observed cells"
+        if rho <= 0:
+            return None, (f"{name} = {rho:.3g} <= 0: cells in the same {line} are not "
+                          f"positively correlated, but the model makes {name} = K * (a "
+                          f"positive prior variance) / Var[Y] > 0")
+    tau = 1.0 - rho_row - rho_col
+    excess = tau * var - noise_var
+    if excess <= 0:
+        return None, (f"tau * var - E[Var(Y | theta, beta)] = {tau:.3g} * {var:.4g} - "
+                      f"{noise_var:.4g} = {excess:.3g} <= 0: the variance left after the row "
+                      "and column correlations does not exceed the likelihood's noise, but "
+                      "the model makes it K * s_t^2 * s_b^2 > 0 (too little overdispersion "
+                      "for Poisson, or noise_var too large)")
+    rank = excess / (rho_row * rho_col) * (mean / var) ** 2
+    if not math.isfinite(rank):
+        return None, f"the estimate overflows (rho_row * rho_col = {rho_row * rho_col:.3g})"
+    return rank, ""
+
+
+def _line_moments(data, mean):
+    """Per-row and per-column ``(count, sum, sum of squares)`` of the observed cells'
+    deviations from ``mean``, in float64 and O(observed cells)."""
+    m, n = data.shape
+    if data.masked:
+        z = np.subtract(data.values, mean, dtype=np.float64)
+        return _bincount_moments(data.rows, z, m), _bincount_moments(data.cols, z, n)
+    if data.sparse is not None:
+        return _sparse_line_moments(data.sparse, mean)
+    z = np.subtract(data.dense, mean, dtype=np.float64)
+    return ((np.full(m, n), z.sum(axis=1), np.einsum("ij,ij->i", z, z)),
+            (np.full(n, m), z.sum(axis=0), np.einsum("ij,ij->j", z, z)))
+
+
+def _bincount_moments(index, z, size):
+    return (np.bincount(index, minlength=size), np.bincount(index, z, size),
+            np.bincount(index, z * z, size))
+
+
+def _sparse_line_moments(X, mean):
+    # Unstored cells are zeros: each adds -mean to its line's sum and mean^2 to its squares,
+    # so the sums come from the stored entries plus a count, without densifying.
+    m, n = X.shape
+    z = X.data.astype(np.float64) - mean
+    rows = np.repeat(np.arange(m), np.diff(X.indptr))
+    out = []
+    for index, size, length in ((rows, m, n), (X.indices, n, m)):
+        stored, sums, squares = _bincount_moments(index, z, size)
+        zeros = length - stored
+        out.append((np.full(size, length), sums - zeros * mean, squares + zeros * mean**2))
+    return tuple(out)
+
+
+def _pair_covariance(counts, sums, squares):
+    """Same-line covariance: each line's mean of ``z_a z_b`` over its ordered pairs of distinct
+    cells (``sum_{a != b} z_a z_b = S^2 - Q``), averaged with weights ``count - 1`` (see
+    `prior_predictive_rank`); NaN when no line has two cells."""
+    lines = counts > 1
+    weight = float(np.sum(counts[lines] - 1.0))
+    if weight == 0:
+        return math.nan
+    c, s, q = counts[lines], sums[lines], squares[lines]
+    return float(np.sum((s * s - q) / c)) / weight
+
+
+# =============================================================================================
 # One report
 # =============================================================================================
 
@@ -1842,6 +2110,692 @@ def _nan_copy(data):
         out[data.rows, data.cols] = data.values
         return out
     return data.dense if data.sparse is None else data.sparse.toarray()
+
+
+# =============================================================================================
+# Plotting (matplotlib is imported on first use: `import nmf_cv` does not need it)
+# =============================================================================================
+
+# One style per kind of rank mark, so a mark reads the same in every panel.
+_MARK_STYLES = {"best_rank": {"color": "C3", "linestyle": "--"},
+                "best_rank_1se": {"color": "C1", "linestyle": ":"},
+                "prior": {"color": "0.35", "linestyle": "-."}}
+_PANELS = ("cv", "bicv", "randomized", "cophenetic")
+_SHORT_NAMES = {"cv": "CV minimum", "cv_1se": "CV one-SE rule", "bicv": "BCV minimum",
+                "randomized": "RSS vs randomized", "cophenetic": "cophenetic (Brunet)",
+                "prior": "prior predictive"}
+
+
+def plot_loss(results, *, x="iteration", normalize=False, labels=None, ax=None):
+    """Objective per iteration (or per second) of one or several fits, on a log scale.
+
+    Parameters
+    ----------
+    results : NMFResult, list of NMFResult, or dict label -> NMFResult
+        Fits to compare on one axes.
+    x : {"iteration", "time"}
+        Horizontal axis: iteration number, or seconds since the fit started
+        (``time_history``).
+    normalize : bool
+        Divide each curve by its initial objective, so fits with different losses or data
+        share a scale (the objective's relative decrease, which is what ``tol`` tests).
+    labels : list of str, optional
+        Legend entries for a list of results; default ``"method, loss"``.
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib Axes
+        One line per fit: ``loss_history`` (the objective of the module docstring, penalties
+        included), starting at the initial point.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt, nmf_cv
+    >>> X = nmf_cv.make_planted(30, 20, 2, random_state=0)
+    >>> fits = [nmf_cv.fit_nmf(X, 2, method=m, max_iter=20) for m in ("hals", "mu")]
+    >>> ax = nmf_cv.plot_loss(fits, normalize=True)
+    >>> [t.get_text() for t in ax.get_legend().get_texts()]
+    ['hals, frobenius', 'mu, frobenius']
+    >>> plt.close("all")
+    """
+    _check_choice(x, ("iteration", "time"), "x")
+    named = _named_results(results, labels)
+    ax = _new_axes(ax)
+    for label, res in named:
+        y = np.asarray(res.loss_history, dtype=float)
+        if normalize:
+            if not y[0] > 0:
+                raise ValueError(f"cannot normalize {label!r}: its initial objective is {y[0]}")
+            y = y / y[0]
+        xs = np.arange(len(y)) if x == "iteration" else np.asarray(res.time_history)
+        ax.plot(xs, y, label=label)
+    if any(np.any(np.asarray(res.loss_history) > 0) for _, res in named):
+        _log_y(ax)  # objectives fall by decades; a linear axis shows only the start
+    ax.set_xlabel("iteration" if x == "iteration" else "time (s)")
+    ax.set_ylabel("objective / initial objective" if normalize else "objective")
+    if len(named) > 1 or labels is not None:
+        ax.legend(fontsize="small")
+    return ax
+
+
+def plot_cv(cv_result, *, ax=None):
+    """Mean held-out error ± standard error against the rank, with the training error.
+
+    Works for `cross_validate` and `bicross_validate` results alike. Both curves share one
+    log-scale axis: past the best rank the training error keeps falling while the held-out
+    error flattens or rises.
+
+    Parameters
+    ----------
+    cv_result : CVResult
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib Axes
+        Marks ``best_rank`` (dashed, minimum) and ``best_rank_1se`` (dotted, one-SE rule) as
+        vertical lines whose ``gid`` is the attribute's name.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt, nmf_cv
+    >>> X = nmf_cv.make_planted(30, 20, 2, noise=0.05, random_state=0)
+    >>> cv = nmf_cv.cross_validate(X, [1, 2, 3], n_folds=3, random_state=0, progress=False)
+    >>> ax = nmf_cv.plot_cv(cv)
+    >>> ax.get_xlabel(), ax.get_ylabel()
+    ('rank k', 'PRESS')
+    >>> plt.close("all")
+    """
+    ax = _new_axes(ax)
+    _draw_cv(ax, cv_result, cv_result.best_rank, cv_result.best_rank_1se)
+    _rank_axis(ax, cv_result.ranks)
+    _legend(ax)
+    return ax
+
+
+def plot_cophenetic(consensus_result, *, ax=None):
+    """Cophenetic correlation and dispersion coefficient against the rank.
+
+    Parameters
+    ----------
+    consensus_result : ConsensusResult
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib Axes
+        ``best_rank`` is marked by a vertical line with ``gid="best_rank"``.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt, nmf_cv
+    >>> X = nmf_cv.make_planted(30, 20, 2, noise=0.05, random_state=0)
+    >>> co = nmf_cv.consensus(X, [2, 3], n_runs=4, max_iter=50, random_state=0,
+    ...                       progress=False)
+    >>> ax = nmf_cv.plot_cophenetic(co)
+    >>> ax.get_ylabel()
+    'coefficient (1 = stable)'
+    >>> plt.close("all")
+    """
+    ax = _new_axes(ax)
+    _draw_cophenetic(ax, consensus_result, consensus_result.best_rank)
+    _rank_axis(ax, consensus_result.ranks)
+    _legend(ax)
+    return ax
+
+
+def plot_randomized_rss(result, *, ax=None):
+    """RSS of the data and of randomized copies against the rank (log scale).
+
+    On a log axis the slope between two ranks is the fraction of RSS one more rank removes,
+    which is what `randomized_rss` compares: the data's curve falls more steeply than the
+    randomized one up to the suggested rank.
+
+    Parameters
+    ----------
+    result : RandomizedRSSResult
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib Axes
+        The randomized curve is the mean over permutations with min-max bars; ``best_rank``
+        is marked by a vertical line with ``gid="best_rank"``.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt, nmf_cv
+    >>> X = nmf_cv.make_planted(30, 20, 2, noise=0.05, random_state=0)
+    >>> ra = nmf_cv.randomized_rss(X, [1, 2, 3], n_permutations=2, random_state=0,
+    ...                            progress=False)
+    >>> ax = nmf_cv.plot_randomized_rss(ra)
+    >>> ax.get_yscale()
+    'log'
+    >>> plt.close("all")
+    """
+    ax = _new_axes(ax)
+    _draw_randomized(ax, result, result.best_rank)
+    _rank_axis(ax, result.ranks)
+    _legend(ax)
+    return ax
+
+
+def plot_consensus(consensus_result, k, *, labels=None, fig=None, cmap="Blues"):
+    """Consensus matrix at rank k, ordered by its average-linkage dendrogram.
+
+    The samples are ordered by the leaves of the average-linkage tree on ``1 - C`` (the tree
+    behind the cophenetic correlation), drawn above the heatmap; stable clusters show as
+    dark diagonal blocks.
+
+    Parameters
+    ----------
+    consensus_result : ConsensusResult
+    k : int
+        One of ``consensus_result.ranks``.
+    labels : sequence of length n, optional
+        A known class per sample (any hashable values), drawn as a colour strip between the
+        dendrogram and the heatmap, one colour per class, with a legend.
+    fig : matplotlib Figure or SubFigure, optional
+        An empty (sub)figure to draw in.
+    cmap : str or Colormap
+
+    Returns
+    -------
+    matplotlib Figure
+        Its Axes carry labels (``Axes.get_label()``): ``"dendrogram k=<k>"``,
+        ``"classes k=<k>"`` (only with ``labels``), ``"consensus k=<k>"`` (the heatmap; its
+        image is ``C[leaves][:, leaves]``) and ``"colorbar k=<k>"``, in that order in
+        ``fig.axes``.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt, nmf_cv
+    >>> X = nmf_cv.make_planted(30, 20, 2, noise=0.05, random_state=0)
+    >>> co = nmf_cv.consensus(X, [2, 3], n_runs=4, max_iter=50, random_state=0,
+    ...                       progress=False)
+    >>> fig = nmf_cv.plot_consensus(co, 2, labels=["a"] * 10 + ["b"] * 10)
+    >>> [ax.get_label() for ax in fig.axes]
+    ['dendrogram k=2', 'classes k=2', 'consensus k=2', 'colorbar k=2']
+    >>> plt.close("all")
+    """
+    C = _consensus_matrix(consensus_result, k)
+    fig = _new_figure(fig, (5.5, 6.0))
+    _draw_consensus(fig, C, int(k), labels, cmap, _cophenetic_at(consensus_result, k))
+    return fig
+
+
+def plot_consensus_grid(consensus_result, ranks=None, *, labels=None, fig=None, cmap="Blues"):
+    """`plot_consensus` for several ranks side by side, one subfigure each.
+
+    Parameters
+    ----------
+    consensus_result : ConsensusResult
+    ranks : iterable of int, optional
+        Default: every rank of the result.
+    labels, cmap
+        As in `plot_consensus`.
+    fig : matplotlib Figure, optional
+        An empty figure to draw in.
+
+    Returns
+    -------
+    matplotlib Figure
+        ``fig.subfigs`` holds one subfigure per rank; the Axes are labelled as in
+        `plot_consensus` (``"consensus k=3"`` is the heatmap at rank 3).
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt, nmf_cv
+    >>> X = nmf_cv.make_planted(30, 20, 2, noise=0.05, random_state=0)
+    >>> co = nmf_cv.consensus(X, [2, 3], n_runs=4, max_iter=50, random_state=0,
+    ...                       progress=False)
+    >>> fig = nmf_cv.plot_consensus_grid(co)
+    >>> [ax.get_label() for ax in fig.axes if ax.get_label().startswith("consensus")]
+    ['consensus k=2', 'consensus k=3']
+    >>> plt.close("all")
+    """
+    ranks = [int(k) for k in (consensus_result.ranks if ranks is None else ranks)]
+    matrices = [_consensus_matrix(consensus_result, k) for k in ranks]  # fail before drawing
+    fig = _new_figure(fig, (4.2 * len(ranks), 5.0))
+    for sub, k, C in zip(fig.subfigures(1, len(ranks), squeeze=False).ravel(), ranks, matrices,
+                         strict=True):
+        _draw_consensus(sub, C, k, labels, cmap, _cophenetic_at(consensus_result, k))
+    return fig
+
+
+def plot_components(F, *, kind="columns", shape=None, true=None, match=True, x=None, ax=None,
+                    fig=None, cmap="viridis"):
+    """Components of a factor as curves on one axes, or as images in a grid.
+
+    Parameters
+    ----------
+    F : array-like
+        A factor: ``W`` (m x k) with ``kind="columns"``, or ``H`` (k x n) with
+        ``kind="rows"``.
+    kind : {"columns", "rows"}
+        Whether the components are the columns (W) or the rows (H) of ``F``.
+    shape : (h, w), optional
+        Draw each component reshaped (C order) to an ``h x w`` image instead of a curve.
+    true : array-like, optional
+        Planted components, laid out like ``F`` and as many: drawn dashed (curves) or in a
+        second row of images, for comparison.
+    match : bool
+        With ``true``: NMF's components come in any order and scale, so pair each true
+        component with a fitted one (largest total cosine similarity) and rescale it by least
+        squares onto its partner. False draws ``true`` as given.
+    x : array-like, optional
+        Horizontal coordinates of the curves (e.g. wavelengths); default ``0, 1, ...``.
+    ax : matplotlib Axes, optional
+        For curves.
+    fig : matplotlib Figure or SubFigure, optional
+        For images (an empty one), or to hold the curves' Axes.
+    cmap : str or Colormap
+        For images.
+
+    Returns
+    -------
+    matplotlib Axes (curves) or Figure (images)
+        Curves have ``gid`` ``"component"`` or ``"true"``; image Axes are labelled
+        ``"component <i>"`` and ``"true <i>"`` (from 1).
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt, nmf_cv
+    >>> res = nmf_cv.fit_nmf(nmf_cv.make_planted(30, 20, 2, random_state=0), 2, max_iter=50)
+    >>> ax = nmf_cv.plot_components(res.W)
+    >>> len(ax.lines)
+    2
+    >>> fig = nmf_cv.plot_components(res.H, kind="rows", shape=(4, 5))
+    >>> [a.get_label() for a in fig.axes]
+    ['component 1', 'component 2']
+    >>> plt.close("all")
+    """
+    comps = _components(F, kind, "F")
+    ref = None
+    if true is not None:
+        ref = _components(true, kind, "true")
+        if ref.shape != comps.shape:
+            raise ValueError(f"true holds {ref.shape[0]} components of length {ref.shape[1]}; "
+                             f"F holds {comps.shape[0]} of length {comps.shape[1]}")
+        if match:
+            ref = _match_components(comps, ref)
+    if shape is None:
+        return _draw_curves(comps, ref, x, kind, ax, fig)
+    if ax is not None:
+        raise ValueError("images are drawn in a grid of Axes: pass fig, not ax")
+    return _draw_images(comps, ref, tuple(shape), fig, cmap)
+
+
+def plot_rank_report(report, *, fig=None):
+    """Every criterion of a `RankReport` in one figure, each suggestion marked.
+
+    One panel per criterion present, in the order cross-validation, bi-cross-validation, RSS
+    against randomized data, consensus stability; a ``"prior"`` result (attributes ``rank``
+    and ``rank_int``, None when not identifiable) is a dash-dot vertical line at ``rank`` in
+    every panel. The title lists every suggestion.
+
+    Parameters
+    ----------
+    report : RankReport
+    fig : matplotlib Figure, optional
+        An empty figure to draw in.
+
+    Returns
+    -------
+    matplotlib Figure
+        Each panel's Axes is labelled with its criterion (``ax.get_label() == "cv"``); marks
+        have ``gid`` ``"best_rank"``, ``"best_rank_1se"`` or ``"prior"``.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt, nmf_cv
+    >>> X = nmf_cv.make_planted(30, 20, 2, noise=0.05, random_state=0)
+    >>> report = nmf_cv.choose_rank(X, [1, 2, 3], criteria=("cv", "randomized"),
+    ...                             random_state=0, progress=False)
+    >>> fig = nmf_cv.plot_rank_report(report)
+    >>> [ax.get_label() for ax in fig.axes]
+    ['cv', 'randomized']
+    >>> fig.savefig("rank_report.png")  # doctest: +SKIP
+    >>> plt.close("all")
+    """
+    prior = report.results.get("prior")
+    panels = [c for c in _PANELS if c in report.results] or ["prior"]
+    if prior is None and panels == ["prior"]:
+        raise ValueError(f"the report holds no criterion to plot: {list(report.results)}")
+    ncols = len(panels) if len(panels) <= 3 else 2
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _new_figure(fig, (4.8 * ncols, 3.6 * nrows + 0.7))
+    grid = fig.add_gridspec(nrows, ncols)
+    for i, criterion in enumerate(panels):
+        ax = fig.add_subplot(grid[i // ncols, i % ncols], label=criterion)
+        _draw_panel(ax, criterion, report.results.get(criterion), report.suggestions)
+        if prior is not None:
+            _mark_prior(ax, prior, np.asarray(report.ranks))
+        _rank_axis(ax, report.ranks)
+        _legend(ax)
+    fig.suptitle(_summary(report, prior, fig.bbox.width / fig.dpi))
+    return fig
+
+
+def _new_axes(ax, fig=None, figsize=(5.5, 4.0)):
+    """The caller's Axes, else one in the caller's figure, else in a new figure."""
+    if ax is not None:
+        return ax
+    return _new_figure(fig, figsize).add_subplot()
+
+
+def _new_figure(fig, figsize):
+    if fig is not None:
+        return fig
+    import matplotlib.pyplot as plt
+
+    return plt.figure(figsize=figsize, layout="constrained")
+
+
+def _rank_axis(ax, ranks):
+    """Integer ticks on the rank axis, half a rank of room either side."""
+    from matplotlib.ticker import MaxNLocator
+
+    ranks = np.asarray(ranks)
+    ax.set_xlim(ranks.min() - 0.5, ranks.max() + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("rank k")
+
+
+def _log_scale_if_positive(ax, *arrays):
+    """Log y when every value is positive: rank-selection errors span decades."""
+    if all(np.all(np.asarray(a) > 0) for a in arrays):
+        _log_y(ax)
+
+
+def _log_y(ax):
+    """Log y axis with plain tick labels (3, 10, 0.01), not mathtext (3 x 10^0)."""
+    from matplotlib.ticker import LogFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+
+
+def _legend(ax):
+    """Legend with the curves first and the rank marks after them."""
+    handles, labels = ax.get_legend_handles_labels()
+    marks = [getattr(h, "get_gid", lambda: None)() in _MARK_STYLES for h in handles]
+    order = sorted(range(len(handles)), key=lambda i: marks[i])
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize="small")
+
+
+def _mark_rank(ax, k, rule, gid):
+    if k is not None:
+        ax.axvline(k, label=f"{rule}: k = {k}", gid=gid, linewidth=1.5, **_MARK_STYLES[gid])
+
+
+def _mark_prior(ax, prior, ranks):
+    rank = _prior_rank(prior)
+    if rank is None:  # not identifiable: the title says so
+        return
+    off = not ranks.min() - 0.5 <= rank <= ranks.max() + 0.5
+    ax.axvline(rank, label=f"prior predictive k ≈ {rank:.1f}" + (" (off the axis)" if off else ""),
+               gid="prior", linewidth=1.5, **_MARK_STYLES["prior"])
+
+
+def _prior_rank(prior):
+    """The prior's float estimate, else its integer one; None when it is not identifiable."""
+    rank = getattr(prior, "rank", None)
+    if rank is None:
+        rank = getattr(prior, "rank_int", None)
+    return None if rank is None else float(rank)
+
+
+def _draw_cv(ax, cv, best, best_1se, bicv=False):
+    kl = getattr(cv, "loss", "frobenius") == "kl"
+    held = "held-out Poisson deviance" if kl else "PRESS"
+    train_name = "deviance" if kl else "RSS"
+    train_label = f"{train_name} of the fit to D" if bicv else f"training {train_name}"
+    train = np.asarray(cv.train_rss).reshape(len(cv.ranks), -1).mean(axis=1)
+    bars = ax.errorbar(cv.ranks, cv.press_mean, yerr=cv.press_se, fmt="o-", color="C0",
+                       capsize=3, label=f"{'BCV ' if bicv else ''}{held} (mean ± SE)")
+    bars.lines[0].set_gid("press")
+    ax.plot(cv.ranks, train, "s--", color="C7", markersize=4, gid="train",
+            label=f"{train_label} (mean)")
+    _log_scale_if_positive(ax, cv.press_mean, train)
+    ax.set_ylabel(held)
+    _mark_rank(ax, best, "minimum", "best_rank")
+    _mark_rank(ax, best_1se, "one-SE rule", "best_rank_1se")
+
+
+def _draw_cophenetic(ax, co, best):
+    ax.plot(co.ranks, co.cophenetic, "o-", color="C0", gid="cophenetic",
+            label="cophenetic correlation")
+    ax.plot(co.ranks, co.dispersion, "s--", color="C2", gid="dispersion", label="dispersion")
+    ax.set_ylabel("coefficient (1 = stable)")
+    _mark_rank(ax, best, "Brunet's rule", "best_rank")
+
+
+def _draw_randomized(ax, ra, best):
+    rand = np.asarray(ra.rss_randomized, dtype=float)
+    mean = ra.rss_randomized_mean
+    ax.plot(ra.ranks, ra.rss, "o-", color="C0", gid="rss", label="data")
+    bars = ax.errorbar(ra.ranks, mean, yerr=[mean - rand.min(axis=1), rand.max(axis=1) - mean],
+                       fmt="s--", color="C7", markersize=4, capsize=3,
+                       label=f"randomized (mean, min-max of {rand.shape[1]})")
+    bars.lines[0].set_gid("rss_randomized")
+    _log_scale_if_positive(ax, ra.rss, mean)
+    ax.set_ylabel("RSS")
+    _mark_rank(ax, best, "randomized rule", "best_rank")
+
+
+def _draw_panel(ax, criterion, result, suggestions):
+    """One rank-report panel, marking the report's own suggestions."""
+    if criterion == "cv":
+        _draw_cv(ax, result, suggestions.get("cv"), suggestions.get("cv_1se"))
+        ax.set_title("Cross-validation (held-out cells)")
+    elif criterion == "bicv":
+        _draw_cv(ax, result, suggestions.get("bicv"), None, bicv=True)
+        ax.set_title("Bi-cross-validation (held-out blocks)")
+    elif criterion == "randomized":
+        _draw_randomized(ax, result, suggestions.get("randomized"))
+        ax.set_title("RSS against randomized data")
+    elif criterion == "cophenetic":
+        _draw_cophenetic(ax, result, suggestions.get("cophenetic"))
+        ax.set_title("Consensus stability")
+    else:  # a report holding only a prior still gets an axes for its line
+        ax.set_title("Prior predictive")
+        ax.set_yticks([])
+
+
+def _summary(report, prior, width):
+    """Title text: every suggestion, wrapped to the figure's width (in inches)."""
+    items = []
+    for key, k in report.suggestions.items():
+        if key == "prior" and prior is not None:
+            continue  # written below with its float estimate
+        items.append(f"{_SHORT_NAMES.get(key, key)}: {k}")
+    if prior is not None:
+        rank = _prior_rank(prior)
+        items.append("prior predictive: " + ("not identifiable" if rank is None else
+                                             f"{rank:.1f}"))
+    lines = [""]
+    for item in items:
+        if lines[-1] and len(lines[-1]) + 3 + len(item) > 9 * width:  # ~9 characters an inch
+            lines.append("")
+        lines[-1] += ("   " if lines[-1] else "") + item
+    return "\n".join(["Suggested rank"] + lines)
+
+
+def _named_results(results, labels):
+    """(label, NMFResult) pairs from one result, a list or a dict."""
+    if isinstance(results, dict):
+        if labels is not None:
+            raise ValueError("labels are the dict's keys; do not pass both")
+        return [(str(name), res) for name, res in results.items()]
+    if hasattr(results, "loss_history"):
+        results = [results]
+    results = list(results)
+    if labels is None:
+        labels = [f"{res.method}, {res.loss}" for res in results]
+    elif len(labels) != len(results):
+        raise ValueError(f"{len(labels)} labels for {len(results)} results")
+    return list(zip(labels, results, strict=True))
+
+
+def _consensus_matrix(result, k):
+    try:
+        return np.asarray(result.consensus_matrices[int(k)], dtype=float)
+    except KeyError:
+        raise ValueError(f"no consensus matrix at rank {k}; ranks: "
+                         f"{sorted(result.consensus_matrices)}") from None
+
+
+def _cophenetic_at(result, k):
+    return float(np.asarray(result.cophenetic)[list(np.asarray(result.ranks)).index(int(k))])
+
+
+def _draw_consensus(fig, C, k, labels, cmap, cophenetic):
+    """Dendrogram, optional class strip, heatmap and colour bar in one (sub)figure."""
+    from scipy.cluster.hierarchy import dendrogram, linkage
+
+    n = len(C)
+    classes = None if labels is None else _class_codes(labels, n)
+    heights = [1.0] + ([0.12] if classes else []) + [4.0]
+    grid = fig.add_gridspec(len(heights), 2, height_ratios=heights, width_ratios=[20, 1])
+    tree = fig.add_subplot(grid[0, 0], label=f"dendrogram k={k}")
+    Z = linkage(_consensus_distances(C), method="average")
+    order = np.asarray(dendrogram(Z, ax=tree, no_labels=True,
+                                  link_color_func=lambda _: "0.3")["leaves"])
+    edge = 10.0 * n  # dendrogram draws leaf i of its order at 10 i + 5
+    tree.set_xlim(0, edge)
+    tree.set_axis_off()
+    tree.set_title(f"k = {k}   cophenetic {cophenetic:.3f}")
+    if classes:
+        _draw_classes(fig, fig.add_subplot(grid[1, 0], label=f"classes k={k}"), *classes,
+                      order, edge)
+    heat = fig.add_subplot(grid[-1, 0], label=f"consensus k={k}")
+    image = heat.imshow(C[np.ix_(order, order)], cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto",
+                        interpolation="nearest", extent=(0, edge, edge, 0))
+    _sample_ticks(heat, order, edge)
+    bar = fig.colorbar(image, cax=fig.add_subplot(grid[-1, 1], label=f"colorbar k={k}"))
+    bar.set_ticks([0.0, 0.5, 1.0])
+    bar.set_label("fraction of runs together")
+
+
+def _sample_ticks(ax, order, edge):
+    """Sample numbers along the heatmap when they are few enough to read."""
+    ticks = np.arange(5.0, edge, 10.0)
+    if len(order) > 30:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    ax.set_xticks(ticks, [str(i) for i in order], rotation=90, fontsize="x-small")
+    ax.set_yticks(ticks, [str(i) for i in order], fontsize="x-small")
+
+
+def _class_codes(labels, n):
+    """Code of each sample's class and the classes in order of first appearance (labels need
+    only be hashable, not sortable)."""
+    labels = list(labels)
+    if len(labels) != n:
+        raise ValueError(f"labels has {len(labels)} entries for {n} samples")
+    classes = list(dict.fromkeys(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[c] for c in labels]), classes
+
+
+def _class_colors(n):
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return list(colormaps["tab10"].colors[:n])
+    if n <= 20:
+        return list(colormaps["tab20"].colors[:n])
+    return [tuple(c) for c in colormaps["turbo"](np.linspace(0.0, 1.0, n))]
+
+
+def _draw_classes(fig, ax, codes, classes, order, edge):
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colors = _class_colors(len(classes))
+    ax.imshow(codes[order][None, :], cmap=ListedColormap(colors), vmin=-0.5,
+              vmax=len(classes) - 0.5, aspect="auto", interpolation="nearest",
+              extent=(0, edge, 1, 0))
+    ax.set_axis_off()
+    handles = [Patch(color=c, label=str(name)) for c, name in zip(colors, classes, strict=True)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(classes), 5),
+               fontsize="small", frameon=False)
+
+
+def _components(F, kind, name):
+    """Components as the rows of a 2-D float array."""
+    _check_choice(kind, ("columns", "rows"), "kind")
+    F = np.asarray(F, dtype=float)
+    if F.ndim != 2:
+        raise ValueError(f"{name} must be 2-D; got shape {F.shape}")
+    return F.T if kind == "columns" else F
+
+
+def _match_components(comps, ref):
+    """ref reordered to pair with comps (maximum total cosine similarity), each row rescaled
+    by least squares onto its partner (NMF fixes neither order nor scale)."""
+    from scipy.optimize import linear_sum_assignment
+
+    def unit(A):
+        norms = np.linalg.norm(A, axis=1, keepdims=True)
+        return A / np.where(norms > 0, norms, 1.0)
+
+    _, cols = linear_sum_assignment(unit(comps) @ unit(ref).T, maximize=True)
+    ref = ref[cols]
+    sq = np.einsum("ij,ij->i", ref, ref)
+    scale = np.einsum("ij,ij->i", comps, ref) / np.where(sq > 0, sq, 1.0)
+    return ref * scale[:, None]
+
+
+def _draw_curves(comps, ref, x, kind, ax, fig):
+    from matplotlib.lines import Line2D
+
+    ax = _new_axes(ax, fig)
+    x = np.arange(comps.shape[1]) if x is None else np.asarray(x)
+    for i, comp in enumerate(comps):
+        ax.plot(x, comp, color=f"C{i % 10}", gid="component", label=f"component {i + 1}")
+    handles = ax.get_legend_handles_labels()[0]
+    if ref is not None:
+        for i, comp in enumerate(ref):
+            ax.plot(x, comp, color=f"C{i % 10}", linestyle="--", gid="true")
+        handles.append(Line2D([], [], color="0.3", linestyle="--", label="true (dashed)"))
+    ax.set_xlabel("row" if kind == "columns" else "column")
+    ax.set_ylabel("loading")
+    ax.legend(handles=handles, fontsize="small", ncols=1 + len(handles) // 9)
+    return ax
+
+
+def _draw_images(comps, ref, shape, fig, cmap):
+    if math.prod(shape) != comps.shape[1]:
+        raise ValueError(f"shape {shape} holds {math.prod(shape)} values; each component has "
+                         f"{comps.shape[1]}")
+    k = len(comps)
+    ncols = math.ceil(math.sqrt(k))
+    per_row = 1 if ref is None else 2  # a row of true images under each row of components
+    nrows = math.ceil(k / ncols) * per_row
+    fig = _new_figure(fig, (2.0 * ncols, 2.1 * nrows))
+    grid = fig.add_gridspec(nrows, ncols)
+    sets = [("component", comps)] + ([] if ref is None else [("true", ref)])
+    for offset, (name, rows) in enumerate(sets):
+        for i, comp in enumerate(rows):
+            ax = fig.add_subplot(grid[(i // ncols) * per_row + offset, i % ncols],
+                                 label=f"{name} {i + 1}")
+            ax.imshow(comp.reshape(shape), cmap=cmap, interpolation="nearest")
+            ax.set_title(f"{name} {i + 1}", fontsize="small")
+            ax.set_axis_off()
+    return fig
 
 
 # =============================================================================================

@@ -1,16 +1,33 @@
 """Tests for nmf_cv. References are independent: plain numpy updates written here,
 scipy.optimize.nnls, planted factors, scikit-learn."""
 
+import dataclasses
+import functools
+import io
+import itertools
 import math
+import os
+import subprocess
+import sys
+import warnings
+from types import SimpleNamespace
 
-import numpy as np
-import pytest
-import scipy.sparse as sp
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from scipy.optimize import nnls
+import matplotlib
 
-import nmf_cv
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from numpy.testing import assert_allclose, assert_array_equal  # noqa: E402
+from scipy.cluster.hierarchy import leaves_list, linkage  # noqa: E402
+from scipy.optimize import nnls  # noqa: E402
+from scipy.spatial.distance import squareform  # noqa: E402
+
+import nmf_cv  # noqa: E402
 
 COMBOS = [("hals", "frobenius"), ("mu", "frobenius"), ("mu", "kl"), ("gdcls", "frobenius")]
 
@@ -920,3 +937,680 @@ def test_progress_goes_to_stderr(capsys):
     assert "cross_validate" in capsys.readouterr().err
     nmf_cv.cross_validate(X, [1, 2], n_folds=2, progress=False, max_iter=5)
     assert capsys.readouterr().err == ""
+
+# =============================================================================================
+# Prior predictive rank (Silva et al. 2023)
+# =============================================================================================
+
+ppr = nmf_cv.prior_predictive_rank
+
+# Poisson simulations: theta ~ Gamma(shape 1, scale 1), beta ~ Gamma(shape 1, scale 2), so
+# mu_t = s_t^2 = 1, mu_b = 2, s_b^2 = 4 and E[Y] = 2K counts (6 to 40 for K = 3..20).
+SHAPE = (1000, 800)
+KS = (3, 5, 10, 20)
+SEEDS = range(5)
+
+
+def model_moments(k, mu_t, var_t, mu_b, var_b, noise):
+    """(E[Y], Var[Y], rho_row, rho_col) implied by the model, written out term by term."""
+    mean = k * mu_t * mu_b
+    e_t2, e_b2 = var_t + mu_t**2, var_b + mu_b**2
+    var = noise + k * (e_t2 * e_b2 - mu_t**2 * mu_b**2)
+    cov_row = k * (e_t2 - mu_t**2) * mu_b**2   # shared theta_i
+    cov_col = k * mu_t**2 * (e_b2 - mu_b**2)   # shared beta_j
+    return mean, var, cov_row / var, cov_col / var
+
+
+@functools.cache
+def poisson_counts(k, seed):
+    rng = np.random.default_rng(seed)
+    theta = rng.gamma(1.0, 1.0, (SHAPE[0], k))
+    beta = rng.gamma(1.0, 2.0, (SHAPE[1], k))
+    return rng.poisson(theta @ beta.T).astype(float)
+
+
+def with_missing(X, fraction, seed):
+    X = X.copy()
+    X[np.random.default_rng(seed + 1000).random(X.shape) < fraction] = np.nan
+    return X
+
+
+def gaussian_data(k, seed, sd):
+    """Gamma(shape 4, scale 1/4) factors (mean 1) plus N(0, sd^2) noise; shape 4 keeps the
+    signal far enough from 0 that no cell is negative (nmf_cv requires X >= 0)."""
+    rng = np.random.default_rng(seed)
+    theta = rng.gamma(4.0, 0.25, (SHAPE[0], k))
+    beta = rng.gamma(4.0, 0.25, (SHAPE[1], k))
+    S = theta @ beta.T
+    return S + sd * rng.standard_normal(S.shape)
+
+
+def small_matrix_with_holes():
+    rng = np.random.default_rng(7)
+    X = rng.poisson(5.0, (7, 6)).astype(float)
+    X[rng.random(X.shape) < 0.35] = np.nan
+    X[0, 1:] = np.nan   # row 0 and column 0 have a single observed cell (no pair, weight 0)
+    X[1:, 0] = np.nan
+    X[0, 0], X[2, 3] = 4.0, 0.0
+    assert (~np.isnan(X)).any(axis=0).all() and (~np.isnan(X)).any(axis=1).all()
+    return X
+
+
+def fields(res):
+    return dataclasses.astuple(res)
+
+
+# ---------------------------------------------------------------------------------------------
+# the formula
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k, mu_t, var_t, mu_b, var_b", [
+    (3, 1.0, 1.0, 2.0, 4.0), (7, 0.3, 0.05, 5.0, 1.0), (50, 2.0, 9.0, 0.1, 0.002)])
+@pytest.mark.parametrize("likelihood", ["poisson", "gaussian"])
+def test_formula_recovers_k_from_the_model_moments(k, mu_t, var_t, mu_b, var_b, likelihood):
+    noise = k * mu_t * mu_b if likelihood == "poisson" else 0.7
+    mean, var, rho_row, rho_col = model_moments(k, mu_t, var_t, mu_b, var_b, noise)
+    rank, reason = nmf_cv._rank_from_moments(mean, var, rho_row, rho_col, noise)
+    assert reason == ""
+    assert rank == pytest.approx(k, rel=1e-12)
+
+
+@pytest.mark.parametrize("k", [3, 10])
+def test_simulated_moments_match_the_model(k):
+    # Checks the moment equations themselves (not only the algebra): mean, variance and both
+    # correlations of simulated counts against the model's values.
+    mean, var, rho_row, rho_col = model_moments(k, 1.0, 1.0, 2.0, 4.0, noise=2.0 * k)
+    res = ppr(poisson_counts(k, 0))
+    assert res.mean == pytest.approx(mean, rel=0.05)
+    assert res.var == pytest.approx(var, rel=0.10)
+    assert res.rho_row == pytest.approx(rho_row, rel=0.10)
+    assert res.rho_col == pytest.approx(rho_col, rel=0.10)
+    assert res.tau == pytest.approx(1 - res.rho_row - res.rho_col, abs=1e-15)
+    assert res.noise_var == res.mean and res.n_observed == SHAPE[0] * SHAPE[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# acceptance: data simulated from the model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", KS)
+def test_poisson_estimate_within_15_percent(k):
+    estimates = [ppr(poisson_counts(k, s)).rank for s in SEEDS]
+    assert np.mean(estimates) == pytest.approx(k, rel=0.15)
+
+
+@pytest.mark.parametrize("k", KS)
+def test_poisson_with_20_percent_missing_within_20_percent(k):
+    estimates = [ppr(with_missing(poisson_counts(k, s), 0.2, s)).rank for s in SEEDS]
+    assert np.mean(estimates) == pytest.approx(k, rel=0.20)
+
+
+@pytest.mark.parametrize("k", [10, 20])
+def test_gaussian_with_known_noise_within_15_percent(k):
+    sd = 0.1 * k   # 10% of E[Y] = k
+    data = [gaussian_data(k, s, sd) for s in SEEDS]
+    assert min(X.min() for X in data) >= 0
+    estimates = [ppr(X, likelihood="gaussian", noise_var=sd**2).rank for X in data]
+    assert np.mean(estimates) == pytest.approx(k, rel=0.15)
+    # the noise term matters here: ignoring it overestimates K by far more than 15%
+    assert ppr(data[0], likelihood="gaussian", noise_var=0.0).rank > 1.5 * k
+
+
+# ---------------------------------------------------------------------------------------------
+# O(observed) moments against explicit pair enumeration; missing cells, sparse input
+# ---------------------------------------------------------------------------------------------
+
+def brute_force_pair_covariance(Z):
+    """Per line, the mean of z_a * z_b over its ordered pairs of distinct observed cells;
+    then the average over lines with >= 2 cells, weighted by (cells - 1)."""
+    means, weights = [], []
+    for line in Z:
+        observed = [z for z in line if not np.isnan(z)]
+        products = [a * b for a, b in itertools.permutations(observed, 2)]
+        if products:
+            means.append(sum(products) / len(products))
+            weights.append(len(observed) - 1)
+    return sum(w * r for w, r in zip(means, weights, strict=True)) / sum(weights)
+
+
+def test_line_moments_agree_with_pair_enumeration():
+    X = small_matrix_with_holes()
+    res = ppr(X, strict=False)
+    mean = np.nanmean(X)
+    Z = X - mean
+    assert res.mean == pytest.approx(mean, rel=1e-14)
+    assert res.var == pytest.approx(np.nanmean(Z**2), rel=1e-13)
+    assert res.rho_row * res.var == pytest.approx(brute_force_pair_covariance(Z), rel=1e-12)
+    assert res.rho_col * res.var == pytest.approx(brute_force_pair_covariance(Z.T), rel=1e-12)
+    assert res.n_observed == np.sum(~np.isnan(X))
+
+
+def test_complete_data_pools_every_pair_equally():
+    # With equal line counts the (cells - 1) weights are pair pooling: mean over all pairs.
+    X = np.random.default_rng(3).poisson(4.0, (5, 4)).astype(float)
+    Z = X - X.mean()
+    pairs = [Z[i, a] * Z[i, b] for i in range(5) for a in range(4) for b in range(4) if a != b]
+    res = ppr(X, strict=False)
+    assert res.rho_row * res.var == pytest.approx(np.mean(pairs), rel=1e-12)
+
+
+def test_sparse_input_matches_dense_and_is_not_densified(monkeypatch):
+    X = poisson_counts(3, 0)[:300, :200].copy()
+    X[X < 5] = 0   # make it actually sparse
+    dense = ppr(X)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sparse input was densified")
+
+    monkeypatch.setattr(sp.csr_matrix, "toarray", refuse)
+    monkeypatch.setattr(sp.csr_matrix, "todense", refuse)
+    for S in (sp.csr_matrix(X), sp.csc_matrix(X), sp.coo_array(X)):
+        res = ppr(S)
+        for a, b in zip(fields(res), fields(dense), strict=True):
+            assert a == (pytest.approx(b, rel=1e-10) if isinstance(a, float) else b)
+
+
+def test_large_sparse_shape_runs_in_observed_cells():
+    # 10^5 x 2*10^4 cells would be 16 GB dense; 2*10^5 stored entries take milliseconds.
+    rng = np.random.default_rng(0)
+    m, n, nnz = 100_000, 20_000, 200_000
+    S = sp.csr_matrix((rng.poisson(3.0, nnz) + 1.0, (rng.integers(0, m, nnz),
+                                                      rng.integers(0, n, nnz))), shape=(m, n))
+    res = ppr(S, strict=False)
+    assert res.n_observed == m * n
+    assert res.mean == pytest.approx(S.sum() / (m * n), rel=1e-12)
+
+
+def test_float32_input_is_computed_in_float64():
+    X = poisson_counts(5, 1)
+    assert ppr(X.astype(np.float32)).rank == pytest.approx(ppr(X).rank, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# the mask
+# ---------------------------------------------------------------------------------------------
+
+def test_values_under_the_mask_are_never_read():
+    X = poisson_counts(5, 2)[:200, :150].copy()
+    mask = np.random.default_rng(0).random(X.shape) >= 0.3
+    reference = fields(ppr(X, mask=mask))
+    for fill in (np.nan, np.inf, -1e300, 7.0):
+        Y = X.copy()
+        Y[~mask] = fill
+        assert fields(ppr(Y, mask=mask)) == reference
+
+
+def test_mask_and_nan_are_equivalent():
+    X = poisson_counts(5, 3)[:200, :150].copy()
+    mask = np.random.default_rng(1).random(X.shape) >= 0.3
+    with_nan = X.copy()
+    with_nan[~mask] = np.nan
+    assert fields(ppr(with_nan)) == fields(ppr(X, mask=mask))
+    assert fields(ppr(with_nan, mask=mask)) == fields(ppr(X, mask=mask))
+
+
+def test_callers_arrays_are_not_modified():
+    X = small_matrix_with_holes()
+    mask = ~np.isnan(X)
+    X_before, mask_before = X.copy(), mask.copy()
+    ppr(X, strict=False)
+    ppr(np.where(mask, X, 3.0), mask=mask, strict=False)
+    assert np.array_equal(X, X_before, equal_nan=True) and np.array_equal(mask, mask_before)
+    S = sp.csr_matrix(np.nan_to_num(X))
+    data_before = S.data.copy()
+    ppr(S, likelihood="gaussian", noise_var=0.1, strict=False)
+    assert np.array_equal(S.data, data_before)
+
+
+# ---------------------------------------------------------------------------------------------
+# undefined cases and bad arguments
+# ---------------------------------------------------------------------------------------------
+
+def additive(m, n):
+    """a_i + b_j: row and column effects but no interaction, so tau * var is ~0."""
+    return np.add.outer(np.arange(m) % 5, np.arange(n) % 3).astype(float) + 1.0
+
+
+UNDEFINED = {
+    "constant": (np.full((6, 5), 3.0), {}, "var ="),
+    "all zeros": (np.zeros((6, 5)), {}, "var ="),
+    "rows anti-correlated": (np.tile([[0.0, 2.0], [2.0, 0.0]], (3, 3)), {}, "rho_row ="),
+    "columns anti-correlated": (np.repeat([[1.0], [3.0]] * 4, 5, axis=1), {}, "rho_col ="),
+    "one column": (np.arange(1.0, 7.0)[:, None], {}, "rho_row is undefined"),
+    "no interaction": (additive(20, 12), {}, "tau * var"),
+    "noise too large": (poisson_counts(3, 0)[:100, :80], {"likelihood": "gaussian",
+                                                         "noise_var": 1e3}, "tau * var"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNDEFINED))
+def test_undefined_cases_raise_naming_the_quantity(case):
+    X, kwargs, quantity = UNDEFINED[case]
+    with pytest.raises(ValueError, match="not identifiable") as info:
+        ppr(X, **kwargs)
+    assert quantity in str(info.value)
+    res = ppr(X, **kwargs, strict=False)
+    assert not res.identifiable and res.rank is None and res.rank_int is None
+    assert quantity in res.reason and res.reason in str(info.value)
+    assert "not identifiable" in repr(res)
+
+
+def test_identifiable_result_and_its_repr():
+    res = ppr(poisson_counts(5, 0))
+    assert res.identifiable and res.reason == ""
+    assert math.isfinite(res.rank) and res.rank > 0 and res.rank_int == math.floor(res.rank + .5)
+    text = repr(res)
+    assert text.startswith(f"PriorPredictiveResult(rank={res.rank:.4g} (rank_int=")
+    assert "likelihood='poisson'" in text and "rho_row=" in text and "tau=" in text
+
+
+def test_rank_int_is_at_least_one():
+    X = gaussian_data(10, 0, 1.0)[:300, :200]
+    first = ppr(X, likelihood="gaussian", noise_var=0.0)
+    res = ppr(X, likelihood="gaussian", noise_var=0.999 * first.tau * first.var)
+    assert 0 < res.rank < 0.5 and res.rank_int == 1
+
+
+@pytest.mark.parametrize("kwargs, exc, text", [
+    ({"likelihood": "normal"}, ValueError, "likelihood must be one of"),
+    ({"likelihood": "gaussian"}, ValueError, "needs noise_var"),
+    ({"noise_var": 1.0}, ValueError, "likelihood='gaussian' only"),
+    ({"likelihood": "gaussian", "noise_var": -1.0}, ValueError, "noise_var must be"),
+    ({"likelihood": "gaussian", "noise_var": math.inf}, ValueError, "noise_var must be"),
+    ({"likelihood": "gaussian", "noise_var": True}, ValueError, "noise_var must be"),
+    ({"likelihood": "gaussian", "noise_var": "1"}, ValueError, "noise_var must be"),
+    ({"strict": "yes"}, TypeError, "strict"),
+])
+def test_bad_arguments_raise(kwargs, exc, text):
+    with pytest.raises(exc, match=text):
+        ppr(poisson_counts(3, 0)[:50, :40], **kwargs)
+
+
+def test_invalid_data_is_refused_as_everywhere_in_nmf_cv():
+    with pytest.raises(ValueError, match="negative"):
+        ppr(-np.ones((4, 3)))
+    with pytest.raises(ValueError, match="no observed cell"):
+        ppr(np.array([[1.0, np.nan], [2.0, np.nan]]))
+
+
+# =============================================================================================
+# Plots
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def X():
+    return nmf_cv.make_planted(30, 20, 2, noise=0.05, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def report(X):
+    return nmf_cv.choose_rank(X, [1, 2, 3], random_state=0, progress=False,
+                              cv_kwargs={"n_folds": 3, "max_iter": 100},
+                              consensus_kwargs={"n_runs": 4, "max_iter": 50},
+                              randomized_kwargs={"n_permutations": 2, "max_iter": 100},
+                              bicv_kwargs={"max_iter": 100})
+
+
+@pytest.fixture
+def cv():
+    """A CVResult whose minimum (k=3) and one-SE rank (k=2) differ."""
+    press = np.array([[9.0, 10.0, 11.0], [3.0, 3.0, 3.0], [2.4, 2.8, 3.2], [3.5, 3.5, 3.5]])
+    train = np.array([[20.0, 21.0, 22.0], [8.0, 8.0, 9.0], [6.0, 6.5, 7.0], [4.0, 5.0, 6.0]])
+    res = nmf_cv.CVResult(np.array([1, 2, 3, 4]), press[:, None, :], train[:, None, :])
+    assert (res.best_rank, res.best_rank_1se) == (3, 2)
+    return res
+
+
+def block_consensus(groups, rng):
+    """A consensus matrix of shuffled, planted groups: 0.9 within, 0.1 across, plus noise."""
+    C = np.where(groups[:, None] == groups[None, :], 0.9, 0.1)
+    noise = rng.uniform(-0.05, 0.05, C.shape)
+    C = np.clip(C + (noise + noise.T) / 2, 0, 1)
+    np.fill_diagonal(C, 1.0)
+    return C
+
+
+def consensus_result(matrices):
+    ranks = np.array(sorted(matrices))
+    return nmf_cv.ConsensusResult(ranks, matrices, {}, np.linspace(0.9, 0.8, len(ranks)),
+                                  np.linspace(0.7, 0.6, len(ranks)), int(ranks[0]))
+
+
+def reference_leaves(C):
+    return leaves_list(linkage(squareform(1.0 - C, checks=False), method="average"))
+
+
+def marks(ax, gid):
+    """x positions of the vertical lines with this gid."""
+    return [line.get_xdata()[0] for line in ax.lines if line.get_gid() == gid]
+
+
+def lines(ax, gid):
+    return [line for line in ax.lines if line.get_gid() == gid]
+
+
+def axes_by_label(fig):
+    return {ax.get_label(): ax for ax in fig.axes}
+
+
+def render(fig):
+    """Draw the figure, failing on any warning (layout collapse, log of non-positive...)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig.savefig(io.BytesIO(), format="png", dpi=50)
+
+
+# ---------------------------------------------------------------------------------------------
+# plot_loss
+# ---------------------------------------------------------------------------------------------
+
+def test_plot_loss_draws_loss_history_per_iteration(X):
+    res = nmf_cv.fit_nmf(X, 2, max_iter=15, tol=0)
+    ax = nmf_cv.plot_loss(res)
+    (line,) = ax.lines
+    assert_array_equal(line.get_ydata(), res.loss_history)
+    assert_array_equal(line.get_xdata(), np.arange(res.n_iter + 1))
+    assert ax.get_yscale() == "log" and ax.get_legend() is None
+    render(ax.figure)
+
+
+def test_plot_loss_against_time_normalized_from_a_dict(X):
+    fits = {"hals": nmf_cv.fit_nmf(X, 2, max_iter=10, tol=0),
+            "kl": nmf_cv.fit_nmf(X, 2, method="mu", loss="kl", max_iter=10, tol=0)}
+    ax = nmf_cv.plot_loss(fits, x="time", normalize=True)
+    for line, res in zip(ax.lines, fits.values(), strict=True):
+        assert_array_equal(line.get_xdata(), res.time_history)
+        assert_allclose(line.get_ydata(), res.loss_history / res.loss_history[0])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["hals", "kl"]
+    assert ax.get_xlabel() == "time (s)"
+    assert ax.get_ylabel() == "objective / initial objective"
+
+
+def test_plot_loss_labels_and_errors(X):
+    fits = [nmf_cv.fit_nmf(X, 2, method=m, max_iter=5) for m in ("hals", "mu")]
+    ax = nmf_cv.plot_loss(fits)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["hals, frobenius",
+                                                                   "mu, frobenius"]
+    with pytest.raises(ValueError, match="labels"):
+        nmf_cv.plot_loss(fits, labels=["one"])
+    with pytest.raises(ValueError, match="x"):
+        nmf_cv.plot_loss(fits, x="seconds")
+    with pytest.raises(ValueError, match="keys"):
+        nmf_cv.plot_loss({"a": fits[0]}, labels=["b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# plot_cv
+# ---------------------------------------------------------------------------------------------
+
+def test_plot_cv_draws_press_with_standard_errors_and_training_rss(cv):
+    ax = nmf_cv.plot_cv(cv)
+    data, _, (bars,) = ax.containers[0].lines
+    assert_array_equal(data.get_xdata(), cv.ranks)
+    assert_array_equal(data.get_ydata(), cv.press_mean)
+    expected = [[[k, m - s], [k, m + s]] for k, m, s in zip(cv.ranks, cv.press_mean,
+                                                            cv.press_se, strict=True)]
+    assert_allclose(np.array(bars.get_segments()), expected)
+    (train,) = lines(ax, "train")
+    assert_allclose(train.get_ydata(), cv.train_rss.mean(axis=(1, 2)))
+    assert ax.get_ylabel() == "PRESS" and ax.get_yscale() == "log"
+    render(ax.figure)
+
+
+def test_plot_cv_marks_best_rank_and_one_se_rank(cv):
+    ax = nmf_cv.plot_cv(cv)
+    assert marks(ax, "best_rank") == [3]
+    assert marks(ax, "best_rank_1se") == [2]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "minimum: k = 3" in labels and "one-SE rule: k = 2" in labels
+
+
+def test_plot_cv_names_poisson_deviance_for_kl(cv):
+    cv.loss = "kl"
+    assert nmf_cv.plot_cv(cv).get_ylabel() == "held-out Poisson deviance"
+
+
+def test_plot_cv_uses_the_given_axes_and_integer_rank_ticks(report):
+    _, ax = plt.subplots()
+    cv = report.results["cv"]
+    assert nmf_cv.plot_cv(cv, ax=ax) is ax
+    assert_array_equal(ax.containers[0].lines[0].get_ydata(), cv.press_mean)
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# plot_cophenetic, plot_randomized_rss
+# ---------------------------------------------------------------------------------------------
+
+def test_plot_cophenetic_draws_both_coefficients_and_marks_best_rank(report):
+    co = report.results["cophenetic"]
+    ax = nmf_cv.plot_cophenetic(co)
+    assert_array_equal(lines(ax, "cophenetic")[0].get_ydata(), co.cophenetic)
+    assert_array_equal(lines(ax, "dispersion")[0].get_ydata(), co.dispersion)
+    assert_array_equal(lines(ax, "cophenetic")[0].get_xdata(), co.ranks)
+    assert marks(ax, "best_rank") == [co.best_rank]
+
+
+def test_plot_randomized_rss_draws_data_mean_and_permutation_range():
+    ra = nmf_cv.RandomizedRSSResult(np.array([1, 2, 3]), np.array([10.0, 2.0, 1.5]),
+                                    np.array([[20.0, 22.0], [15.0, 16.0], [12.0, 14.0]]), 2)
+    ax = nmf_cv.plot_randomized_rss(ra)
+    assert_array_equal(lines(ax, "rss")[0].get_ydata(), ra.rss)
+    data, _, (bars,) = ax.containers[0].lines
+    assert_array_equal(data.get_ydata(), [21.0, 15.5, 13.0])
+    assert_allclose(np.array(bars.get_segments()),
+                    [[[1, 20], [1, 22]], [[2, 15], [2, 16]], [[3, 12], [3, 14]]])
+    assert marks(ax, "best_rank") == [2]
+    assert ax.get_yscale() == "log"
+
+
+# ---------------------------------------------------------------------------------------------
+# plot_consensus, plot_consensus_grid
+# ---------------------------------------------------------------------------------------------
+
+def test_plot_consensus_heatmap_is_the_matrix_in_dendrogram_order(report):
+    co = report.results["cophenetic"]
+    C = co.consensus_matrices[2]
+    fig = nmf_cv.plot_consensus(co, 2)
+    assert [ax.get_label() for ax in fig.axes] == ["dendrogram k=2", "consensus k=2",
+                                                   "colorbar k=2"]
+    heat = axes_by_label(fig)["consensus k=2"]
+    leaves = reference_leaves(C)
+    assert_allclose(heat.images[0].get_array(), C[np.ix_(leaves, leaves)])
+    assert [t.get_text() for t in heat.get_xticklabels()] == [str(i) for i in leaves]
+    render(fig)
+
+
+def test_plot_consensus_order_gathers_planted_groups():
+    rng = np.random.default_rng(0)
+    groups = rng.permutation(np.repeat([0, 1, 2], [5, 7, 6]))
+    C = block_consensus(groups, rng)
+    fig = nmf_cv.plot_consensus(consensus_result({3: C}), 3)
+    image = axes_by_label(fig)["consensus k=3"].images[0].get_array()
+    leaves = reference_leaves(C)
+    assert_allclose(image, C[np.ix_(leaves, leaves)])
+    assert np.count_nonzero(np.diff(groups[leaves])) == 2  # each group is one block
+
+
+def test_plot_consensus_label_strip_has_one_colour_per_class():
+    rng = np.random.default_rng(1)
+    groups = rng.permutation(np.repeat([0, 1, 2], 6))
+    names = np.array(["tumour", "normal", "other"])[groups]
+    C = block_consensus(groups, rng)
+    fig = nmf_cv.plot_consensus(consensus_result({3: C}), 3, labels=list(names))
+    strip = axes_by_label(fig)["classes k=3"].images[0]
+    colours = [tuple(c) for c in strip.to_rgba(strip.get_array())[0]]
+    leaves = reference_leaves(C)
+    by_class = {}
+    for name, colour in zip(names[leaves], colours, strict=True):
+        by_class.setdefault(name, set()).add(colour)
+    assert all(len(c) == 1 for c in by_class.values())  # one colour per class...
+    assert len(set(colours)) == 3  # ...and a different one for each
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == list(dict.fromkeys(names))
+    render(fig)
+
+
+def test_plot_consensus_rejects_unknown_rank_and_wrong_label_count():
+    res = consensus_result({2: np.eye(4)})
+    with pytest.raises(ValueError, match="rank 5"):
+        nmf_cv.plot_consensus(res, 5)
+    with pytest.raises(ValueError, match="3 entries for 4 samples"):
+        nmf_cv.plot_consensus(res, 2, labels=["a", "b", "c"])
+
+
+def test_plot_consensus_grid_draws_each_rank(report):
+    co = report.results["cophenetic"]
+    fig = nmf_cv.plot_consensus_grid(co, labels=["x"] * 10 + ["y"] * 10)
+    assert len(fig.subfigs) == len(co.ranks)
+    panels = axes_by_label(fig)
+    for k in co.ranks:
+        C = co.consensus_matrices[k]
+        leaves = reference_leaves(C)
+        assert_allclose(panels[f"consensus k={k}"].images[0].get_array(),
+                        C[np.ix_(leaves, leaves)])
+    render(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# plot_components
+# ---------------------------------------------------------------------------------------------
+
+def test_plot_components_curves_are_the_columns_of_W():
+    W = np.random.default_rng(0).random((20, 3))
+    ax = nmf_cv.plot_components(W)
+    curves = lines(ax, "component")
+    assert len(curves) == 3
+    for i, line in enumerate(curves):
+        assert_array_equal(line.get_ydata(), W[:, i])
+        assert_array_equal(line.get_xdata(), np.arange(20))
+
+
+def test_plot_components_curves_are_the_rows_of_H_at_given_x():
+    H = np.random.default_rng(1).random((2, 15))
+    x = np.linspace(400, 700, 15)
+    ax = nmf_cv.plot_components(H, kind="rows", x=x)
+    for i, line in enumerate(lines(ax, "component")):
+        assert_array_equal(line.get_ydata(), H[i])
+        assert_array_equal(line.get_xdata(), x)
+
+
+def test_plot_components_matches_true_components_in_order_and_scale():
+    W = np.random.default_rng(2).random((25, 3))
+    true = W[:, [2, 0, 1]] * np.array([2.0, 0.5, 3.0])
+    ax = nmf_cv.plot_components(W, true=true)
+    dashed = lines(ax, "true")
+    assert [line.get_linestyle() for line in dashed] == ["--"] * 3
+    for i, line in enumerate(dashed):
+        assert_allclose(line.get_ydata(), W[:, i])
+    ax = nmf_cv.plot_components(W, true=true, match=False)
+    for i, line in enumerate(lines(ax, "true")):
+        assert_array_equal(line.get_ydata(), true[:, i])
+
+
+def test_plot_components_images_are_the_reshaped_components():
+    H = np.random.default_rng(3).random((4, 12))
+    true = H[::-1] * 2.0
+    fig = nmf_cv.plot_components(H, kind="rows", shape=(3, 4), true=true)
+    panels = axes_by_label(fig)
+    assert len(panels) == 8
+    for i in range(4):
+        assert_array_equal(panels[f"component {i + 1}"].images[0].get_array(),
+                           H[i].reshape(3, 4))
+        assert_allclose(panels[f"true {i + 1}"].images[0].get_array(), H[i].reshape(3, 4))
+    render(fig)
+
+
+def test_plot_components_rejects_bad_input():
+    W = np.ones((6, 2))
+    with pytest.raises(ValueError, match="shape"):
+        nmf_cv.plot_components(W, shape=(2, 2))
+    with pytest.raises(ValueError, match="fig, not ax"):
+        nmf_cv.plot_components(W, shape=(2, 3), ax=plt.subplots()[1])
+    with pytest.raises(ValueError, match="true holds"):
+        nmf_cv.plot_components(W, true=np.ones((6, 3)))
+    with pytest.raises(ValueError, match="kind"):
+        nmf_cv.plot_components(W, kind="cols")
+
+
+# ---------------------------------------------------------------------------------------------
+# plot_rank_report
+# ---------------------------------------------------------------------------------------------
+
+def test_plot_rank_report_has_a_panel_per_criterion_with_suggestions_marked(report):
+    prior = SimpleNamespace(rank=2.4, rank_int=2)
+    full = nmf_cv.RankReport(report.ranks, {**report.results, "prior": prior},
+                             {**report.suggestions, "prior": 2})
+    fig = nmf_cv.plot_rank_report(full)
+    panels = axes_by_label(fig)
+    assert list(panels) == ["cv", "bicv", "randomized", "cophenetic"]
+    s = report.suggestions
+    expected = {"cv": {"best_rank": [s["cv"]], "best_rank_1se": [s["cv_1se"]]},
+                "bicv": {"best_rank": [s["bicv"]], "best_rank_1se": []},
+                "randomized": {"best_rank": [s["randomized"]]},
+                "cophenetic": {"best_rank": [s["cophenetic"]]}}
+    for name, ax in panels.items():
+        for gid, xs in expected[name].items():
+            assert marks(ax, gid) == xs, (name, gid)
+        assert marks(ax, "prior") == [2.4]
+        assert ax.get_xlim() == (0.5, 3.5)
+    assert_array_equal(panels["cv"].containers[0].lines[0].get_ydata(),
+                       report.results["cv"].press_mean)
+    assert_array_equal(panels["bicv"].containers[0].lines[0].get_ydata(),
+                       report.results["bicv"].press_mean)
+    title = fig.get_suptitle()
+    for text in (f"CV minimum: {s['cv']}", f"CV one-SE rule: {s['cv_1se']}",
+                 f"BCV minimum: {s['bicv']}", f"RSS vs randomized: {s['randomized']}",
+                 f"cophenetic (Brunet): {s['cophenetic']}", "prior predictive: 2.4"):
+        assert text in title
+    render(fig)
+
+
+def test_plot_rank_report_with_one_criterion_and_an_unidentifiable_prior(cv):
+    prior = SimpleNamespace(rank=None, rank_int=None)
+    report = nmf_cv.RankReport(cv.ranks, {"cv": cv, "prior": prior},
+                               {"cv": 3, "cv_1se": 2, "prior": None})
+    fig = nmf_cv.plot_rank_report(report)
+    (ax,) = fig.axes
+    assert ax.get_label() == "cv" and marks(ax, "prior") == []
+    assert marks(ax, "best_rank") == [3] and marks(ax, "best_rank_1se") == [2]
+    assert "prior predictive: not identifiable" in fig.get_suptitle()
+    render(fig)
+
+
+def test_plot_rank_report_with_only_a_prior_off_the_tried_ranks():
+    report = nmf_cv.RankReport(np.array([1, 2, 3]),
+                               {"prior": SimpleNamespace(rank=7.2, rank_int=7)}, {})
+    fig = nmf_cv.plot_rank_report(report)
+    (ax,) = fig.axes
+    (line,) = lines(ax, "prior")
+    assert line.get_xdata()[0] == 7.2 and "off the axis" in line.get_label()
+    render(fig)
+    with pytest.raises(ValueError, match="no criterion"):
+        nmf_cv.plot_rank_report(nmf_cv.RankReport(np.array([1, 2]), {}, {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# packaging
+# ---------------------------------------------------------------------------------------------
+
+def test_importing_the_module_does_not_import_matplotlib():
+    path = [os.path.dirname(nmf_cv.__file__)]
+    code = (f"import sys; sys.path[:0] = {path!r}; import nmf_cv; "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
