@@ -28,6 +28,7 @@ predictive matching, the report), plots, numba kernels, command line.
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ __all__ = [
     "choose_rank", "consensus", "cophenetic_correlation", "cross_validate",
     "dispersion_coefficient", "fit_nmf", "make_planted", "plot_components", "plot_consensus",
     "plot_consensus_grid", "plot_cophenetic", "plot_cv", "plot_loss", "plot_randomized_rss",
-    "plot_rank_report", "prior_predictive_rank", "randomized_rss",
+    "plot_rank_report", "prior_predictive_rank", "randomized_rss", "read_matrix",
 ]
 __version__ = "0.1.0"
 
@@ -929,6 +930,9 @@ class _CellsKLSolver(_WHt):
         self.W, self.Ht = W, np.ascontiguousarray(H.T)
         self.eps = _kl_floor(x.dtype)
         self.no_den = np.zeros(0, dtype=x.dtype)
+        longest = max(np.diff(self.r_ptr).max(initial=0), np.diff(self.c_ptr).max(initial=0), 1)
+        self.scratch = np.empty(longest * W.shape[1], dtype=np.float64)
+        self.u = np.empty(longest, dtype=np.float64)
         s, wh = _masked_kl_loss(self.W, self.Ht, self.r_ptr, self.r_idx, self.r_x, self.eps)
         self.objective = self._total(s, wh)
 
@@ -942,10 +946,10 @@ class _CellsKLSolver(_WHt):
         if self.update_H:
             den = self.W.sum(axis=0) if self.all_cells else self.no_den
             _masked_kl_rows(self.Ht, self.W, self.c_ptr, self.c_idx, self.c_x, den,
-                            p.l1_H, p.l2_H, self.eps, False)
+                            p.l1_H, p.l2_H, self.eps, False, self.scratch, self.u)
         den = self.Ht.sum(axis=0) if self.all_cells else self.no_den
         s, wh = _masked_kl_rows(self.W, self.Ht, self.r_ptr, self.r_idx, self.r_x, den,
-                                p.l1_W, p.l2_W, self.eps, want_loss)
+                                p.l1_W, p.l2_W, self.eps, want_loss, self.scratch, self.u)
         self.objective = self._total(s, wh) if want_loss else math.nan
         return self.objective
 
@@ -967,9 +971,10 @@ class CVResult:
     ----------
     ranks : ndarray (r,)
     press : ndarray (r, n_repeats, n_folds)
-        Sum of squared errors over each fold's held-out cells.
+        Sum of squared errors over each fold's held-out cells (``loss="kl"``: their Poisson
+        deviance).
     train_rss : ndarray (r, n_repeats, n_folds)
-        Sum of squared residuals over each fold's training cells.
+        Sum of squared residuals over each fold's training cells (``loss="kl"``: deviance).
     press_mean, press_se : ndarray (r,)
         Mean PRESS per fold and its standard error over the ``n_repeats * n_folds`` folds.
     best_rank : int
@@ -983,6 +988,8 @@ class CVResult:
         Fold of every cell in each repeat: -1 never held out, -2 missing.
     factors : dict or None
         ``(rank, repeat, fold) -> (W, H)`` when ``return_factors=True``.
+    loss : str
+        ``"frobenius"`` (squared error) or ``"kl"`` (Poisson deviance).
 
     Examples
     --------
@@ -999,6 +1006,7 @@ class CVResult:
     n_kept: int = 0
     folds: np.ndarray = None
     factors: dict = None
+    loss: str = "frobenius"
     press_mean: np.ndarray = field(init=False)
     press_se: np.ndarray = field(init=False)
     best_rank: int = field(init=False)
@@ -1021,9 +1029,9 @@ class CVResult:
                 f"repeats={self.press.shape[1]})")
 
 
-def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method="hals",
-                   random_state=None, executor=None, progress=None, return_factors=False,
-                   allow_large_loo=False, **fit_kwargs):
+def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
+                   loss="frobenius", random_state=None, executor=None, progress=None,
+                   return_factors=False, allow_large_loo=False, **fit_kwargs):
     """Leave-cells-out cross-validation of the rank: PRESS over held-out cells.
 
     The observed cells are split at random into ``n_folds`` folds ("speckled" holdout). For
@@ -1032,6 +1040,10 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method="hals"
     ``PRESS = sum over held-out cells of (X - WH)^2``. A cell is never held out when it is the
     last observed cell of its row or column in a fold's training set (it stays in training for
     every fold; ``n_kept`` counts them), so every training set covers every row and column.
+
+    For counts (genes, words, spikes) use ``loss="kl"``: the folds are fitted by masked KL
+    multiplicative updates (Poisson likelihood) and scored by the held-out Poisson deviance
+    ``2 sum [x log(x / mu) - x + mu]`` (``0 log 0 = 0``) instead of squared error.
 
     Parameters
     ----------
@@ -1046,8 +1058,12 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method="hals"
         Independent re-splits into folds.
     mask : array-like of bool, optional
         True = observed (as in `fit_nmf`).
-    method : str
-        Passed to `fit_nmf` (Frobenius loss).
+    method : str, optional
+        Passed to `fit_nmf`; ``"hals"`` for the Frobenius loss, ``"mu"`` for KL by default.
+    loss : {"frobenius", "kl"}
+        ``"frobenius"``: fits minimise squared error, ``press`` and ``train_rss`` are sums of
+        squared errors. ``"kl"``: fits minimise the KL divergence (``method="mu"``), ``press``
+        and ``train_rss`` hold Poisson deviances of the held-out and training cells.
     random_state : None, int or SeedSequence
         Seeds the splits and every fit; each fit gets its own child seed
         (``SeedSequence.spawn``), so results do not depend on the executor.
@@ -1075,8 +1091,9 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method="hals"
     """
     data = _validate_data(X, mask)
     ranks = _check_ranks(ranks, data.shape)
-    if fit_kwargs.get("loss", "frobenius") != "frobenius":
-        raise ValueError("cross_validate scores squared error; use loss='frobenius'")
+    _check_choice(loss, LOSSES, "loss")
+    method = ("mu" if loss == "kl" else "hals") if method is None else method
+    _check_options(method, loss, 1, 0.0, 0.0, 0.0, 0.0)
     _check_positive_int(n_repeats, "n_repeats")
     fit_kwargs = {**_RANK_FIT_DEFAULTS, **fit_kwargs}
     rows, cols, values = _observed_cells(data)
@@ -1096,7 +1113,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method="hals"
     tasks = [(ki, r, f) for ki in range(len(ranks)) for r in range(n_repeats)
              for f in range(n_fold_count)]
     fit_seeds = seeds[1].spawn(len(tasks))
-    shared = (rows, cols, values, data.shape, method, fit_kwargs)
+    shared = (rows, cols, values, data.shape, method, loss, fit_kwargs)
     args = [(shared, folds[r], f, int(ranks[ki]), fit_seeds[i])
             for i, (ki, r, f) in enumerate(tasks)]
     outputs = _map_tasks(_cv_task, args, executor, progress, "cross_validate")
@@ -1114,7 +1131,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method="hals"
     if loo:  # E(k) is the sum over cells; one "fold" holding it keeps press_mean = E(k)
         press = press.sum(axis=2, keepdims=True)
         train = train.mean(axis=2, keepdims=True)
-    return CVResult(ranks, press, train, kept, grid, factors)
+    return CVResult(ranks, press, train, kept, grid, factors, loss)
 
 
 def _observed_cells(data):
@@ -1146,19 +1163,32 @@ def _speckled_folds(rows, cols, shape, n_folds, rng):
 
 
 def _cv_task(shared, fold, f, k, seed):
-    rows, cols, values, shape, method, fit_kwargs = shared
+    rows, cols, values, shape, method, loss, fit_kwargs = shared
     train = fold != f
     mask = np.zeros(shape, dtype=bool)
     mask[rows[train], cols[train]] = True
     X = np.zeros(shape, dtype=values.dtype)
     X[rows[train], cols[train]] = values[train]
-    res = fit_nmf(X, k, mask=mask, method=method, random_state=seed, **fit_kwargs)
+    res = fit_nmf(X, k, mask=mask, method=method, loss=loss, random_state=seed, **fit_kwargs)
     test = ~train
     pred_test = np.einsum("ij,ij->i", res.W[rows[test]], res.H[:, cols[test]].T)
     pred_train = np.einsum("ij,ij->i", res.W[rows[train]], res.H[:, cols[train]].T)
-    press = float(np.sum((values[test] - pred_test) ** 2))
-    train_rss = float(np.sum((values[train] - pred_train) ** 2))
-    return press, train_rss, res.W, res.H
+    score = _poisson_deviance if loss == "kl" else _squared_error
+    return score(values[test], pred_test), score(values[train], pred_train), res.W, res.H
+
+
+def _squared_error(x, prediction):
+    return float(np.sum((x - prediction) ** 2))
+
+
+def _poisson_deviance(x, mu):
+    """2 sum [x log(x / mu) - x + mu], with 0 log 0 = 0 and mu floored as in the KL fits."""
+    x = x.astype(np.float64)
+    mu = np.maximum(mu, _kl_floor(np.float64))
+    positive = x > 0
+    log_term = np.zeros_like(x)
+    log_term[positive] = x[positive] * np.log(x[positive] / mu[positive])
+    return float(2.0 * np.sum(log_term - x + mu))
 
 
 def _map_tasks(function, args, executor, progress, label):
@@ -1169,7 +1199,9 @@ def _map_tasks(function, args, executor, progress, label):
     if executor is None:
         results = (function(*a) for a in args)
     else:
-        results = (f.result() for f in [executor.submit(function, *a) for a in args])
+        caller = os.getpid()
+        results = (f.result() for f in [executor.submit(_worker_task, function, a, caller)
+                                        for a in args])
     if not show:
         return list(results)
     try:
@@ -1187,6 +1219,35 @@ def _map_tasks(function, args, executor, progress, label):
 def _progress_line(label, done, total):
     sys.stderr.write(f"\r{label}: {done}/{total} fits")
     sys.stderr.flush()
+
+
+def _worker_task(function, args, caller_pid):
+    """Run one task; in a worker process, first limit BLAS to one thread (once per process).
+
+    Each worker runs one fit at a time, so BLAS threads in every worker only fight each other
+    for the cores: measured with ProcessPoolExecutor(2) on 2 cores, cross_validate ran 2.3x
+    slower than with one BLAS thread per worker, and got slower with every task. The limit needs
+    threadpoolctl (it is skipped when that is not installed). Tasks run as threads of the
+    caller's own process are left alone: a process-wide limit set from one thread would
+    change the others'."""
+    if os.getpid() != caller_pid:
+        _limit_blas_threads()
+    return function(*args)
+
+
+_BLAS_LIMITED = []
+
+
+def _limit_blas_threads():
+    if _BLAS_LIMITED:
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        _BLAS_LIMITED.append(False)
+        return
+    threadpool_limits(limits=1, user_api="blas")
+    _BLAS_LIMITED.append(True)
 
 
 # =============================================================================================
@@ -1924,7 +1985,7 @@ def _pair_covariance(counts, sums, squares):
 # One report
 # =============================================================================================
 
-CRITERIA = ("cv", "cophenetic", "randomized", "bicv")
+CRITERIA = ("prior", "cv", "cophenetic", "randomized", "bicv")
 
 
 @dataclass
@@ -1935,10 +1996,11 @@ class RankReport:
     ----------
     ranks : ndarray (r,)
     results : dict
-        criterion -> its result object (`CVResult`, `ConsensusResult`,
-        `RandomizedRSSResult`, `CVResult` for ``"bicv"``).
+        criterion -> its result object (`PriorPredictiveResult` for ``"prior"``, `CVResult`,
+        `ConsensusResult`, `RandomizedRSSResult`, `CVResult` for ``"bicv"``).
     suggestions : dict
-        criterion -> suggested rank.
+        criterion -> suggested rank (``"prior"``: its rounded estimate, absent when the data
+        do not identify it; the reason is in ``results["prior"].reason``).
 
     ``str(report)`` is a plain-text table; ``to_dict()`` gives JSON-ready numbers.
     """
@@ -1984,7 +2046,12 @@ class RankReport:
         out += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
                 for row in lines]
         out.append("")
-        out += [f"suggested k by {_CRITERION_NAMES[c]}: {k}" for c, k in self.suggestions.items()]
+        prior = self.results.get("prior")
+        for c, k in self.suggestions.items():
+            detail = f" (estimate {prior.rank:.2f}, no fits)" if c == "prior" else ""
+            out.append(f"suggested k by {_CRITERION_NAMES[c]}: {k}{detail}")
+        if prior is not None and not prior.identifiable:
+            out.append(f"prior predictive matching: not identifiable ({prior.reason})")
         return "\n".join(out)
 
     def __str__(self):
@@ -1992,20 +2059,28 @@ class RankReport:
 
     def to_dict(self):
         """JSON-ready dict: ranks, suggestions, and every column of the table."""
-        return {"ranks": self.ranks.tolist(), "suggestions": dict(self.suggestions),
-                "columns": {name: {str(k): v for k, v in col.items()}
-                            for name, col in self.columns().items()}}
+        out = {"ranks": self.ranks.tolist(), "suggestions": dict(self.suggestions),
+               "columns": {name: {str(k): v for k, v in col.items()}
+                           for name, col in self.columns().items()}}
+        prior = self.results.get("prior")
+        if prior is not None:
+            out["prior"] = {"rank": prior.rank, "identifiable": prior.identifiable,
+                            "reason": prior.reason, "mean": prior.mean, "var": prior.var,
+                            "rho_row": prior.rho_row, "rho_col": prior.rho_col,
+                            "tau": prior.tau, "likelihood": prior.likelihood}
+        return out
 
 
-_CRITERION_NAMES = {"cv": "cross-validated PRESS (minimum)", "cv_1se": "PRESS, one-SE rule",
+_CRITERION_NAMES = {"prior": "prior predictive matching (rounded)",
+                    "cv": "cross-validated PRESS (minimum)", "cv_1se": "PRESS, one-SE rule",
                     "cophenetic": "cophenetic correlation (Brunet)",
                     "randomized": "RSS vs randomized data",
                     "bicv": "bi-cross-validation (minimum)"}
 
 
 def choose_rank(X, ranks, criteria=CRITERIA, *, mask=None, random_state=None, executor=None,
-                progress=None, cv_kwargs=None, consensus_kwargs=None, randomized_kwargs=None,
-                bicv_kwargs=None):
+                progress=None, prior_kwargs=None, cv_kwargs=None, consensus_kwargs=None,
+                randomized_kwargs=None, bicv_kwargs=None):
     """Run several rank-selection criteria and put them side by side.
 
     Parameters
@@ -2014,12 +2089,14 @@ def choose_rank(X, ranks, criteria=CRITERIA, *, mask=None, random_state=None, ex
         Non-negative data, NaN = missing.
     ranks : iterable of int
     criteria : tuple of str
-        Any of ``"cv"`` (`cross_validate`; suggests the minimum of mean PRESS, and reports the
+        Any of ``"prior"`` (`prior_predictive_rank`, instant, Poisson likelihood unless
+        ``prior_kwargs`` says otherwise), ``"cv"`` (`cross_validate`; suggests the minimum of
+        mean PRESS, and reports the
         one-standard-error rule as ``"cv_1se"``), ``"cophenetic"`` (`consensus`, ranks >= 2),
         ``"randomized"`` (`randomized_rss`), ``"bicv"`` (`bicross_validate`).
     mask, random_state, executor, progress
         Shared by all criteria (each criterion gets its own spawned seed).
-    cv_kwargs, consensus_kwargs, randomized_kwargs, bicv_kwargs : dict, optional
+    prior_kwargs, cv_kwargs, consensus_kwargs, randomized_kwargs, bicv_kwargs : dict, optional
         Extra arguments for each criterion's function.
 
     Returns
@@ -2042,11 +2119,16 @@ def choose_rank(X, ranks, criteria=CRITERIA, *, mask=None, random_state=None, ex
         _check_choice(c, CRITERIA, "criterion")
     data = _validate_data(X, mask)
     ranks = _check_ranks(ranks, data.shape)
-    seeds = dict(zip(CRITERIA, _seed_sequence(random_state).spawn(len(CRITERIA)),
-                     strict=True))
+    seeded = CRITERIA[1:]  # each fitting criterion gets its own stream; "prior" needs none
+    seeds = dict(zip(seeded, _seed_sequence(random_state).spawn(len(seeded)), strict=True))
     common = {"executor": executor, "progress": progress}
     Xc = _nan_copy(data)
     results, suggestions = {}, {}
+    if "prior" in criteria:
+        prior = prior_predictive_rank(Xc, strict=False, **(prior_kwargs or {}))
+        results["prior"] = prior
+        if prior.identifiable:
+            suggestions["prior"] = prior.rank_int
     if "cv" in criteria:
         cv = cross_validate(Xc, ranks, random_state=seeds["cv"], **common, **(cv_kwargs or {}))
         results["cv"] = cv
@@ -2889,12 +2971,13 @@ def _masked_rss(A, B, indptr, idx, x):
     return total
 
 
-@njit(cache=True)
-def _masked_kl_rows(A, B, indptr, idx, x, den_all, l1, l2, eps, want_loss):
+@njit(cache=True, fastmath=_FAST)
+def _masked_kl_rows(A, B, indptr, idx, x, den_all, l1, l2, eps, want_loss, scratch, u):
     """Lee-Seung KL update of each row of A over its cells:
     A_at *= sum (x / (AB')_ab) B_bt / (sum B_bt + l1 + l2 A_at). The denominator sums over the
     row's cells, or is ``den_all`` when that is non-empty (sparse X: zeros are observed).
-    Returns (sum x log(x/wh) - x, sum wh) over the cells after the update if asked."""
+    Returns (sum x log(x/wh) - x, sum wh) over the cells after the update if asked.
+    A row's B rows are gathered first so that the loops over its cells vectorize."""
     p, k = A.shape
     num = np.empty(k, dtype=np.float64)
     den = np.empty(k, dtype=np.float64)
@@ -2902,36 +2985,34 @@ def _masked_kl_rows(A, B, indptr, idx, x, den_all, l1, l2, eps, want_loss):
     s_wh = 0.0
     fixed = den_all.shape[0] > 0
     for a in range(p):
-        num[:] = 0.0
-        den[:] = 0.0
-        for q in range(indptr[a], indptr[a + 1]):
-            b = idx[q]
-            wh = 0.0
-            for t in range(k):
-                wh += A[a, t] * B[b, t]
-            if wh < eps:
-                wh = eps
-            ratio = x[q] / wh
-            for t in range(k):
-                num[t] += ratio * B[b, t]
-                if not fixed:
-                    den[t] += B[b, t]
+        s = indptr[a]
+        c = indptr[a + 1] - s
+        _gather_rows(B, idx, s, c, scratch)
+        _predict_cells(A, a, scratch, c, u)
+        for q in range(c):
+            u[q] = x[s + q] / max(u[q], eps)
         for t in range(k):
-            d = (den_all[t] if fixed else den[t]) + l1 + l2 * A[a, t]
+            base = t * c
+            nt = 0.0
+            dt = 0.0
+            for q in range(c):
+                nt += u[q] * scratch[base + q]
+                dt += scratch[base + q]
+            num[t] = nt
+            den[t] = den_all[t] if fixed else dt
+        for t in range(k):
+            d = den[t] + l1 + l2 * A[a, t]
             if d > 0.0:
                 A[a, t] = A[a, t] * (num[t] / d)
         if want_loss:
-            for q in range(indptr[a], indptr[a + 1]):
-                b = idx[q]
-                wh = 0.0
-                for t in range(k):
-                    wh += A[a, t] * B[b, t]
-                if wh < eps:
-                    wh = eps
+            _predict_cells(A, a, scratch, c, u)
+            for q in range(c):
+                wh = max(u[q], eps)
+                xq = x[s + q]
                 s_wh += wh
-                s_log -= x[q]
-                if x[q] > 0.0:
-                    s_log += x[q] * math.log(x[q] / wh)
+                s_log -= xq
+                if xq > 0.0:
+                    s_log += xq * math.log(xq / wh)
     return s_log, s_wh
 
 
@@ -3122,7 +3203,10 @@ def _masked_mu_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, scratch, u, want):
 # =============================================================================================
 
 def main(argv=None):
-    """Command line entry point: ``python -m nmf_cv demo``.
+    """Command line: ``python -m nmf_cv {fit,rank,demo} ...`` (``--help`` on each).
+
+    User errors (unreadable files, bad ranges, negative data...) print one line on stderr and
+    return 2.
 
     Examples
     --------
@@ -3131,17 +3215,153 @@ def main(argv=None):
     planted rank 3...
     0
     """
-    parser = argparse.ArgumentParser(prog="nmf_cv", description=__doc__.splitlines()[0])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"nmf_cv {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="nmf_cv", description="Non-negative matrix factorization with exact missing "
+        "values, and the evidence on which rank k to use.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fit a built-in planted matrix with missing cells")
+
+    fit = sub.add_parser("fit", help="fit X ~ W H and write W, H and a summary",
+                         description="Fit X ~ W H (missing cells left out) and write "
+                         "PREFIX_W.csv, PREFIX_H.csv and PREFIX_fit.json.")
+    _add_input(fit)
+    fit.add_argument("-k", "--n-components", type=int, required=True, help="rank k")
+    fit.add_argument("--method", choices=METHODS, default="hals")
+    fit.add_argument("--loss", choices=LOSSES, default="frobenius",
+                     help="kl needs --method mu (default: %(default)s)")
+    fit.add_argument("--init", choices=INITS, default="nndsvda")
+    fit.add_argument("--max-iter", type=int, default=2000)
+    fit.add_argument("--tol", type=float, default=1e-6)
+    fit.add_argument("--seed", type=int, default=0, help="random_state (default: 0)")
+    fit.set_defaults(run=_cli_fit)
+
+    rank = sub.add_parser("rank", help="compare rank-selection criteria over a range of k",
+                          description="Run choose_rank: print the table, write "
+                          "PREFIX_rank.json and the dashboard figure.")
+    _add_input(rank)
+    rank.add_argument("--ranks", required=True, type=_parse_ranks,
+                      help="e.g. 2:10 (inclusive), 2:10:2 or 2,3,5")
+    _add_rank_options(rank)
+    rank.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    rank.add_argument("--runs", type=int, default=30, help="consensus restarts per rank")
+    rank.add_argument("--loss", choices=LOSSES, default="frobenius",
+                      help="cross-validation loss; kl scores Poisson deviance (counts)")
+    rank.add_argument("--report", help="dashboard figure path (default: PREFIX_rank.png)")
+    rank.set_defaults(run=_cli_rank)
+
+    demo = sub.add_parser("demo", help="rank selection on a built-in planted matrix",
+                          description="Fit a planted rank-3 matrix with 10%% of its cells "
+                          "missing, compare rank-selection criteria, save the dashboard.")
     demo.add_argument("--rows", type=int, default=150)
     demo.add_argument("--cols", type=int, default=80)
     demo.add_argument("--rank", type=int, default=3)
     demo.add_argument("--missing", type=float, default=0.1)
     demo.add_argument("--no-ranks", dest="ranks", action="store_false",
                       help="skip rank selection (fits only)")
-    args = parser.parse_args(argv)
-    return _demo(args)
+    demo.add_argument("--out", default=".", help="directory for demo_rank.png/.json")
+    _add_rank_options(demo, criteria=CRITERIA)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _add_input(parser):
+    parser.add_argument("file", help="CSV/TSV/whitespace text (header and row labels "
+                        "detected; empty, NA or NaN cells are missing) or .npy")
+    parser.add_argument("--out", help="output prefix (default: the input's name, here)")
+
+
+def _add_rank_options(parser, criteria=CRITERIA):
+    parser.add_argument("--criteria", type=_parse_criteria, default=criteria,
+                        help=f"comma-separated, any of {','.join(CRITERIA)} "
+                        "(default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="random_state (default: 0)")
+
+
+def _parse_ranks(text):
+    try:
+        if ":" in text:
+            parts = [int(p) for p in text.split(":")]
+            if len(parts) not in (2, 3):
+                raise ValueError
+            return list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1))
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected FIRST:LAST[:STEP] or a comma-separated list, got {text!r}") from None
+
+
+def _parse_criteria(text):
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = [c for c in names if c not in CRITERIA]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown criteria {unknown}; choose from "
+                                         f"{','.join(CRITERIA)}")
+    return names
+
+
+def _cli_fit(args):
+    X, row_labels, col_labels = read_matrix(args.file)
+    res = fit_nmf(X, args.n_components, method=args.method, loss=args.loss, init=args.init,
+                  max_iter=args.max_iter, tol=args.tol, random_state=args.seed)
+    prefix = _prefix(args)
+    names = [f"component_{t + 1}" for t in range(res.n_components)]
+    _write_csv(f"{prefix}_W.csv", res.W, row_labels, names)
+    _write_csv(f"{prefix}_H.csv", res.H, names, col_labels)
+    summary = {"file": args.file, "shape": list(X.shape),
+               "missing_fraction": float(np.isnan(X).mean()),
+               "n_components": res.n_components, "method": res.method, "loss": res.loss,
+               "relative_error": res.relative_error, "n_iter": res.n_iter,
+               "converged": res.converged, "objective": float(res.loss_history[-1]),
+               "time_s": res.time}
+    _write_json(f"{prefix}_fit.json", summary)
+    print(f"{res!r}\nwrote {prefix}_W.csv, {prefix}_H.csv, {prefix}_fit.json")
+    return 0
+
+
+def _cli_rank(args):
+    X, _, _ = read_matrix(args.file)
+    prefix = _prefix(args)
+    report = _rank_report(X, args.ranks, args, cv_kwargs={"n_folds": args.folds,
+                                                          "loss": args.loss},
+                          consensus_kwargs={"n_runs": args.runs})
+    _save_report(report, f"{prefix}_rank.json", args.report or f"{prefix}_rank.png")
+    return 0
+
+
+def _rank_report(X, ranks, args, **kwargs):
+    from concurrent.futures import ProcessPoolExecutor
+
+    _check_positive_int(args.jobs, "--jobs")
+    start = time.perf_counter()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            report = choose_rank(X, ranks, args.criteria, random_state=args.seed,
+                                 executor=pool, **kwargs)
+    else:
+        report = choose_rank(X, ranks, args.criteria, random_state=args.seed, **kwargs)
+    print(report)
+    print(f"({time.perf_counter() - start:.1f} s)")
+    return report
+
+
+def _save_report(report, json_path, figure_path):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    fig = plot_rank_report(report)
+    fig.savefig(figure_path, dpi=120)
+    _write_json(json_path, report.to_dict())
+    print(f"wrote {figure_path}, {json_path}")
 
 
 def _demo(args):
@@ -3154,14 +3374,141 @@ def _demo(args):
         print(f"  {method:6s} relative error {res.relative_error:.4f} on observed cells, "
               f"{res.n_iter} iterations, {res.time:.2f} s")
     if args.ranks:
-        start = time.perf_counter()
         ranks = range(1, 2 * args.rank + 1)
         print(f"\nchoose_rank over k = 1..{2 * args.rank}:")
-        report = choose_rank(X, ranks, random_state=0, progress=None,
-                             consensus_kwargs={"n_runs": 10, "max_iter": 200})
-        print(report)
-        print(f"({time.perf_counter() - start:.1f} s)")
+        report = _rank_report(X, ranks, args, progress=None,
+                              prior_kwargs={"likelihood": "gaussian",
+                                            "noise_var": (0.05 * np.nanmean(X)) ** 2},
+                              consensus_kwargs={"n_runs": 10, "max_iter": 200})
+        os.makedirs(args.out, exist_ok=True)
+        _save_report(report, os.path.join(args.out, "demo_rank.json"),
+                     os.path.join(args.out, "demo_rank.png"))
     return 0
+
+
+def read_matrix(path):
+    """Read a matrix from a text table (CSV, TSV or whitespace) or a ``.npy`` file.
+
+    A first row with any non-numeric cell is a header of column labels; then a first column
+    with any non-numeric cell holds row labels. Empty cells and ``NA``, ``NaN``, ``N/A``,
+    ``null``, ``?`` (any case) are missing (NaN). Anything else that is not a number is an
+    error naming its line and column.
+
+    Returns
+    -------
+    X : ndarray (m, n) of float64, NaN where missing
+    row_labels, col_labels : list of str or None
+
+    Examples
+    --------
+    >>> import io, nmf_cv
+    >>> X, rows, cols = nmf_cv.read_matrix(io.StringIO("gene,s1,s2\\ng1,1,NA\\ng2,3,4\\n"))
+    >>> X.tolist(), rows, cols
+    ([[1.0, nan], [3.0, 4.0]], ['g1', 'g2'], ['s1', 's2'])
+    """
+    if isinstance(path, str) and path.endswith(".npy"):
+        X = np.load(path, allow_pickle=False)
+        return _as_float_array(X, path), None, None
+    if isinstance(path, str):
+        with open(path, newline="") as handle:
+            text = handle.read()
+        name = path
+    else:
+        text, name = path.read(), "<stream>"
+    rows = _split_table(text)
+    if not rows:
+        raise ValueError(f"{name}: no data")
+    col_labels = None
+    if any(_number(cell) is None for cell in rows[0][1:]) or (
+            len(rows) > 1 and len(rows[0]) == len(rows[1]) - 1):
+        col_labels, rows = rows[0], rows[1:]
+    row_labels = None
+    if rows and any(_number(row[0]) is None for row in rows):
+        row_labels = [row[0] for row in rows]
+        rows = [row[1:] for row in rows]
+        if col_labels is not None and len(col_labels) == len(rows[0]) + 1:
+            col_labels = col_labels[1:]  # the header's corner cell names the row labels
+    first_line = 2 if col_labels is not None else 1
+    X = _parse_cells(rows, name, first_line, 1 + (row_labels is not None))
+    if col_labels is not None and len(col_labels) != X.shape[1]:
+        raise ValueError(f"{name}: the header has {len(col_labels)} labels for "
+                         f"{X.shape[1]} columns")
+    return X, row_labels, col_labels
+
+
+_MISSING_TOKENS = {"", "na", "nan", "n/a", "null", "?"}
+
+
+def _split_table(text):
+    import csv
+
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return []
+    if "\t" in lines[0]:
+        return [[c.strip() for c in line.split("\t")] for line in lines]
+    if "," in lines[0] or ";" in lines[0]:
+        dialect = csv.Sniffer().sniff(lines[0], delimiters=",;")
+        return [[c.strip() for c in row] for row in csv.reader(lines, dialect)]
+    return [line.split() for line in lines]
+
+
+def _number(cell):
+    """float value of a cell, NaN when missing, None when not a number."""
+    if cell.strip().lower() in _MISSING_TOKENS:
+        return math.nan
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def _parse_cells(rows, name, first_line, first_column):
+    width = len(rows[0]) if rows else 0
+    X = np.empty((len(rows), width))
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(f"{name} line {first_line + i}: {len(row)} cells, expected "
+                             f"{width}")
+        for j, cell in enumerate(row):
+            value = _number(cell)
+            if value is None:
+                raise ValueError(f"{name} line {first_line + i}, column {first_column + j}: "
+                                 f"{cell!r} is not a number")
+            X[i, j] = value
+    return X
+
+
+def _prefix(args):
+    if args.out:
+        return args.out
+    return os.path.splitext(os.path.basename(args.file))[0]
+
+
+def _write_csv(path, A, row_labels, col_labels):
+    import csv
+
+    rows = row_labels if row_labels is not None else [str(i) for i in range(A.shape[0])]
+    cols = col_labels if col_labels is not None else [str(j) for j in range(A.shape[1])]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([""] + list(cols))
+        for label, values in zip(rows, A, strict=True):
+            writer.writerow([label] + [repr(float(v)) for v in values])
+
+
+def _write_json(path, obj):
+    import json
+
+    with open(path, "w") as handle:
+        json.dump(obj, handle, indent=2, default=_json_default)
+        handle.write("\n")
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 if __name__ == "__main__":
