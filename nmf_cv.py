@@ -1030,8 +1030,8 @@ class CVResult:
 
 
 def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
-                   loss="frobenius", random_state=None, executor=None, progress=None,
-                   return_factors=False, allow_large_loo=False, **fit_kwargs):
+                   loss="frobenius", warm_start=False, random_state=None, executor=None,
+                   progress=None, return_factors=False, allow_large_loo=False, **fit_kwargs):
     """Leave-cells-out cross-validation of the rank: PRESS over held-out cells.
 
     The observed cells are split at random into ``n_folds`` folds ("speckled" holdout). For
@@ -1064,6 +1064,12 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
         ``"frobenius"``: fits minimise squared error, ``press`` and ``train_rss`` are sums of
         squared errors. ``"kl"``: fits minimise the KL divergence (``method="mu"``), ``press``
         and ``train_rss`` hold Poisson deviances of the held-out and training cells.
+    warm_start : bool
+        Fit each fold's ranks in increasing order, every rank starting from the previous
+        rank's factors plus new components initialised (``"nndsvda"``) from the positive part
+        of that fit's residual on the fold's *training* cells, so nothing crosses holdouts.
+        One task per fold (and repeat) instead of one per rank and fold: fewer iterations,
+        less parallelism. Results differ from independent fits (other local optima).
     random_state : None, int or SeedSequence
         Seeds the splits and every fit; each fit gets its own child seed
         (``SeedSequence.spawn``), so results do not depend on the executor.
@@ -1114,9 +1120,17 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
              for f in range(n_fold_count)]
     fit_seeds = seeds[1].spawn(len(tasks))
     shared = (rows, cols, values, data.shape, method, loss, fit_kwargs)
-    args = [(shared, folds[r], f, int(ranks[ki]), fit_seeds[i])
-            for i, (ki, r, f) in enumerate(tasks)]
-    outputs = _map_tasks(_cv_task, args, executor, progress, "cross_validate")
+    if warm_start:  # one chain of ranks per (repeat, fold); tasks are ordered rank-major
+        per_rank = n_repeats * n_fold_count
+        chains = [(shared, folds[r], f, [int(k) for k in ranks], fit_seeds[j::per_rank])
+                  for j, (r, f) in enumerate((r, f) for r in range(n_repeats)
+                                             for f in range(n_fold_count))]
+        chained = _map_tasks(_cv_chain_task, chains, executor, progress, "cross_validate")
+        outputs = [chained[i % per_rank][i // per_rank] for i in range(len(tasks))]
+    else:
+        args = [(shared, folds[r], f, int(ranks[ki]), fit_seeds[i])
+                for i, (ki, r, f) in enumerate(tasks)]
+        outputs = _map_tasks(_cv_task, args, executor, progress, "cross_validate")
     press = np.zeros((len(ranks), n_repeats, n_fold_count))
     train = np.zeros_like(press)
     factors = {} if return_factors else None
@@ -1163,18 +1177,55 @@ def _speckled_folds(rows, cols, shape, n_folds, rng):
 
 
 def _cv_task(shared, fold, f, k, seed):
-    rows, cols, values, shape, method, loss, fit_kwargs = shared
+    method, loss, fit_kwargs = shared[4:]
+    X, mask, train = _training_set(shared, fold, f)
+    res = fit_nmf(X, k, mask=mask, method=method, loss=loss, random_state=seed, **fit_kwargs)
+    return _cv_scores(shared, train, res.W, res.H)
+
+
+def _cv_chain_task(shared, fold, f, ranks, seeds):
+    """warm_start: one fold's ranks in increasing order (see `cross_validate`)."""
+    method, loss, fit_kwargs = shared[4:]
+    X, mask, train = _training_set(shared, fold, f)
+    out, W, H = [], None, None
+    for k, seed in zip(ranks, seeds, strict=True):
+        kw = dict(fit_kwargs)
+        if W is not None:
+            kw["init"] = _grow_factors(X, mask, W, H, k, seed)
+        res = fit_nmf(X, k, mask=mask, method=method, loss=loss, random_state=seed, **kw)
+        out.append(_cv_scores(shared, train, res.W, res.H))
+        W, H = res.W, res.H
+    return out
+
+
+def _training_set(shared, fold, f):
+    """(X with the training cells, their mask, which observed cells train) for fold f."""
+    rows, cols, values, shape = shared[:4]
     train = fold != f
     mask = np.zeros(shape, dtype=bool)
     mask[rows[train], cols[train]] = True
     X = np.zeros(shape, dtype=values.dtype)
     X[rows[train], cols[train]] = values[train]
-    res = fit_nmf(X, k, mask=mask, method=method, loss=loss, random_state=seed, **fit_kwargs)
+    return X, mask, train
+
+
+def _grow_factors(X, mask, W, H, k, seed):
+    """(W, H) of rank k: the given factors plus components fitted by nndsvda to the positive
+    part of their residual on the masked (training) cells."""
+    residual = np.where(mask, np.maximum(X - W @ H, 0.0), np.nan)
+    W_new, H_new = _initialize(_validate_data(residual), k - W.shape[1], "nndsvda",
+                               np.random.default_rng(seed))
+    return np.hstack([W, W_new]), np.vstack([H, H_new])
+
+
+def _cv_scores(shared, train, W, H):
+    """(held-out score, training score, W, H); squared error or Poisson deviance."""
+    rows, cols, values, loss = shared[0], shared[1], shared[2], shared[5]
     test = ~train
-    pred_test = np.einsum("ij,ij->i", res.W[rows[test]], res.H[:, cols[test]].T)
-    pred_train = np.einsum("ij,ij->i", res.W[rows[train]], res.H[:, cols[train]].T)
+    pred_test = np.einsum("ij,ij->i", W[rows[test]], H[:, cols[test]].T)
+    pred_train = np.einsum("ij,ij->i", W[rows[train]], H[:, cols[train]].T)
     score = _poisson_deviance if loss == "kl" else _squared_error
-    return score(values[test], pred_test), score(values[train], pred_train), res.W, res.H
+    return score(values[test], pred_test), score(values[train], pred_train), W, H
 
 
 def _squared_error(x, prediction):
@@ -2613,7 +2664,13 @@ def _legend(ax):
     handles, labels = ax.get_legend_handles_labels()
     marks = [getattr(h, "get_gid", lambda: None)() in _MARK_STYLES for h in handles]
     order = sorted(range(len(handles)), key=lambda i: marks[i])
-    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize="small")
+    place = {}
+    if any(line.get_gid() == "cophenetic" for line in ax.lines):
+        # Both coefficients are at most 1: room above 1 holds the legend off the curves.
+        ax.set_ylim(top=1.12)
+        place = {"loc": "upper center", "ncols": 2}
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize="small",
+              **place)
 
 
 def _mark_rank(ax, k, rule, gid):

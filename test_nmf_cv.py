@@ -564,10 +564,11 @@ def test_cv_folds_cover_rows_and_columns_and_partition_cells():
     assert cv.n_kept == int((cv.folds[0] == -1).sum())
 
 
-def test_cv_no_information_from_held_out_cells():
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_cv_no_information_from_held_out_cells(warm_start):
     X = nmf_cv.make_planted(30, 20, 3, noise=0.05, random_state=21)
     kw = dict(n_folds=3, random_state=5, progress=False, return_factors=True, max_iter=50,
-              init="random")
+              init="random", warm_start=warm_start)
     a = nmf_cv.cross_validate(X, [2, 3], **kw)
     fold0 = a.folds[0] == 0
     X2 = X.copy()
@@ -580,6 +581,37 @@ def test_cv_no_information_from_held_out_cells():
         assert not np.array_equal(a.factors[(k, 0, 1)][0], b.factors[(k, 0, 1)][0])
     assert np.all(b.press[:, 0, 0] > a.press[:, 0, 0])
     np.testing.assert_array_equal(a.train_rss[:, 0, 0], b.train_rss[:, 0, 0])
+
+
+def test_cv_warm_start_chains_ranks_within_each_fold():
+    """Each rank of a fold starts from the previous rank's factors plus new components; its
+    first iteration is no worse than the previous rank's end point; the warm chains pick
+    the planted rank, serially and on a pool alike."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    X = nmf_cv.make_planted(50, 35, 3, noise=0.05, missing=0.05, random_state=8)
+    kw = dict(n_folds=3, random_state=2, progress=False, return_factors=True, warm_start=True)
+    warm = nmf_cv.cross_validate(X, [1, 2, 3, 4, 5], **kw)
+    assert warm.best_rank == 3
+    with ProcessPoolExecutor(2) as pool:
+        pooled = nmf_cv.cross_validate(X, [1, 2, 3, 4, 5], executor=pool, **kw)
+    np.testing.assert_array_equal(warm.press, pooled.press)
+    seeds = np.random.SeedSequence(2).spawn(2)[1].spawn(5 * 3)  # rank-major tasks
+    for f in range(3):  # rank k's fit, redone from rank k-1's factors plus new components
+        mask = (warm.folds[0] != f) & (warm.folds[0] != -2)
+        train = np.where(mask, X, np.nan)
+        for k in (2, 3):
+            W0, H0 = warm.factors[(k - 1, 0, f)]
+            seed = seeds[(k - 1) * 3 + f]
+            init = nmf_cv._grow_factors(np.where(mask, X, 0.0), mask, W0, H0, k, seed)
+            np.testing.assert_array_equal(init[0][:, :k - 1], W0)
+            ref = nmf_cv.fit_nmf(train, k, init=init, max_iter=2000, tol=1e-6,
+                                 random_state=seed)
+            np.testing.assert_allclose(warm.factors[(k, 0, f)][0], ref.W, rtol=1e-12)
+            np.testing.assert_allclose(warm.factors[(k, 0, f)][1], ref.H, rtol=1e-12)
+            # the warm start is no worse than the previous rank's end point
+            end = nmf_cv.fit_nmf(train, k - 1, init=(W0, H0), max_iter=0)
+            assert ref.loss_history[1] <= end.loss_history[0] * (1 + 1e-12)
 
 
 def test_cv_press_matches_independent_computation():
