@@ -3504,9 +3504,9 @@ def _split_table(text):
         return []
     if "\t" in lines[0]:
         return [[c.strip() for c in line.split("\t")] for line in lines]
-    if "," in lines[0] or ";" in lines[0]:
-        dialect = csv.Sniffer().sniff(lines[0], delimiters=",;")
-        return [[c.strip() for c in row] for row in csv.reader(lines, dialect)]
+    for delimiter in ",;":
+        if delimiter in lines[0]:
+            return [[c.strip() for c in row] for row in csv.reader(lines, delimiter=delimiter)]
     return [line.split() for line in lines]
 
 
