@@ -7,6 +7,12 @@ stderr. Run from the repository root::
     python benchmarks/bench_rank.py --quick        # small data, few runs: a smoke test (<1 min)
     python benchmarks/bench_rank.py --runs 50      # consensus restarts per rank (default 20)
     python benchmarks/bench_rank.py --no-wait      # skip the wait for an idle machine
+    python benchmarks/bench_rank.py --sections consensus,kl \
+        --previous benchmarks/bench_rank_results.md   # rerun two sections, keep the others
+
+``--sections`` takes a comma list of ``cv``, ``consensus``, ``iteration`` and ``kl`` (default:
+all). With ``--previous FILE`` (an earlier output of this script) the sections not rerun are
+copied from FILE, each marked with the nmf_cv revision and dates of the run that measured it.
 
 Timings are wall-clock, in one process on identical data. Before each section a full run
 waits (30 s at a time, 10 minutes at most) for the 1-minute load average to fall to 0.5 or
@@ -14,23 +20,31 @@ below. The header records the load at the start and end of the measurements, eac
 its own load at start, and each timing the CPU time other processes took meanwhile (from
 /proc/stat): a check that the rest of the machine did not disturb it.
 
+Since nmf_cv limits BLAS to one thread in the worker processes that run its tasks (with
+threadpoolctl), a plain ``ProcessPoolExecutor(2)`` runs every fit with one BLAS thread; the
+rows labelled "nmf_cv's automatic 1 BLAS thread per worker" measure that.
+
 What is measured
 ----------------
-1. ``nmf_cv.cross_validate(X, range(1, 11), n_folds=5, random_state=0)`` on
+1. ``cv``: ``nmf_cv.cross_validate(X, range(1, 11), n_folds=5, random_state=0)`` on
    ``X = make_planted(1000, 500, 5, noise=0.1, random_state=0)`` (default fits: HALS,
-   ``max_iter=2000, tol=1e-6``): serially, and with a ``ProcessPoolExecutor(2)``; each
-   with OpenBLAS's default threads, and with BLAS limited to one thread by ``threadpoolctl``
-   (around the serial call; in the worker initializer for the pool). Pool start-up is inside
-   the timing.
-2. Consensus clustering on the Brunet et al. (2004) medulloblastoma data (5893 genes x 34
-   samples, ``../shared/data/medulloblastoma``): ranks 2..5, ``--runs`` random restarts per
-   rank, KL multiplicative updates (Brunet's), exactly 500 iterations per fit, samples
-   clustered by the argmax of each column of H, cophenetic correlation of the consensus
-   matrix. Implementations:
+   ``max_iter=2000, tol=1e-6``): serially, with OpenBLAS's default threads and with BLAS
+   limited to one thread by ``threadpoolctl``; and with a ``ProcessPoolExecutor(2)``, plain
+   (nmf_cv's automatic limit) and with a worker initializer that limits BLAS as well. Pool
+   start-up is inside the timing.
+2. ``consensus``: consensus clustering on the Brunet et al. (2004) medulloblastoma data
+   (5893 genes x 34 samples, ``../shared/data/medulloblastoma``): ranks 2..5, ``--runs``
+   random restarts per rank, KL multiplicative updates (Brunet's), exactly 500 iterations
+   per fit, samples clustered by the argmax of each column of H, cophenetic correlation of
+   the consensus matrix. Implementations:
 
-   - ``nmf_cv.consensus(X, ranks, n_runs=N, max_iter=500, tol=0, random_state=0)``, serially
-     (default BLAS threads, and one BLAS thread) and with a ``ProcessPoolExecutor(2)`` (one
-     BLAS thread per worker);
+   - ``nmf_cv.consensus(X, ranks, n_runs=N, stop="max_iter", max_iter=500,
+     random_state=0)`` (no objective evaluated), serially (default BLAS threads, and one
+     BLAS thread) and with a ``ProcessPoolExecutor(2)``;
+   - the same with nmf_cv's default stopping, Brunet's connectivity rule (a run ends once
+     its clustering has not changed for 400 iterations, checked every 10; at most 2000), on
+     a ``ProcessPoolExecutor(2)``: not the same work as the others (consensus does not
+     report iteration counts), so only its wall time and cophenetic values are given;
    - nmf-rs (``nmf_rs.nmf(X, k, method="brunet", seed=s, max_iter=500)``; Rust, GPL,
      benchmark only), consensus and cophenetic computed here with nmf_cv's functions;
    - plain numpy KL multiplicative updates written below (the floor any compiled code should
@@ -52,9 +66,20 @@ What is measured
    nmf-rs and nimfa draw their own inits, so their cophenetic values agree with nmf_cv's
    only up to the sampling noise of N restarts. 20 restarts (not 50) keep the full run's
    consensus part near 20 minutes, nimfa alone taking about 10.
-3. Cost of one dense KL iteration on the medulloblastoma data, by part: nmf_cv's per-iteration
-   time from ``time_history`` (median), its BLAS products and its ``X / WH`` pass with and
-   without the KL objective (a log per cell), against plain numpy and nmf-rs per iteration.
+3. ``iteration``: cost of one dense KL iteration on the medulloblastoma data, by part:
+   nmf_cv's per-iteration time from ``time_history`` (median; `fit_nmf` evaluates the
+   objective every iteration), the median time of a solver step without the objective
+   (``step(want_loss=False)``, what consensus runs), its BLAS products and its ``X / WH``
+   pass with and without the KL objective (a log per cell), against plain numpy and nmf-rs
+   per iteration.
+4. ``kl``: cross-validation on Poisson counts, ``loss="kl"`` (masked KL multiplicative
+   updates, held-out Poisson deviance) against ``loss="frobenius"`` (masked HALS, held-out
+   squared error). Counts ``X ~ Poisson(rate)``, ``rate = A @ B`` with ``A`` (m x 5) and
+   ``B`` (5 x n) drawn from Gamma(1, 1) and scaled to mean 5 (seed 0).
+   ``cross_validate(X, range(1, 9), n_folds=5, loss=..., random_state=0)`` on 300 x 200,
+   serially and with a ``ProcessPoolExecutor(2)``; then on 1000 x 500 with the pool only,
+   when the time estimated from the 300 x 200 serial runs (scaled by the number of cells,
+   over 2 workers) is within ``--kl-budget`` seconds (default 300); else skipped with a note.
 """
 
 import argparse
@@ -65,6 +90,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -105,7 +131,7 @@ IDLE_LOAD, IDLE_STEP, IDLE_PATIENCE = 0.5, 30, 600  # wait for load <= 0.5, 30 s
 class Plan:
     """Sizes of one benchmark run (full or --quick)."""
 
-    def __init__(self, quick, runs):
+    def __init__(self, quick, runs, kl_budget=300.0):
         self.quick = quick
         self.cv_shape = (200, 100, 3) if quick else (1000, 500, 5)
         self.cv_ranks = range(1, 5) if quick else range(1, 11)
@@ -116,6 +142,13 @@ class Plan:
         self.rows = 1000 if quick else None  # medulloblastoma genes used (None: all)
         self.per_iter = 20 if quick else 200  # iterations timed in section 3
         self.repeats = 3 if quick else 20
+        # consensus with its default stopping rule: nmf_cv's defaults in a full run
+        self.default_stop = {"stable_iter": 40, "max_iter": 200} if quick else {}
+        self.count_shape = (60, 40, 3) if quick else (300, 200, 5)  # section 4: m, n, k_true
+        self.count_large = (150, 100, 3) if quick else (1000, 500, 5)
+        self.count_ranks = range(1, 5) if quick else range(1, 9)
+        self.count_folds = 3 if quick else 5
+        self.kl_budget = kl_budget  # seconds the large count-data size may take (estimated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,8 +287,9 @@ def bench_cv(plan):
     ranks = list(plan.cv_ranks)
     runs = [("serial, BLAS default threads", None, False),
             ("serial, 1 BLAS thread (threadpoolctl)", 1, False),
-            ("ProcessPoolExecutor(2), workers' BLAS default threads", None, True),
-            ("ProcessPoolExecutor(2), 1 BLAS thread per worker (threadpoolctl)", 1, True)]
+            ("ProcessPoolExecutor(2), nmf_cv's automatic 1 BLAS thread per worker", None, True),
+            ("ProcessPoolExecutor(2), 1 BLAS thread per worker (threadpoolctl initializer "
+             "and nmf_cv's automatic limit)", 1, True)]
     results = []
     for label, threads, use_pool in runs:
         log(f"1. cross_validate {m}x{n} k={k}, ranks {ranks[0]}..{ranks[-1]}: {label}")
@@ -324,8 +358,10 @@ def nmf_rs_consensus(X, plan):
 
 
 def nmf_cv_consensus(X, plan, executor=None):
-    res = nmf_cv.consensus(X, plan.ranks, n_runs=plan.runs, max_iter=plan.max_iter, tol=0,
-                           random_state=0, progress=False, executor=executor)
+    """Exactly ``plan.max_iter`` iterations per fit (no objective): nimfa's and nmf-rs's work."""
+    res = nmf_cv.consensus(X, plan.ranks, n_runs=plan.runs, stop="max_iter",
+                           max_iter=plan.max_iter, random_state=0, progress=False,
+                           executor=executor)
     return list(res.cophenetic)
 
 
@@ -335,8 +371,17 @@ def nmf_cv_consensus_1blas(X, plan):
 
 
 def nmf_cv_consensus_pool(X, plan):
-    with pool(1) as executor:
+    """Plain pool: nmf_cv limits BLAS to one thread in its workers by itself."""
+    with pool(None) as executor:
         return nmf_cv_consensus(X, plan, executor)
+
+
+def nmf_cv_consensus_default_stop(X, plan):
+    """nmf_cv's default stopping (Brunet's connectivity rule), plain pool."""
+    with pool(None) as executor:
+        res = nmf_cv.consensus(X, plan.ranks, n_runs=plan.runs, random_state=0,
+                               progress=False, executor=executor, **plan.default_stop)
+    return list(res.cophenetic)
 
 
 NIMFA_SCRIPT = r"""
@@ -381,11 +426,12 @@ def coph_cells(values):
     return [f"{c:.4f}" for c in values]
 
 
-def consensus_row(label, wall, coph, others, plan, reference):
+def consensus_row(label, wall, coph, others, plan, reference, fixed=True):
+    """``fixed``: every fit ran ``plan.max_iter`` iterations (else 'ms per iteration' is n/a)."""
     n_iter = len(plan.ranks) * plan.runs * plan.max_iter
     best = nmf_cv.best_cophenetic_rank(plan.ranks, coph)
-    return ([label, sec(wall), ms(wall / n_iter), ratio(wall, reference)] + coph_cells(coph)
-            + [best, "n/a" if math.isnan(others) else f"{others:.1f}"])
+    return ([label, sec(wall), ms(wall / n_iter) if fixed else "n/a", ratio(wall, reference)]
+            + coph_cells(coph) + [best, "n/a" if math.isnan(others) else f"{others:.1f}"])
 
 
 def nimfa_rows(nimfa, plan, reference):
@@ -411,19 +457,33 @@ def nimfa_notes(nimfa):
             "objective rises)."]
 
 
+def max_gap(a, b):
+    return f"{float(np.max(np.abs(np.asarray(a) - np.asarray(b)))):.4f}"
+
+
 def ratio_notes(runs, nimfa, plan):
-    """Time ratios against the peers, and the targets against nimfa."""
+    """Time ratios against the peers, the targets against nimfa, cophenetic agreement."""
     wall = {run[0]: run[2] for run in runs}
+    coph = {run[0]: run[3] for run in runs}
     lines = [f"Time ratios: nmf_cv serial / plain numpy = {ratio(wall['serial'], wall['numpy'])}"]
     if "nmf_rs" in wall:
         lines[0] += (f"; nmf_cv serial / nmf-rs = {ratio(wall['serial'], wall['nmf_rs'])}; "
                      f"nmf_cv pool / nmf-rs = {ratio(wall['pool'], wall['nmf_rs'])}")
     if nimfa is not None:
-        own = np.array([nimfa["ranks"][str(k)]["cophenetic"] for k in plan.ranks])
-        gap = np.max(np.abs(np.array(runs[0][3]) - own))
+        own = [nimfa["ranks"][str(k)]["cophenetic"] for k in plan.ranks]
         lines.append(f"Targets: nimfa / nmf_cv serial = {ratio(nimfa['wall'], wall['serial'])}"
                      f", nimfa / nmf_cv pool = {ratio(nimfa['wall'], wall['pool'])} (target "
-                     f">= 10); max |cophenetic nmf_cv - nimfa| = {gap:.4f} (target <= 0.02).")
+                     f">= 10); max |cophenetic nmf_cv - nimfa| = {max_gap(coph['serial'], own)}"
+                     " (target <= 0.02).")
+        lines.append("Default stopping (not the same work): nimfa / nmf_cv default stopping, "
+                     f"pool = {ratio(nimfa['wall'], wall['default_stop'])}; max |cophenetic "
+                     f"default stopping - nimfa| = {max_gap(coph['default_stop'], own)}.")
+    agreement = [f"{name} {max_gap(coph['serial'], coph[key])}" for key, name in
+                 (("serial_1", "serial 1 BLAS thread"), ("pool", "pool"),
+                  ("numpy", "plain numpy"), ("nmf_rs", "nmf-rs"),
+                  ("default_stop", "default stopping")) if key in coph]
+    lines.append("Max |cophenetic - nmf_cv serial's| over the ranks: " + ", ".join(agreement)
+                 + ".")
     return lines
 
 
@@ -431,12 +491,16 @@ def consensus_runs(X, plan):
     """(key, label, wall s, cophenetic values, others' CPU s) of each one but nimfa."""
     jobs = [("serial", "nmf_cv.consensus, serial", nmf_cv_consensus),
             ("serial_1", "nmf_cv.consensus, serial, 1 BLAS thread", nmf_cv_consensus_1blas),
-            ("pool", "nmf_cv.consensus, ProcessPoolExecutor(2), 1 BLAS thread each",
-             nmf_cv_consensus_pool)]
+            ("pool", "nmf_cv.consensus, ProcessPoolExecutor(2), nmf_cv's automatic 1 BLAS "
+             "thread per worker", nmf_cv_consensus_pool)]
     if nmf_rs is not None:
         jobs.append(("nmf_rs", "nmf-rs brunet (rayon, default threads)", nmf_rs_consensus))
     jobs.append(("numpy", "plain numpy KL MU (floor, nmf_cv's seeds and init)",
                  numpy_consensus))
+    settings = ", ".join(f"{key}={value}" for key, value in plan.default_stop.items())
+    jobs.append(("default_stop", "nmf_cv.consensus default stopping (Brunet's connectivity "
+                 f"rule{', ' + settings if settings else ''}), ProcessPoolExecutor(2)",
+                 nmf_cv_consensus_default_stop))
     out = []
     for key, label, job in jobs:
         log(f"2. consensus on {X.shape[0]}x{X.shape[1]}: {label}")
@@ -448,7 +512,8 @@ def bench_consensus(plan, nimfa_python):
     X = load_medulloblastoma(plan)
     runs = consensus_runs(X, plan)
     reference = runs[0][2]
-    rows = [consensus_row(*run[1:], plan, reference) for run in runs]
+    rows = [consensus_row(*run[1:], plan, reference, fixed=run[0] != "default_stop")
+            for run in runs]
     log("2. consensus: nimfa (subprocess)")
     nimfa = nimfa_consensus(plan, nimfa_python)
     rows += nimfa_rows(nimfa, plan, reference)
@@ -456,11 +521,16 @@ def bench_consensus(plan, nimfa_python):
                + [f"cophenetic k={k}" for k in plan.ranks]
                + ["best rank (Brunet's rule)", "other processes' CPU s"])
     note = (f"Data {X.shape[0]}x{X.shape[1]}; ranks {plan.ranks}, {plan.runs} random restarts "
-            f"per rank, {plan.max_iter} KL multiplicative-update iterations per fit (tol=0), "
-            "clusters = argmax over each column of H. 'ms per iteration' is the wall time "
-            "over all fits' iterations (consensus bookkeeping included). The plain numpy "
-            "fits start from nmf_cv's inits (same seeds, same formula), so their cophenetic "
-            "values should equal nmf_cv's.")
+            f"per rank, {plan.max_iter} KL multiplicative-update iterations per fit (nmf_cv: "
+            f"`stop=\"max_iter\", max_iter={plan.max_iter}`, no objective evaluated), clusters "
+            "= argmax over each column of H. 'ms per iteration' is the wall time over all "
+            "fits' iterations (consensus bookkeeping included). The plain numpy fits start "
+            "from nmf_cv's inits (same seeds, same formula), so their cophenetic values should "
+            "equal nmf_cv's. The default-stopping row runs nmf_cv's default "
+            "`stop=\"connectivity\"` (a run ends once its clustering has not changed for "
+            "`stable_iter` iterations, checked every 10; default 400, at most `max_iter`, "
+            "default 2000): a different amount of work, whose iteration counts consensus does "
+            "not report.")
     parts = ["## 2. Consensus clustering, medulloblastoma (Brunet et al. 2004)", note,
              markdown_table(headers, rows)]
     parts += nimfa_notes(nimfa) + ratio_notes(runs, nimfa, plan)
@@ -485,10 +555,23 @@ def kl_ratio_time(X, W, H, want_loss, repeats):
 
 
 def nmf_cv_iteration(X, k, plan, blas_threads=None):
+    """Median iteration time of `fit_nmf` (objective every iteration), and its result."""
     with blas_limit(blas_threads):
         res = nmf_cv.fit_nmf(X, k, method="mu", loss="kl", init="random",
                              max_iter=plan.per_iter, tol=0, random_state=0)
     return float(np.median(np.diff(res.time_history)[1:])), res
+
+
+def nmf_cv_step(X, k, plan, blas_threads=None):
+    """Median time of the dense KL solver's ``step(want_loss=False)`` (consensus's iteration),
+    from `fit_nmf`'s init; uses the private ``_setup_fit`` and ``_DenseKLSolver``."""
+    _, solver = nmf_cv._setup_fit(X, k, method="mu", loss="kl", init="random",
+                                  random_state=0)
+    if not isinstance(solver, nmf_cv._DenseKLSolver):
+        raise TypeError(f"expected nmf_cv._DenseKLSolver, got {type(solver).__name__}")
+    with blas_limit(blas_threads):
+        times = [timed(solver.step, want_loss=False)[0] for _ in range(plan.per_iter)]
+    return float(np.median(times[1:]))
 
 
 def kernel_parts(X, W, H, repeats):
@@ -513,9 +596,11 @@ def peers_per_iteration(X, k, n_iter):
 def iteration_row(X, k, plan):
     per_iter, res = nmf_cv_iteration(X, k, plan)
     per_iter_1blas = nmf_cv_iteration(X, k, plan, blas_threads=1)[0]
+    step, step_1blas = (nmf_cv_step(X, k, plan, threads) for threads in (None, 1))
     t = kernel_parts(X, res.W, res.H, plan.repeats)
     loss = t["with_loss"] - t["no_loss"]
-    return ([k, ms(per_iter), ms(per_iter_1blas)]
+    return ([k, ms(per_iter), ms(per_iter_1blas), ms(step), ms(step_1blas),
+             ratio(step, per_iter)]
             + [ms(t[key]) for key in ("wh", "num_h", "num_w", "with_loss", "no_loss")]
             + [ms(loss), ratio(loss, per_iter), ms(t["np_div"])]
             + [ms(x) for x in peers_per_iteration(X, k, plan.per_iter)])
@@ -525,18 +610,111 @@ def bench_iteration(plan):
     X = load_medulloblastoma(plan)
     log("3. one dense KL iteration, by part")
     rows = [iteration_row(X, k, plan) for k in plan.ranks]
-    headers = ["k", "nmf_cv ms/iter", "nmf_cv ms/iter, 1 BLAS thread", "WH (BLAS)",
-               "W'R (BLAS)", "R H' (BLAS)", "X/WH + KL loss", "X/WH only", "loss part",
-               "loss part / iter", "numpy X/WH", "plain numpy ms/iter", "nmf-rs ms/iter"]
-    note = (f"Data {X.shape[0]}x{X.shape[1]}, times in ms. nmf_cv: median of the "
-            f"`time_history` steps of a {plan.per_iter}-iteration fit (init random, tol=0). "
-            "One nmf_cv iteration is 2 WH products, 2 X/WH passes (the second with the "
-            "objective), W'R, R H' and two small multiplicative applies. Parts: median of "
+    headers = ["k", "fit_nmf ms/iter (with objective)", "fit_nmf ms/iter, 1 BLAS thread",
+               "step(want_loss=False) ms", "step(want_loss=False) ms, 1 BLAS thread",
+               "step without / fit_nmf with objective", "WH (BLAS)", "W'R (BLAS)",
+               "R H' (BLAS)", "X/WH + KL loss", "X/WH only", "loss part",
+               "loss part / fit_nmf iter", "numpy X/WH", "plain numpy ms/iter",
+               "nmf-rs ms/iter"]
+    note = (f"Data {X.shape[0]}x{X.shape[1]}, times in ms. fit_nmf: median of the "
+            f"`time_history` steps of a {plan.per_iter}-iteration fit (init random, tol=0); "
+            "its iteration is 2 WH products, 2 X/WH passes (the second with the KL "
+            "objective), W'R, R H' and two small multiplicative applies. step(want_loss="
+            "False): median time of the dense KL solver's step without the objective (both "
+            "X/WH passes without the log), what `consensus` runs with `stop=\"max_iter\"` or "
+            f"`\"connectivity\"`; {plan.per_iter} steps from the same init. Parts: median of "
             f"{plan.repeats} calls on the fit's final W, H, with nmf_cv's own kernels. Plain "
             f"numpy and nmf-rs: wall time of a {plan.per_iter}-iteration fit / iterations "
             "(init included).")
     return "\n".join(["## 3. One dense KL iteration, by part (medulloblastoma)", "", note, "",
                       markdown_table(headers, rows)])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Count data: cross_validate with loss="kl" against loss="frobenius"
+# ---------------------------------------------------------------------------------------------
+
+def poisson_counts(m, n, k, random_state=0):
+    """Counts ~ Poisson(rate), rate = Gamma(1, 1) (m x k) @ Gamma(1, 1) (k x n), mean 5."""
+    rng = np.random.default_rng(random_state)
+    rate = rng.gamma(1.0, 1.0, size=(m, k)) @ rng.gamma(1.0, 1.0, size=(k, n))
+    rate *= 5.0 / rate.mean()
+    return rng.poisson(rate).astype(np.float64)
+
+
+def count_cv(X, plan, loss, use_pool):
+    kwargs = {"n_folds": plan.count_folds, "loss": loss, "random_state": 0, "progress": False}
+    if not use_pool:
+        return nmf_cv.cross_validate(X, plan.count_ranks, **kwargs)
+    with pool(None) as executor:
+        return nmf_cv.cross_validate(X, plan.count_ranks, executor=executor, **kwargs)
+
+
+POOL_LABEL = "ProcessPoolExecutor(2), nmf_cv's automatic 1 BLAS thread per worker"
+LOSS_LABELS = {"kl": "kl (masked KL MU, Poisson deviance)",
+               "frobenius": "frobenius (masked HALS, squared error)"}
+
+
+def count_row(shape, loss, label, wall, cv, others, serial=None):
+    """``serial``: (wall, CVResult) of the same size and loss run serially, if any."""
+    diff = "n/a"
+    if serial is not None:
+        diff = f"{float(np.max(np.abs(cv.press - serial[1].press) / serial[1].press)):.1e}"
+    relative = " ".join(f"{v:.3f}" for v in cv.press_mean / cv.press_mean.min())
+    return [f"{shape[0]}x{shape[1]}", LOSS_LABELS[loss], label, sec(wall),
+            ratio(serial[0], wall) if serial is not None else "n/a", cv.best_rank,
+            cv.best_rank_1se, diff, relative, f"{others:.1f}"]
+
+
+def count_large_estimate(small_walls, small, large):
+    """Seconds the large size should take on the pool: the small size's serial walls scaled by
+    the number of cells, over 2 workers."""
+    return sum(small_walls) * (large[0] * large[1]) / (small[0] * small[1]) / 2
+
+
+def bench_count_cv(plan):
+    rows, serial_walls = [], []
+    small, large = plan.count_shape, plan.count_large
+    X = poisson_counts(*small)
+    for loss in ("kl", "frobenius"):
+        log(f"4. count data {small[0]}x{small[1]}, loss={loss}: serial")
+        serial = measured(count_cv, X, plan, loss, False)
+        log(f"4. count data {small[0]}x{small[1]}, loss={loss}: {POOL_LABEL}")
+        pooled = measured(count_cv, X, plan, loss, True)
+        rows += [count_row(small, loss, "serial", *serial, serial=serial[:2]),
+                 count_row(small, loss, POOL_LABEL, *pooled, serial=serial[:2])]
+        serial_walls.append(serial[0])
+    estimate = count_large_estimate(serial_walls, small, large)
+    if estimate <= plan.kl_budget:
+        X_large = poisson_counts(*large)
+        for loss in ("kl", "frobenius"):
+            log(f"4. count data {large[0]}x{large[1]}, loss={loss}: {POOL_LABEL}")
+            rows.append(count_row(large, loss, POOL_LABEL,
+                                  *measured(count_cv, X_large, plan, loss, True)))
+        large_note = (f"{large[0]}x{large[1]} (k_true={large[2]}) ran on the pool only: "
+                      f"estimated {estimate:.0f} s beforehand (the {small[0]}x{small[1]} "
+                      "serial times scaled by the number of cells, over 2 workers), within "
+                      f"the {plan.kl_budget:.0f} s budget.")
+    else:
+        large_note = (f"{large[0]}x{large[1]} (k_true={large[2]}) skipped: estimated "
+                      f"{estimate:.0f} s on the pool (the {small[0]}x{small[1]} serial times "
+                      "scaled by the number of cells, over 2 workers), over the "
+                      f"{plan.kl_budget:.0f} s budget (`--kl-budget`).")
+    ranks = list(plan.count_ranks)
+    headers = ["size", "loss", "run", "wall s", "speed-up vs serial", "best_rank",
+               "best_rank_1se", "max rel. PRESS diff vs serial",
+               f"mean held-out score / min, ranks {ranks[0]}..{ranks[-1]}",
+               "other processes' CPU s"]
+    note = (f"Counts X ~ Poisson(rate), rate = A @ B with A (m x k_true), B (k_true x n) "
+            "drawn from Gamma(1, 1) and scaled to mean 5 (seed 0); "
+            f"`cross_validate(X, range({ranks[0]}, {ranks[-1] + 1}), "
+            f"n_folds={plan.count_folds}, loss=..., random_state=0)` with the default fits "
+            f"(max_iter=2000, tol=1e-6): {len(ranks) * plan.count_folds} masked fits per run. "
+            f"Planted rank: {small[2]}. The held-out score is the Poisson deviance for "
+            "loss='kl' and the squared error for loss='frobenius'. Pool start-up is inside "
+            "the pool timings.")
+    return "\n\n".join(["## 4. Count data: cross_validate with loss='kl' vs loss='frobenius'",
+                        note, markdown_table(headers, rows), large_note])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,7 +725,10 @@ def warm_up():
     """Compile (or load from numba's cache) the kernels the benchmark uses."""
     X = nmf_cv.make_planted(40, 30, 3, noise=0.1, random_state=0)
     nmf_cv.cross_validate(X, [2], n_folds=2, random_state=0, progress=False, max_iter=5)
-    nmf_cv.consensus(X, [2], n_runs=2, max_iter=5, random_state=0, progress=False)
+    nmf_cv.cross_validate(np.round(10 * X), [2], n_folds=2, loss="kl", random_state=0,
+                          progress=False, max_iter=5)
+    nmf_cv.consensus(X, [2], n_runs=2, stop="max_iter", max_iter=5, random_state=0,
+                     progress=False)
 
 
 def run_section(wait, function, *args):
@@ -567,42 +748,114 @@ def conditions_note(c):
             f"its {c['wall']:.0f} s.")
 
 
+SECTIONS = ("cv", "consensus", "iteration", "kl")  # in the order (and numbering) of the output
+CARRIED = "_Not rerun:"
+
+
+def parse_sections(text):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"sections are a comma list of {', '.join(SECTIONS)}; "
+                                         f"got {text!r}")
+    return [name for name in SECTIONS if name in names]
+
+
+def read_previous(path, current_revision):
+    """Sections of an earlier output of this script, each marked as copied from its run."""
+    lines = Path(path).read_text().splitlines()
+    machine = next((line for line in lines if line.startswith("Machine:")), "")
+    revision = re.search(r"\(git (.+?) at import", machine)
+    dates = re.search(r"started (.+?), ended (.+?);", machine)
+    old = revision.group(1) if revision else "unknown"
+    changed = "" if old == current_revision else f"; nmf_cv is now at git {current_revision}"
+    origin = (f"{CARRIED} copied from a previous run (nmf_cv git {old} at import; "
+              + (f"started {dates.group(1)}, ended {dates.group(2)}" if dates else "date unknown")
+              + f"{changed}), whose machine line was: " + machine.removeprefix("Machine: ")
+              + "_")
+    sections, key = {}, None
+    for line in lines:
+        heading = re.match(r"## (\d+)\.", line)
+        if heading:
+            number = int(heading.group(1))
+            key = SECTIONS[number - 1] if 1 <= number <= len(SECTIONS) else None
+            if key is not None:
+                sections[key] = [line]
+            continue
+        if line.startswith("Benchmark wall time"):
+            key = None
+        if key is not None:
+            sections[key].append(line)
+    out = {}
+    for key, body in sections.items():
+        text = "\n".join(body).strip()
+        if not any(line.startswith(CARRIED) for line in body):
+            text = "\n\n".join([body[0], origin, "\n".join(body[1:]).strip()])
+        out[key] = text
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="small data, 2 restarts, 50 iterations, no idle wait (smoke test)")
     parser.add_argument("--runs", type=int, default=20,
                         help="consensus restarts per rank (default 20)")
+    parser.add_argument("--sections", type=parse_sections, default=list(SECTIONS),
+                        help="comma list of sections to run: cv,consensus,iteration,kl "
+                        "(default all)")
+    parser.add_argument("--previous", metavar="FILE",
+                        help="an earlier output of this script: copy the sections not run "
+                        "from it (marked as such)")
+    parser.add_argument("--kl-budget", type=float, default=300.0,
+                        help="run the large count-data size (section 4) only when it is "
+                        "estimated to take at most this many seconds (default 300)")
     parser.add_argument("--nimfa-python", default=str(NIMFA_PYTHON),
                         help="python of a venv with nimfa and numpy<2")
     parser.add_argument("--no-wait", action="store_true",
                         help="do not wait for the load average to fall")
     args = parser.parse_args(argv)
-    plan = Plan(args.quick, args.runs)
-    if not MEDULLO.exists():
+    plan = Plan(args.quick, args.runs, args.kl_budget)
+    if not MEDULLO.exists() and {"consensus", "iteration"} & set(args.sections):
         log(f"missing {MEDULLO}")
         return 1
     wait = not (args.quick or args.no_wait)
     start = {"revision": git_revision(), "digest": source_digest(), "date": now(),
              "clock": time.perf_counter()}
+    previous = read_previous(args.previous, start["revision"]) if args.previous else {}
     log("warm-up (numba compile)")
     warm_up()
-    cv, cv_conditions = run_section(wait, bench_cv, plan)
-    (consensus, nimfa_versions), consensus_conditions = run_section(
-        wait, bench_consensus, plan, args.nimfa_python)
-    iteration, iteration_conditions = run_section(wait, bench_iteration, plan)
-    start.update(load=cv_conditions["load"], waited=cv_conditions["waited"])
+    benches = {"cv": (bench_cv, plan), "consensus": (bench_consensus, plan, args.nimfa_python),
+               "iteration": (bench_iteration, plan), "kl": (bench_count_cv, plan)}
+    done, nimfa_versions = {}, "not run"
+    for name in args.sections:
+        text, conditions = run_section(wait, *benches[name])
+        if name == "consensus":
+            text, nimfa_versions = text
+        done[name] = (text, conditions)
+    first = done[args.sections[0]][1]
+    start.update(load=first["load"], waited=first["waited"])
     print("# nmf_cv rank-selection benchmarks" + (" (--quick)" if args.quick else ""))
     print()
     print(machine_header(start, nimfa_versions))
-    for text, conditions in ((cv, cv_conditions), (consensus, consensus_conditions),
-                             (iteration, iteration_conditions)):
+    if len(args.sections) < len(SECTIONS):
         print()
-        print(text)
-        print()
-        print(conditions_note(conditions))
+        print(f"Sections run this time: {', '.join(args.sections)}"
+              + ("; the others, where shown, are copied from an earlier run and marked so."
+                 if previous else "."))
+    for name in SECTIONS:
+        if name in done:
+            text, conditions = done[name]
+            print()
+            print(text)
+            print()
+            print(conditions_note(conditions))
+        elif name in previous:
+            print()
+            print(previous[name])
     print()
-    print(f"Benchmark wall time: {time.perf_counter() - start['clock']:.0f} s")
+    print(f"Benchmark wall time (sections run this time): "
+          f"{time.perf_counter() - start['clock']:.0f} s")
     return 0
 
 
