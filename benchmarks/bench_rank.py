@@ -546,11 +546,13 @@ def median_time(function, repeats):
 
 
 def kl_ratio_time(X, W, H, want_loss, repeats):
-    """Median time of nmf_cv's X / WH pass (WH recomputed, untimed, before each call)."""
+    """Median time of nmf_cv's X / WH pass, with the KL objective (``_kl_ratio``) or without
+    (``_kl_ratio_only``); WH recomputed, untimed, before each call."""
     buf, eps, times = np.empty_like(X), nmf_cv._kl_floor(X.dtype), []
+    ratio = nmf_cv._kl_ratio if want_loss else nmf_cv._kl_ratio_only
     for _ in range(repeats):
         np.dot(W, H, out=buf)
-        times.append(timed(nmf_cv._kl_ratio, X, buf, eps, want_loss)[0])
+        times.append(timed(ratio, X, buf, eps)[0])
     return float(np.median(times))
 
 
