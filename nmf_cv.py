@@ -853,26 +853,20 @@ class _MaskedSolver(_WHt):
         self.c_ptr, self.c_idx = _indptr(c_cols[order], n), c_rows[order].astype(np.int64)
         longest = max(np.diff(self.r_ptr).max(initial=0), np.diff(self.c_ptr).max(initial=0))
         # Gathered B rows and the cells' predictions: separate buffers, so LLVM can vectorize.
-        self.scratch = np.empty(max(longest, 1) * k, dtype=np.float64)
+        self.scratch = np.empty(max(longest, 1) * (k + 4), dtype=np.float64)
         self.u = np.empty(max(longest, 1), dtype=np.float64)
         if sweeps is not None:
             self.sweeps_W = self.sweeps_H = sweeps
         elif method == "hals":
-            dense_products = isinstance(self.X, np.ndarray)
-            self.sweeps_W = self._sweeps(m, n, k, len(r_rows), dense_products)
-            self.sweeps_H = self._sweeps(n, m, k, len(c_rows), dense_products)
+            # The dense fit's sweeps: an iteration does the same work plus the Gram matrices.
+            self.sweeps_W, self.sweeps_H = _inner_sweeps(m, n, k), _inner_sweeps(n, m, k)
         else:
             self.sweeps_W = self.sweeps_H = 100  # gdcls: H by constrained least squares
         XHt, G0 = self._products_W()
         model = _masked_model(self.W, self.Ht, G0, self.r_ptr, self.r_idx, self.r_sign)
         self.objective = self._objective(XHt, model)
 
-    @staticmethod
-    def _sweeps(p, q, k, n_cells, dense_products):
-        # Setup (products, gathers) against the cost of one sweep, as in _inner_sweeps.
-        setup = (p * q * k if dense_products else 0.0) + 3.0 * n_cells * k
-        sweep = 2.0 * n_cells * k + p * k * k
-        return max(1, min(int(1 + 0.5 * setup / sweep), 50))
+
 
     def _products_W(self):
         """(X H', H H') for the W update."""
@@ -897,14 +891,13 @@ class _MaskedSolver(_WHt):
             else:
                 tol = 0.1 if self.method == "hals" else 1e-3
                 _masked_cd_rows(self.Ht, self.W, G0, XtW, self.c_ptr, self.c_idx, self.c_sign,
-                                p.l1_H, p.l2_H, self.sweeps_H, tol, self.scratch, self.u,
-                                False)
+                                p.l1_H, p.l2_H, self.sweeps_H, tol, self.scratch, False)
         XHt, G0 = self._products_W()
         if self.method == "hals" or not self.update_H:  # transform: W by exact NNLS
             sweeps, tol = (self.sweeps_W, 0.1) if self.update_H else (100, 1e-3)
             model = _masked_cd_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
                                     self.r_sign, p.l1_W, p.l2_W, sweeps, tol, self.scratch,
-                                    self.u, want_loss)
+                                    want_loss)
         else:
             model = _masked_mu_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
                                     self.r_sign, p.l1_W, p.l2_W, self.scratch, self.u,
@@ -3158,67 +3151,204 @@ def _predict_cells(A, a, scratch, c, u):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, scratch, u, want):
+def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, scratch, want):
     """Exact coordinate descent on each row a of A >= 0 for the masked least-squares problem
-    1/2 a'G a - XB_a . a + l1 sum a + l2/2 |a|^2. The row's Gram matrix G is never formed:
-    with sign -1 it is G0 minus the sum of b b' over the row's cells (its missing cells), with
-    sign +1 the sum over its cells (its observed cells); b = B[cell]. v = G0 a (when used) and
-    the cells' predictions u = b . a are kept up to date instead. Up to ``sweeps`` sweeps per
-    row, stopping when one moves the row by less than ``tol`` times the first.
-    Returns the sum over observed cells of (b . a)^2 after the update if ``want``."""
+    1/2 a'G_a a - XB_a . a + l1 sum a + l2/2 |a|^2, G_a being the Gram matrix of B over the
+    row's observed cells. G_a is formed from the row's cell set: G0 minus the sum of b b' over
+    its cells (its missing cells) with sign -1, the sum over its cells (its observed cells)
+    with sign +1. Rows are then swept in blocks, transposed so that the k^2 work of a sweep
+    runs across the block's rows (_cd_block). Up to ``sweeps`` sweeps per block, stopping
+    when one moves the block by less than ``tol`` times the first. ``scratch`` holds at
+    least (k + 4) times the longest cell set.
+    Returns the sum over observed cells of (b . a)^2 = a'G_a a after the update if ``want``."""
     p, k = A.shape
-    v = np.empty(k, dtype=np.float64)
-    hess = np.empty(k, dtype=np.float64)
+    size = max(8, min(64, 65536 // (k * k)))  # rows per block
+    Gb = np.empty((k, k, size), dtype=np.float64)
+    Ab = np.empty((k, size), dtype=np.float64)
+    Yb = np.empty((k, size), dtype=np.float64)
+    inv_hess = np.empty((k, size), dtype=np.float64)
+    S = np.empty((k + 4, k + 4), dtype=np.float64)
+    # Summing each cell's precomputed b b' reads k(k+1)/2 numbers per cell instead of
+    # gathering k and multiplying: faster while that table stays in cache (measured on 2 MiB).
+    n_pairs = k * (k + 1) // 2
+    use_pairs = B.shape[0] * n_pairs * 8 <= _PAIRS_BYTES
+    pairs = _pair_products(B) if use_pairs else np.empty((0, n_pairs), dtype=np.float64)
+    acc = np.empty(n_pairs, dtype=np.float64)
     total = 0.0
-    for a in range(p):
-        s = indptr[a]
-        c = indptr[a + 1] - s
-        sign = signs[a]
-        base_gram = 1.0 if sign < 0.0 else 0.0
-        _gather_rows(B, idx, s, c, scratch)
-        _predict_cells(A, a, scratch, c, u)
-        for t in range(k):
-            acc = 0.0
-            if sign < 0.0:
-                for r in range(k):
-                    acc += G0[t, r] * A[a, r]
-            v[t] = acc
-            sq = 0.0
-            for q in range(c):
-                sq += scratch[t * c + q] * scratch[t * c + q]
-            hess[t] = base_gram * G0[t, t] + sign * sq + l2
-        first = 0.0
-        for sweep in range(sweeps):
-            moved = 0.0
+    for a0 in range(0, p, size):
+        nb = min(size, p - a0)
+        for j in range(nb):
+            a = a0 + j
+            s = indptr[a]
+            c = indptr[a + 1] - s
+            if use_pairs:
+                _sum_pairs(pairs, idx[s:s + c], k, S, acc)
+            else:
+                cells = scratch[:(k + 4) * c].reshape((k + 4, c))
+                _gather_cells(B, idx[s:s + c], cells)
+                _cells_gram(cells, k, S)
+            sign = signs[a]
             for t in range(k):
-                if hess[t] <= 0.0:
-                    continue
-                base = t * c
-                cross = 0.0
-                for q in range(c):
-                    cross += scratch[base + q] * u[q]
-                old = A[a, t]
-                grad = v[t] + sign * cross - XB[a, t] + l1 + l2 * old
-                new = max(old - grad / hess[t], 0.0)
-                d = new - old
-                if d != 0.0:
-                    A[a, t] = new
-                    moved += d * d
-                    if sign < 0.0:
-                        for r in range(k):
-                            v[r] += d * G0[r, t]
-                    for q in range(c):
-                        u[q] += d * scratch[base + q]
-            if sweep == 0:
-                first = moved
-            elif moved <= tol * tol * first:
-                break
+                for r in range(t):
+                    g = G0[t, r] - S[t, r] if sign < 0.0 else S[t, r]
+                    Gb[t, r, j] = g
+                    Gb[r, t, j] = g
+                g = G0[t, t] - S[t, t] if sign < 0.0 else S[t, t]
+                Gb[t, t, j] = g
+                # Component t (nearly) absent from the row's observed cells, or G0 - S
+                # mere rounding noise: an exact step could jump to a huge value on no
+                # evidence, so the coordinate is left as it is.
+                hess = g + l2 if g > 1e-10 * G0[t, t] else l2
+                inv_hess[t, j] = 1.0 / hess if hess > 0.0 else 0.0
+                Ab[t, j] = A[a, t]
+                Yb[t, j] = XB[a, t] - l1
+        _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol)
+        for j in range(nb):
+            for t in range(k):
+                A[a0 + j, t] = Ab[t, j]
         if want:
-            for t in range(k):
-                total += v[t] * A[a, t]
-            for q in range(c):
-                total += sign * u[q] * u[q]
+            total += _block_model(A, a0, nb, B, indptr, idx, signs, Ab, Gb)
     return total
+
+
+@njit(cache=True, fastmath=_FAST)
+def _block_model(A, a0, nb, B, indptr, idx, signs, Ab, Gb):
+    """Sum over a block's observed cells of (b . a)^2: a'G_a a, or for a row given by its
+    observed cells the sum over them, which stays accurate when a grows along directions
+    those cells do not see (an underdetermined row), where a'G_a a would cancel."""
+    k = A.shape[1]
+    total = 0.0
+    complement = np.empty(nb, dtype=np.float64)
+    for j in range(nb):
+        a = a0 + j
+        complement[j] = 1.0 if signs[a] < 0.0 else 0.0
+        if signs[a] > 0.0:
+            for q in range(indptr[a], indptr[a + 1]):
+                b = idx[q]
+                wh = 0.0
+                for t in range(k):
+                    wh += A[a, t] * B[b, t]
+                total += wh * wh
+    for t in range(k):
+        for r in range(k):
+            Gt = Gb[t, r]
+            for j in range(nb):
+                total += complement[j] * Ab[t, j] * Gt[j] * Ab[r, j]
+    return total
+
+
+_PAIRS_BYTES = 2 ** 21
+
+
+@njit(cache=True)
+def _pair_products(B):
+    """pairs[b] = the lower triangle of B[b] B[b]', row by row."""
+    n, k = B.shape
+    pairs = np.empty((n, k * (k + 1) // 2), dtype=np.float64)
+    for b in range(n):
+        e = 0
+        for t in range(k):
+            for r in range(t + 1):
+                pairs[b, e] = B[b, t] * B[b, r]
+                e += 1
+    return pairs
+
+
+@njit(cache=True, fastmath=_FAST)
+def _sum_pairs(pairs, cell_idx, k, S, acc):
+    """Lower triangle of S = sum of pairs[b] over the cells b, four cells per pass."""
+    n_pairs = pairs.shape[1]
+    acc[:] = 0.0
+    c = cell_idx.shape[0]
+    q = 0
+    while q + 4 <= c:
+        p0 = pairs[cell_idx[q]]
+        p1 = pairs[cell_idx[q + 1]]
+        p2 = pairs[cell_idx[q + 2]]
+        p3 = pairs[cell_idx[q + 3]]
+        for e in range(n_pairs):
+            acc[e] += (p0[e] + p1[e]) + (p2[e] + p3[e])
+        q += 4
+    while q < c:
+        p0 = pairs[cell_idx[q]]
+        for e in range(n_pairs):
+            acc[e] += p0[e]
+        q += 1
+    e = 0
+    for t in range(k):
+        for r in range(t + 1):
+            S[t, r] = acc[e]
+            e += 1
+
+
+@njit(cache=True)
+def _gather_cells(B, cell_idx, cells):
+    """cells[t, q] = B[cell_idx[q], t] for t < k; rows k.. of ``cells`` are zeroed."""
+    k = B.shape[1]
+    for q in range(cell_idx.shape[0]):
+        b = cell_idx[q]
+        for t in range(k):
+            cells[t, q] = B[b, t]
+    cells[k:] = 0.0
+
+
+@njit(cache=True, fastmath=_FAST)
+def _cells_gram(cells, k, S):
+    """Lower triangle of S = sum over cells q of b_q b_q', cells[:, q] = b_q with zero rows
+    from k on. Entries come in 2 x 4 tiles, so one pass over the cells loads six rows for
+    eight products."""
+    c = cells.shape[1]
+    for t in range(0, k, 2):
+        x0 = cells[t]
+        x1 = cells[t + 1]
+        for r in range(0, t + 2, 4):
+            y0 = cells[r]
+            y1 = cells[r + 1]
+            y2 = cells[r + 2]
+            y3 = cells[r + 3]
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = 0.0
+            for q in range(c):
+                u0 = x0[q]
+                u1 = x1[q]
+                s00 += u0 * y0[q]
+                s01 += u0 * y1[q]
+                s02 += u0 * y2[q]
+                s03 += u0 * y3[q]
+                s10 += u1 * y0[q]
+                s11 += u1 * y1[q]
+                s12 += u1 * y2[q]
+                s13 += u1 * y3[q]
+            S[t, r], S[t, r + 1], S[t, r + 2], S[t, r + 3] = s00, s01, s02, s03
+            S[t + 1, r], S[t + 1, r + 1], S[t + 1, r + 2], S[t + 1, r + 3] = s10, s11, s12, s13
+
+
+@njit(cache=True, fastmath=_FAST)
+def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
+    """Coordinate descent sweeps on the first nb columns of Ab (k x size), column j
+    minimising 1/2 a'G_j a - Yb_j . a + l2/2 |a|^2 over a >= 0, G_j = Gb[:, :, j], with
+    1 / (G_j[t, t] + l2) given (0 leaves a coordinate as it is): the dense kernel
+    _hals_update with one Gram matrix per column."""
+    k = Ab.shape[0]
+    acc = np.empty(nb, dtype=np.float64)
+    first = 0.0
+    for sweep in range(sweeps):
+        moved = 0.0
+        for t in range(k):
+            Gt = Gb[t]
+            for j in range(nb):
+                acc[j] = Gt[0, j] * Ab[0, j]
+            for r in range(1, k):
+                for j in range(nb):
+                    acc[j] += Gt[r, j] * Ab[r, j]
+            for j in range(nb):
+                old = Ab[t, j]
+                new = max(old - (acc[j] + l2 * old - Yb[t, j]) * inv_hess[t, j], 0.0)
+                Ab[t, j] = new
+                moved += (new - old) * (new - old)
+        if sweep == 0:
+            first = moved
+        elif moved <= tol * tol * first:
+            break
 
 
 @njit(cache=True, fastmath=_FAST)
