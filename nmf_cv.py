@@ -819,13 +819,14 @@ def _cells(rows, cols, shape):
 
 
 class _MaskedSolver(_WHt):
-    """Frobenius loss with missing cells, exactly. The Gram matrix of one row's observed cells
-    is handled implicitly, through whichever of the row's cell sets is smaller: the full Gram
-    matrix G0 minus the row's *missing* cells' part (a mostly observed row) or the sum over its
+    """Frobenius loss with missing cells, exactly. Each row's Gram matrix over its observed
+    cells is built from whichever of the row's cell sets is smaller: the full Gram matrix G0
+    minus the row's *missing* cells' part (a mostly observed row) or the sum over its
     *observed* cells (a mostly missing one, which also avoids cancellation). Columns choose
-    the same way for the H update. One sweep costs O(min(missing, observed) * k + (m + n) k^2)
-    beyond two BLAS or sparse products per iteration, and no m x n array is allocated per
-    iteration. Holds W (m x k) and H transposed (n x k)."""
+    the same way for the H update. Beyond the two BLAS or sparse products of a dense
+    iteration, an iteration costs O(min(missing, observed) * k^2) for these Gram matrices;
+    the sweeps then cost what dense ones do, (m + n) k^2 each, and as many are run. No m x n
+    array is allocated per iteration. Holds W (m x k) and H transposed (n x k)."""
 
     def __init__(self, data, W, H, method, penalty, update_H, sweeps=None):
         self.method, self.pen, self.update_H = method, penalty, update_H
