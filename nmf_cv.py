@@ -892,19 +892,31 @@ class _MaskedSolver(_WHt):
             else:
                 tol = 0.1 if self.method == "hals" else 1e-3
                 _masked_cd_rows(self.Ht, self.W, G0, XtW, self.c_ptr, self.c_idx, self.c_sign,
-                                p.l1_H, p.l2_H, self.sweeps_H, tol, self.scratch, False)
+                                p.l1_H, p.l2_H, self.sweeps_H, tol, _use_pairs(self.W),
+                                self.scratch, False)
         XHt, G0 = self._products_W()
         if self.method == "hals" or not self.update_H:  # transform: W by exact NNLS
             sweeps, tol = (self.sweeps_W, 0.1) if self.update_H else (100, 1e-3)
             model = _masked_cd_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
-                                    self.r_sign, p.l1_W, p.l2_W, sweeps, tol, self.scratch,
-                                    want_loss)
+                                    self.r_sign, p.l1_W, p.l2_W, sweeps, tol,
+                                    _use_pairs(self.Ht), self.scratch, want_loss)
         else:
             model = _masked_mu_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
                                     self.r_sign, p.l1_W, p.l2_W, self.scratch, self.u,
                                     want_loss)
         self.objective = self._objective(XHt, model) if want_loss else math.nan
         return self.objective
+
+
+_PAIRS_BYTES = 2 ** 21
+
+
+def _use_pairs(B):
+    """Whether _masked_cd_rows should form Gram matrices from a table of every b b' (reading
+    k(k+1)/2 numbers per cell) rather than from gathered cells (k numbers, then k(k+1)/2
+    multiply-adds): faster while the table stays in cache, measured up to 2 MiB here."""
+    k = B.shape[1]
+    return B.shape[0] * (k * (k + 1) // 2) * 8 <= _PAIRS_BYTES
 
 
 class _CellsKLSolver(_WHt):
@@ -3152,15 +3164,17 @@ def _predict_cells(A, a, scratch, c, u):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, scratch, want):
+def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, use_pairs, scratch,
+                    want):
     """Exact coordinate descent on each row a of A >= 0 for the masked least-squares problem
     1/2 a'G_a a - XB_a . a + l1 sum a + l2/2 |a|^2, G_a being the Gram matrix of B over the
     row's observed cells. G_a is formed from the row's cell set: G0 minus the sum of b b' over
     its cells (its missing cells) with sign -1, the sum over its cells (its observed cells)
     with sign +1. Rows are then swept in blocks, transposed so that the k^2 work of a sweep
     runs across the block's rows (_cd_block). Up to ``sweeps`` sweeps per block, stopping
-    when one moves the block by less than ``tol`` times the first. ``scratch`` holds at
-    least (k + 4) times the longest cell set.
+    when one moves the block by less than ``tol`` times the first. ``use_pairs``: sum a
+    table of every b b' (_sum_pairs) rather than multiply gathered cells (_cells_gram); see
+    _use_pairs. ``scratch`` holds at least (k + 4) times the longest cell set.
     Returns the sum over observed cells of (b . a)^2 = a'G_a a after the update if ``want``."""
     p, k = A.shape
     size = max(8, min(64, 65536 // (k * k)))  # rows per block
@@ -3169,10 +3183,7 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, scrat
     Yb = np.empty((k, size), dtype=np.float64)
     inv_hess = np.empty((k, size), dtype=np.float64)
     S = np.empty((k + 4, k + 4), dtype=np.float64)
-    # Summing each cell's precomputed b b' reads k(k+1)/2 numbers per cell instead of
-    # gathering k and multiplying: faster while that table stays in cache (measured on 2 MiB).
     n_pairs = k * (k + 1) // 2
-    use_pairs = B.shape[0] * n_pairs * 8 <= _PAIRS_BYTES
     pairs = _pair_products(B) if use_pairs else np.empty((0, n_pairs), dtype=np.float64)
     acc = np.empty(n_pairs, dtype=np.float64)
     total = 0.0
@@ -3236,9 +3247,6 @@ def _block_model(A, a0, nb, B, indptr, idx, signs, Ab, Gb):
             for j in range(nb):
                 total += complement[j] * Ab[t, j] * Gt[j] * Ab[r, j]
     return total
-
-
-_PAIRS_BYTES = 2 ** 21
 
 
 @njit(cache=True)

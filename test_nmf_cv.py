@@ -189,8 +189,10 @@ def _solver(X, mask, W, H, method, loss, sweeps=1):
     return nmf_cv._DenseSolver(data.dense, W.copy(), H.copy(), method, pen, True, sweeps=sweeps)
 
 
+@pytest.mark.parametrize("pairs_bytes", [2 ** 21, 0])  # Gram matrices from a table, or not
 @pytest.mark.parametrize("missing", [0.0, 0.2, 0.7])  # dense, complement mode, direct mode
-def test_hals_iterates_match_numpy_reference(missing):
+def test_hals_iterates_match_numpy_reference(missing, pairs_bytes, monkeypatch):
+    monkeypatch.setattr(nmf_cv, "_PAIRS_BYTES", pairs_bytes)
     X, mask, W, H = _problem(missing)
     solver = _solver(X, mask, W, H, "hals", "frobenius")
     if missing:  # mostly observed lines go through their missing cells, and vice versa
@@ -223,8 +225,9 @@ def test_mu_iterates_match_numpy_reference(loss, missing):
         assert solver.objective == pytest.approx(objective(X, mask, Wr, Hr, loss), rel=1e-10)
 
 
+@pytest.mark.parametrize("use_pairs", [True, False])  # the two ways to form Gram matrices
 @pytest.mark.parametrize("missing", [0.2, 0.7])
-def test_masked_cd_solves_nnls_like_scipy(missing):
+def test_masked_cd_solves_nnls_like_scipy(missing, use_pairs):
     """Run to convergence, the masked coordinate-descent kernel (GDCLS's H step) is exact
     ridge-regularised NNLS per column: compare with scipy.optimize.nnls."""
     X, mask, W, H = _problem(missing, seed=2)
@@ -233,7 +236,7 @@ def test_masked_cd_solves_nnls_like_scipy(missing):
     XtW, G0 = solver._products_H()
     Ht = np.ascontiguousarray(H.T)
     nmf_cv._masked_cd_rows(Ht, solver.W, G0, XtW, solver.c_ptr, solver.c_idx, solver.c_sign,
-                           0.0, lam, 5000, 0.0, solver.scratch, False)
+                           0.0, lam, 5000, 0.0, use_pairs, solver.scratch, False)
     k = W.shape[1]
     for j in range(X.shape[1]):
         rows = mask[:, j]
