@@ -3235,12 +3235,7 @@ def _block_model(A, a0, nb, B, indptr, idx, signs, Ab, Gb):
         a = a0 + j
         complement[j] = 1.0 if signs[a] < 0.0 else 0.0
         if signs[a] > 0.0:
-            for q in range(indptr[a], indptr[a + 1]):
-                b = idx[q]
-                wh = 0.0
-                for t in range(k):
-                    wh += A[a, t] * B[b, t]
-                total += wh * wh
+            total += _cells_sq_prediction(A[a:a + 1], B, indptr[a:a + 2], idx)
     for t in range(k):
         for r in range(k):
             Gt = Gb[t, r]
