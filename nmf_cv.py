@@ -870,12 +870,13 @@ class _MaskedSolver(_WHt):
 
 
     def _products_W(self):
-        """(X H', H H') for the W update."""
-        return np.ascontiguousarray(self.X @ self.Ht), self.Ht.T @ self.Ht
+        """(X H', H H') for the W update. The Gram matrix is always float64: the kernels
+        subtract the missing cells' part from it, which float32 rounding would swamp."""
+        return np.ascontiguousarray(self.X @ self.Ht), _gram64(self.Ht)
 
     def _products_H(self):
         """(X' W, W' W) for the H update."""
-        return np.ascontiguousarray(self.X.T @ self.W), self.W.T @ self.W
+        return np.ascontiguousarray(self.X.T @ self.W), _gram64(self.W)
 
     def _objective(self, XHt, model):
         """1/2 (|X|^2 - 2 <W, X H'> + sum over observed cells of (WH)^2) + penalties."""
@@ -908,7 +909,13 @@ class _MaskedSolver(_WHt):
         return self.objective
 
 
+def _gram64(A):
+    A = A.astype(np.float64, copy=False)
+    return A.T @ A
+
+
 _PAIRS_BYTES = 2 ** 21
+_CURVATURE_NOISE = 1e-14  # relative rounding noise of G0 - S in _masked_cd_rows (float64)
 
 
 def _use_pairs(B):
@@ -3172,7 +3179,8 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, use_p
     its cells (its missing cells) with sign -1, the sum over its cells (its observed cells)
     with sign +1. Rows are then swept in blocks, transposed so that the k^2 work of a sweep
     runs across the block's rows (_cd_block). Up to ``sweeps`` sweeps per block, stopping
-    when one moves the block by less than ``tol`` times the first. ``use_pairs``: sum a
+    when the rows move by less than ``tol`` times their first sweep (on average, each row
+    relative to itself). ``use_pairs``: sum a
     table of every b b' (_sum_pairs) rather than multiply gathered cells (_cells_gram); see
     _use_pairs. ``scratch`` holds at least (k + 4) times the longest cell set.
     Returns the sum over observed cells of (b . a)^2 = a'G_a a after the update if ``want``."""
@@ -3205,13 +3213,17 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, use_p
                     g = G0[t, r] - S[t, r] if sign < 0.0 else S[t, r]
                     Gb[t, r, j] = g
                     Gb[r, t, j] = g
-                g = G0[t, t] - S[t, t] if sign < 0.0 else S[t, t]
-                Gb[t, t, j] = g
-                # Component t (nearly) absent from the row's observed cells, or G0 - S
-                # mere rounding noise: an exact step could jump to a huge value on no
-                # evidence, so the coordinate is left as it is.
-                hess = g + l2 if g > 1e-10 * G0[t, t] else l2
-                inv_hess[t, j] = 1.0 / hess if hess > 0.0 else 0.0
+                if sign < 0.0:
+                    g = G0[t, t] - S[t, t]
+                    Gb[t, t, j] = g
+                    # G0 - S carries rounding noise of about eps G0: below this floor the
+                    # curvature is not known, and a larger one only shortens the step (an
+                    # exact step on noise could jump to a huge value on no evidence).
+                    hess = max(g, _CURVATURE_NOISE * G0[t, t]) + l2
+                else:
+                    Gb[t, t, j] = S[t, t]
+                    hess = S[t, t] + l2
+                inv_hess[t, j] = 1.0 / hess if hess > 0.0 else 0.0  # 0: nothing to fit
                 Ab[t, j] = A[a, t]
                 Yb[t, j] = XB[a, t] - l1
         _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol)
@@ -3331,12 +3343,15 @@ def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
     """Coordinate descent sweeps on the first nb columns of Ab (k x size), column j
     minimising 1/2 a'G_j a - Yb_j . a + l2/2 |a|^2 over a >= 0, G_j = Gb[:, :, j], with
     1 / (G_j[t, t] + l2) given (0 leaves a coordinate as it is): the dense kernel
-    _hals_update with one Gram matrix per column."""
+    _hals_update with one Gram matrix per column. Sweeps stop when the columns' moves, each
+    squared and divided by its own first sweep's, average below ``tol``^2: columns in
+    different units count alike (a sum of moves would stop on the largest ones)."""
     k = Ab.shape[0]
     acc = np.empty(nb, dtype=np.float64)
-    first = 0.0
+    moved = np.empty(nb, dtype=np.float64)
+    first = np.empty(nb, dtype=np.float64)
     for sweep in range(sweeps):
-        moved = 0.0
+        moved[:] = 0.0
         for t in range(k):
             Gt = Gb[t]
             for j in range(nb):
@@ -3348,11 +3363,16 @@ def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
                 old = Ab[t, j]
                 new = max(old - (acc[j] + l2 * old - Yb[t, j]) * inv_hess[t, j], 0.0)
                 Ab[t, j] = new
-                moved += (new - old) * (new - old)
+                moved[j] += (new - old) * (new - old)
         if sweep == 0:
-            first = moved
-        elif moved <= tol * tol * first:
-            break
+            first[:] = moved
+        else:
+            ratio = 0.0
+            for j in range(nb):
+                if first[j] > 0.0:
+                    ratio += moved[j] / first[j]
+            if ratio <= tol * tol * nb:
+                break
 
 
 @njit(cache=True, fastmath=_FAST)

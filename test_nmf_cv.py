@@ -245,6 +245,92 @@ def test_masked_cd_solves_nnls_like_scipy(missing, use_pairs):
         np.testing.assert_allclose(Ht[j], nnls(A, b)[0], atol=1e-8)
 
 
+def ref_penalised_cd_rows(A, B, XB, M, l1, l2, sweeps):
+    """Plain numpy: ``sweeps`` coordinate-descent sweeps on each row a of A >= 0 for
+    1/2 a'G a - XB_a . a + l1 sum a + l2/2 |a|^2, G = B' B over the row's observed cells."""
+    A = A.copy()
+    for a in range(A.shape[0]):
+        Bo = B[M[a]]
+        G = Bo.T @ Bo
+        for _ in range(sweeps):
+            for t in range(A.shape[1]):
+                hess = G[t, t] + l2
+                if hess > 0:
+                    grad = G[t] @ A[a] - XB[a, t] + l1 + l2 * A[a, t]
+                    A[a, t] = max(A[a, t] - grad / hess, 0.0)
+    return A
+
+
+@pytest.mark.parametrize("use_pairs", [True, False])
+@pytest.mark.parametrize("k", [1, 3, 4, 7])  # odd k: the 2 x 4 tiles' padding
+def test_masked_cd_rows_match_numpy_with_penalties(k, use_pairs):
+    """Several 64-row blocks, direct and complement rows, empty cell sets, penalties and
+    several sweeps (tol=0), against a per-row numpy reference."""
+    rng = np.random.default_rng(k)
+    m, n = 150, 23
+    B = rng.random((n, k)) + 0.05
+    M = rng.random((m, n)) >= rng.choice([0.1, 0.8], size=(m, 1))  # mostly seen / mostly missing
+    M[:3] = True  # rows with no missing cell: an empty cell set in complement mode
+    X = rng.random((m, n)) * 2
+    XB = np.where(M, X, 0.0) @ B
+    A = rng.random((m, k)) + 0.05
+    direct = 2 * M.sum(axis=1) < n
+    rows, cols = np.nonzero(M == direct[:, None])
+    indptr = nmf_cv._indptr(rows, m)
+    scratch = np.empty(n * (k + 4))
+    ours = A.copy()
+    model = nmf_cv._masked_cd_rows(ours, B, B.T @ B, XB, indptr, cols.astype(np.int64),
+                                   np.where(direct, 1.0, -1.0), 0.05, 0.3, 3, 0.0, use_pairs,
+                                   scratch, True)
+    expected = ref_penalised_cd_rows(A, B, XB, M, 0.05, 0.3, 3)
+    np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-12)
+    assert model == pytest.approx(np.sum(np.where(M, ours @ B.T, 0.0) ** 2), rel=1e-10)
+
+
+def test_masked_cd_rows_small_curvature_never_overshoots():
+    """A row that sees a component only through one tiny value: with a tiny ridge the step
+    must use the true curvature (1e-6 + l2), not the ridge alone."""
+    B = np.array([[1e-3], [1e3], [1e3]])
+    A = np.zeros((1, 1))
+    XB = np.array([[1e-3]])  # the row observes cell 0 only, where x = 1
+    nmf_cv._masked_cd_rows(A, B, B.T @ B, XB, np.array([0, 1]), np.array([0]), np.array([1.0]),
+                           0.0, 1e-8, 1, 0.0, False, np.empty(5), False)
+
+    def row_objective(a):
+        return 0.5 * (1.0 - 1e-3 * a) ** 2 + 0.5e-8 * a ** 2
+    assert row_objective(A[0, 0]) <= row_objective(0.0)
+    assert A[0, 0] == pytest.approx(1e-3 / (1e-6 + 1e-8), rel=1e-9)
+
+
+def test_masked_hals_rows_in_small_units_converge():
+    """Rows that observe only features in small units (1e-3 against 1e3) still converge:
+    neither their tiny curvature nor the large rows' stopping may starve them."""
+    rng = np.random.default_rng(0)
+    m, n, k = 40, 20, 3
+    X = rng.random((m, k)) @ rng.random((k, n)) * np.r_[np.full(10, 1e-3), np.full(10, 1e3)]
+    mask = np.ones((m, n), bool)
+    mask[:5, 10:] = False
+    res = fit(X, k, mask=mask, max_iter=300, tol=0)
+    R = np.where(mask, X - res.W @ res.H, 0.0)
+    X0 = np.where(mask, X, 0.0)
+    assert np.linalg.norm(R[:5]) < 0.05 * np.linalg.norm(X0[:5])
+    assert np.linalg.norm(R[5:]) < 1e-6 * np.linalg.norm(X0[5:])
+
+
+def test_masked_cd_rows_float32_component_unseen_stays():
+    """float32 factors: a row whose observed cells all have b_t = 0 leaves a_t alone (the
+    Gram matrix is float64, so G0 - S is not float32 rounding noise)."""
+    rng = np.random.default_rng(3)
+    B = (rng.random((12, 2)) + 0.1).astype(np.float32)
+    B[4:, 1] = 0.0  # component 1 only in the row's four missing cells
+    XB = (rng.random(12) * (np.arange(12) >= 4)) @ B.astype(np.float64)
+    A = np.array([[0.5, 0.5]], dtype=np.float32)
+    nmf_cv._masked_cd_rows(A, B, nmf_cv._gram64(B), XB[None, :].astype(np.float32),
+                           np.array([0, 4]), np.arange(4), np.array([-1.0]), 0.0, 0.0, 1, 0.0,
+                           False, np.empty(4 * 6), False)
+    assert A[0, 1] == pytest.approx(0.5, rel=1e-6)
+
+
 def test_dense_hals_update_solves_nnls_like_scipy():
     rng = np.random.default_rng(5)
     W = rng.random((25, 4))
