@@ -3365,7 +3365,8 @@ def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
                 Ab[t, j] = new
                 moved[j] += (new - old) * (new - old)
         if sweep == 0:
-            first[:] = moved
+            for j in range(nb):
+                first[j] = moved[j]
         else:
             ratio = 0.0
             for j in range(nb):
