@@ -3180,9 +3180,9 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, use_p
     with sign +1. Rows are then swept in blocks, transposed so that the k^2 work of a sweep
     runs across the block's rows (_cd_block). Up to ``sweeps`` sweeps per block, stopping
     when the rows move by less than ``tol`` times their first sweep (on average, each row
-    relative to itself). ``use_pairs``: sum a
-    table of every b b' (_sum_pairs) rather than multiply gathered cells (_cells_gram); see
-    _use_pairs. ``scratch`` holds at least (k + 4) times the longest cell set.
+    relative to itself). ``use_pairs``: sum a table of every b b' (_sum_pairs) rather than
+    multiply gathered cells (_cells_gram); see _use_pairs. ``scratch`` holds at least
+    (k + 4) times the longest cell set.
     Returns the sum over observed cells of (b . a)^2 = a'G_a a after the update if ``want``."""
     p, k = A.shape
     size = max(8, min(64, 65536 // (k * k)))  # rows per block
