@@ -3396,10 +3396,18 @@ def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
         for t in range(k):
             Gt = Gb[t]
             for j in range(nb):
-                acc[j] = Gt[0, j] * Ab[0, j]
-            for r in range(1, k):
+                acc[j] = 0.0
+            r = 0
+            while r + 4 <= k:  # four terms per pass: a quarter of the accumulator traffic
+                g0, g1, g2, g3 = Gt[r], Gt[r + 1], Gt[r + 2], Gt[r + 3]
+                a0, a1, a2, a3 = Ab[r], Ab[r + 1], Ab[r + 2], Ab[r + 3]
+                for j in range(nb):
+                    acc[j] += (g0[j] * a0[j] + g1[j] * a1[j]) + (g2[j] * a2[j] + g3[j] * a3[j])
+                r += 4
+            while r < k:
                 for j in range(nb):
                     acc[j] += Gt[r, j] * Ab[r, j]
+                r += 1
             for j in range(nb):
                 old = Ab[t, j]
                 new = max(old - (acc[j] + l2 * old - Yb[t, j]) * inv_hess[t, j], 0.0)
