@@ -2983,12 +2983,20 @@ def _hals_update(A, G, B, l1, l2, max_sweeps, tol):
             hess = G[t, t] + l2
             if hess <= 0.0:
                 continue
-            acc[:] = 0.0
-            for r in range(k):
+            for j in range(p):
+                acc[j] = 0.0
+            r = 0
+            while r + 4 <= k:  # four terms per pass: a quarter of the accumulator traffic
+                g0, g1, g2, g3 = G[t, r], G[t, r + 1], G[t, r + 2], G[t, r + 3]
+                a0, a1, a2, a3 = A[r], A[r + 1], A[r + 2], A[r + 3]
+                for j in range(p):
+                    acc[j] += (g0 * a0[j] + g1 * a1[j]) + (g2 * a2[j] + g3 * a3[j])
+                r += 4
+            while r < k:
                 g = G[t, r]
-                if g != 0.0:
-                    for j in range(p):
-                        acc[j] += g * A[r, j]
+                for j in range(p):
+                    acc[j] += g * A[r, j]
+                r += 1
             for j in range(p):
                 old = A[t, j]
                 new = old - (acc[j] + l2 * old + l1 - B[t, j]) / hess
