@@ -2988,9 +2988,9 @@ def _hals_update(A, G, B, l1, l2, max_sweeps, tol):
             r = 0
             while r + 4 <= k:  # four terms per pass: a quarter of the accumulator traffic
                 g0, g1, g2, g3 = G[t, r], G[t, r + 1], G[t, r + 2], G[t, r + 3]
-                a0, a1, a2, a3 = A[r], A[r + 1], A[r + 2], A[r + 3]
                 for j in range(p):
-                    acc[j] += (g0 * a0[j] + g1 * a1[j]) + (g2 * a2[j] + g3 * a3[j])
+                    acc[j] += ((g0 * A[r, j] + g1 * A[r + 1, j])
+                               + (g2 * A[r + 2, j] + g3 * A[r + 3, j]))
                 r += 4
             while r < k:
                 g = G[t, r]
@@ -3407,10 +3407,9 @@ def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
                 acc[j] = 0.0
             r = 0
             while r + 4 <= k:  # four terms per pass: a quarter of the accumulator traffic
-                g0, g1, g2, g3 = Gt[r], Gt[r + 1], Gt[r + 2], Gt[r + 3]
-                a0, a1, a2, a3 = Ab[r], Ab[r + 1], Ab[r + 2], Ab[r + 3]
                 for j in range(nb):
-                    acc[j] += (g0[j] * a0[j] + g1[j] * a1[j]) + (g2[j] * a2[j] + g3[j] * a3[j])
+                    acc[j] += ((Gt[r, j] * Ab[r, j] + Gt[r + 1, j] * Ab[r + 1, j])
+                               + (Gt[r + 2, j] * Ab[r + 2, j] + Gt[r + 3, j] * Ab[r + 3, j]))
                 r += 4
             while r < k:
                 for j in range(nb):
