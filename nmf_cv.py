@@ -3311,21 +3311,16 @@ def _sum_pairs(pairs, cell_idx, acc):
     c = cell_idx.shape[0]
     q = 0
     while q + 8 <= c:
-        p0 = pairs[cell_idx[q]]
-        p1 = pairs[cell_idx[q + 1]]
-        p2 = pairs[cell_idx[q + 2]]
-        p3 = pairs[cell_idx[q + 3]]
-        p4 = pairs[cell_idx[q + 4]]
-        p5 = pairs[cell_idx[q + 5]]
-        p6 = pairs[cell_idx[q + 6]]
-        p7 = pairs[cell_idx[q + 7]]
+        b0, b1, b2, b3 = cell_idx[q], cell_idx[q + 1], cell_idx[q + 2], cell_idx[q + 3]
+        b4, b5, b6, b7 = cell_idx[q + 4], cell_idx[q + 5], cell_idx[q + 6], cell_idx[q + 7]
         for e in range(width):
-            acc[e] += ((p0[e] + p1[e]) + (p2[e] + p3[e])) + ((p4[e] + p5[e]) + (p6[e] + p7[e]))
+            acc[e] += (((pairs[b0, e] + pairs[b1, e]) + (pairs[b2, e] + pairs[b3, e]))
+                       + ((pairs[b4, e] + pairs[b5, e]) + (pairs[b6, e] + pairs[b7, e])))
         q += 8
     while q < c:
-        p0 = pairs[cell_idx[q]]
+        b0 = cell_idx[q]
         for e in range(width):
-            acc[e] += p0[e]
+            acc[e] += pairs[b0, e]
         q += 1
 
 
@@ -3338,21 +3333,17 @@ def _gather_cells(B, cell_idx, cells):
     c = cell_idx.shape[0]
     q = 0
     while q + 4 <= c:
-        b0 = B[cell_idx[q]]
-        b1 = B[cell_idx[q + 1]]
-        b2 = B[cell_idx[q + 2]]
-        b3 = B[cell_idx[q + 3]]
+        b0, b1, b2, b3 = cell_idx[q], cell_idx[q + 1], cell_idx[q + 2], cell_idx[q + 3]
         for t in range(k):
-            row = cells[t]
-            row[q] = b0[t]
-            row[q + 1] = b1[t]
-            row[q + 2] = b2[t]
-            row[q + 3] = b3[t]
+            cells[t, q] = B[b0, t]
+            cells[t, q + 1] = B[b1, t]
+            cells[t, q + 2] = B[b2, t]
+            cells[t, q + 3] = B[b3, t]
         q += 4
     while q < c:
-        b0 = B[cell_idx[q]]
+        b0 = cell_idx[q]
         for t in range(k):
-            cells[t, q] = b0[t]
+            cells[t, q] = B[b0, t]
         q += 1
     cells[k:] = 0.0
 
