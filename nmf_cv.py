@@ -825,8 +825,9 @@ class _MaskedSolver(_WHt):
     *observed* cells (a mostly missing one, which also avoids cancellation). Columns choose
     the same way for the H update. Beyond the two BLAS or sparse products of a dense
     iteration, an iteration costs O(min(missing, observed) * k^2) for these Gram matrices;
-    the sweeps then cost what dense ones do, (m + n) k^2 each, and as many are run. No m x n
-    array is allocated per iteration. Holds W (m x k) and H transposed (n x k)."""
+    the sweeps then cost (m + n) k^2 each, as dense ones do, but read a Gram matrix per row
+    (about twice the dense time per sweep), and at most as many are run. No m x n array is
+    allocated per iteration. Holds W (m x k) and H transposed (n x k)."""
 
     def __init__(self, data, W, H, method, penalty, update_H, sweeps=None):
         self.method, self.pen, self.update_H = method, penalty, update_H
