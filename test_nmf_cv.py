@@ -331,11 +331,12 @@ def test_masked_cd_rows_float32_component_unseen_stays():
     assert A[0, 1] == pytest.approx(0.5, rel=1e-6)
 
 
-def test_dense_hals_update_solves_nnls_like_scipy():
+@pytest.mark.parametrize("k", [3, 4, 7])  # four Gram entries per pass, and the rest
+def test_dense_hals_update_solves_nnls_like_scipy(k):
     rng = np.random.default_rng(5)
-    W = rng.random((25, 4))
+    W = rng.random((25, k))
     X = rng.random((25, 7))
-    H = np.full((4, 7), 0.5)
+    H = np.full((k, 7), 0.5)
     nmf_cv._hals_update(H, W.T @ W, W.T @ X, 0.0, 0.0, 5000, 0.0)
     for j in range(7):
         np.testing.assert_allclose(H[:, j], nnls(W, X[:, j])[0], atol=1e-8)
