@@ -868,8 +868,6 @@ class _MaskedSolver(_WHt):
         model = _masked_model(self.W, self.Ht, G0, self.r_ptr, self.r_idx, self.r_sign)
         self.objective = self._objective(XHt, model)
 
-
-
     def _products_W(self):
         """(X H', H H') for the W update. The Gram matrix is always float64: the kernels
         subtract the missing cells' part from it, which float32 rounding would swamp."""
