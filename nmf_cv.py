@@ -853,6 +853,12 @@ class _MaskedSolver(_WHt):
         self.r_ptr, self.r_idx = _indptr(r_rows, m), r_cols.astype(np.int64)
         order = np.lexsort((c_rows, c_cols))
         self.c_ptr, self.c_idx = _indptr(c_cols[order], n), c_rows[order].astype(np.int64)
+        # GDCLS and transform solve exactly
+        mm_missing = _majorized_fraction(k) if method == "hals" and update_H else -1.0
+        self.r_mm, self.r_exact = _majorized_lines(self.r_sign, np.diff(self.r_ptr), n,
+                                                   mm_missing)
+        self.c_mm, self.c_exact = _majorized_lines(self.c_sign, np.diff(self.c_ptr), m,
+                                                   mm_missing)
         longest = max(np.diff(self.r_ptr).max(initial=0), np.diff(self.c_ptr).max(initial=0))
         # Gathered B rows and the cells' predictions: separate buffers, so LLVM can vectorize.
         self.scratch = np.empty(max(longest, 1) * (k + 4), dtype=np.float64)
@@ -891,21 +897,56 @@ class _MaskedSolver(_WHt):
                                 p.l1_H, p.l2_H, self.scratch, self.u, False)
             else:
                 tol = 0.1 if self.method == "hals" else 1e-3
-                _masked_cd_rows(self.Ht, self.W, G0, XtW, self.c_ptr, self.c_idx, self.c_sign,
-                                p.l1_H, p.l2_H, self.sweeps_H, tol, _use_pairs(self.W),
-                                self.scratch, False)
+                lines = (self.c_ptr, self.c_idx, self.c_sign, self.c_mm, self.c_exact)
+                self._cd_lines(self.Ht, self.W, G0, XtW, lines, p.l1_H, p.l2_H, self.sweeps_H,
+                               tol, False)
         XHt, G0 = self._products_W()
         if self.method == "hals" or not self.update_H:  # transform: W by exact NNLS
             sweeps, tol = (self.sweeps_W, 0.1) if self.update_H else (100, 1e-3)
-            model = _masked_cd_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
-                                    self.r_sign, p.l1_W, p.l2_W, sweeps, tol,
-                                    _use_pairs(self.Ht), self.scratch, want_loss)
+            lines = (self.r_ptr, self.r_idx, self.r_sign, self.r_mm, self.r_exact)
+            model = self._cd_lines(self.W, self.Ht, G0, XHt, lines, p.l1_W, p.l2_W, sweeps,
+                                   tol, want_loss)
         else:
             model = _masked_mu_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
                                     self.r_sign, p.l1_W, p.l2_W, self.scratch, self.u,
                                     want_loss)
         self.objective = self._objective(XHt, model) if want_loss else math.nan
         return self.objective
+
+    def _cd_lines(self, A, B, G0, XB, lines, l1, l2, sweeps, tol, want):
+        """Coordinate descent on the rows of A: exactly (_masked_cd_rows) or by a
+        majorize-minimize step (_mm_targets, then the dense kernel with G0). Returns the sum
+        over observed cells of (b . a)^2 after the update if ``want``."""
+        ptr, idx, signs, mm, exact = lines
+        model = 0.0
+        if len(exact):
+            model += _masked_cd_rows(A, B, G0, XB, ptr, idx, signs, exact, l1, l2, sweeps, tol,
+                                     _use_pairs(B), self.scratch, want)
+        if len(mm):
+            At = np.empty((A.shape[1], len(mm)), dtype=np.float64)
+            Yt = np.empty_like(At)
+            _mm_targets(A, B, XB, ptr, idx, mm, At, Yt)
+            _hals_update(At, G0, Yt, l1, l2, sweeps, tol)
+            model += _mm_store(A, B, G0, ptr, idx, mm, At, want)
+        return model
+
+
+def _majorized_fraction(k):
+    """Largest fraction of a line's cells missing for which HALS majorizes rather than
+    solves exactly. A majorize-minimize step costs about 3k per missing cell against
+    k(k+1)/2 for the exact Gram matrix (no saving up to k = 5), but needs more iterations
+    as more is missing. Time to a dense fit's error, majorized / exact, on planted data:
+    0.70-0.89 at k = 10 and 20 with up to 0.015 k missing; 1.4-1.8 at k = 10 with 20-30%
+    missing, 1.1-3.3 at k = 20 with 30%; 1.1-1.5 at k = 5 with 10-20%."""
+    return min(0.2, 0.015 * k) if k > 5 else 0.0
+
+
+def _majorized_lines(signs, n_cells, length, max_missing):
+    """Split lines (rows or columns) into those updated by a majorize-minimize step, the
+    mostly observed ones with at most ``max_missing`` of ``length`` cells missing, and the
+    rest (exact coordinate descent). Returns the two index arrays."""
+    mm = (signs < 0) & (n_cells <= max_missing * length)
+    return np.flatnonzero(mm), np.flatnonzero(~mm)
 
 
 def _gram64(A):
@@ -3180,8 +3221,8 @@ def _predict_cells(A, a, scratch, c, u):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, use_pairs, scratch,
-                    want):
+def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, rows, l1, l2, sweeps, tol, use_pairs,
+                    scratch, want):
     """Exact coordinate descent on each row a of A >= 0 for the masked least-squares problem
     1/2 a'G_a a - XB_a . a + l1 sum a + l2/2 |a|^2, G_a being the Gram matrix of B over the
     row's observed cells. G_a is formed from the row's cell set: G0 minus the sum of b b' over
@@ -3191,9 +3232,11 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, use_p
     when the rows move by less than ``tol`` times their first sweep (on average, each row
     relative to itself). ``use_pairs``: sum a table of every b b' (_sum_pairs) rather than
     multiply gathered cells (_cells_gram); see _use_pairs. ``scratch`` holds at least
-    (k + 4) times the longest cell set.
-    Returns the sum over observed cells of (b . a)^2 = a'G_a a after the update if ``want``."""
-    p, k = A.shape
+    (k + 4) times the longest cell set. Only the rows listed in ``rows`` are updated.
+    Returns the sum over their observed cells of (b . a)^2 = a'G_a a after the update if
+    ``want``."""
+    p = rows.shape[0]
+    k = A.shape[1]
     size = max(8, min(64, 65536 // (k * k)))  # rows per block
     Gb = np.empty((k, k, size), dtype=np.float64)
     Ab = np.empty((k, size), dtype=np.float64)
@@ -3208,7 +3251,7 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, use_p
     for a0 in range(0, p, size):
         nb = min(size, p - a0)
         for j in range(nb):
-            a = a0 + j
+            a = rows[a0 + j]
             s = indptr[a]
             c = indptr[a + 1] - s
             if use_pairs:
@@ -3232,9 +3275,69 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, sweeps, tol, use_p
         _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol)
         for j in range(nb):
             for t in range(k):
-                A[a0 + j, t] = Ab[t, j]
+                A[rows[a0 + j], t] = Ab[t, j]
         if want:
-            total += _block_model(A, a0, nb, B, indptr, idx, signs, Ab, Gb)
+            total += _block_model(A, rows[a0:a0 + nb], B, indptr, idx, signs, Ab, Gb)
+    return total
+
+
+@njit(cache=True, fastmath=_FAST)
+def _mm_targets(A, B, XB, indptr, idx, rows, At, Yt):
+    """For the j-th listed row a: At[:, j] = a and Yt[:, j] = XB_a + sum over the row's cells
+    (its missing cells) of (b . a) b, the linear term of the majorizer with Gram matrix G0
+    (_MaskedSolver._majorized). Four cells per pass over the row."""
+    k = A.shape[1]
+    acc = np.empty(k, dtype=np.float64)
+    for j in range(rows.shape[0]):
+        a = rows[j]
+        for t in range(k):
+            acc[t] = XB[a, t]
+        q = indptr[a]
+        end = indptr[a + 1]
+        while q + 4 <= end:
+            c0, c1, c2, c3 = idx[q], idx[q + 1], idx[q + 2], idx[q + 3]
+            s0 = s1 = s2 = s3 = 0.0
+            for t in range(k):
+                at = A[a, t]
+                s0 += at * B[c0, t]
+                s1 += at * B[c1, t]
+                s2 += at * B[c2, t]
+                s3 += at * B[c3, t]
+            for t in range(k):
+                acc[t] += (s0 * B[c0, t] + s1 * B[c1, t]) + (s2 * B[c2, t] + s3 * B[c3, t])
+            q += 4
+        while q < end:
+            c0 = idx[q]
+            s0 = 0.0
+            for t in range(k):
+                s0 += A[a, t] * B[c0, t]
+            for t in range(k):
+                acc[t] += s0 * B[c0, t]
+            q += 1
+        for t in range(k):
+            At[t, j] = A[a, t]
+            Yt[t, j] = acc[t]
+
+
+@njit(cache=True)
+def _mm_store(A, B, G0, indptr, idx, rows, At, want):
+    """A[rows[j]] = At[:, j]; returns the sum over these rows' observed cells of (b . a)^2,
+    a'G0 a minus the missing cells' part, if ``want``."""
+    k = A.shape[1]
+    total = 0.0
+    for j in range(rows.shape[0]):
+        a = rows[j]
+        for t in range(k):
+            A[a, t] = At[t, j]
+        if want:
+            for t in range(k):
+                for r in range(k):
+                    total += At[t, j] * G0[t, r] * At[r, j]
+            for q in range(indptr[a], indptr[a + 1]):
+                wh = 0.0
+                for t in range(k):
+                    wh += At[t, j] * B[idx[q], t]
+                total -= wh * wh
     return total
 
 
@@ -3266,15 +3369,16 @@ def _gram_block(Gb, inv_hess, packed, keep, G0, nb, l2):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _block_model(A, a0, nb, B, indptr, idx, signs, Ab, Gb):
+def _block_model(A, block_rows, B, indptr, idx, signs, Ab, Gb):
     """Sum over a block's observed cells of (b . a)^2: a'G_a a, or for a row given by its
     observed cells the sum over them, which stays accurate when a grows along directions
     those cells do not see (an underdetermined row), where a'G_a a would cancel."""
     k = A.shape[1]
+    nb = block_rows.shape[0]
     total = 0.0
     complement = np.empty(nb, dtype=np.float64)
     for j in range(nb):
-        a = a0 + j
+        a = block_rows[j]
         complement[j] = 1.0 if signs[a] < 0.0 else 0.0
         if signs[a] > 0.0:
             total += _cells_sq_prediction(A[a:a + 1], B, indptr[a:a + 2], idx)

@@ -65,19 +65,27 @@ def objective(X, M, W, H, loss):
     return np.sum(M * (xlog - x + WH))
 
 
-def ref_hals_step(X, M, W, H):
-    """One masked HALS iteration (H then W), coordinate by coordinate, plain numpy."""
+def ref_hals_step(X, M, W, H, mm_rows=(), mm_cols=()):
+    """One masked HALS iteration (H then W), coordinate by coordinate, plain numpy. The
+    lines listed in mm_rows / mm_cols take a majorize-minimize step instead: their missing
+    cells count as observed, holding the model's predictions from before the half-step."""
     X0 = np.where(M, X, 0.0)
     k = W.shape[1]
+    Mc = M.copy()
+    Mc[:, list(mm_cols)] = True
+    Xc = np.where(M, X0, W @ H)
     for t in range(k):
-        R = M * (X0 - W @ H)
+        R = Mc * (Xc - W @ H)
         num = W[:, t] @ R
-        den = (M * W[:, t][:, None] ** 2).sum(axis=0)
+        den = (Mc * W[:, t][:, None] ** 2).sum(axis=0)
         H[t] = np.maximum(0.0, H[t] + num / den)
+    Mr = M.copy()
+    Mr[list(mm_rows)] = True
+    Xr = np.where(M, X0, W @ H)
     for t in range(k):
-        R = M * (X0 - W @ H)
+        R = Mr * (Xr - W @ H)
         num = R @ H[t]
-        den = (M * H[t][None, :] ** 2).sum(axis=1)
+        den = (Mr * H[t][None, :] ** 2).sum(axis=1)
         W[:, t] = np.maximum(0.0, W[:, t] + num / den)
 
 
@@ -125,6 +133,23 @@ def test_objective_never_increases(method, loss, problem, init, penalised):
     pen = dict(alpha_W=0.05, alpha_H=0.1, l1_ratio=0.3) if penalised else {}
     res = nmf_cv.fit_nmf(X, k, mask=mask, method=method, loss=loss, init=init, tol=0,
                          max_iter=30, random_state=seed, **pen)
+    _check_monotone(res, X, mask, loss, penalised)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), majorized=st.sampled_from([0.1, 0.3, 1.0]), penalised=st.booleans())
+def test_majorized_hals_objective_never_increases(problem, majorized, penalised):
+    """HALS with majorize-minimize steps on every mostly observed line, not only on those
+    with few missing cells as fits choose by default."""
+    X, mask, k, seed = problem
+    pen = dict(alpha_W=0.05, alpha_H=0.1, l1_ratio=0.3) if penalised else {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nmf_cv, "_majorized_fraction", lambda k: majorized)
+        res = nmf_cv.fit_nmf(X, k, mask=mask, tol=0, max_iter=30, random_state=seed, **pen)
+    _check_monotone(res, X, mask, "frobenius", penalised)
+
+
+def _check_monotone(res, X, mask, loss, penalised):
     f = res.loss_history
     assert np.all(np.isfinite(f))
     # The objective is evaluated through terms as large as |WH|^2, which exceeds |X|^2 when an
@@ -189,20 +214,32 @@ def _solver(X, mask, W, H, method, loss, sweeps=1):
     return nmf_cv._DenseSolver(data.dense, W.copy(), H.copy(), method, pen, True, sweeps=sweeps)
 
 
+@pytest.mark.parametrize("mm_missing", [-1.0, 0.2, 1.0])  # exact, mixed, all majorized
 @pytest.mark.parametrize("pairs_bytes", [2 ** 21, 0])  # Gram matrices from a table, or not
 @pytest.mark.parametrize("missing", [0.0, 0.2, 0.7])  # dense, complement mode, direct mode
-def test_hals_iterates_match_numpy_reference(missing, pairs_bytes, monkeypatch):
+def test_hals_iterates_match_numpy_reference(missing, pairs_bytes, mm_missing, monkeypatch):
     monkeypatch.setattr(nmf_cv, "_PAIRS_BYTES", pairs_bytes)
+    monkeypatch.setattr(nmf_cv, "_majorized_fraction", lambda k: mm_missing)
     X, mask, W, H = _problem(missing)
     solver = _solver(X, mask, W, H, "hals", "frobenius")
     if missing:  # mostly observed lines go through their missing cells, and vice versa
         n_obs = mask.sum(axis=1)
         np.testing.assert_array_equal(solver.r_sign, np.where(2 * n_obs < X.shape[1], 1, -1))
         assert ((solver.r_sign < 0).mean() > 0.5) == (missing < 0.5)
+    # Majorized: mostly observed lines with at most mm_missing of their cells missing.
+    mm_rows = np.flatnonzero((2 * mask.sum(axis=1) >= X.shape[1])
+                             & ((~mask).sum(axis=1) <= mm_missing * X.shape[1]))
+    mm_cols = np.flatnonzero((2 * mask.sum(axis=0) >= X.shape[0])
+                             & ((~mask).sum(axis=0) <= mm_missing * X.shape[0]))
+    if missing == 0.2 and mm_missing == 0.2:
+        assert 0 < len(mm_rows) < X.shape[0] and 0 < len(mm_cols) < X.shape[1]
+    if missing:
+        np.testing.assert_array_equal(solver.r_mm, mm_rows)
+        np.testing.assert_array_equal(solver.c_mm, mm_cols)
     Wr, Hr = W.copy(), H.copy()
     for _ in range(4):
         solver.step()
-        ref_hals_step(X, mask, Wr, Hr)
+        ref_hals_step(X, mask, Wr, Hr, mm_rows, mm_cols)
         Ws, Hs = solver.factors()
         np.testing.assert_allclose(Ws, Wr, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(Hs, Hr, rtol=1e-10, atol=1e-12)
@@ -236,6 +273,7 @@ def test_masked_cd_solves_nnls_like_scipy(missing, use_pairs):
     XtW, G0 = solver._products_H()
     Ht = np.ascontiguousarray(H.T)
     nmf_cv._masked_cd_rows(Ht, solver.W, G0, XtW, solver.c_ptr, solver.c_idx, solver.c_sign,
+                           np.arange(Ht.shape[0]),
                            0.0, lam, 5000, 0.0, use_pairs, solver.scratch, False)
     k = W.shape[1]
     for j in range(X.shape[1]):
@@ -280,8 +318,8 @@ def test_masked_cd_rows_match_numpy_with_penalties(k, use_pairs):
     scratch = np.empty(n * (k + 4))
     ours = A.copy()
     model = nmf_cv._masked_cd_rows(ours, B, B.T @ B, XB, indptr, cols.astype(np.int64),
-                                   np.where(direct, 1.0, -1.0), 0.05, 0.3, 3, 0.0, use_pairs,
-                                   scratch, True)
+                                   np.where(direct, 1.0, -1.0), np.arange(m), 0.05, 0.3, 3, 0.0,
+                                   use_pairs, scratch, True)
     expected = ref_penalised_cd_rows(A, B, XB, M, 0.05, 0.3, 3)
     np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-12)
     assert model == pytest.approx(np.sum(np.where(M, ours @ B.T, 0.0) ** 2), rel=1e-10)
@@ -294,7 +332,7 @@ def test_masked_cd_rows_small_curvature_never_overshoots():
     A = np.zeros((1, 1))
     XB = np.array([[1e-3]])  # the row observes cell 0 only, where x = 1
     nmf_cv._masked_cd_rows(A, B, B.T @ B, XB, np.array([0, 1]), np.array([0]), np.array([1.0]),
-                           0.0, 1e-8, 1, 0.0, False, np.empty(5), False)
+                           np.array([0]), 0.0, 1e-8, 1, 0.0, False, np.empty(5), False)
 
     def row_objective(a):
         return 0.5 * (1.0 - 1e-3 * a) ** 2 + 0.5e-8 * a ** 2
@@ -326,7 +364,8 @@ def test_masked_cd_rows_float32_component_unseen_stays():
     XB = (rng.random(12) * (np.arange(12) >= 4)) @ B.astype(np.float64)
     A = np.array([[0.5, 0.5]], dtype=np.float32)
     nmf_cv._masked_cd_rows(A, B, nmf_cv._gram64(B), XB[None, :].astype(np.float32),
-                           np.array([0, 4]), np.arange(4), np.array([-1.0]), 0.0, 0.0, 1, 0.0,
+                           np.array([0, 4]), np.arange(4), np.array([-1.0]), np.array([0]), 0.0,
+                           0.0, 1, 0.0,
                            False, np.empty(4 * 6), False)
     assert A[0, 1] == pytest.approx(0.5, rel=1e-6)
 
@@ -361,6 +400,28 @@ def test_values_under_mask_change_nothing(method, loss, init, missing):
     for res in results[1:]:
         assert np.array_equal(res.W, results[0].W) and np.array_equal(res.H, results[0].H)
         assert np.array_equal(res.loss_history, results[0].loss_history)
+
+
+@pytest.mark.parametrize("majorized", [-1.0, 1.0])  # exact steps, majorize-minimize steps
+def test_masked_hals_solves_the_masked_problem(majorized, monkeypatch):
+    """Both kinds of HALS step converge to a stationary point of the masked objective: the
+    projected gradient over observed cells vanishes (KKT). Filling the missing cells with
+    the observed mean and fitting densely, the imputation a masked fit must not be, does not
+    get there (projected gradient 0.03), nor to the masked objective's value."""
+    monkeypatch.setattr(nmf_cv, "_majorized_fraction", lambda k: majorized)
+    rng = np.random.default_rng(11)
+    m, n, k = 60, 40, 3
+    X = rng.random((m, k)) @ rng.random((k, n)) + 0.05 * rng.random((m, n))
+    mask = rng.random((m, n)) >= 0.1
+    res = fit(np.where(mask, X, np.nan), k, max_iter=400, tol=0)
+    R = np.where(mask, X - res.W @ res.H, 0.0)
+    grad_W, grad_H = -R @ res.H.T, -res.W.T @ R
+    projected = [np.where(A > 0, g, np.minimum(g, 0.0))
+                 for A, g in ((res.W, grad_W), (res.H, grad_H))]
+    X0 = np.where(mask, X, 0.0)
+    scale = np.linalg.norm(X0 @ res.H.T) + np.linalg.norm(res.W.T @ X0)
+    assert sum(np.linalg.norm(p) for p in projected) < 1e-4 * scale
+    assert objective(X, mask, res.W, res.H, "frobenius") < 0.2013
 
 
 def test_nan_is_missing_same_as_mask():
