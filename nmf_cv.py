@@ -826,8 +826,21 @@ class _MaskedSolver(_WHt):
     the same way for the H update. Beyond the two BLAS or sparse products of a dense
     iteration, an iteration costs O(min(missing, observed) * k^2) for these Gram matrices;
     the sweeps then cost (m + n) k^2 each, as dense ones do, but read a Gram matrix per row
-    (measured 1.6-2x the dense time per sweep), and at most as many are run. No m x n array is
-    allocated per iteration. Holds W (m x k) and H transposed (n x k)."""
+    (measured 1.6-2x the dense time per sweep), and at most as many are run.
+
+    HALS fits take a cheaper step on mostly observed lines with few missing cells (at most
+    _majorized_fraction(k) of the line): a majorize-minimize step. The row's problem
+    1/2 a'G_a a - y.a is majorized by replacing G_a with G0 (G0 - G_a is positive
+    semidefinite), adding (G0 - G_a) a_old to y, so that the bound touches the objective at
+    the current a_old; coordinate descent on the bound then lowers the masked objective
+    itself. The extra term is the sum over the missing cells of the current prediction
+    (b . a_old) times b: O(missing * k), and the sweeps are the dense kernel's, with one G0.
+    It is the EM step for least squares with missing data (a dense step on X with its missing
+    cells set to the current predictions) without forming that matrix. The objective stays
+    the masked one: missing cells are never read, the objective never increases, and the
+    fixed points are the masked problem's. But a step gains less than an exact one, the less
+    the more is missing, hence the limit.
+    No m x n array is allocated per iteration. Holds W (m x k) and H transposed (n x k)."""
 
     def __init__(self, data, W, H, method, penalty, update_H, sweeps=None):
         self.method, self.pen, self.update_H = method, penalty, update_H

@@ -424,6 +424,24 @@ def test_masked_hals_solves_the_masked_problem(majorized, monkeypatch):
     assert objective(X, mask, res.W, res.H, "frobenius") < 0.2013
 
 
+def test_only_hals_fits_majorize():
+    """GDCLS's H step and transform's W step are exact least-squares solves: no majorized
+    lines there, nor at k <= 5 (no saving). A HALS fit at k = 10 majorizes mostly observed
+    lines with at most 15% missing, and only those."""
+    X, mask, W, H = _problem(0.1, m=80, n=60, k=10)
+    data = nmf_cv._validate_data(X, mask)
+    pen = nmf_cv._Penalty(0.0, 0.0, 0.0, 0.0)
+    for method, update_H in [("gdcls", True), ("hals", False)]:
+        solver = nmf_cv._MaskedSolver(data, W.copy(), H.copy(), method, pen, update_H)
+        assert len(solver.r_mm) == len(solver.c_mm) == 0
+    solver = nmf_cv._MaskedSolver(data, W[:, :5].copy(), H[:5].copy(), "hals", pen, True)
+    assert len(solver.r_mm) == len(solver.c_mm) == 0
+    solver = nmf_cv._MaskedSolver(data, W.copy(), H.copy(), "hals", pen, True)
+    expected = np.flatnonzero((~mask).sum(axis=1) <= 0.15 * X.shape[1])
+    assert 0 < len(expected) < X.shape[0]
+    np.testing.assert_array_equal(solver.r_mm, expected)
+
+
 def test_nan_is_missing_same_as_mask():
     X, mask, _, _ = _problem(0.2, seed=6)
     Xn = np.where(mask, X, np.nan)
