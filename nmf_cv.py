@@ -884,7 +884,8 @@ class _MaskedSolver(_WHt):
         else:
             self.sweeps_W = self.sweeps_H = 100  # gdcls: H by constrained least squares
         XHt, G0 = self._products_W()
-        model = _masked_model(self.W, self.Ht, G0, self.r_ptr, self.r_idx, self.r_sign)
+        model = _masked_model(self.W, self.Ht, G0, self.r_ptr, self.r_idx, self.r_sign,
+                              np.arange(m))
         self.objective = self._objective(XHt, model)
 
     def _products_W(self):
@@ -940,7 +941,9 @@ class _MaskedSolver(_WHt):
             Yt = np.empty_like(At)
             _mm_targets(A, B, XB, ptr, idx, mm, At, Yt)
             _hals_update(At, G0, Yt, l1, l2, sweeps, tol)
-            model += _mm_store(A, B, G0, ptr, idx, mm, At, want)
+            A[mm] = At.T
+            if want:
+                model += _masked_model(A, B, G0, ptr, idx, signs, mm)
         return model
 
 
@@ -3182,35 +3185,52 @@ def _masked_kl_loss(A, B, indptr, idx, x, eps):
 @njit(cache=True)
 def _cells_sq_prediction(A, B, indptr, idx):
     """Sum over the cells of (A B')^2."""
-    p, k = A.shape
     total = 0.0
-    for a in range(p):
-        for q in range(indptr[a], indptr[a + 1]):
-            b = idx[q]
-            wh = 0.0
-            for t in range(k):
-                wh += A[a, t] * B[b, t]
-            total += wh * wh
+    for a in range(A.shape[0]):
+        total += _row_cells_sq(A, a, B, idx, indptr[a], indptr[a + 1])
     return total
 
 
 @njit(cache=True)
-def _masked_model(A, B, G0, indptr, idx, signs):
-    """Sum over observed cells of (A B')^2, each row through its own cell set (as in
-    _masked_cd_rows): a' G0 a - sum over missing cells, or the sum over observed cells."""
-    p, k = A.shape
+def _masked_model(A, B, G0, indptr, idx, signs, rows):
+    """Sum over the listed rows' observed cells of (A B')^2, each row through its own cell
+    set (as in _masked_cd_rows): a' G0 a - sum over missing cells, or the sum over observed
+    cells."""
+    k = A.shape[1]
     total = 0.0
-    for a in range(p):
+    for a in rows:
         if signs[a] < 0.0:
             for t in range(k):
+                at = A[a, t]
                 for r in range(k):
-                    total += A[a, t] * G0[t, r] * A[a, r]
-        for q in range(indptr[a], indptr[a + 1]):
-            b = idx[q]
-            wh = 0.0
-            for t in range(k):
-                wh += A[a, t] * B[b, t]
-            total += signs[a] * wh * wh
+                    total += at * G0[t, r] * A[a, r]
+        total += signs[a] * _row_cells_sq(A, a, B, idx, indptr[a], indptr[a + 1])
+    return total
+
+
+@njit(cache=True, fastmath=_FAST)
+def _row_cells_sq(A, a, B, idx, start, end):
+    """Sum over cells q in [start, end) of (A[a] . B[idx[q]])^2, four cells per pass."""
+    k = A.shape[1]
+    total = 0.0
+    q = start
+    while q + 4 <= end:
+        c0, c1, c2, c3 = idx[q], idx[q + 1], idx[q + 2], idx[q + 3]
+        s0 = s1 = s2 = s3 = 0.0
+        for t in range(k):
+            at = A[a, t]
+            s0 += at * B[c0, t]
+            s1 += at * B[c1, t]
+            s2 += at * B[c2, t]
+            s3 += at * B[c3, t]
+        total += (s0 * s0 + s1 * s1) + (s2 * s2 + s3 * s3)
+        q += 4
+    while q < end:
+        s0 = 0.0
+        for t in range(k):
+            s0 += A[a, t] * B[idx[q], t]
+        total += s0 * s0
+        q += 1
     return total
 
 
@@ -3298,7 +3318,7 @@ def _masked_cd_rows(A, B, G0, XB, indptr, idx, signs, rows, l1, l2, sweeps, tol,
 def _mm_targets(A, B, XB, indptr, idx, rows, At, Yt):
     """For the j-th listed row a: At[:, j] = a and Yt[:, j] = XB_a + sum over the row's cells
     (its missing cells) of (b . a) b, the linear term of the majorizer with Gram matrix G0
-    (_MaskedSolver._majorized). Four cells per pass over the row."""
+    (see _MaskedSolver). Four cells per pass over the row."""
     k = A.shape[1]
     acc = np.empty(k, dtype=np.float64)
     for j in range(rows.shape[0]):
@@ -3330,28 +3350,6 @@ def _mm_targets(A, B, XB, indptr, idx, rows, At, Yt):
         for t in range(k):
             At[t, j] = A[a, t]
             Yt[t, j] = acc[t]
-
-
-@njit(cache=True)
-def _mm_store(A, B, G0, indptr, idx, rows, At, want):
-    """A[rows[j]] = At[:, j]; returns the sum over these rows' observed cells of (b . a)^2,
-    a'G0 a minus the missing cells' part, if ``want``."""
-    k = A.shape[1]
-    total = 0.0
-    for j in range(rows.shape[0]):
-        a = rows[j]
-        for t in range(k):
-            A[a, t] = At[t, j]
-        if want:
-            for t in range(k):
-                for r in range(k):
-                    total += At[t, j] * G0[t, r] * At[r, j]
-            for q in range(indptr[a], indptr[a + 1]):
-                wh = 0.0
-                for t in range(k):
-                    wh += At[t, j] * B[idx[q], t]
-                total -= wh * wh
-    return total
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -3394,7 +3392,7 @@ def _block_model(A, block_rows, B, indptr, idx, signs, Ab, Gb):
         a = block_rows[j]
         complement[j] = 1.0 if signs[a] < 0.0 else 0.0
         if signs[a] > 0.0:
-            total += _cells_sq_prediction(A[a:a + 1], B, indptr[a:a + 2], idx)
+            total += _row_cells_sq(A, a, B, idx, indptr[a], indptr[a + 1])
     for t in range(k):
         for r in range(k):
             Gt = Gb[t, r]
