@@ -30,7 +30,8 @@ nmf_cv method is called once beforehand, so numba compilation is not timed.
    nmf_cv ``hals`` is compared with scikit-learn ``cd``, and nmf_cv ``mu`` with
    scikit-learn ``mu``. Median over repeats.
 3. Cost of missing values. 10% of the cells set to NaN (seed 1) against the dense matrix,
-   same shape and init: the median time of one iteration after the first few, and, because
+   same shape and init, dense and masked fits alternating: the median time of one iteration
+   after the first few, and, because
    nmf_cv's HALS runs a variable number of inner sweeps per iteration, also the time each
    fit takes to reach the error of the dense fit after N iterations (errors are over the
    observed cells).
@@ -83,7 +84,7 @@ FULL_SHAPES = ((200, 100, 5), (1000, 500, 10), (5000, 1000, 20))
 QUICK_SHAPES = FULL_SHAPES[:1]
 # Iterations and repeats per shape (by number of rows) for the per-iteration timings.
 PER_ITER_PLAN = {200: (200, 5), 1000: (100, 5), 5000: (30, 3)}
-MASKED_PLAN = {200: (200, 3), 1000: (100, 3), 5000: (40, 3)}
+MASKED_PLAN = {200: (200, 5), 1000: (100, 5), 5000: (40, 3)}
 TARGET_REPEATS = 3
 MISSING = 0.1
 SKIP_FIRST = 5  # iterations left out of the masked/dense median
@@ -275,8 +276,10 @@ def masked_row(shape, method):
     X, W, H = planted(shape)
     Xm = with_missing(X)
     n_iter, repeats = MASKED_PLAN[shape[0]]
-    dense = [fit_ours(X, W, H, method, n_iter) for _ in range(repeats)]
-    masked = [fit_ours(Xm, W, H, method, n_iter) for _ in range(repeats)]
+    dense, masked = [], []
+    for _ in range(repeats):  # interleaved, so that drifts in machine speed hit both alike
+        dense.append(fit_ours(X, W, H, method, n_iter))
+        masked.append(fit_ours(Xm, W, H, method, n_iter))
     t_dense = float(np.median([steady_iter_time(r) for r in dense]))
     t_masked = float(np.median([steady_iter_time(r) for r in masked]))
     target = float(rel_history(dense[0], X)[-1])
