@@ -912,14 +912,14 @@ class _MaskedSolver(_WHt):
             else:
                 tol = 0.1 if self.method == "hals" else 1e-3
                 lines = (self.c_ptr, self.c_idx, self.c_sign, self.c_mm, self.c_exact)
-                self._cd_lines(self.Ht, self.W, G0, XtW, lines, p.l1_H, p.l2_H, self.sweeps_H,
-                               tol, False)
+                _cd_lines(self.Ht, self.W, G0, XtW, lines, p.l1_H, p.l2_H, self.sweeps_H, tol,
+                          self.scratch, False)
         XHt, G0 = self._products_W()
         if self.method == "hals" or not self.update_H:  # transform: W by exact NNLS
             sweeps, tol = (self.sweeps_W, 0.1) if self.update_H else (100, 1e-3)
             lines = (self.r_ptr, self.r_idx, self.r_sign, self.r_mm, self.r_exact)
-            model = self._cd_lines(self.W, self.Ht, G0, XHt, lines, p.l1_W, p.l2_W, sweeps,
-                                   tol, want_loss)
+            model = _cd_lines(self.W, self.Ht, G0, XHt, lines, p.l1_W, p.l2_W, sweeps, tol,
+                              self.scratch, want_loss)
         else:
             model = _masked_mu_rows(self.W, self.Ht, G0, XHt, self.r_ptr, self.r_idx,
                                     self.r_sign, p.l1_W, p.l2_W, self.scratch, self.u,
@@ -927,34 +927,37 @@ class _MaskedSolver(_WHt):
         self.objective = self._objective(XHt, model) if want_loss else math.nan
         return self.objective
 
-    def _cd_lines(self, A, B, G0, XB, lines, l1, l2, sweeps, tol, want):
-        """Coordinate descent on the rows of A: exactly (_masked_cd_rows) or by a
-        majorize-minimize step (_mm_targets, then the dense kernel with G0). Returns the sum
-        over observed cells of (b . a)^2 after the update if ``want``."""
-        ptr, idx, signs, mm, exact = lines
-        model = 0.0
-        if len(exact):
-            model += _masked_cd_rows(A, B, G0, XB, ptr, idx, signs, exact, l1, l2, sweeps, tol,
-                                     _use_pairs(B), self.scratch, want)
-        if len(mm):
-            At = np.empty((A.shape[1], len(mm)), dtype=np.float64)
-            Yt = np.empty_like(At)
-            _mm_targets(A, B, XB, ptr, idx, mm, At, Yt)
-            _hals_update(At, G0, Yt, l1, l2, sweeps, tol)
-            A[mm] = At.T
-            if want:
-                model += _masked_model(A, B, G0, ptr, idx, signs, mm)
-        return model
+
+def _cd_lines(A, B, G0, XB, lines, l1, l2, sweeps, tol, scratch, want):
+    """Coordinate descent on the rows of A: exactly (_masked_cd_rows) or by a
+    majorize-minimize step (_mm_targets, then the dense kernel with G0), as ``lines`` =
+    (indptr, idx, signs, majorized rows, exact rows) says. Returns the sum over observed
+    cells of (b . a)^2 after the update if ``want``."""
+    ptr, idx, signs, mm, exact = lines
+    model = 0.0
+    if len(exact):
+        model += _masked_cd_rows(A, B, G0, XB, ptr, idx, signs, exact, l1, l2, sweeps, tol,
+                                 _use_pairs(B), scratch, want)
+    if len(mm):
+        At = np.empty((A.shape[1], len(mm)), dtype=np.float64)
+        Yt = np.empty_like(At)
+        _mm_targets(A, B, XB, ptr, idx, mm, At, Yt)
+        _hals_update(At, G0, Yt, l1, l2, sweeps, tol)
+        A[mm] = At.T
+        if want:
+            model += _masked_model(A, B, G0, ptr, idx, signs, mm)
+    return model
 
 
 def _majorized_fraction(k):
     """Largest fraction of a line's cells missing for which HALS majorizes rather than
     solves exactly. A majorize-minimize step costs about 3k per missing cell against
     k(k+1)/2 for the exact Gram matrix (no saving up to k = 5), but needs more iterations
-    as more is missing. Time to a dense fit's error, majorized / exact, on planted data:
-    0.70-0.89 at k = 10 and 20 with up to 0.015 k missing; 1.4-1.8 at k = 10 with 20-30%
-    missing, 1.1-3.3 at k = 20 with 30%; 1.1-1.5 at k = 5 with 10-20%."""
-    return min(0.2, 0.015 * k) if k > 5 else 0.0
+    as more is missing. Time to a dense fit's error, majorized / exact, on planted data
+    (benchmarks/bench_majorize.py): 0.70-0.89 at k = 10 and 20 with up to 0.015 k missing;
+    1.4-1.8 at k = 10 with 20-30% missing, 1.1-3.3 at k = 20 with 30%; 1.1-1.5 at k = 5 with
+    10-20%. Negative: no line is majorized."""
+    return min(0.2, 0.015 * k) if k > 5 else -1.0
 
 
 def _majorized_lines(signs, n_cells, length, max_missing):
@@ -3218,7 +3221,7 @@ def _row_cells_sq(A, a, B, idx, start, end):
         c0, c1, c2, c3 = idx[q], idx[q + 1], idx[q + 2], idx[q + 3]
         s0 = s1 = s2 = s3 = 0.0
         for t in range(k):
-            at = A[a, t]
+            at = float(A[a, t])  # float32 factors: products in float64
             s0 += at * B[c0, t]
             s1 += at * B[c1, t]
             s2 += at * B[c2, t]
@@ -3228,7 +3231,7 @@ def _row_cells_sq(A, a, B, idx, start, end):
     while q < end:
         s0 = 0.0
         for t in range(k):
-            s0 += A[a, t] * B[idx[q], t]
+            s0 += float(A[a, t]) * B[idx[q], t]
         total += s0 * s0
         q += 1
     return total
@@ -3331,7 +3334,7 @@ def _mm_targets(A, B, XB, indptr, idx, rows, At, Yt):
             c0, c1, c2, c3 = idx[q], idx[q + 1], idx[q + 2], idx[q + 3]
             s0 = s1 = s2 = s3 = 0.0
             for t in range(k):
-                at = A[a, t]
+                at = float(A[a, t])  # float32 factors: products in float64
                 s0 += at * B[c0, t]
                 s1 += at * B[c1, t]
                 s2 += at * B[c2, t]
@@ -3343,7 +3346,7 @@ def _mm_targets(A, B, XB, indptr, idx, rows, At, Yt):
             c0 = idx[q]
             s0 = 0.0
             for t in range(k):
-                s0 += A[a, t] * B[c0, t]
+                s0 += float(A[a, t]) * B[c0, t]
             for t in range(k):
                 acc[t] += s0 * B[c0, t]
             q += 1

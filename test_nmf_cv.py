@@ -429,6 +429,7 @@ def test_only_hals_fits_majorize():
     lines there, nor at k <= 5 (no saving). A HALS fit at k = 10 majorizes mostly observed
     lines with at most 15% missing, and only those."""
     X, mask, W, H = _problem(0.1, m=80, n=60, k=10)
+    mask[0] = mask[:, 0] = True  # fully observed lines, majorized at k = 10 only
     data = nmf_cv._validate_data(X, mask)
     pen = nmf_cv._Penalty(0.0, 0.0, 0.0, 0.0)
     for method, update_H in [("gdcls", True), ("hals", False)]:
@@ -437,9 +438,42 @@ def test_only_hals_fits_majorize():
     solver = nmf_cv._MaskedSolver(data, W[:, :5].copy(), H[:5].copy(), "hals", pen, True)
     assert len(solver.r_mm) == len(solver.c_mm) == 0
     solver = nmf_cv._MaskedSolver(data, W.copy(), H.copy(), "hals", pen, True)
-    expected = np.flatnonzero((~mask).sum(axis=1) <= 0.15 * X.shape[1])
-    assert 0 < len(expected) < X.shape[0]
-    np.testing.assert_array_equal(solver.r_mm, expected)
+    for axis, found in ((1, solver.r_mm), (0, solver.c_mm)):
+        expected = np.flatnonzero((~mask).sum(axis=axis) <= 0.15 * X.shape[axis])
+        assert 0 < len(expected) < X.shape[1 - axis]
+        np.testing.assert_array_equal(found, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_majorized_rows_match_filled_dense_reference(dtype):
+    """A majorize-minimize step with penalties equals exact penalised coordinate descent on
+    the row with its missing cells filled by the current predictions and counted as
+    observed (numpy reference), over several sweeps and blocks; the model term is the sum
+    over observed cells of the new predictions squared."""
+    rng = np.random.default_rng(12)
+    m, n, k = 150, 40, 7
+    B = rng.random((n, k)) + 0.05
+    M = rng.random((m, n)) >= 0.1
+    M[:2] = True  # no missing cell: a plain dense step
+    X = rng.random((m, n)) * 2
+    A = (rng.random((m, k)) + 0.05).astype(dtype)
+    rows, cols = np.nonzero(~M)
+    indptr = nmf_cv._indptr(rows, m)
+    signs = np.full(m, -1.0)
+    Bd = B.astype(dtype)
+    B64 = Bd.astype(np.float64)
+    filled = np.where(M, X, A.astype(np.float64) @ B64.T)
+    expected = ref_penalised_cd_rows(A.astype(np.float64), B64, filled @ B64,
+                                     np.ones((m, n), bool), 0.05, 0.3, 3)
+    XB = np.ascontiguousarray(np.where(M, X, 0.0) @ B64)
+    lines = (indptr, cols.astype(np.int64), signs, np.arange(m), np.arange(0))
+    model = nmf_cv._cd_lines(A, Bd, nmf_cv._gram64(Bd), XB, lines, 0.05, 0.3, 3, 0.0,
+                             np.empty(n * (k + 4)), True)
+    assert A.dtype == dtype
+    tol = 1e-10 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(A, expected, rtol=tol, atol=tol)
+    A64 = A.astype(np.float64)
+    assert model == pytest.approx(np.sum(np.where(M, A64 @ B64.T, 0.0) ** 2), rel=tol)
 
 
 def test_nan_is_missing_same_as_mask():
