@@ -954,9 +954,9 @@ def _majorized_fraction(k):
     solves exactly. A majorize-minimize step costs about 3k per missing cell against
     k(k+1)/2 for the exact Gram matrix (no saving up to k = 5), but needs more iterations
     as more is missing. Time to a dense fit's error, majorized / exact, on planted data
-    (benchmarks/bench_majorize.py): 0.70-0.89 at k = 10 and 20 with up to 0.015 k missing;
-    1.4-1.8 at k = 10 with 20-30% missing, 1.1-3.3 at k = 20 with 30%; 1.1-1.5 at k = 5 with
-    10-20%. Negative: no line is majorized."""
+    (benchmarks/bench_majorize_results.md): 0.67-0.87 at k = 10 and 20 with up to 0.015 k
+    missing; 1.3-1.7 at k = 10 with 20-30% missing, 0.9-2.8 at k = 20 with 30%; 1.06-1.75 at
+    k = 5 with 5-30%. Negative: no line is majorized."""
     return min(0.2, 0.015 * k) if k > 5 else -1.0
 
 
