@@ -448,7 +448,7 @@ def test_only_hals_fits_majorize():
 def test_majorized_rows_match_filled_dense_reference(dtype):
     """A majorize-minimize step with penalties equals exact penalised coordinate descent on
     the row with its missing cells filled by the current predictions and counted as
-    observed (numpy reference), over several sweeps and blocks; the model term is the sum
+    observed (numpy reference), over several sweeps; the model term is the sum
     over observed cells of the new predictions squared."""
     rng = np.random.default_rng(12)
     m, n, k = 150, 40, 7
