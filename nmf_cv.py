@@ -3212,6 +3212,19 @@ def _masked_model(A, B, G0, indptr, idx, signs, rows):
 
 
 @njit(cache=True, fastmath=_FAST)
+def _predict_four(A, a, B, c0, c1, c2, c3):
+    """A[a] . B[c] for four rows c of B, in one pass over the components."""
+    s0 = s1 = s2 = s3 = 0.0
+    for t in range(A.shape[1]):
+        at = float(A[a, t])  # float32 factors: products in float64
+        s0 += at * B[c0, t]
+        s1 += at * B[c1, t]
+        s2 += at * B[c2, t]
+        s3 += at * B[c3, t]
+    return s0, s1, s2, s3
+
+
+@njit(cache=True, fastmath=_FAST)
 def _row_cells_sq(A, a, B, idx, start, end):
     """Sum over cells q in [start, end) of (A[a] . B[idx[q]])^2, four cells per pass."""
     k = A.shape[1]
@@ -3219,13 +3232,7 @@ def _row_cells_sq(A, a, B, idx, start, end):
     q = start
     while q + 4 <= end:
         c0, c1, c2, c3 = idx[q], idx[q + 1], idx[q + 2], idx[q + 3]
-        s0 = s1 = s2 = s3 = 0.0
-        for t in range(k):
-            at = float(A[a, t])  # float32 factors: products in float64
-            s0 += at * B[c0, t]
-            s1 += at * B[c1, t]
-            s2 += at * B[c2, t]
-            s3 += at * B[c3, t]
+        s0, s1, s2, s3 = _predict_four(A, a, B, c0, c1, c2, c3)
         total += (s0 * s0 + s1 * s1) + (s2 * s2 + s3 * s3)
         q += 4
     while q < end:
@@ -3332,13 +3339,7 @@ def _mm_targets(A, B, XB, indptr, idx, rows, At, Yt):
         end = indptr[a + 1]
         while q + 4 <= end:
             c0, c1, c2, c3 = idx[q], idx[q + 1], idx[q + 2], idx[q + 3]
-            s0 = s1 = s2 = s3 = 0.0
-            for t in range(k):
-                at = float(A[a, t])  # float32 factors: products in float64
-                s0 += at * B[c0, t]
-                s1 += at * B[c1, t]
-                s2 += at * B[c2, t]
-                s3 += at * B[c3, t]
+            s0, s1, s2, s3 = _predict_four(A, a, B, c0, c1, c2, c3)
             for t in range(k):
                 acc[t] += (s0 * B[c0, t] + s1 * B[c1, t]) + (s2 * B[c2, t] + s3 * B[c3, t])
             q += 4
