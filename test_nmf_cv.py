@@ -808,12 +808,16 @@ def test_cv_warm_start_chains_ranks_within_each_fold():
             seed = seeds[(k - 1) * 3 + f]
             init = nmf_cv._grow_factors(np.where(mask, X, 0.0), mask, W0, H0, k, seed)
             np.testing.assert_array_equal(init[0][:, :k - 1], W0)
+            alpha = warm.alpha[0, f]  # the fold's ridge, from its training cells alone
+            assert alpha == pytest.approx(
+                0.1 * nmf_cv.noise_level(train) * (math.sqrt(50) + math.sqrt(35)), rel=1e-12)
             ref = nmf_cv.fit_nmf(train, k, init=init, max_iter=2000, tol=1e-6,
-                                 random_state=seed)
+                                 random_state=seed, alpha_W=alpha, alpha_H=alpha)
             np.testing.assert_allclose(warm.factors[(k, 0, f)][0], ref.W, rtol=1e-12)
             np.testing.assert_allclose(warm.factors[(k, 0, f)][1], ref.H, rtol=1e-12)
             # the warm start is no worse than the previous rank's end point
-            end = nmf_cv.fit_nmf(train, k - 1, init=(W0, H0), max_iter=0)
+            end = nmf_cv.fit_nmf(train, k - 1, init=(W0, H0), max_iter=0, alpha_W=alpha,
+                                 alpha_H=alpha)
             assert ref.loss_history[1] <= end.loss_history[0] * (1 + 1e-12)
 
 
@@ -885,7 +889,7 @@ def test_cv_kl_recovers_poisson_rank_in_80_percent_of_runs():
 def test_cv_leave_one_out_is_exact():
     X = nmf_cv.make_planted(8, 6, 2, noise=0.1, random_state=23)
     cv = nmf_cv.cross_validate(X, [1, 2], n_folds="loo", random_state=0, progress=False,
-                               max_iter=40, tol=0)
+                               max_iter=40, tol=0, ridge=0)
     for i, k in enumerate((1, 2)):
         total = 0.0
         for a in range(8):
@@ -1158,7 +1162,7 @@ def test_bicross_validate_finds_planted_rank(k_true, seed):
 def test_bicross_validate_block_prediction_matches_owen_perry_formula():
     X = nmf_cv.make_planted(30, 20, 3, noise=0.05, random_state=28)
     rows, cols = np.arange(10), np.arange(7)
-    press, _ = nmf_cv._bicv_task(X, (rows, cols), 3, "hals", "lstsq", 0, {"tol": 1e-8})
+    press, _ = nmf_cv._bicv_task(X, (rows, cols), 3, "hals", "lstsq", 0, 1, {"tol": 1e-8})
     keep_r, keep_c = np.arange(10, 30), np.arange(7, 20)
     res = nmf_cv.fit_nmf(X[np.ix_(keep_r, keep_c)], 3, random_state=0, tol=1e-8)
     A_hat = X[np.ix_(rows, keep_c)] @ np.linalg.pinv(res.W @ res.H) @ X[np.ix_(keep_r, cols)]
@@ -1197,13 +1201,15 @@ def test_choose_rank_report():
     assert report.suggestions["cophenetic"] == report.results["cophenetic"].best_rank
     text = str(report)
     assert text.splitlines()[0].split()[:3] == ["k", "PRESS", "PRESS"]
-    assert len(text.splitlines()) == 1 + 5 + 1 + 6
+    assert len(text.splitlines()) == 1 + 5 + 1 + 6 + 1  # the last line: agreement
+    assert text.splitlines()[-1] == report.agreement
     assert f"(estimate {prior.rank:.2f}, no fits)" in text
     assert "-" in text.splitlines()[1]  # no cophenetic at k = 1
     data = json.loads(json.dumps(report.to_dict()))
     assert data["prior"]["rank"] == pytest.approx(prior.rank)
     cv = report.results["cv"]
-    assert data["columns"]["PRESS"]["3"] == pytest.approx(cv.press_mean[2])
+    assert data["columns"]["PRESS"]["3"] == pytest.approx(cv.press_median[2])
+    assert data["agreement"] == report.agreement
     assert data["suggestions"] == report.suggestions
     for criterion in ("cv", "randomized", "bicv"):
         assert report.suggestions[criterion] == 3, (criterion, report)
@@ -1660,12 +1666,12 @@ def test_plot_cv_draws_press_with_standard_errors_and_training_rss(cv):
     ax = nmf_cv.plot_cv(cv)
     data, _, (bars,) = ax.containers[0].lines
     assert_array_equal(data.get_xdata(), cv.ranks)
-    assert_array_equal(data.get_ydata(), cv.press_mean)
-    expected = [[[k, m - s], [k, m + s]] for k, m, s in zip(cv.ranks, cv.press_mean,
-                                                            cv.press_se, strict=True)]
+    assert_array_equal(data.get_ydata(), cv.press_median)
+    expected = [[[k, m - s], [k, m + s]] for k, m, s in zip(cv.ranks, cv.press_median,
+                                                            cv.press_mad_se, strict=True)]
     assert_allclose(np.array(bars.get_segments()), expected)
     (train,) = lines(ax, "train")
-    assert_allclose(train.get_ydata(), cv.train_rss.mean(axis=(1, 2)))
+    assert_allclose(train.get_ydata(), np.median(cv.train_rss, axis=(1, 2)))
     assert ax.get_ylabel() == "PRESS" and ax.get_yscale() == "log"
     render(ax.figure)
 
@@ -1687,7 +1693,7 @@ def test_plot_cv_uses_the_given_axes_and_integer_rank_ticks(report):
     _, ax = plt.subplots()
     cv = report.results["cv"]
     assert nmf_cv.plot_cv(cv, ax=ax) is ax
-    assert_array_equal(ax.containers[0].lines[0].get_ydata(), cv.press_mean)
+    assert_array_equal(ax.containers[0].lines[0].get_ydata(), cv.press_median)
     lo, hi = ax.get_xlim()
     ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
     assert ticks == [1, 2, 3]
@@ -1870,9 +1876,9 @@ def test_plot_rank_report_has_a_panel_per_criterion_with_suggestions_marked(repo
         assert marks(ax, "prior") == [2.4]
         assert ax.get_xlim() == (0.5, 3.5)
     assert_array_equal(panels["cv"].containers[0].lines[0].get_ydata(),
-                       report.results["cv"].press_mean)
+                       report.results["cv"].press_median)
     assert_array_equal(panels["bicv"].containers[0].lines[0].get_ydata(),
-                       report.results["bicv"].press_mean)
+                       report.results["bicv"].press_median)
     title = fig.get_suptitle()
     for text in (f"CV minimum: {s['cv']}", f"CV one-SE rule: {s['cv_1se']}",
                  f"BCV minimum: {s['bicv']}", f"RSS vs randomized: {s['randomized']}",
@@ -2001,7 +2007,7 @@ def test_cli_rank_prints_table_and_saves_report(tmp_path):
     assert report["suggestions"] == json.loads(json.dumps(ref.suggestions))
     assert report["columns"]["PRESS"] == pytest.approx(
         {str(k): v for k, v in ref.columns()["PRESS"].items()}, rel=1e-12)
-    assert "suggested k by cross-validated PRESS (minimum): 2" in out
+    assert "suggested k by cross-validated PRESS (minimum of the median): 2" in out
     assert (tmp_path / "x_rank.png").stat().st_size > 10_000
 
 
@@ -2045,3 +2051,337 @@ def test_cli_demo_saves_its_dashboard(tmp_path):
     report = json.loads((tmp_path / "demo_rank.json").read_text())
     assert report["suggestions"]["cv"] == 2 and report["ranks"] == [1, 2, 3, 4]
     assert (tmp_path / "demo_rank.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# rank answers on hard data: ridge, restarts, robust summaries, consensus rules, the report
+# ---------------------------------------------------------------------------------------------
+
+def bars(seed, n=400, size=8, p=0.2, noise=0.05):
+    """Hoyer's bars: 8 horizontal and 8 vertical bars on an 8 x 8 grid, each present in an
+    image with probability p and weight U(0.5, 1.5), plus |N(0, noise^2)| noise. Linear rank
+    15, non-negative rank 16."""
+    rng = np.random.default_rng(seed)
+    grid = np.zeros((2 * size, size, size))
+    for i in range(size):
+        grid[i, i, :] = 1.0
+        grid[size + i, :, i] = 1.0
+    H = grid.reshape(2 * size, -1)
+    present = rng.random((n, 2 * size)) < p
+    X0 = (present * rng.uniform(0.5, 1.5, (n, 2 * size))) @ H
+    return np.abs(X0 + noise * rng.standard_normal(X0.shape))
+
+
+def test_cv_on_bars_picks_16_with_no_fold_blowing_up():
+    """The issue's failure: with no ridge, folds reached 10^4 x their rank's median PRESS and
+    the mean picked 15 on one seed in three. Defaults, 5 seeds."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    picks = []
+    with ProcessPoolExecutor(2) as pool:
+        for seed in range(5):
+            cv = nmf_cv.cross_validate(bars(seed), range(12, 21), random_state=seed,
+                                       executor=pool, progress=False)
+            per_fold = cv.press.reshape(len(cv.ranks), -1)
+            assert (per_fold <= 3.0 * cv.press_median[:, None]).all(), (seed, per_fold)
+            assert not cv.n_outlier_folds.any()
+            picks.append(cv.best_rank)
+    assert sum(k == 16 for k in picks) >= 4, picks
+
+
+def _barely_touching_problem():
+    """Component 0 lives on columns 0..9 (weight 1) and, barely, on 10..19 (weights ~1e-3);
+    component 1 on 10..19. Row 0's cells in 0..9 are held out, so only its cells in 10..19,
+    where component 0 is almost free, say anything about its weight."""
+    rng = np.random.default_rng(3)
+    H = np.zeros((2, 20))
+    H[0, :10] = 1.0
+    H[0, 10:] = 1e-3 * rng.uniform(0.5, 1.5, 10)
+    H[1, 10:] = 1.0
+    W = rng.uniform(0.5, 1.5, (60, 2))
+    X = np.abs(W @ H + 0.05 * rng.standard_normal((60, 20)))
+    tiny = H[0, 10:] - H[0, 10:].mean()
+    X[0, 10:] = 1.0 + 0.05 * tiny / tiny.std()  # noise that happens to follow component 0
+    mask = np.ones(X.shape, dtype=bool)
+    mask[0, :10] = False
+    return X, mask, H
+
+
+def test_ridge_keeps_a_barely_determined_held_out_prediction_bounded():
+    X, mask, H = _barely_touching_problem()
+    m, n = X.shape
+    alpha = 0.1 * nmf_cv.noise_level(X, mask=mask) * (math.sqrt(m) + math.sqrt(n))
+
+    def row0_prediction(alpha_W):
+        est = nmf_cv.NMF(2, alpha_W=alpha_W)
+        est.components_ = H
+        return (est.transform(X, mask=mask) @ H)[0]
+
+    # Without a ridge, row 0's weight on component 0 follows the noise in 10..19 through
+    # weights of 1e-3: the held-out cells (values about 1) are predicted at about 190.
+    assert row0_prediction(0.0)[:10].max() > 50 * X.max()
+    ridged = row0_prediction(alpha)
+    assert ridged[:10].max() <= X.max()
+    assert_allclose(ridged[10:], X[0, 10:], atol=0.1)  # its training cells still fitted
+
+
+def test_cv_ridge_is_scaled_to_the_noise_and_can_be_turned_off():
+    X = nmf_cv.make_planted(60, 40, 3, noise=0.1, random_state=0)
+    kw = dict(n_folds=3, random_state=0, progress=False, max_iter=50, init="random")
+    cv = nmf_cv.cross_validate(X, [3], **kw)
+    assert cv.alpha.shape == (1, 3)
+    for f in range(3):  # each fold's ridge from its training cells alone
+        train = np.where(cv.folds[0] == f, np.nan, X)
+        expected = 0.1 * nmf_cv.noise_level(train) * (math.sqrt(60) + math.sqrt(40))
+        assert cv.alpha[0, f] == pytest.approx(expected, rel=1e-12)
+    assert (cv.alpha > 0).all()
+    scaled = nmf_cv.cross_validate(10 * X, [3], **kw)  # unit-free: PRESS scales as X^2
+    assert_allclose(scaled.alpha, 10 * cv.alpha, rtol=1e-9)
+    assert_allclose(scaled.press, 100 * cv.press, rtol=1e-6)
+    assert (nmf_cv.cross_validate(X, [3], ridge=0, **kw).alpha == 0.0).all()
+    given = nmf_cv.cross_validate(X, [3], alpha_W=0.5, alpha_H=0.5, **kw)
+    assert (given.alpha == 0.5).all()
+    assert (nmf_cv.cross_validate(X, [3], loss="kl", **kw).alpha == 0.0).all()
+    for bad in (-1.0, math.nan, "0.1", True):
+        with pytest.raises(ValueError, match="ridge"):
+            nmf_cv.cross_validate(X, [3], ridge=bad, **kw)
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.3])
+def test_noise_level_matches_the_planted_noise(missing):
+    rng = np.random.default_rng(1)
+    signal = rng.random((400, 5)) @ rng.random((5, 150))
+    X = np.abs(signal + 0.2 * rng.standard_normal(signal.shape))
+    if missing:
+        X[rng.random(X.shape) < missing] = np.nan
+    assert nmf_cv.noise_level(X) == pytest.approx(0.2, rel=0.1)
+    assert nmf_cv.noise_level(np.abs(X.T)) == pytest.approx(0.2, rel=0.15)
+
+
+def test_marchenko_pastur_median_against_sampled_eigenvalues():
+    rng = np.random.default_rng(0)
+    for m, n in ((2000, 2000), (4000, 400)):
+        Z = rng.standard_normal((m, n))
+        eig = np.linalg.eigvalsh(Z.T @ Z / m)
+        assert nmf_cv._marchenko_pastur_median(n / m) == pytest.approx(np.median(eig),
+                                                                       rel=0.01)
+
+
+def test_restarts_keep_the_fit_with_the_lowest_training_objective(monkeypatch):
+    X = nmf_cv.make_planted(30, 20, 3, noise=0.2, random_state=5)
+    seen = []
+    real_fit = nmf_cv.fit_nmf
+
+    def recording_fit(*args, **kwargs):
+        res = real_fit(*args, **kwargs)
+        seen.append((kwargs.get("init", "nndsvda"), res))
+        return res
+
+    monkeypatch.setattr(nmf_cv, "fit_nmf", recording_fit)
+    cv = nmf_cv.cross_validate(X, [4], n_folds=2, n_restarts=3, random_state=0,
+                               progress=False, max_iter=40, return_factors=True)
+    assert [init for init, _ in seen] == ["nndsvda", "random", "random"] * 2
+    for f in range(2):
+        runs = [res for _, res in seen[3 * f:3 * f + 3]]
+        objectives = [res.loss_history[-1] for res in runs]
+        assert len(set(objectives)) == 3  # three different fits
+        kept = runs[int(np.argmin(objectives))]
+        W, H = cv.factors[(4, 0, f)]
+        assert_array_equal(W, kept.W)
+        assert_array_equal(H, kept.H)
+
+
+def test_restarts_same_result_with_process_pool():
+    from concurrent.futures import ProcessPoolExecutor
+
+    X = nmf_cv.make_planted(40, 25, 3, noise=0.05, missing=0.1, random_state=24)
+    kw = dict(n_folds=3, n_restarts=2, random_state=7, progress=False, max_iter=60)
+    serial = nmf_cv.cross_validate(X, [2, 3], **kw)
+    with ProcessPoolExecutor(2) as pool:
+        parallel = nmf_cv.cross_validate(X, [2, 3], executor=pool, **kw)
+        bicv = [nmf_cv.bicross_validate(X, [2, 3], random_state=1, n_restarts=2,
+                                        max_iter=60, progress=False, executor=e)
+                for e in (None, pool)]
+        rss = [nmf_cv.randomized_rss(X, [2, 3], random_state=1, n_restarts=2, max_iter=60,
+                                     progress=False, executor=e) for e in (None, pool)]
+    assert_array_equal(serial.press, parallel.press)
+    assert_array_equal(serial.train_rss, parallel.train_rss)
+    assert_array_equal(bicv[0].press, bicv[1].press)
+    assert_array_equal(rss[0].rss, rss[1].rss)
+    single = nmf_cv.cross_validate(X, [2, 3], **{**kw, "n_restarts": 1})
+    assert (serial.train_rss <= single.train_rss * (1 + 1e-9)).all()  # the first is kept too
+    with pytest.raises(ValueError, match="n_restarts"):
+        nmf_cv.cross_validate(X, [2], n_restarts=0)
+
+
+def test_cv_summaries_are_robust_to_one_wild_fold():
+    press = np.array([[[10.0, 11.0, 9.0, 10.5, 9.5]],
+                      [[8.0, 8.2, 7.9, 8.1, 5000.0]],   # the true rank, one fold blew up
+                      [[9.0, 9.1, 8.9, 9.2, 9.05]]])
+    cv = nmf_cv.CVResult(np.array([2, 3, 4]), press, press / 2)
+    assert cv.best_rank == 3  # the mean would say 4
+    assert int(np.argmin(cv.press_mean)) == 2
+    assert_allclose(cv.press_median, [10.0, 8.1, 9.05])
+    mad = np.median(np.abs(press[1, 0] - 8.1))
+    assert cv.press_mad_se[1] == pytest.approx(1.2533 * 1.4826 * mad / math.sqrt(5), rel=1e-4)
+    assert cv.n_outlier_folds.tolist() == [0, 1, 0]
+    assert cv.best_rank_1se == 3
+    flat = nmf_cv.CVResult(np.array([2, 3]), np.array([[[10.0, 10.2, 9.8]], [[9.9, 10.0,
+                                                                              9.7]]]),
+                           np.ones((2, 1, 3)))
+    assert (flat.best_rank, flat.best_rank_1se) == (3, 2)
+
+
+def test_plot_cv_shows_every_fold_and_marks_outliers():
+    press = np.array([[[10.0, 11.0, 9.0]], [[8.0, 8.2, 500.0]]])
+    cv = nmf_cv.CVResult(np.array([2, 3]), press, press / 2)
+    ax = nmf_cv.plot_cv(cv)
+    lines = {line.get_gid(): line for line in ax.get_lines()}
+    assert sorted(lines["folds"].get_ydata().tolist()) == [8.0, 8.2, 9.0, 10.0, 11.0]
+    assert lines["outlier_folds"].get_xdata().tolist() == [3]
+    assert lines["outlier_folds"].get_ydata().tolist() == [500.0]
+    assert_array_equal(lines["press"].get_ydata(), cv.press_median)
+    plt.close("all")
+
+
+def test_pac_equals_a_direct_count():
+    labels = np.array([0, 0, 1, 1, 2])
+    C = (labels[:, None] == labels).astype(float)
+    C[0, 2] = C[2, 0] = 0.5      # inside (0.1, 0.9)
+    C[1, 4] = C[4, 1] = 0.1      # on the boundary: not inside
+    C[3, 4] = C[4, 3] = 0.85     # inside
+    pairs = [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    direct = sum(0.1 < C[i, j] < 0.9 for i, j in pairs) / len(pairs)
+    assert direct == pytest.approx(0.2)
+    assert nmf_cv.proportion_ambiguous(C) == pytest.approx(direct)
+    assert nmf_cv.proportion_ambiguous(C, (0.05, 0.95)) == pytest.approx(0.3)
+    for bad in ((0.9, 0.1), (0.1,), (-0.1, 0.5), "ab"):
+        with pytest.raises(ValueError, match="pac_interval"):
+            nmf_cv.proportion_ambiguous(C, bad)
+
+
+def test_consensus_reports_pac_of_its_matrices():
+    X, _ = _clustered(8, 3)
+    res = nmf_cv.consensus(X, [2, 3, 4], n_runs=6, random_state=0, progress=False,
+                           max_iter=200, pac_interval=(0.2, 0.8))
+    assert res.pac_interval == (0.2, 0.8)
+    for i, k in enumerate(res.ranks):
+        C = res.consensus_matrices[int(k)]
+        upper = C[np.triu_indices(len(C), k=1)]
+        assert res.pac[i] == pytest.approx(np.mean((upper > 0.2) & (upper < 0.8)))
+    assert res.pac[1] == 0.0  # three planted groups: every pair always or never together
+
+
+@pytest.mark.parametrize("rule,curve,pac,expected", [
+    ("first_drop", [0.9993, 0.9964, 0.9886, 0.9714], None, 2),  # the leukemia curve
+    ("largest_drop", [0.9993, 0.9964, 0.9886, 0.9714], None, 4),
+    ("first_drop", [1.0, 1.0, 0.9995, 0.95], None, 4),  # 0.0005 is noise, not a fall
+    ("first_drop", [0.97, 0.99, 0.999, 0.93], None, 4),  # rises, then falls
+    ("largest_drop", [0.99, 0.98, 0.80, 0.78], None, 3),
+    ("first_drop", [0.90, 0.95, 0.97, 0.98], None, 5),  # never falls: the maximum
+    ("pac", [0.99, 0.98, 0.97, 0.96], [0.30, 0.05, 0.05, 0.20], 3),
+])
+def test_best_cophenetic_rank_rules(rule, curve, pac, expected):
+    assert nmf_cv.best_cophenetic_rank([2, 3, 4, 5], curve, rule=rule, pac=pac) == expected
+
+
+def test_best_cophenetic_rank_rejects_bad_rules():
+    with pytest.raises(ValueError, match="rule"):
+        nmf_cv.best_cophenetic_rank([2, 3], [1.0, 0.9], rule="knee")
+    with pytest.raises(ValueError, match="pac"):
+        nmf_cv.best_cophenetic_rank([2, 3], [1.0, 0.9], rule="pac")
+
+
+def _report(suggestions, ranks=(2, 3, 4, 5, 6), cv_press=None):
+    """A RankReport built by hand, for the agreement line and the edges."""
+    ranks = np.array(ranks)
+    results = {}
+    if cv_press is not None:
+        press = np.asarray(cv_press, dtype=float)[:, None, :]
+        results["cv"] = nmf_cv.CVResult(ranks, press, press)
+    for c in suggestions:
+        if c == "bicv":
+            falling = np.linspace(9.0, 5.0, len(ranks))[:, None, None] * np.ones((1, 1, 4))
+            results[c] = nmf_cv.CVResult(ranks, falling, falling)
+        elif c == "cophenetic":
+            curve = np.linspace(1.0, 0.9, len(ranks))
+            results[c] = SimpleNamespace(ranks=ranks, cophenetic=curve, dispersion=curve,
+                                         pac=1 - curve)
+        elif c == "randomized":
+            results[c] = SimpleNamespace(ranks=ranks, rss=np.linspace(9.0, 5.0, len(ranks)),
+                                         rss_randomized_mean=np.full(len(ranks), 10.0))
+    edges = nmf_cv._edges(ranks, results, suggestions)
+    return nmf_cv.RankReport(ranks, results, suggestions, edges,
+                             nmf_cv._agreement(results, suggestions, edges))
+
+
+def test_report_says_when_criteria_agree_disagree_or_hit_the_edge():
+    press = [[9.0, 9.1, 8.9], [5.0, 5.1, 4.9], [5.05, 5.1, 5.0], [6.0, 6.1, 5.9],
+             [7.0, 7.0, 7.0]]
+    agree = _report({"cv": 3, "cv_1se": 3, "bicv": 3}, cv_press=press)
+    assert agree.agreement.startswith("criteria agree on k = 3 (CV minimum, CV one-SE rule, "
+                                      "BCV minimum)")
+    assert agree.edges == {}
+    split = _report({"cv": 3, "cv_1se": 3, "cophenetic": 4, "randomized": 6, "bicv": 6},
+                    cv_press=press)
+    assert split.edges == {"randomized": ">=", "bicv": ">="}
+    line = split.agreement
+    assert "criteria disagree: k = 3 by CV minimum, CV one-SE rule; k = 4 by cophenetic" in line
+    assert "no answer inside the ranks tried by RSS vs randomized (≥ 6), BCV minimum (≥ 6)" in line
+    assert "PRESS at 3, 4 within 1 SE" in line
+    text = split.table()
+    assert "suggested k by RSS vs randomized data: ≥ 6 (RSS still falling faster" in text
+    assert text.splitlines()[-1] == line
+    low = _report({"cv": 2}, cv_press=[[1.0, 1.1, 0.9]] + press[1:])
+    assert low.edges == {"cv": "<="} and "≤ 2" in low.agreement
+    assert _report({"cv": 2}, ranks=(1, 2, 3), cv_press=press[:3]).edges == {}
+    assert json_roundtrip(split.to_dict())["edges"] == {"randomized": ">=", "bicv": ">="}
+
+
+def json_roundtrip(obj):
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+def test_prior_predictive_flags_a_poisson_misfit():
+    rng = np.random.default_rng(0)
+    theta, beta = rng.gamma(1.0, 1.0, (300, 3)), rng.gamma(1.0, 2.0, (200, 3))
+    counts = rng.poisson(theta @ beta.T).astype(float)
+    assert nmf_cv.prior_predictive_rank(counts).misfit == ""
+    fractional = nmf_cv.prior_predictive_rank(counts + 0.5)
+    assert "not integers" in fractional.misfit and fractional.rank is not None
+    spread = nmf_cv.prior_predictive_rank(np.round(counts * 1000))  # same counts, x1000
+    assert "noise variance" in spread.misfit
+    assert nmf_cv.prior_predictive_rank(counts + 0.5, likelihood="gaussian",
+                                        noise_var=1.0).misfit == ""
+    report = nmf_cv.choose_rank(counts + 0.5, [2, 3], criteria=("prior",))
+    assert "prior" not in report.suggestions
+    assert "no suggestion, the Poisson likelihood needs counts" in report.table()
+    fig = nmf_cv.plot_rank_report(report)
+    assert not [line for ax in fig.axes for line in ax.get_lines() if line.get_gid() == "prior"]
+    plt.close("all")
+
+
+def test_medulloblastoma_report_if_available():
+    """Ranks 2..6 on Brunet et al.'s medulloblastoma data: no CV fold above 3x its rank's
+    median (with no ridge folds reached 10^2-10^3 x), BCV and randomized RSS flagged at the
+    edge (their curves still fall at 6), and an agreement line naming the criteria."""
+    import pathlib
+    from concurrent.futures import ProcessPoolExecutor
+
+    path = pathlib.Path(__file__).parent.parent / "shared/data/medulloblastoma"
+    if not (path / "Medulloblastoma_data.txt").exists():
+        pytest.skip("../shared/data/medulloblastoma not present")
+    X = np.loadtxt(path / "Medulloblastoma_data.txt")
+    with ProcessPoolExecutor(2) as pool:
+        report = nmf_cv.choose_rank(X, range(2, 7), ("prior", "cv", "randomized", "bicv"),
+                                    random_state=0, executor=pool, progress=False)
+    cv = report.results["cv"]
+    per_fold = cv.press.reshape(len(cv.ranks), -1)
+    assert (per_fold <= 3.0 * cv.press_median[:, None]).all(), per_fold / cv.press_median[:, None]
+    assert report.edges.get("randomized") == ">=" and report.edges.get("bicv") == ">="
+    assert "no answer inside the ranks tried by" in report.agreement
+    assert "RSS vs randomized (≥ 6)" in report.agreement and "BCV minimum (≥ 6)" in report.agreement
+    assert "CV minimum" in report.agreement
+    assert "prior" not in report.suggestions and report.results["prior"].misfit
