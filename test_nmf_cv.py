@@ -770,8 +770,10 @@ def test_cv_folds_cover_rows_and_columns_and_partition_cells():
 @pytest.mark.parametrize("warm_start", [False, True])
 def test_cv_no_information_from_held_out_cells(warm_start):
     X = nmf_cv.make_planted(30, 20, 3, noise=0.05, random_state=21)
+    # stuck_restarts=0: whether a fold is refitted depends on the other folds' training
+    # errors (see cross_validate); the fits themselves only ever see training cells
     kw = dict(n_folds=3, random_state=5, progress=False, return_factors=True, max_iter=50,
-              init="random", warm_start=warm_start)
+              init="random", warm_start=warm_start, stuck_restarts=0)
     a = nmf_cv.cross_validate(X, [2, 3], **kw)
     fold0 = a.folds[0] == 0
     X2 = X.copy()
@@ -849,7 +851,7 @@ def test_cv_kl_scores_poisson_deviance_of_held_out_cells():
     X = poisson_planted(25, 18, 2, seed=3)
     X[0, :4] = 0.0  # zeros: 0 log 0 = 0
     cv = nmf_cv.cross_validate(X, [2], n_folds=3, loss="kl", random_state=1, progress=False,
-                               return_factors=True, max_iter=40)
+                               return_factors=True, max_iter=40, stuck_restarts=0)
     assert cv.loss == "kl"
     for f in range(3):
         W, H = cv.factors[(2, 0, f)]
@@ -2179,7 +2181,8 @@ def test_restarts_keep_the_fit_with_the_lowest_training_objective(monkeypatch):
 
     monkeypatch.setattr(nmf_cv, "fit_nmf", recording_fit)
     cv = nmf_cv.cross_validate(X, [4], n_folds=2, n_restarts=3, random_state=0,
-                               progress=False, max_iter=40, return_factors=True)
+                               progress=False, max_iter=40, return_factors=True,
+                               stuck_restarts=0)
     assert [init for init, _ in seen] == ["nndsvda", "random", "random"] * 2
     for f in range(2):
         runs = [res for _, res in seen[3 * f:3 * f + 3]]
@@ -2212,6 +2215,57 @@ def test_restarts_same_result_with_process_pool():
     assert (serial.train_rss <= single.train_rss * (1 + 1e-9)).all()  # the first is kept too
     with pytest.raises(ValueError, match="n_restarts"):
         nmf_cv.cross_validate(X, [2], n_restarts=0)
+
+
+def swimmer(noise, seed=0):
+    """Swimmer-like parts data: 20 x 20 images of a torso and four limbs, each limb in one of
+    four positions (non-overlapping segments), all 256 combinations: 16 limb parts plus the
+    torso in every image (linear rank 13, non-negative rank 16), |N(0, noise^2)| noise."""
+    size = 20
+    torso = np.zeros((size, size))
+    torso[6:14, 9:11] = 1.0
+    parts = []
+    for r, c in ((4, 4), (4, 13), (15, 4), (15, 13)):
+        segments = [(slice(r - 3, r), slice(c, c + 2)), (slice(r, r + 2), slice(c - 3, c)),
+                    (slice(r + 1, r + 4), slice(c + 1, c + 3)),
+                    (slice(r - 2, r), slice(c + 2, c + 5))]
+        limb = []
+        for rows, cols in segments:
+            img = np.zeros((size, size))
+            img[rows, cols] = 1.0
+            limb.append(img.ravel())
+        parts.append(limb)
+    X = np.array([torso.ravel() + sum(parts[limb][p] for limb, p in enumerate(combo))
+                  for combo in itertools.product(range(4), repeat=4)])
+    X = X[:, X.sum(axis=0) > 0]
+    rng = np.random.default_rng(seed)
+    return np.abs(X + noise * rng.standard_normal(X.shape))
+
+
+def test_cv_refits_folds_stuck_in_a_local_minimum():
+    """On swimmer-like data the nndsvda fits of some folds stop in a poor local minimum at
+    the true rank (training error 5x the other folds', PRESS 4-5x their median)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    X = swimmer(0.05)
+    assert np.linalg.matrix_rank(np.where(X > 0.5, 1.0, 0.0)) == 13
+    kw = dict(random_state=0, progress=False)
+    plain = nmf_cv.cross_validate(X, [16], stuck_restarts=0, **kw)
+    assert plain.n_outlier_folds[0] >= 1 and not plain.n_refitted.any()
+    refit = nmf_cv.cross_validate(X, [16], **kw)
+    assert refit.n_refitted.tolist() == [1]
+    per_cell = plain.train_rss[0, 0] / plain.train_rss[0, 0].min()
+    stuck = int(np.argmax(per_cell))
+    assert per_cell[stuck] > 1.1 and np.sum(per_cell > 1.1) == 1
+    assert refit.train_rss[0, 0, stuck] < plain.train_rss[0, 0, stuck] / 2
+    others = np.arange(5) != stuck
+    assert_array_equal(refit.press[0, 0, others], plain.press[0, 0, others])
+    assert (refit.press[0, 0] <= 3 * refit.press_median[0]).all()
+    with ProcessPoolExecutor(2) as pool:
+        pooled = nmf_cv.cross_validate(X, [16], executor=pool, **kw)
+    assert_array_equal(pooled.press, refit.press)
+    with pytest.raises(ValueError, match="stuck_restarts"):
+        nmf_cv.cross_validate(X, [16], stuck_restarts=-1)
 
 
 def test_cv_summaries_are_robust_to_one_wild_fold():
