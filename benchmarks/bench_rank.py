@@ -3,16 +3,17 @@
 Prints markdown tables (with a machine and version header) to stdout; progress goes to
 stderr. Run from the repository root::
 
-    python benchmarks/bench_rank.py                # full run, about 45 minutes on 2 cores
-    python benchmarks/bench_rank.py --quick        # small data, few runs: a smoke test (<1 min)
+    python benchmarks/bench_rank.py                # full run, about 50 minutes on 2 cores
+    python benchmarks/bench_rank.py --quick        # small data, few runs: a smoke test (~2 min)
     python benchmarks/bench_rank.py --runs 50      # consensus restarts per rank (default 20)
     python benchmarks/bench_rank.py --no-wait      # skip the wait for an idle machine
     python benchmarks/bench_rank.py --sections consensus,kl \
         --previous benchmarks/bench_rank_results.md   # rerun two sections, keep the others
 
-``--sections`` takes a comma list of ``cv``, ``consensus``, ``iteration`` and ``kl`` (default:
-all). With ``--previous FILE`` (an earlier output of this script) the sections not rerun are
-copied from FILE, each marked with the nmf_cv revision and dates of the run that measured it.
+``--sections`` takes a comma list of ``cv``, ``consensus``, ``iteration``, ``kl`` and ``hard``
+(default: all). With ``--previous FILE`` (an earlier output of this script) the sections not
+rerun are copied from FILE, each marked with the nmf_cv revision and dates of the run that
+measured it.
 
 Timings are wall-clock, in one process on identical data. Before each section a full run
 waits (30 s at a time, 10 minutes at most) for the 1-minute load average to fall to 0.5 or
@@ -80,12 +81,25 @@ What is measured
    serially and with a ``ProcessPoolExecutor(2)``; then on 1000 x 500 with the pool only,
    when the time estimated from the 300 x 200 serial runs (scaled by the number of cells,
    over 2 workers) is within ``--kl-budget`` seconds (default 300); else skipped with a note.
+5. ``hard``: the new ridge and restarts against the previous release's fits ("before": ``ridge=0,
+   n_restarts=1, stuck_restarts=0``, rank = argmin of the mean PRESS over folds; "after": the
+   defaults, rank = ``best_rank``, the argmin of the median). First Hoyer's bars (400 images of
+   8x8 pixels, 16 bars, each present with probability 0.2 and weight Uniform(0.5, 1.5), noise
+   0.05, absolute value; true rank 16), seeds 0..4: ``cross_validate(X, range(12, 21), n_folds=5,
+   random_state=seed)`` serially, before and after: chosen rank, worst fold (the largest fold
+   PRESS over its rank's median, over the ranks) and wall time; beside them nmf-rs's ``cv_rank(X,
+   ranks, seed=seed)`` with its defaults and with ``max_iter=1000, init="random"`` (it needs
+   pandas): the rank of its smallest mean held-out MSE and its worst fold computed the same way.
+   Then the time of ``cross_validate(make_planted(1000, 500, 5, noise=0.1, random_state=0),
+   range(1, 11), n_folds=5, random_state=0)``, serial, before and after (the previous release: 41
+   s). ``--quick``: seeds 0 and 1 only, and the planted data 100 x 60 (rank 3), ranks 1..5.
 """
 
 import argparse
 import contextlib
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -149,6 +163,11 @@ class Plan:
         self.count_ranks = range(1, 5) if quick else range(1, 9)
         self.count_folds = 3 if quick else 5
         self.kl_budget = kl_budget  # seconds the large count-data size may take (estimated)
+        self.hard_seeds = range(2) if quick else range(5)  # section 5: bars data seeds
+        self.bars_ranks = range(12, 21)
+        # 200x100 already takes about 30 s per run (its fits run long): smaller in --quick
+        self.hard_planted = (100, 60, 3) if quick else (1000, 500, 5)
+        self.hard_planted_ranks = range(1, 6) if quick else range(1, 11)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,6 +739,180 @@ def bench_count_cv(plan):
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. Hard cases: the bars data, and what the ridge and restarts cost
+# ---------------------------------------------------------------------------------------------
+
+BEFORE = {"ridge": 0, "n_restarts": 1, "stuck_restarts": 0}  # the previous release's fits
+PREVIOUS_RELEASE_PLANTED_S = 41.0  # its serial cross_validate on make_planted(1000, 500, 5)
+NMF_RS_SETTINGS = (("defaults", {}),
+                   ('max_iter=1000, init="random"', {"max_iter": 1000, "init": "random"}))
+
+
+def make_bars(seed, n_images=400, side=8, p=0.2, noise=0.05):
+    """Hoyer's bars: ``n_images`` x ``side**2``, a weighted sum of the ``2 * side`` bars (rows
+    0..side-1, then columns), each present with probability ``p`` and weight Uniform(0.5,
+    1.5), plus Gaussian noise, absolute value taken."""
+    bars = np.zeros((2 * side, side, side))
+    for i in range(side):
+        bars[i, i, :] = 1.0
+        bars[side + i, :, i] = 1.0
+    rng = np.random.default_rng(seed)
+    present = rng.random((n_images, 2 * side)) < p
+    weights = rng.uniform(0.5, 1.5, (n_images, 2 * side))
+    X0 = (present * weights) @ bars.reshape(2 * side, side * side)
+    return np.abs(X0 + noise * rng.standard_normal(X0.shape))
+
+
+def cv_defaults():
+    """cross_validate's current defaults of the new options."""
+    import inspect
+    parameters = inspect.signature(nmf_cv.cross_validate).parameters
+    return {name: parameters[name].default for name in BEFORE}
+
+
+def hard_cv(X, ranks, seed, settings):
+    """``settings``: BEFORE, or {} for the current defaults."""
+    return nmf_cv.cross_validate(X, ranks, n_folds=5, random_state=seed, progress=False,
+                                 **settings)
+
+
+def chosen_rank(cv, before):
+    """Before: the rank of the smallest mean PRESS over folds; after: ``cv.best_rank``."""
+    return int(cv.ranks[np.argmin(cv.press_mean)]) if before else cv.best_rank
+
+
+def worst_fold(ranks, per_fold):
+    """Max over ranks of (max fold score / that rank's median), formatted with its rank;
+    ``per_fold`` is (ranks, folds)."""
+    if per_fold is None:
+        return "no per-fold values returned"
+    per_fold = np.asarray(per_fold, dtype=float).reshape(len(ranks), -1)
+    ratios = per_fold.max(axis=1) / np.median(per_fold, axis=1)
+    worst = int(np.argmax(ratios))
+    return f"{ratios[worst]:.3g} (k={int(ranks[worst])})"
+
+
+def nmf_rs_cv_missing():
+    """Why nmf-rs's cv_rank cannot run here (it needs pandas), or None."""
+    if nmf_rs is None:
+        return "nmf-rs is not installed"
+    if importlib.util.find_spec("pandas") is None:
+        return "pandas, which nmf_rs.cv_rank needs, is not installed"
+    return None
+
+
+def nmf_rs_cv(X, ranks, seed, kwargs):
+    """(chosen rank, ranks, per-fold held-out MSE (ranks, folds) or None) of
+    ``nmf_rs.cv_rank``; the rank with the smallest mean held-out MSE over its folds."""
+    table = nmf_rs.cv_rank(X, list(ranks), seed=seed, **kwargs)
+    means = table.groupby("rank")["test_mse"].mean()
+    chosen = int(means.idxmin())
+    if "fold" not in table.columns:
+        return chosen, means.index.to_numpy(), None
+    per_fold = table.pivot(index="rank", columns="fold", values="test_mse")
+    return chosen, per_fold.index.to_numpy(), per_fold.to_numpy()
+
+
+def bars_row(seed, ranks, missing):
+    """One seed's cells, and the ranks chosen by each run (None: not run)."""
+    X = make_bars(seed)
+    cells, chosen, others = [seed], [], 0.0
+    for label, settings in (("before", BEFORE), ("after", {})):
+        log(f"5. bars seed {seed}, ranks {ranks[0]}..{ranks[-1]}: cross_validate {label}")
+        wall, cv, busy = measured(hard_cv, X, ranks, seed, settings)
+        chosen.append(chosen_rank(cv, label == "before"))
+        cells += [chosen[-1], worst_fold(cv.ranks, cv.press), sec(wall)]
+        others += busy
+    for label, kwargs in NMF_RS_SETTINGS:
+        if missing:
+            cells += ["n/a"] * 3
+            chosen.append(None)
+            continue
+        log(f"5. bars seed {seed}: nmf_rs.cv_rank {label}")
+        wall, (rank, rs_ranks, per_fold), busy = measured(nmf_rs_cv, X, ranks, seed, kwargs)
+        chosen.append(rank)
+        cells += [rank, worst_fold(rs_ranks, per_fold), sec(wall)]
+        others += busy
+    return cells + [f"{others:.1f}"], chosen
+
+
+def bars_table(plan):
+    ranks = list(plan.bars_ranks)
+    missing = nmf_rs_cv_missing()
+    rows, chosen = [], []
+    for seed in plan.hard_seeds:
+        row, picks = bars_row(seed, ranks, missing)
+        rows.append(row)
+        chosen.append(picks)
+    runs = ["before", "after"] + [f"nmf-rs {label}" for label, _ in NMF_RS_SETTINGS]
+    headers = ["seed"] + [f"{run}: {what}" for run in runs
+                          for what in ("rank", "worst fold/median", "wall s")]
+    headers.append("other processes' CPU s")
+    counts = [sum(picks[i] == 16 for picks in chosen) for i in range(len(runs))]
+    summary = "Seeds choosing rank 16: " + ", ".join(
+        f"{run} not run" if missing and run.startswith("nmf-rs") else f"{run} {count}/{len(chosen)}"
+        for run, count in zip(runs, counts, strict=True)) + "."
+    defaults = ", ".join(f"{key}={value}" for key, value in cv_defaults().items())
+    note = (f"Bars (Hoyer): 400 images of 8x8 pixels, each of the 16 bars (8 rows, 8 columns) "
+            "present with probability 0.2 and weight Uniform(0.5, 1.5), plus noise: "
+            "`np.abs(X0 + 0.05 * N(0, 1))`, from `np.random.default_rng(seed)`. True rank 16. "
+            f"`cross_validate(X, range({ranks[0]}, {ranks[-1] + 1}), n_folds=5, "
+            "random_state=seed)`, serial, default BLAS threads: before = `ridge=0, "
+            "n_restarts=1, stuck_restarts=0` (the previous release's fits), rank = argmin "
+            f"of the mean PRESS over folds; after = the defaults ({defaults}), rank = "
+            "`best_rank` (argmin of the "
+            "median). Worst fold/median: the largest, over the ranks, of a rank's largest fold "
+            "PRESS over its median fold PRESS (with that rank). nmf-rs: `nmf_rs.cv_rank(X, "
+            "ranks, seed=seed, ...)` (4 random masks of 5% of the cells by default, masked "
+            "ls-nmf fits, rayon's default threads); it returns each fold's held-out MSE and "
+            "chooses no rank, so its rank here is the argmin of the mean MSE over folds (its "
+            "docstring's rule) and its worst fold/median is computed from the per-fold MSE as "
+            "above.")
+    if missing:
+        note += f" nmf-rs not run: {missing}."
+    return "\n\n".join([note, markdown_table(headers, rows), summary])
+
+
+def planted_table(plan):
+    m, n, k = plan.hard_planted
+    ranks = list(plan.hard_planted_ranks)
+    X = nmf_cv.make_planted(m, n, k, noise=0.1, random_state=0)
+    results = {}
+    for label, settings in (("before", BEFORE), ("after", {})):
+        log(f"5. cross_validate {m}x{n} k={k}, ranks {ranks[0]}..{ranks[-1]}: {label}")
+        results[label] = measured(hard_cv, X, ranks, 0, settings)
+    defaults = ", ".join(f"{key}={value}" for key, value in cv_defaults().items())
+    labels = {"before": "before (ridge=0, n_restarts=1, stuck_restarts=0)",
+              "after": f"after (defaults: {defaults})"}
+    rows = [[labels[label], sec(wall), ratio(wall, results["before"][0]),
+             chosen_rank(cv, label == "before"), worst_fold(cv.ranks, cv.press),
+             f"{others:.1f}"] for label, (wall, cv, others) in results.items()]
+    headers = ["run", "wall s", "time / before", "chosen rank", "worst fold/median",
+               "other processes' CPU s"]
+    note = (f"`cross_validate(make_planted({m}, {n}, {k}, noise=0.1, random_state=0), "
+            f"range({ranks[0]}, {ranks[-1] + 1}), n_folds=5, random_state=0)`, serial, "
+            "default BLAS threads; chosen rank as in the bars table (before: mean, after: "
+            f"`best_rank`). Planted rank: {k}.")
+    if plan.hard_planted == (1000, 500, 5) and ranks == list(range(1, 11)):
+        previous = (f"The previous release took {PREVIOUS_RELEASE_PLANTED_S:.0f} s on this "
+                    f"call: before / previous release = "
+                    f"{ratio(results['before'][0], PREVIOUS_RELEASE_PLANTED_S)}, after / "
+                    f"previous release = {ratio(results['after'][0], PREVIOUS_RELEASE_PLANTED_S)}.")
+    else:
+        previous = (f"The previous release's {PREVIOUS_RELEASE_PLANTED_S:.0f} s is for 1000x500, "
+                    "ranks 1..10: not comparable with this size.")
+    return "\n\n".join([note, markdown_table(headers, rows), previous])
+
+
+def bench_hard(plan):
+    return "\n\n".join(["## 5. Hard cases: bars, and the cost of the ridge and restarts",
+                        "### Bars: chosen rank and worst fold, before and after, against nmf-rs",
+                        bars_table(plan),
+                        "### Time of the planted cross-validation, before and after",
+                        planted_table(plan)])
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -750,7 +943,7 @@ def conditions_note(c):
             f"its {c['wall']:.0f} s.")
 
 
-SECTIONS = ("cv", "consensus", "iteration", "kl")  # in the order (and numbering) of the output
+SECTIONS = ("cv", "consensus", "iteration", "kl", "hard")  # the order (and numbers) of the output
 CARRIED = "_Not rerun:"
 
 
@@ -804,7 +997,7 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=20,
                         help="consensus restarts per rank (default 20)")
     parser.add_argument("--sections", type=parse_sections, default=list(SECTIONS),
-                        help="comma list of sections to run: cv,consensus,iteration,kl "
+                        help="comma list of sections to run: cv,consensus,iteration,kl,hard "
                         "(default all)")
     parser.add_argument("--previous", metavar="FILE",
                         help="an earlier output of this script: copy the sections not run "
@@ -828,7 +1021,8 @@ def main(argv=None):
     log("warm-up (numba compile)")
     warm_up()
     benches = {"cv": (bench_cv, plan), "consensus": (bench_consensus, plan, args.nimfa_python),
-               "iteration": (bench_iteration, plan), "kl": (bench_count_cv, plan)}
+               "iteration": (bench_iteration, plan), "kl": (bench_count_cv, plan),
+               "hard": (bench_hard, plan)}
     done, nimfa_versions = {}, "not run"
     for name in args.sections:
         text, conditions = run_section(wait, *benches[name])
