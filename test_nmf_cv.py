@@ -2439,3 +2439,40 @@ def test_medulloblastoma_report_if_available():
     assert "RSS vs randomized (≥ 6)" in report.agreement and "BCV minimum (≥ 6)" in report.agreement
     assert "CV minimum" in report.agreement
     assert "prior" not in report.suggestions and report.results["prior"].misfit
+
+
+@pytest.mark.parametrize("method", ["hals", "mu", "gdcls"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), alphas=st.sampled_from([(0.05, 0.1), (0.3, 0.3), (1.0, 0.02)]))
+def test_ridge_fits_with_balanced_scales_never_increase_the_objective(method, problem, alphas):
+    """A ridge on both factors (as cross_validate's) rebalances the factors' scales every
+    iteration: the objective still never increases, and the recorded value is the true
+    penalised objective (computed here independently)."""
+    X, mask, k, seed = problem
+    a_W, a_H = alphas
+    res = nmf_cv.fit_nmf(X, k, mask=mask, method=method, tol=0, max_iter=30,
+                         random_state=seed, alpha_W=a_W, alpha_H=a_H)
+    _check_monotone(res, X, mask, "frobenius", True)
+    penalty = 0.5 * a_W * np.sum(res.W ** 2) + 0.5 * a_H * np.sum(res.H ** 2)
+    expected = objective(X, mask, res.W, res.H, "frobenius") + penalty
+    assert res.loss_history[-1] == pytest.approx(expected, rel=1e-7, abs=1e-10)
+
+
+def test_balancing_scales_minimise_the_ridge_at_fixed_product():
+    from scipy.optimize import minimize_scalar
+
+    rng = np.random.default_rng(0)
+    pen = nmf_cv._Penalty(0.0, 0.7, 0.0, 0.2)
+    w_sq, h_sq = rng.uniform(0.1, 5.0, 6), rng.uniform(0.1, 5.0, 6)
+    w_sq[5] = 0.0  # an empty component stays as it is
+    s = nmf_cv._balancing_scales(w_sq, h_sq, pen)
+    for c in range(5):
+        def ridge(t, w=w_sq[c], h=h_sq[c]):  # l2_W/2 t^2 |w|^2 + l2_H/2 |h|^2 / t^2
+            return 0.35 * t * t * w + 0.1 * h / (t * t)
+
+        best = minimize_scalar(ridge, bounds=(1e-3, 1e3), method="bounded",
+                               options={"xatol": 1e-10})
+        assert s[c] == pytest.approx(best.x, rel=1e-5)
+    assert s[5] == 1.0
+    assert nmf_cv._balancing_scales(w_sq, h_sq, nmf_cv._Penalty(0.1, 0.7, 0.0, 0.2)) is None
+    assert nmf_cv._balancing_scales(w_sq, h_sq, nmf_cv._Penalty(0.0, 0.7, 0.0, 0.0)) is None
