@@ -1232,6 +1232,9 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
         Fits per rank and fold: the first from ``init``, the others from random inits (each
         with its own seed spawned from the fit's), keeping the lowest *training* objective.
         1 by default, because ``stuck_restarts`` spends the extra fits only where needed.
+        The first fit keeps ``init`` (default ``"nndsvda"``): on swimmer-like parts data it
+        reached exact fits at the true rank where 3 of 4 random inits stuck, while on other
+        parts data random inits do better; the refits from random inits cover both.
     stuck_restarts : int >= 0
         Extra fits from random inits for a fold stuck in a poor local minimum, keeping the
         lowest training objective. A fold is stuck when its training error per training cell
@@ -1480,9 +1483,12 @@ def noise_level(X, *, mask=None):
     law: ``sigma = s_median / sqrt(max(m, n) * mu_beta)``, ``mu_beta`` being that law's median
     for aspect ratio ``beta = min(m, n) / max(m, n)``. Above 1000 lines on the smaller side,
     1000 of them (chosen with a fixed seed) are used. Missing cells are filled by the rank-1
-    fit of the row and column means (as for the SVD inits), which carries no noise, so the
-    estimate is divided by the square root of the observed fraction. Biased up when the
-    signal's rank approaches half of ``min(m, n)``.
+    fit of the row and column means (as for the SVD inits), then three times by the
+    projection on the singular vectors above the noise's edge ``sigma (sqrt(m) + sqrt(n))``;
+    filled cells carry no noise, so the estimate is divided by the square root of the
+    observed fraction. Biased up when the
+    signal's rank approaches half of ``min(m, n)``; 0 when the smaller side has fewer than 3
+    lines (the median singular value is then the signal's).
 
     Examples
     --------
@@ -1497,22 +1503,44 @@ def noise_level(X, *, mask=None):
 
 def _noise_level(data):
     m, n = data.shape
+    if min(m, n) < 3:
+        return 0.0
     X = data.filled()
+    missing = None
+    if data.masked:
+        missing = np.ones(data.shape, dtype=bool)
+        missing[data.rows, data.cols] = False
     if m < n:
         X, m, n = X.T, n, m
+        missing = None if missing is None else missing.T
     if n > 1000:
-        X = X[:, np.sort(np.random.default_rng(0).choice(n, 1000, replace=False))]
-        n = 1000
+        keep = np.sort(np.random.default_rng(0).choice(n, 1000, replace=False))
+        X, n = X[:, keep], 1000
+        missing = None if missing is None else missing[:, keep]
     if sp.issparse(X):
-        gram = (X.T @ X).toarray().astype(np.float64)
-    else:
-        X = np.asarray(X, dtype=np.float64)
-        gram = X.T @ X
-    s = np.sqrt(np.maximum(np.linalg.eigvalsh(gram), 0.0))
-    sigma = float(np.median(s)) / math.sqrt(m * _marchenko_pastur_median(n / m))
-    if data.masked:
+        return _median_noise(np.linalg.eigvalsh((X.T @ X).toarray().astype(np.float64)), m, n)
+    X = np.array(X, dtype=np.float64)
+    for _ in range(_NOISE_REFILLS if missing is not None else 0):
+        # The mean fill of the missing cells misses the data's structure, and that error
+        # would count as noise (measured on the bars with 20% held out: 6.5x the noise of
+        # the complete data): refill them from the components above the noise's edge.
+        eig, V = np.linalg.eigh(X.T @ X)
+        sigma = _median_noise(eig, m, n)
+        V = V[:, np.sqrt(np.maximum(eig, 0.0)) > sigma * (math.sqrt(m) + math.sqrt(n))]
+        X[missing] = (X @ V @ V.T)[missing]
+    sigma = _median_noise(np.linalg.eigvalsh(X.T @ X), m, n)
+    if data.masked:  # filled cells carry no noise
         sigma /= math.sqrt(len(data.values) / (data.shape[0] * data.shape[1]))
     return sigma
+
+
+_NOISE_REFILLS = 3  # refills of missing cells in noise_level
+
+
+def _median_noise(eigenvalues, m, n):
+    """Gavish & Donoho's noise level from the eigenvalues of X'X (X: m x n, n <= m)."""
+    s = np.sqrt(np.maximum(eigenvalues, 0.0))
+    return float(np.median(s)) / math.sqrt(m * _marchenko_pastur_median(n / m))
 
 
 def _marchenko_pastur_median(beta):
