@@ -11,7 +11,8 @@ cross-validation over held-out cells (PRESS), consensus clustering (cophenetic c
 RSS against column-permuted data, and bi-cross-validation. The fits of all criteria run on a
 ProcessPoolExecutor with 2 workers.
 
-choose_rank_cv.png: PRESS (mean over 5 folds, +/- one standard error) and the training RSS.
+choose_rank_cv.png: PRESS (median over 5 folds +/- a robust standard error; every fold a faint
+point) and the training RSS.
 Look at the training RSS, which falls at every rank, against PRESS, which is smallest at the
 true rank 4 and rises after it: the extra components fit noise that does not predict the
 held-out cells.
