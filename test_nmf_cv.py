@@ -2476,3 +2476,141 @@ def test_balancing_scales_minimise_the_ridge_at_fixed_product():
     assert s[5] == 1.0
     assert nmf_cv._balancing_scales(w_sq, h_sq, nmf_cv._Penalty(0.1, 0.7, 0.0, 0.2)) is None
     assert nmf_cv._balancing_scales(w_sq, h_sq, nmf_cv._Penalty(0.0, 0.7, 0.0, 0.0)) is None
+
+
+# Tests from a mutation review of the rank-selection code (each kills a mutant that
+# the tests above let live).
+
+# restarts use the seed's children 0, 1, ...; a stuck fold's refits carry on
+def test_refits_continue_the_restart_seeds(monkeypatch):
+    X = nmf_cv.make_planted(30, 20, 3, noise=0.2, random_state=5)
+    monkeypatch.setattr(nmf_cv, "_STUCK_TRAINING", 0.0)  # every fold counts as stuck
+    seen = []
+    real_fit = nmf_cv.fit_nmf
+
+    def recording_fit(*args, **kwargs):
+        seen.append(kwargs["random_state"])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(nmf_cv, "fit_nmf", recording_fit)
+    cv = nmf_cv.cross_validate(X, [4], n_folds=2, n_restarts=2, stuck_restarts=2,
+                               random_state=0, progress=False, max_iter=40)
+    assert cv.n_refitted.tolist() == [2]
+    fit_seeds = np.random.SeedSequence(0).spawn(2)[1].spawn(2)
+    keys = [s.spawn_key for s in seen]
+    first = [fit_seeds[0].spawn_key, fit_seeds[0].spawn_key + (0,),
+             fit_seeds[1].spawn_key, fit_seeds[1].spawn_key + (0,)]
+    refits = [fit_seeds[f].spawn_key + (j,) for f in range(2) for j in (1, 2)]
+    assert keys == first + refits  # no fit repeated, refits after the first pass's children
+
+
+# restart seeds are a function of the seed, not of how often it was spawned from
+def test_best_fit_seeds_do_not_depend_on_the_seed_objects_history(monkeypatch):
+    X = nmf_cv.make_planted(20, 15, 2, noise=0.1, random_state=0)
+    seen = []
+    real_fit = nmf_cv.fit_nmf
+
+    def recording_fit(*args, **kwargs):
+        seen.append(kwargs["random_state"])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(nmf_cv, "fit_nmf", recording_fit)
+    seed = np.random.SeedSequence(3)
+    for _ in range(2):  # a serial run reuses the caller's object; a pool gets fresh copies
+        nmf_cv._best_fit(X, 2, seed, 3, {"max_iter": 5})
+        nmf_cv._best_fit(X, 2, seed, 2, {"max_iter": 5}, first_child=2)
+    keys = [s.spawn_key for s in seen]
+    assert keys == [(), (0,), (1,), (2,), (3,)] * 2
+    kids = np.random.SeedSequence(3).spawn(4)
+    for j in range(4):
+        assert_array_equal(nmf_cv._child_seed(np.random.SeedSequence(3), j).generate_state(4),
+                           kids[j].generate_state(4))
+
+
+# a refit is kept only when its training objective is lower
+def test_a_worse_refit_is_not_kept(monkeypatch):
+    X = nmf_cv.make_planted(30, 20, 3, noise=0.2, random_state=5)
+    kw = dict(n_folds=3, random_state=0, progress=False, max_iter=40)
+    plain = nmf_cv.cross_validate(X, [3], stuck_restarts=0, **kw)
+    real = nmf_cv._cv_refit_task
+
+    def worse_refit(*args):
+        p, t, W, H, a, _ = real(*args)
+        return (np.inf, np.inf, W, H, a, np.inf)  # a refit that ended higher
+
+    monkeypatch.setattr(nmf_cv, "_STUCK_TRAINING", 0.0)
+    monkeypatch.setattr(nmf_cv, "_cv_refit_task", worse_refit)
+    cv = nmf_cv.cross_validate(X, [3], **kw)
+    assert cv.n_refitted.tolist() == [3]
+    assert_array_equal(cv.press, plain.press)
+    assert_array_equal(cv.train_rss, plain.train_rss)
+
+
+# the observed-fraction correction of noise_level
+def test_noise_level_with_half_the_cells_missing():
+    rng = np.random.default_rng(2)
+    X = 5.0 + 0.2 * rng.standard_normal((400, 150))  # rank 1: the fill carries it exactly
+    X[rng.random(X.shape) < 0.5] = np.nan
+    assert nmf_cv.noise_level(X) == pytest.approx(0.2, rel=0.05)
+
+
+# outlier folds against the median, not the mean
+def test_outlier_fold_counted_against_the_median_with_three_folds():
+    press = np.array([[[10.0, 11.0, 9.0]], [[8.0, 8.2, 500.0]]])
+    cv = nmf_cv.CVResult(np.array([2, 3]), press, press / 2)
+    assert cv.n_outlier_folds.tolist() == [0, 1]  # 500 > 3 x 8.2, though < 3 x mean (172)
+
+
+# the fallback of the drop rules is the highest coefficient, not the largest rank
+@pytest.mark.parametrize("rule,curve,expected", [
+    ("first_drop", [0.95, 0.999, 0.9985, 0.9984], 3),   # rises, then flat within noise
+    ("largest_drop", [0.95, 0.999, 0.995, 0.994], 3),
+    ("first_drop", [0.95, 0.999, 0.999, 0.9985], 3),    # ties: the smallest rank
+])
+def test_best_cophenetic_rank_without_a_drop_takes_the_highest(rule, curve, expected):
+    assert nmf_cv.best_cophenetic_rank([2, 3, 4, 5], curve, rule=rule) == expected
+
+
+# an empty interval is refused
+def test_pac_interval_must_not_be_empty():
+    with pytest.raises(ValueError, match="pac_interval"):
+        nmf_cv.proportion_ambiguous(np.eye(3), (0.5, 0.5))
+
+
+EDGE_PRESS = [[9.0, 9.1, 8.9], [5.0, 5.1, 4.9], [5.05, 5.1, 5.0], [6.0, 6.1, 5.9], [7.0, 7.0, 7.0]]
+
+
+# rank 1 has nothing below it, so it is an answer, not a bound
+def test_rank_one_at_the_bottom_is_not_an_edge():
+    rep = _report({"cv": 1, "cv_1se": 1}, ranks=(1, 2, 3),
+                  cv_press=[[1.0, 1.1, 0.9], [5.0, 5.1, 4.9], [6.0, 6.1, 5.9]])
+    assert rep.edges == {}
+    assert rep.agreement.startswith("criteria agree on k = 1")
+
+
+# the one-SE pick at the smallest rank is a bound too; no 1-SE clause for one rank
+def test_one_se_rule_at_the_smallest_rank_is_an_edge():
+    rep = _report({"cv": 2, "cv_1se": 2}, cv_press=[[1.0, 1.1, 0.9]] + EDGE_PRESS[1:])
+    assert rep.edges == {"cv": "<=", "cv_1se": "<="}
+    assert ("suggested k by PRESS, one-SE rule: ≤ 2 (PRESS within 1 SE at the smallest rank "
+            "tried)") in rep.table()
+    assert "within 1 SE" not in rep.agreement  # only rank 2 is within 1 SE: no such clause
+
+
+# balancing under a pure two-sided ridge, dense and masked
+@pytest.mark.parametrize("alphas", [(0.5, 0.5), (0.05, 0.5), (0.5, 0.05)])
+@pytest.mark.parametrize("missing", [False, True])
+def test_objective_never_increases_with_a_two_sided_ridge(alphas, missing):
+    rng = np.random.default_rng(0)
+    X = nmf_cv.make_planted(40, 30, 3, noise=0.1, random_state=1)
+    mask = rng.random(X.shape) > 0.2 if missing else None
+    W0 = 100.0 * rng.random((40, 4))   # far from balanced: the first balancing step is large
+    H0 = 0.01 * rng.random((4, 30))
+    res = nmf_cv.fit_nmf(X, 4, mask=mask, init=(W0, H0), alpha_W=alphas[0],
+                         alpha_H=alphas[1], l1_ratio=0.0, tol=0, max_iter=60)
+    f = np.asarray(res.loss_history)
+    assert np.all(np.diff(f) <= 1e-9 * f[0]), np.diff(f).max()
+    M = np.ones(X.shape, bool) if mask is None else mask
+    exact = (0.5 * np.sum((M * (X - res.W @ res.H)) ** 2) + 0.5 * alphas[0] * np.sum(res.W ** 2)
+             + 0.5 * alphas[1] * np.sum(res.H ** 2))
+    assert f[-1] == pytest.approx(exact, rel=1e-6)
