@@ -2211,8 +2211,6 @@ def test_restarts_same_result_with_process_pool():
     assert_array_equal(serial.train_rss, parallel.train_rss)
     assert_array_equal(bicv[0].press, bicv[1].press)
     assert_array_equal(rss[0].rss, rss[1].rss)
-    single = nmf_cv.cross_validate(X, [2, 3], **{**kw, "n_restarts": 1})
-    assert (serial.train_rss <= single.train_rss * (1 + 1e-9)).all()  # the first is kept too
     with pytest.raises(ValueError, match="n_restarts"):
         nmf_cv.cross_validate(X, [2], n_restarts=0)
 
