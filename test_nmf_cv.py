@@ -2169,21 +2169,27 @@ def test_marchenko_pastur_median_against_sampled_eigenvalues():
                                                                        rel=0.01)
 
 
-def test_restarts_keep_the_fit_with_the_lowest_training_objective(monkeypatch):
-    X = nmf_cv.make_planted(30, 20, 3, noise=0.2, random_state=5)
+def record_fits(monkeypatch):
+    """Make nmf_cv.fit_nmf record every call: returns the list of (kwargs, result)."""
     seen = []
     real_fit = nmf_cv.fit_nmf
 
     def recording_fit(*args, **kwargs):
         res = real_fit(*args, **kwargs)
-        seen.append((kwargs.get("init", "nndsvda"), res))
+        seen.append((kwargs, res))
         return res
 
     monkeypatch.setattr(nmf_cv, "fit_nmf", recording_fit)
+    return seen
+
+
+def test_restarts_keep_the_fit_with_the_lowest_training_objective(monkeypatch):
+    X = nmf_cv.make_planted(30, 20, 3, noise=0.2, random_state=5)
+    seen = record_fits(monkeypatch)
     cv = nmf_cv.cross_validate(X, [4], n_folds=2, n_restarts=3, random_state=0,
                                progress=False, max_iter=40, return_factors=True,
                                stuck_restarts=0)
-    assert [init for init, _ in seen] == ["nndsvda", "random", "random"] * 2
+    assert [kw.get("init", "nndsvda") for kw, _ in seen] == ["nndsvda", "random", "random"] * 2
     for f in range(2):
         runs = [res for _, res in seen[3 * f:3 * f + 3]]
         objectives = [res.loss_history[-1] for res in runs]
@@ -2483,19 +2489,12 @@ def test_balancing_scales_minimise_the_ridge_at_fixed_product():
 def test_refits_continue_the_restart_seeds(monkeypatch):
     X = nmf_cv.make_planted(30, 20, 3, noise=0.2, random_state=5)
     monkeypatch.setattr(nmf_cv, "_STUCK_TRAINING", 0.0)  # every fold counts as stuck
-    seen = []
-    real_fit = nmf_cv.fit_nmf
-
-    def recording_fit(*args, **kwargs):
-        seen.append(kwargs["random_state"])
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(nmf_cv, "fit_nmf", recording_fit)
+    seen = record_fits(monkeypatch)
     cv = nmf_cv.cross_validate(X, [4], n_folds=2, n_restarts=2, stuck_restarts=2,
                                random_state=0, progress=False, max_iter=40)
     assert cv.n_refitted.tolist() == [2]
     fit_seeds = np.random.SeedSequence(0).spawn(2)[1].spawn(2)
-    keys = [s.spawn_key for s in seen]
+    keys = [kw["random_state"].spawn_key for kw, _ in seen]
     first = [fit_seeds[0].spawn_key, fit_seeds[0].spawn_key + (0,),
              fit_seeds[1].spawn_key, fit_seeds[1].spawn_key + (0,)]
     refits = [fit_seeds[f].spawn_key + (j,) for f in range(2) for j in (1, 2)]
@@ -2505,19 +2504,12 @@ def test_refits_continue_the_restart_seeds(monkeypatch):
 # restart seeds are a function of the seed, not of how often it was spawned from
 def test_best_fit_seeds_do_not_depend_on_the_seed_objects_history(monkeypatch):
     X = nmf_cv.make_planted(20, 15, 2, noise=0.1, random_state=0)
-    seen = []
-    real_fit = nmf_cv.fit_nmf
-
-    def recording_fit(*args, **kwargs):
-        seen.append(kwargs["random_state"])
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(nmf_cv, "fit_nmf", recording_fit)
+    seen = record_fits(monkeypatch)
     seed = np.random.SeedSequence(3)
     for _ in range(2):  # a serial run reuses the caller's object; a pool gets fresh copies
         nmf_cv._best_fit(X, 2, seed, 3, {"max_iter": 5})
         nmf_cv._best_fit(X, 2, seed, 2, {"max_iter": 5}, first_child=2)
-    keys = [s.spawn_key for s in seen]
+    keys = [kw["random_state"].spawn_key for kw, _ in seen]
     assert keys == [(), (0,), (1,), (2,), (3,)] * 2
     kids = np.random.SeedSequence(3).spawn(4)
     for j in range(4):
