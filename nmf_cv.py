@@ -3359,7 +3359,7 @@ def _summary(report, prior, width):
     for key, k in report.suggestions.items():
         if key == "prior" and prior is not None:
             continue  # written below with its float estimate
-        edge = getattr(report, "edges", {}).get(key)
+        edge = report.edges.get(key)
         items.append(f"{_SHORT_NAMES.get(key, key)}: "
                      f"{k if edge is None else _edge_text_short(k, edge)}")
     if prior is not None:
