@@ -1639,10 +1639,10 @@ def _worker_task(function, args, caller_pid):
 
     Each worker runs one fit at a time, so BLAS threads in every worker only fight each other
     for the cores: measured with ProcessPoolExecutor(2) on 2 cores, cross_validate ran 2.3x
-    slower than with one BLAS thread per worker, and got slower with every task. The limit needs
-    threadpoolctl (it is skipped when that is not installed). Tasks run as threads of the
-    caller's own process are left alone: a process-wide limit set from one thread would
-    change the others'."""
+    slower than with one BLAS thread per worker, and got slower with every task (the CLI's
+    ``rank --jobs 2 --criteria cophenetic`` on medulloblastoma: 309 s against 78 s). The limit
+    uses threadpoolctl, a dependency. Tasks run as threads of the caller's own process are left
+    alone: a process-wide limit set from one thread would change the others'."""
     if os.getpid() != caller_pid:
         _limit_blas_threads()
     return function(*args)
@@ -1656,7 +1656,7 @@ def _limit_blas_threads():
         return
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError:
+    except ImportError:  # a vendored copy without its dependency: run, but unlimited
         _BLAS_LIMITED.append(False)
         return
     threadpool_limits(limits=1, user_api="blas")

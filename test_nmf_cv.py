@@ -918,6 +918,29 @@ def test_cv_same_results_with_process_pool():
     np.testing.assert_array_equal(serial.train_rss, parallel.train_rss)
 
 
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_pool_workers_run_blas_single_threaded_in_a_plain_install():
+    """threadpoolctl is a runtime dependency (not an extra), and a pool worker that ran a task
+    has every BLAS pool at one thread."""
+    import tomllib
+    from concurrent.futures import ProcessPoolExecutor
+
+    with open(os.path.join(os.path.dirname(__file__), "pyproject.toml"), "rb") as fh:
+        deps = tomllib.load(fh)["project"]["dependencies"]
+    assert any(d.startswith("threadpoolctl") for d in deps)
+    with ProcessPoolExecutor(1) as pool:
+        before = pool.submit(_blas_threads).result()
+        after = pool.submit(nmf_cv._worker_task, _blas_threads, (), os.getpid()).result()
+    assert after and all(t == 1 for t in after)
+    if os.cpu_count() > 1:  # the limit is what set it
+        assert max(before) > 1
+
+
 def test_cv_recovers_planted_rank_in_90_percent_of_runs():
     """k_true in {2, 4, 6}, 20 seeds each, shapes 60 x 40 and 120 x 80 and noise 5% or 10%
     (of the mean) alternating with the seed; ranks k_true - 2 .. k_true + 3."""
