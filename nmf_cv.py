@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 from numba import njit
+from scipy.sparse.linalg import LinearOperator
 
 __all__ = [
     "NMF", "CVResult", "ConsensusResult", "NMFResult", "PriorPredictiveResult",
@@ -298,10 +299,13 @@ def _top_svd(X, k, rng):
     """Leading k singular triplets: exact for small inputs, randomized (Halko, Martinsson &
     Tropp 2011, with power iterations) otherwise."""
     m, n = X.shape
+    operator = isinstance(X, LinearOperator)  # a training set of cross_validate
     if not sp.issparse(X) and (min(m, n) <= 2 * k + 20 or m * n <= 250_000):
+        if operator:
+            X = X @ np.eye(n) if n <= m else (X.T @ np.eye(m)).T
         U, S, Vt = np.linalg.svd(np.asarray(X, dtype=np.float64), full_matrices=False)
         return U[:, :k], S[:k], Vt[:k]
-    X = X.astype(np.float64)
+    X = X if operator else X.astype(np.float64)
     q = min(k + 10, min(m, n))
     Q = np.linalg.qr(X @ rng.standard_normal((n, q)))[0]
     for _ in range(4):
@@ -435,7 +439,7 @@ def _setup_fit(X, n_components, *, mask=None, method="hals", loss="frobenius", i
                max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0,
                l1_ratio=0.0):
     """Validated data and a solver at the initial point (`fit_nmf`'s arguments)."""
-    data = _validate_data(X, mask)
+    data = X if isinstance(X, _FoldTraining) else _validate_data(X, mask)
     k = _check_n_components(n_components, data.shape)
     _check_options(method, loss, max_iter, tol, alpha_W, alpha_H, l1_ratio)
     rng = np.random.default_rng(random_state)
@@ -662,6 +666,8 @@ def _run(solver, data, method, loss, max_iter, tol, callback, start):
 
 
 def _observed_sq_norm(data):
+    if isinstance(data, _FoldTraining):
+        return data.sq_norm()
     if data.masked:
         return _sqnorm(data.values)
     if data.sparse is not None:
@@ -671,6 +677,8 @@ def _observed_sq_norm(data):
 
 def _observed_rss(data, W, H):
     """Exact sum of squared residuals over observed cells, without an m x n temporary."""
+    if isinstance(data, _FoldTraining):
+        return data.rss(W, H)
     Ht = np.ascontiguousarray(H.T)
     if data.masked:
         return _masked_rss(W, Ht, _indptr(data.rows, data.shape[0]), data.cols, data.values)
@@ -688,6 +696,10 @@ def _observed_rss(data, W, H):
 
 
 def _make_solver(data, W, H, method, loss, penalty, update_H=True):
+    if isinstance(data, _FoldTraining):  # cross_validate's training sets (update_H=True)
+        if loss == "kl":
+            return _FoldKLSolver(data, W, H, penalty)
+        return _FoldSolver(data, W, H, method, penalty)
     if loss == "kl" and (data.masked or data.sparse is not None):
         return _CellsKLSolver(data, W, H, penalty, update_H)
     if data.masked:
@@ -1066,6 +1078,117 @@ class _CellsKLSolver(_WHt):
         return self.objective
 
 
+class _FoldSolver(_WtH):
+    """Frobenius loss over a `_FoldTraining`'s training cells, exactly, at about a dense
+    fit's cost: a row group's Gram matrix is the full one minus its held-out column group's
+    (a k x k subtraction), and the products with X are the full (BLAS or sparse) ones minus
+    a pass over the held-out cells (about 1 / n_folds of them). Each group's update is then
+    the dense kernel's. The same methods as `_DenseSolver`, and the same layout (W held
+    transposed)."""
+
+    def __init__(self, train, W, H, method, penalty, update_H=True):
+        self.t, self.method, self.pen, self.update_H = train, method, penalty, update_H
+        self.Wt = np.ascontiguousarray(W.T)
+        self.H = H
+        m, n = train.shape
+        k = H.shape[0]
+        if method == "hals":
+            self.sweeps_W, self.sweeps_H = _inner_sweeps(m, n, k), _inner_sweeps(n, m, k)
+        else:
+            self.sweeps_W = self.sweeps_H = 100  # gdcls: H by constrained least squares
+        self.objective = self._objective(self._HXt(), *train.group_grams(self.H.T,
+                                                                        train.col_groups))
+
+    def _HXt(self):
+        """H X' over each row's training cells (k x m)."""
+        X = self.t.X
+        full = (X @ self.H.T).T if self.t.sparse else self.H @ X.T
+        return np.ascontiguousarray(full - self.t.held_rows(self.H.T).T, dtype=self.H.dtype)
+
+    def _WtX(self):
+        """W' X over each column's training cells (k x n)."""
+        X = self.t.X
+        full = (X.T @ self.Wt.T).T if self.t.sparse else self.Wt @ X
+        return np.ascontiguousarray(full - self.t.held_cols(self.Wt.T).T, dtype=self.H.dtype)
+
+    def _objective(self, HXt, HHt, h_grams):
+        w_gram, w_grams = self.t.group_grams(self.Wt.T, self.t.row_groups)
+        model = sum(_fdot(Wg, HHt - Hg) for Wg, Hg in zip(w_grams, h_grams, strict=True))
+        half_rss = 0.5 * self.t.xx - _fdot(self.Wt, HXt) + 0.5 * model
+        return max(half_rss, 0.0) + self.pen.value(self.Wt, self.H)
+
+    def _update(self, A, groups, G, grams, B, l1, l2, exact, sweeps):
+        """Each group's columns of A (k x p) for the Gram matrix G - its group's part."""
+        for lines, Gg in zip(groups, grams, strict=True):
+            if not len(lines):
+                continue
+            Gc = (G - Gg).astype(A.dtype)
+            Ac = np.ascontiguousarray(A[:, lines])
+            Bc = np.ascontiguousarray(B[:, lines])
+            if exact:
+                _hals_update(Ac, Gc, Bc, l1, l2, sweeps, 0.1 if self.method == "hals" else 1e-3)
+            else:
+                _mu_apply(Ac, Bc, Gc @ Ac, l1, l2)
+            A[:, lines] = Ac
+
+    def step(self, want_loss=True):
+        p, t = self.pen, self.t
+        s = _balancing_scales(np.einsum("ij,ij->i", self.Wt, self.Wt),
+                              np.einsum("ij,ij->i", self.H, self.H), p)
+        if s is not None:
+            self.Wt *= s[:, None].astype(self.Wt.dtype)
+            self.H /= s[:, None].astype(self.H.dtype)
+        # column group c's held-out rows are row group c (and row group c's columns group c)
+        WtW, w_grams = t.group_grams(self.Wt.T, t.row_groups)
+        self._update(self.H, t.col_groups, WtW, w_grams, self._WtX(), p.l1_H, p.l2_H,
+                     self.method != "mu", self.sweeps_H)
+        HHt, h_grams = t.group_grams(self.H.T, t.col_groups)
+        HXt = self._HXt()
+        self._update(self.Wt, t.row_groups, HHt, h_grams, HXt, p.l1_W, p.l2_W,
+                     self.method == "hals", self.sweeps_W)
+        self.objective = self._objective(HXt, HHt, h_grams) if want_loss else math.nan
+        return self.objective
+
+
+class _FoldKLSolver(_WHt):
+    """KL multiplicative updates over a `_FoldTraining`'s training cells, exactly: the
+    numerators stream over the training cells with a value (stored entries of a sparse X),
+    and the denominators and the sum of WH over the training cells come from the factors'
+    sums, all cells' less the held-out groups' ((sum W)(sum H) minus, per group, (sum of the
+    row group's W)(sum of the column group's H)). Holds W (m x k) and H transposed."""
+
+    def __init__(self, train, W, H, penalty):
+        self.t, self.pen = train, penalty
+        self.W, self.Ht = W, np.ascontiguousarray(H.T)
+        self.eps = _kl_floor(train.dtype)
+        s_log = _rule_kl_rows(*train.cells(), self.W, self.Ht, np.zeros(0), np.zeros((0, 0)),
+                              0.0, 0.0, self.eps, True)
+        self.objective = self._total(s_log)
+
+    def _group_sums(self, A, groups):
+        A = A.astype(np.float64, copy=False)
+        return A.sum(axis=0), np.array([A[g].sum(axis=0) for g in groups])
+
+    def _total(self, s_log):
+        w_all, w_groups = self._group_sums(self.W, self.t.row_groups)
+        h_all, h_groups = self._group_sums(self.Ht, self.t.col_groups)
+        wh = float(w_all @ h_all) - float(np.einsum("ij,ij->", w_groups, h_groups))
+        return s_log + wh + self.pen.value(self.W, self.Ht)
+
+    def step(self, want_loss=True):
+        p, t = self.pen, self.t
+        num = np.zeros(self.Ht.shape)
+        _rule_kl_cols(*t.cells(), self.W, self.Ht, self.eps, num)
+        w_all, w_groups = self._group_sums(self.W, t.row_groups)
+        den = w_all[None, :] - w_groups[t.b]  # column j's held-out rows: row group b[j]
+        _mu_apply(self.Ht, num, den, p.l1_H, p.l2_H)
+        h_all, h_groups = self._group_sums(self.Ht, t.col_groups)
+        s_log = _rule_kl_rows(*t.cells(), self.W, self.Ht, h_all, h_groups, p.l1_W, p.l2_W,
+                              self.eps, want_loss)
+        self.objective = self._total(s_log) if want_loss else math.nan
+        return self.objective
+
+
 # =============================================================================================
 # Cross-validation: leave-cells-out PRESS
 # =============================================================================================
@@ -1292,41 +1415,46 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
     _check_positive_int(stuck_restarts, "stuck_restarts", minimum=0)
     fit_kwargs = {**_RANK_FIT_DEFAULTS, **fit_kwargs}
     ridge = _cv_ridge(ridge, loss, fit_kwargs)
-    rows, cols, values = _observed_cells(data)
+    m, n = data.shape
+    n_cells = len(data.values) if data.masked else m * n
     loo = isinstance(n_folds, str)
     if loo:
         _check_choice(n_folds, ("loo",), "n_folds")
-        if len(values) > 2000 and not allow_large_loo:
+        if n_cells > 2000 and not allow_large_loo:
             raise ValueError(f"n_folds='loo' fits every rank once per observed cell "
-                             f"({len(values)} cells here); pass allow_large_loo=True to do it "
+                             f"({n_cells} cells here); pass allow_large_loo=True to do it "
                              "anyway, or use k-fold")
     elif isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise ValueError(f"n_folds must be an int >= 2 or 'loo'; got {n_folds!r}")
     seeds = _seed_sequence(random_state).spawn(2)
     split_rngs = [np.random.default_rng(s) for s in seeds[0].spawn(n_repeats)]
-    folds = [_speckled_folds(rows, cols, data.shape, n_folds, rng) for rng in split_rngs]
-    n_fold_count = len(values) if loo else n_folds
+    source = _cv_source(data, loo or warm_start)
+    splits = [source.split(n_folds, rng) for rng in split_rngs]
+    n_fold_count = n_cells if loo else n_folds
     tasks = [(ki, r, f) for ki in range(len(ranks)) for r in range(n_repeats)
              for f in range(n_fold_count)]
     fit_seeds = seeds[1].spawn(len(tasks))
-    shared = (rows, cols, values, data.shape, method, loss, n_restarts, ridge, fit_kwargs)
+    shared = (source, method, loss, n_restarts, ridge, fit_kwargs)
+    alpha = _fold_alphas(shared, splits, n_fold_count, executor, progress)
     if warm_start:  # one chain of ranks per (repeat, fold); tasks are ordered rank-major
         per_rank = n_repeats * n_fold_count
-        chains = [(shared, folds[r], f, [int(k) for k in ranks], fit_seeds[j::per_rank])
+        chains = [(shared, splits[r], f, [int(k) for k in ranks], fit_seeds[j::per_rank],
+                   alpha[r, f])
                   for j, (r, f) in enumerate((r, f) for r in range(n_repeats)
                                              for f in range(n_fold_count))]
         chained = _map_tasks(_cv_chain_task, chains, executor, progress, "cross_validate")
         outputs = [chained[i % per_rank][i // per_rank] for i in range(len(tasks))]
     else:
-        args = [(shared, folds[r], f, int(ranks[ki]), fit_seeds[i])
+        args = [(shared, splits[r], f, int(ranks[ki]), fit_seeds[i], alpha[r, f])
                 for i, (ki, r, f) in enumerate(tasks)]
         outputs = _map_tasks(_cv_task, args, executor, progress, "cross_validate")
     refitted = np.zeros(len(ranks), dtype=int)
     if stuck_restarts and not loo:
-        n_train = np.array([[np.sum(fold != f) for f in range(n_fold_count)] for fold in folds])
+        n_train = np.array([[source.n_train(split, f) for f in range(n_fold_count)]
+                            for split in splits])
         stuck = _stuck_tasks(tasks, outputs, n_train, len(ranks))
-        args = [(shared, folds[tasks[i][1]], tasks[i][2], int(ranks[tasks[i][0]]), fit_seeds[i],
-                 n_restarts, stuck_restarts) for i in stuck]
+        args = [(shared, splits[tasks[i][1]], tasks[i][2], int(ranks[tasks[i][0]]), fit_seeds[i],
+                 alpha[tasks[i][1], tasks[i][2]], n_restarts, stuck_restarts) for i in stuck]
         again = _map_tasks(_cv_refit_task, args, executor, progress,
                            "cross_validate: refitting stuck folds") if stuck else []
         for i, out in zip(stuck, again, strict=True):
@@ -1335,20 +1463,16 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
                 outputs[i] = out
     press = np.zeros((len(ranks), n_repeats, n_fold_count))
     train = np.zeros_like(press)
-    alpha = np.zeros((n_repeats, n_fold_count))
     factors = {} if return_factors else None
-    for (ki, r, f), (p, t, W, H, a, _) in zip(tasks, outputs, strict=True):
-        press[ki, r, f], train[ki, r, f], alpha[r, f] = p, t, a
+    for (ki, r, f), (p, t, W, H, _) in zip(tasks, outputs, strict=True):
+        press[ki, r, f], train[ki, r, f] = p, t
         if return_factors:
             factors[(int(ranks[ki]), r, f)] = (W, H)
-    kept = int(np.sum(folds[0] < 0))
-    grid = np.full((n_repeats,) + data.shape, -2, dtype=np.int64)
-    for r, fold in enumerate(folds):
-        grid[r, rows, cols] = fold
+    folds = source.folds(splits, n_fold_count)
     if loo:  # E(k) is the sum over cells; one "fold" holding it keeps press_mean = E(k)
         press = press.sum(axis=2, keepdims=True)
         train = train.mean(axis=2, keepdims=True)
-    return CVResult(ranks, press, train, kept, grid, factors, loss, alpha, refitted)
+    return CVResult(ranks, press, train, folds.n_kept, folds, factors, loss, alpha, refitted)
 
 
 _STUCK_TRAINING = 1.1  # training error per cell over the rank's best fold's: a stuck fit
@@ -1364,6 +1488,105 @@ def _stuck_tasks(tasks, outputs, n_train, n_ranks):
     return [int(i) for i in np.flatnonzero(per_cell > _STUCK_TRAINING * best[rank_of])]
 
 
+@dataclass
+class Folds:
+    """Which fold holds out each cell (`CVResult.folds`), as a rule rather than a list, so it
+    stays small whatever the data's size.
+
+    Repeat ``r`` puts cell ``(i, j)`` in fold ``(row_class[r, i] + col_class[r, j]) %
+    n_folds``, where the classes deal the rows, and the columns, out evenly at random. So a fold
+    holds out, from each row, every cell of one class of columns: about ``1 / n_folds`` of
+    the row, and of each column, and of the matrix. Exceptions: cells in ``kept[r]`` are never
+    held out (``-1``; only with missing cells, where holding one out would leave a row or column
+    of a training set without any observed cell) and missing cells are in no fold (``-2``).
+    With ``n_folds="loo"`` every observed cell is its own fold (``cell_fold``).
+
+    The rule reads only a cell's coordinates and the seed, so a matrix gets the same folds
+    whether it is passed dense or sparse, and a fold's training set is read straight from the
+    data, never copied.
+
+    Attributes
+    ----------
+    n_folds : int
+    shape : tuple (m, n)
+    row_class : ndarray of int (n_repeats, m) or None
+    col_class : ndarray of int (n_repeats, n) or None
+    kept : list of (rows, cols) per repeat
+    observed : ndarray of bool (m, n) or None
+        The observed cells when some are missing; None when all are.
+    cell_fold : list of ndarray or None
+        ``n_folds="loo"``: the fold of each observed cell (row-major), per repeat.
+
+    Examples
+    --------
+    >>> import numpy as np, nmf_cv
+    >>> cv = nmf_cv.cross_validate(np.ones((6, 4)), [1], n_folds=2, random_state=0,
+    ...                            progress=False)
+    >>> grid = cv.folds[0]  # repeat 0 as an (m, n) array, for small inputs
+    >>> sorted(np.unique(grid).tolist()), bool((cv.folds.fold_of([0, 5], [1, 3]) ==
+    ...                                         grid[[0, 5], [1, 3]]).all())
+    ([0, 1], True)
+    """
+
+    n_folds: int
+    shape: tuple
+    row_class: np.ndarray = None
+    col_class: np.ndarray = None
+    kept: list = None
+    observed: np.ndarray = None
+    cell_fold: list = None
+
+    def __len__(self):
+        return len(self.kept)
+
+    @property
+    def n_kept(self):
+        return int(len(self.kept[0][0]))
+
+    def fold_of(self, rows, cols, repeat=0):
+        """Fold of the cells (rows[q], cols[q]) in ``repeat``: -1 never held out, -2 missing."""
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        m, n = self.shape
+        key = rows * n + cols
+        if self.cell_fold is not None:
+            cells = np.flatnonzero(self.observed.ravel()) if self.observed is not None \
+                else np.arange(m * n)
+            where = np.minimum(np.searchsorted(cells, key), len(cells) - 1)
+            return np.where(cells[where] == key, self.cell_fold[repeat][where], -2)
+        fold = (self.row_class[repeat][rows] + self.col_class[repeat][cols]) % self.n_folds
+        kept_rows, kept_cols = self.kept[repeat]
+        fold[np.isin(key, kept_rows.astype(np.int64) * n + kept_cols)] = -1
+        if self.observed is not None:
+            fold[~self.observed[rows, cols]] = -2
+        return fold
+
+    def __getitem__(self, repeat):
+        """Repeat ``repeat`` as an (m, n) int array (refused above 10^8 cells)."""
+        m, n = self.shape
+        if m * n > 10 ** 8:
+            raise ValueError(f"folds of {m} x {n} cells as an array would take "
+                             f"{8 * m * n / 1e9:.1f} GB; use fold_of(rows, cols) instead")
+        repeat = range(len(self))[repeat]
+        rows, cols = np.divmod(np.arange(m * n), n)
+        return self.fold_of(rows, cols, repeat).reshape(m, n)
+
+    def __iter__(self):
+        return (self[r] for r in range(len(self)))
+
+    def __array__(self, dtype=None, copy=None):
+        return np.array([self[r] for r in range(len(self))], dtype=dtype)
+
+
+def _cv_source(data, cells):
+    """Where cross_validate's training sets come from: the fold rule read from X itself
+    (fully observed input), or lists of observed cells (missing cells, leave-one-out, warm
+    starts, vectors)."""
+    if data.masked or cells or min(data.shape) < 2:
+        return _CellSource(*_observed_cells(data), data.shape, data.masked)
+    return _RuleSource(data.dense if data.sparse is None else data.sparse)
+
+
 def _observed_cells(data):
     if data.masked:
         return data.rows, data.cols, data.values
@@ -1372,15 +1595,82 @@ def _observed_cells(data):
     return rows, cols, dense.ravel()
 
 
-def _speckled_folds(rows, cols, shape, n_folds, rng):
-    """Fold of each observed cell (-1 = never held out); ``n_folds="loo"``: one cell a fold.
+def _fold_rule(shape, n_folds, rng):
+    """Row and column classes of `Folds`' rule: each side dealt out evenly at random."""
+    return tuple((rng.permutation(size) % n_folds).astype(np.int32) for size in shape)
 
-    A row's or column's only observed cell is never held out; then, where a fold holds all of
-    a row's (column's) cells, one of them, chosen at random, is never held out either."""
-    n_cells = len(rows)
-    n_folds = n_cells if isinstance(n_folds, str) else n_folds
-    fold = rng.permutation(n_cells) % n_folds
-    order = rng.permutation(n_cells)
+
+@dataclass
+class _RuleSource:
+    """A fully observed X (ndarray or CSR) whose training sets are read through the fold
+    rule: a split is (row_class, col_class, n_folds)."""
+
+    X: object
+
+    def split(self, n_folds, rng):
+        return _fold_rule(self.X.shape, n_folds, rng) + (n_folds,)
+
+    def training(self, split, f):
+        return _FoldTraining(self.X, split, f)
+
+    def n_train(self, split, f):
+        row_class, col_class, n_folds = split
+        rows = np.bincount(row_class, minlength=n_folds)
+        cols = np.bincount(col_class, minlength=n_folds)
+        held = sum(int(rows[r]) * int(cols[(f - r) % n_folds]) for r in range(n_folds))
+        return self.X.shape[0] * self.X.shape[1] - held
+
+    def folds(self, splits, n_folds):
+        empty = np.zeros(0, dtype=np.int64)
+        return Folds(n_folds, self.X.shape, np.array([s[0] for s in splits]),
+                     np.array([s[1] for s in splits]), [(empty, empty)] * len(splits))
+
+
+@dataclass
+class _CellSource:
+    """Observed cells (row-major) whose training sets are built by `fit_nmf`'s mask: a split
+    is (fold of each cell, row_class, col_class)."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray
+    shape: tuple
+    masked: bool
+
+    def split(self, n_folds, rng):
+        if isinstance(n_folds, str):  # leave-one-out: one cell a fold, in random order
+            return _keep_coverage(rng.permutation(len(self.rows)), self.rows, self.cols,
+                                  self.shape, len(self.rows), rng), None, None
+        row_class, col_class = _fold_rule(self.shape, n_folds, rng)
+        fold = (row_class[self.rows] + col_class[self.cols]) % n_folds
+        return (_keep_coverage(fold, self.rows, self.cols, self.shape, n_folds, rng),
+                row_class, col_class)
+
+    def training(self, split, f):
+        return _CellTraining(self, split[0], f)
+
+    def n_train(self, split, f):
+        return int(np.sum(split[0] != f))
+
+    def folds(self, splits, n_folds):
+        observed = None
+        if self.masked:
+            observed = np.zeros(self.shape, dtype=bool)
+            observed[self.rows, self.cols] = True
+        kept = [(self.rows[s[0] < 0], self.cols[s[0] < 0]) for s in splits]
+        if splits[0][1] is None:
+            return Folds(n_folds, self.shape, kept=kept, observed=observed,
+                         cell_fold=[s[0] for s in splits])
+        return Folds(n_folds, self.shape, np.array([s[1] for s in splits]),
+                     np.array([s[2] for s in splits]), kept, observed)
+
+
+def _keep_coverage(fold, rows, cols, shape, n_folds, rng):
+    """``fold`` with cells set to -1 (never held out) where holding them out would leave a
+    row or column of a training set without an observed cell: a line's only cell, then,
+    where a fold holds all of a line's cells, one of them chosen at random."""
+    fold = np.array(fold, dtype=np.int64)
+    order = rng.permutation(len(rows))
     for index, size in ((rows, shape[0]), (cols, shape[1])):
         total = np.bincount(index, minlength=size)
         fold[total[index] == 1] = -1
@@ -1402,16 +1692,28 @@ def _cv_ridge(ridge, loss, fit_kwargs):
     return float(ridge)
 
 
-def _fold_fit_kwargs(shared, X, mask):
-    """The fit options of one training set, its ridge (see `cross_validate`) from its own
-    cells, so that no held-out value reaches the fit."""
-    ridge, fit_kwargs = shared[7:]
+def _fold_alphas(shared, splits, n_folds, executor, progress):
+    """The ridge of every (repeat, fold)'s training fits (see `cross_validate`), from each
+    training set's own noise level, so that no held-out value reaches the fit; one task per
+    training set."""
+    ridge, fit_kwargs = shared[4:]
     if not ridge:
         alpha = max(fit_kwargs.get("alpha_W", 0.0), fit_kwargs.get("alpha_H", 0.0))
-        return fit_kwargs, float(alpha)
-    m, n = X.shape
-    alpha = ridge * _noise_level(_validate_data(X, mask)) * (math.sqrt(m) + math.sqrt(n))
-    return {**fit_kwargs, "alpha_W": alpha, "alpha_H": alpha}, float(alpha)
+        return np.full((len(splits), n_folds), float(alpha))
+    args = [(shared, split, f) for split in splits for f in range(n_folds)]
+    sigma = _map_tasks(_noise_task, args, executor, progress, "cross_validate: noise levels")
+    m, n = shared[0].shape if isinstance(shared[0], _CellSource) else shared[0].X.shape
+    scale = ridge * (math.sqrt(m) + math.sqrt(n))
+    return scale * np.array(sigma).reshape(len(splits), n_folds)
+
+
+def _noise_task(shared, split, f):
+    return shared[0].training(split, f).noise()
+
+
+def _with_alpha(shared, alpha):
+    ridge, fit_kwargs = shared[4:]
+    return {**fit_kwargs, "alpha_W": alpha, "alpha_H": alpha} if ridge else fit_kwargs
 
 
 def _best_fit(X, k, seed, n_restarts, fit_kwargs, first_child=None, **kwargs):
@@ -1441,39 +1743,38 @@ def _child_seed(seed, j):
                                   pool_size=seed.pool_size)
 
 
-def _cv_task(shared, fold, f, k, seed):
-    method, loss, n_restarts = shared[4:7]
-    X, mask, train = _training_set(shared, fold, f)
-    fit_kwargs, alpha = _fold_fit_kwargs(shared, X, mask)
-    res = _best_fit(X, k, seed, n_restarts, fit_kwargs, mask=mask, method=method, loss=loss)
-    return _cv_scores(shared, train, res.W, res.H) + (alpha, res.loss_history[-1])
+def _cv_task(shared, split, f, k, seed, alpha):
+    return _cv_fit(shared, shared[0].training(split, f), k, seed, alpha, shared[3])
 
 
-def _cv_refit_task(shared, fold, f, k, seed, done, extra):
+def _cv_refit_task(shared, split, f, k, seed, alpha, done, extra):
     """``extra`` more random restarts of a stuck fold's fit, after its ``done`` restarts
     (which used ``seed`` and its children up to ``done - 2``)."""
-    method, loss = shared[4:6]
-    X, mask, train = _training_set(shared, fold, f)
-    fit_kwargs, alpha = _fold_fit_kwargs(shared, X, mask)
-    res = _best_fit(X, k, seed, extra, fit_kwargs, first_child=done - 1, mask=mask,
-                    method=method, loss=loss)
-    return _cv_scores(shared, train, res.W, res.H) + (alpha, res.loss_history[-1])
+    return _cv_fit(shared, shared[0].training(split, f), k, seed, alpha, extra,
+                   first_child=done - 1)
 
 
-def _cv_chain_task(shared, fold, f, ranks, seeds):
+def _cv_chain_task(shared, split, f, ranks, seeds, alpha):
     """warm_start: one fold's ranks in increasing order (see `cross_validate`)."""
-    method, loss, n_restarts = shared[4:7]
-    X, mask, train = _training_set(shared, fold, f)
-    fit_kwargs, alpha = _fold_fit_kwargs(shared, X, mask)
+    train = shared[0].training(split, f)
     out, W, H = [], None, None
     for k, seed in zip(ranks, seeds, strict=True):
-        kw = dict(fit_kwargs)
-        if W is not None:
-            kw["init"] = _grow_factors(X, mask, W, H, k, seed)
-        res = _best_fit(X, k, seed, n_restarts, kw, mask=mask, method=method, loss=loss)
-        out.append(_cv_scores(shared, train, res.W, res.H) + (alpha, res.loss_history[-1]))
-        W, H = res.W, res.H
+        init = None if W is None else _grow_factors(train.X, train.mask, W, H, k, seed)
+        out.append(_cv_fit(shared, train, k, seed, alpha, shared[3], init=init))
+        W, H = out[-1][2:4]
     return out
+
+
+def _cv_fit(shared, train, k, seed, alpha, n_restarts, first_child=None, init=None):
+    """(held-out score, training score, W, H, objective) of the best of ``n_restarts`` fits
+    of rank k to one training set."""
+    method, loss = shared[1:3]
+    kw = _with_alpha(shared, alpha)
+    if init is not None:
+        kw = {**kw, "init": init}
+    res = _best_fit(train.fit_X, k, seed, n_restarts, kw, first_child=first_child,
+                    mask=train.mask, method=method, loss=loss)
+    return train.scores(res.W, res.H, loss) + (res.W, res.H, res.loss_history[-1])
 
 
 def noise_level(X, *, mask=None):
@@ -1504,21 +1805,29 @@ def noise_level(X, *, mask=None):
 
 
 def _noise_level(data):
-    m, n = data.shape
-    if min(m, n) < 3:
+    if min(data.shape) < 3:
         return 0.0
-    X = data.filled()
     missing = None
     if data.masked:
         missing = np.ones(data.shape, dtype=bool)
         missing[data.rows, data.cols] = False
+    return _noise_of(data.filled(), missing)
+
+
+def _noise_of(X, missing):
+    """Noise level of X (dense or sparse) whose ``missing`` cells (a mask, or None) hold a
+    mean fill; see `noise_level`."""
+    m, n = X.shape
     if m < n:
         X, m, n = X.T, n, m
         missing = None if missing is None else missing.T
-    if n > 1000:
-        keep = np.sort(np.random.default_rng(0).choice(n, 1000, replace=False))
-        X, n = X[:, keep], 1000
-        missing = None if missing is None else missing[:, keep]
+    rng = np.random.default_rng(0)
+    keep_cols = np.sort(rng.choice(n, 1000, replace=False)) if n > 1000 else slice(None)
+    keep_rows = np.sort(rng.choice(m, _NOISE_LINES, replace=False)) if m > _NOISE_LINES \
+        else slice(None)
+    X = X[keep_rows][:, keep_cols]
+    missing = None if missing is None else missing[keep_rows][:, keep_cols]
+    m, n = X.shape
     if sp.issparse(X):
         return _median_noise(np.linalg.eigvalsh((X.T @ X).toarray().astype(np.float64)), m, n)
     X = np.array(X, dtype=np.float64)
@@ -1531,12 +1840,25 @@ def _noise_level(data):
         V = V[:, np.sqrt(np.maximum(eig, 0.0)) > sigma * (math.sqrt(m) + math.sqrt(n))]
         X[missing] = (X @ V @ V.T)[missing]
     sigma = _median_noise(np.linalg.eigvalsh(X.T @ X), m, n)
-    if data.masked:  # filled cells carry no noise
-        sigma /= math.sqrt(len(data.values) / (data.shape[0] * data.shape[1]))
+    if missing is not None:  # filled cells carry no noise
+        sigma /= math.sqrt(1.0 - missing.mean())
     return sigma
 
 
+def _mean_filled(X, missing):
+    """Dense X (a copy) with its missing cells set to the rank-1 fit of the observed row and
+    column means (as `_Data.filled`)."""
+    observed = ~missing
+    X = np.where(observed, X, 0.0)
+    row_mean = X.sum(axis=1) / np.maximum(observed.sum(axis=1), 1)
+    col_mean = X.sum(axis=0) / np.maximum(observed.sum(axis=0), 1)
+    grand = X.sum() / max(observed.sum(), 1)
+    scale = 1.0 / grand if grand > 0 else 0.0
+    return np.where(observed, X, np.outer(row_mean, col_mean) * scale)
+
+
 _NOISE_REFILLS = 3  # refills of missing cells in noise_level
+_NOISE_LINES = 10_000  # noise_level reads at most this many lines of the longer side
 
 
 def _median_noise(eigenvalues, m, n):
@@ -1560,15 +1882,173 @@ def _marchenko_pastur_median(beta):
     return optimize.brentq(below, lo, hi, xtol=1e-10)
 
 
-def _training_set(shared, fold, f):
-    """(X with the training cells, their mask, which observed cells train) for fold f."""
-    rows, cols, values, shape = shared[:4]
-    train = fold != f
-    mask = np.zeros(shape, dtype=bool)
-    mask[rows[train], cols[train]] = True
-    X = np.zeros(shape, dtype=values.dtype)
-    X[rows[train], cols[train]] = values[train]
-    return X, mask, train
+class _CellTraining:
+    """Fold f's training set from a `_CellSource`: a dense copy of X and its mask, fitted by
+    `fit_nmf`'s masked path (data with missing cells, leave-one-out, warm starts)."""
+
+    def __init__(self, source, fold, f):
+        self.source = source
+        self.train = fold != f
+        rows, cols = source.rows[self.train], source.cols[self.train]
+        self.mask = np.zeros(source.shape, dtype=bool)
+        self.mask[rows, cols] = True
+        self.X = np.zeros(source.shape, dtype=source.values.dtype)
+        self.X[rows, cols] = source.values[self.train]
+        self.fit_X = self.X  # what fit_nmf is given, with the mask
+
+    def noise(self):
+        return _noise_level(_validate_data(self.X, self.mask))
+
+    def scores(self, W, H, loss):
+        """(held-out score, training score): squared error or Poisson deviance."""
+        rows, cols, values = self.source.rows, self.source.cols, self.source.values
+        score = _poisson_deviance if loss == "kl" else _squared_error
+        out = []
+        for cells in (~self.train, self.train):
+            prediction = np.einsum("ij,ij->i", W[rows[cells]], H[:, cols[cells]].T)
+            out.append(score(values[cells], prediction))
+        return tuple(out)
+
+
+class _FoldTraining:
+    """Fold f's training set of a fully observed X (ndarray or CSR; implicit zeros are
+    observed zeros): every cell but those the fold rule puts in fold f, read from X through
+    the rule, never copied. Row i's held-out cells are the columns of class ``P[i] = (f -
+    row_class[i]) % n_folds``, so the rows fall into n_folds groups (by P) that share their
+    held-out columns, and the columns into groups (by class) that share their held-out rows:
+    row group c and column group c make up the held-out cells. The fits use this: a row
+    group's Gram matrix over its training cells is the full one minus its held-out columns'
+    part, and products with X are the full ones minus the held-out cells' part
+    (`_FoldSolver`). Quacks like `_Data` for `fit_nmf`'s init and driver."""
+
+    masked = False
+    mask = None
+
+    def __init__(self, X, split, f):
+        row_class, col_class, n_folds = split
+        self.X, self.shape, self.dtype = X, X.shape, X.dtype
+        self.fit_X = self  # fit_nmf reads the training cells through the rule
+        self.sparse = sp.issparse(X)
+        self.P = ((f - row_class.astype(np.int64)) % n_folds).astype(np.int64)
+        self.b = col_class.astype(np.int64)
+        self.col_order = np.argsort(self.b, kind="stable")
+        self.col_ptr = _indptr(self.b[self.col_order], n_folds)
+        self.col_groups = [self.col_order[self.col_ptr[c]:self.col_ptr[c + 1]]
+                           for c in range(n_folds)]
+        self.row_groups = [np.flatnonzero(self.P == c) for c in range(n_folds)]
+        m, n = self.shape
+        self.n_held = sum(len(r) * len(c) for r, c in zip(self.row_groups, self.col_groups,
+                                                          strict=True))
+        self.n_train = m * n - self.n_held
+        none = np.zeros((m, 0)), np.zeros((n, 0))
+        held, every = (_rule_sums(which, *self.cells(), *none, 1.0) for which in (-1, 0))
+        self.x_sum = every[3] - held[3]
+        self.xx = every[4] - held[4]
+
+    def cells(self):
+        """The kernels' view of X: (dense X or an empty one, CSR arrays or empty ones, the
+        rule)."""
+        if self.sparse:
+            X = np.zeros((0, 0), dtype=self.dtype)
+            ptr, idx, vals = self.X.indptr, self.X.indices, self.X.data
+        else:
+            X = self.X
+            ptr, idx, vals = (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32),
+                              np.zeros(0, dtype=self.dtype))
+        return X, ptr, idx, vals, self.P, self.b, self.col_ptr, self.col_order
+
+    def held_rows(self, B):
+        """sum over each row's held-out cells of x_ij B[j] (m x p)."""
+        out = np.empty((self.shape[0], B.shape[1]))
+        _rule_held_rows(*self.cells(), np.ascontiguousarray(B, dtype=np.float64), out)
+        return out
+
+    def held_cols(self, A):
+        """sum over each column's held-out cells of x_ij A[i] (n x p)."""
+        out = np.empty((self.shape[1], A.shape[1]))
+        _rule_held_cols(*self.cells(), np.ascontiguousarray(A, dtype=np.float64), out)
+        return out
+
+    def group_grams(self, A, groups):
+        """Gram matrix of A's rows (float64) and that of each group's rows."""
+        A = A.astype(np.float64, copy=False)
+        return A.T @ A, [A[g].T @ A[g] for g in groups]
+
+    def observed_mean(self):
+        return self.x_sum / self.n_train
+
+    def filled(self):
+        """The training set with its held-out cells filled by the rank-1 fit of the training
+        cells' row and column means (as `_Data.filled` fills missing cells), as a
+        LinearOperator: for the SVD-based inits, without an m x n copy."""
+        m, n = self.shape
+        X = self.X
+        ones_n, ones_m = np.ones((n, 1)), np.ones((m, 1))
+        row_n = n - np.array([len(c) for c in self.col_groups])[self.P]
+        col_n = m - np.array([len(r) for r in self.row_groups])[self.b]
+        row_mean = (np.asarray(X @ ones_n)[:, 0] - self.held_rows(ones_n)[:, 0]) / row_n
+        col_mean = (np.asarray(X.T @ ones_m)[:, 0] - self.held_cols(ones_m)[:, 0]) / col_n
+        mean = self.observed_mean()
+        u = row_mean / mean if mean > 0 else np.zeros(m)
+
+        def matmat(V):
+            V = np.asarray(V, dtype=np.float64).reshape(n, -1)
+            S = np.array([col_mean[g] @ V[g] for g in self.col_groups])
+            return np.asarray(X @ V) - self.held_rows(V) + u[:, None] * S[self.P]
+
+        def rmatmat(U):
+            U = np.asarray(U, dtype=np.float64).reshape(m, -1)
+            T = np.array([u[g] @ U[g] for g in self.row_groups])
+            return np.asarray(X.T @ U) - self.held_cols(U) + col_mean[:, None] * T[self.b]
+
+        return LinearOperator((m, n), matvec=matmat, rmatvec=rmatmat, matmat=matmat,
+                              rmatmat=rmatmat, dtype=np.float64)
+
+    def noise(self):
+        """`noise_level` of the training set, from at most _NOISE_LINES x 1000 of its cells
+        copied densely (held-out cells missing)."""
+        m, n = self.shape
+        rng = np.random.default_rng(0)
+        long_cap, short_cap = (_NOISE_LINES, 1000) if m >= n else (1000, _NOISE_LINES)
+        rows = np.sort(rng.choice(m, long_cap, replace=False)) if m > long_cap else np.arange(m)
+        cols = np.sort(rng.choice(n, short_cap, replace=False)) if n > short_cap else np.arange(n)
+        sub = self.X[rows][:, cols]
+        sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+        missing = self.P[rows][:, None] == self.b[cols][None, :]
+        if min(sub.shape) < 3:
+            return 0.0
+        return _noise_of(_mean_filled(sub, missing), missing)
+
+    def rss(self, W, H):
+        return self.scores(W, H, "frobenius")[1]
+
+    def sq_norm(self):
+        return self.xx
+
+    def scores(self, W, H, loss):
+        """(held-out score, training score): squared error or Poisson deviance, the held-out
+        part summed over the held-out cells through the rule, the training part as the total
+        minus it. Sparse X: the implicit zeros' part from Gram matrices."""
+        W = np.ascontiguousarray(W, dtype=np.float64)
+        Ht = np.ascontiguousarray(H.T, dtype=np.float64)
+        eps = _kl_floor(np.float64)
+        held = _rule_sums(-1, *self.cells(), W, Ht, eps)
+        every = _rule_sums(0, *self.cells(), W, Ht, eps)
+        if loss == "kl":
+            w_sums = [W[g].sum(axis=0) for g in self.row_groups]
+            h_sums = [Ht[g].sum(axis=0) for g in self.col_groups]
+            held_mu = sum(float(a @ b) for a, b in zip(w_sums, h_sums, strict=True))
+            total_mu = float(W.sum(axis=0) @ Ht.sum(axis=0))
+            press = 2.0 * (held[2] + held_mu)
+            return press, 2.0 * (every[2] + total_mu) - press
+        press, total = held[0], every[0]
+        if self.sparse:  # cells not stored: (0 - wh)^2, all cells' wh^2 minus stored ones'
+            _, w_grams = self.group_grams(W, self.row_groups)
+            _, h_grams = self.group_grams(Ht, self.col_groups)
+            held_wh2 = sum(_fdot(a, b) for a, b in zip(w_grams, h_grams, strict=True))
+            press += max(held_wh2 - held[1], 0.0)
+            total += max(_fdot(W.T @ W, Ht.T @ Ht) - every[1], 0.0)
+        return press, max(total - press, 0.0)
 
 
 def _grow_factors(X, mask, W, H, k, seed):
@@ -1578,16 +2058,6 @@ def _grow_factors(X, mask, W, H, k, seed):
     W_new, H_new = _initialize(_validate_data(residual), k - W.shape[1], "nndsvda",
                                np.random.default_rng(seed))
     return np.hstack([W, W_new]), np.vstack([H, H_new])
-
-
-def _cv_scores(shared, train, W, H):
-    """(held-out score, training score, W, H); squared error or Poisson deviance."""
-    rows, cols, values, loss = shared[0], shared[1], shared[2], shared[5]
-    test = ~train
-    pred_test = np.einsum("ij,ij->i", W[rows[test]], H[:, cols[test]].T)
-    pred_train = np.einsum("ij,ij->i", W[rows[train]], H[:, cols[train]].T)
-    score = _poisson_deviance if loss == "kl" else _squared_error
-    return score(values[test], pred_test), score(values[train], pred_train), W, H
 
 
 def _squared_error(x, prediction):
@@ -4105,6 +4575,164 @@ def _masked_mu_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, scratch, u, want):
             for q in range(c):
                 total += sign * u[q] * u[q]
     return total
+
+
+# Kernels reading a fully observed X through the fold rule (`_FoldTraining`): X is dense, or
+# empty with the CSR arrays (indptr, idx, vals) holding it; row i's held-out cells are the
+# columns j with b[j] == P[i] (col_order lists the columns by class, col_ptr delimits them).
+
+@njit(cache=True)
+def _rule_cells(i, which, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs):
+    """Row i's cells of one kind into js, xs; returns their number. which < 0: held-out
+    cells, > 0: training cells, 0: all. Dense X: every cell; CSR: the stored entries."""
+    c = P[i]
+    count = 0
+    if X.shape[0] > 0:
+        if which < 0:
+            for q in range(col_ptr[c], col_ptr[c + 1]):
+                j = col_order[q]
+                js[count] = j
+                xs[count] = X[i, j]
+                count += 1
+        else:
+            for j in range(X.shape[1]):
+                if which == 0 or b[j] != c:
+                    js[count] = j
+                    xs[count] = X[i, j]
+                    count += 1
+    else:
+        for q in range(indptr[i], indptr[i + 1]):
+            j = idx[q]
+            if which == 0 or (which < 0) == (b[j] == c):
+                js[count] = j
+                xs[count] = vals[q]
+                count += 1
+    return count
+
+
+@njit(cache=True, fastmath=_FAST)
+def _rule_held_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, B, out):
+    """out[i] = sum over row i's held-out cells of x_ij B[j]."""
+    js = np.empty(b.shape[0], dtype=np.int64)
+    xs = np.empty(b.shape[0], dtype=np.float64)
+    p = B.shape[1]
+    for i in range(out.shape[0]):
+        count = _rule_cells(i, -1, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
+        for t in range(p):
+            out[i, t] = 0.0
+        for q in range(count):
+            x = xs[q]
+            if x != 0.0:
+                j = js[q]
+                for t in range(p):
+                    out[i, t] += x * B[j, t]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _rule_held_cols(X, indptr, idx, vals, P, b, col_ptr, col_order, A, out):
+    """out[j] = sum over column j's held-out cells of x_ij A[i] (a scatter along the rows)."""
+    js = np.empty(b.shape[0], dtype=np.int64)
+    xs = np.empty(b.shape[0], dtype=np.float64)
+    p = A.shape[1]
+    out[:, :] = 0.0
+    for i in range(A.shape[0]):
+        count = _rule_cells(i, -1, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
+        for q in range(count):
+            x = xs[q]
+            if x != 0.0:
+                j = js[q]
+                for t in range(p):
+                    out[j, t] += x * A[i, t]
+
+
+@njit(cache=True)
+def _rule_sums(which, X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, eps):
+    """Over the cells of one kind (see _rule_cells), with wh = W[i] . Ht[j]: (sum (x - wh)^2,
+    sum wh^2, sum [x log(x / max(wh, eps)) - x], sum x, sum x^2). W, Ht with no columns give
+    the data's sums."""
+    js = np.empty(b.shape[0], dtype=np.int64)
+    xs = np.empty(b.shape[0], dtype=np.float64)
+    k = W.shape[1]
+    sq = wh2 = log_part = x_sum = xx = 0.0
+    for i in range(P.shape[0]):
+        count = _rule_cells(i, which, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
+        for q in range(count):
+            j = js[q]
+            x = xs[q]
+            wh = 0.0
+            for t in range(k):
+                wh += W[i, t] * Ht[j, t]
+            sq += (x - wh) ** 2
+            wh2 += wh * wh
+            x_sum += x
+            xx += x * x
+            log_part -= x
+            if x > 0.0:
+                log_part += x * math.log(x / max(wh, eps))
+    return sq, wh2, log_part, x_sum, xx
+
+
+@njit(cache=True, fastmath=_FAST)
+def _rule_kl_cols(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, eps, num):
+    """num[j] += sum over column j's training cells of x / wh * W[i] (KL numerator of H)."""
+    js = np.empty(b.shape[0], dtype=np.int64)
+    xs = np.empty(b.shape[0], dtype=np.float64)
+    k = W.shape[1]
+    for i in range(W.shape[0]):
+        count = _rule_cells(i, 1, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
+        for q in range(count):
+            x = xs[q]
+            if x > 0.0:
+                j = js[q]
+                wh = 0.0
+                for t in range(k):
+                    wh += W[i, t] * Ht[j, t]
+                r = x / max(wh, eps)
+                for t in range(k):
+                    num[j, t] += r * W[i, t]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _rule_kl_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, h_all, h_groups, l1,
+                  l2, eps, want_loss):
+    """KL multiplicative update of W's rows over their training cells, the denominator of
+    row i being h_all - h_groups[P[i]] (no update when h_all is empty). Returns the sum over
+    the training cells of x log(x / wh) - x after it if asked."""
+    js = np.empty(b.shape[0], dtype=np.int64)
+    xs = np.empty(b.shape[0], dtype=np.float64)
+    k = W.shape[1]
+    num = np.empty(k, dtype=np.float64)
+    update = h_all.shape[0] > 0
+    s_log = 0.0
+    for i in range(W.shape[0]):
+        count = _rule_cells(i, 1, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
+        if update:
+            for t in range(k):
+                num[t] = 0.0
+            for q in range(count):
+                x = xs[q]
+                if x > 0.0:
+                    j = js[q]
+                    wh = 0.0
+                    for t in range(k):
+                        wh += W[i, t] * Ht[j, t]
+                    r = x / max(wh, eps)
+                    for t in range(k):
+                        num[t] += r * Ht[j, t]
+            for t in range(k):
+                d = h_all[t] - h_groups[P[i], t] + l1 + l2 * W[i, t]
+                if d > 0.0:
+                    W[i, t] = W[i, t] * (num[t] / d)
+        if want_loss:
+            for q in range(count):
+                x = xs[q]
+                if x > 0.0:
+                    j = js[q]
+                    wh = 0.0
+                    for t in range(k):
+                        wh += W[i, t] * Ht[j, t]
+                    s_log += x * math.log(x / max(wh, eps)) - x
+    return s_log
 
 
 # =============================================================================================
