@@ -2547,6 +2547,14 @@ def randomized_rss(X, ranks, *, n_permutations=3, margin=1.5, mask=None, method=
 
 
 def _permute_columns(X, rng):
+    """X with each column's observed cells in random order. Sparse X: each column's stored
+    entries go to random rows (its zeros fill the rest), without densifying."""
+    if sp.issparse(X):
+        X = sp.csc_matrix(X)
+        rows = np.concatenate([rng.choice(X.shape[0], X.indptr[j + 1] - X.indptr[j],
+                                          replace=False) for j in range(X.shape[1])])
+        cols = np.repeat(np.arange(X.shape[1]), np.diff(X.indptr))
+        return sp.csr_matrix((X.data, (rows, cols)), shape=X.shape)
     out = X.copy()
     for j in range(X.shape[1]):
         rows = np.flatnonzero(~np.isnan(X[:, j]))
@@ -2556,7 +2564,7 @@ def _permute_columns(X, rng):
 
 def _rss_task(X, k, method, seed, n_restarts, fit_kwargs):
     res = _best_fit(X, k, seed, n_restarts, fit_kwargs, method=method)
-    return res.relative_error ** 2 * float(np.nansum(np.asarray(X, dtype=np.float64) ** 2))
+    return res.relative_error ** 2 * _sq_sum(X)
 
 
 # =============================================================================================
@@ -2648,10 +2656,10 @@ def _bicv_task(X, block, k, method, block_solver, seed, n_restarts, fit_kwargs):
     held_rows, held_cols = block
     keep_rows = np.setdiff1d(np.arange(X.shape[0]), held_rows)
     keep_cols = np.setdiff1d(np.arange(X.shape[1]), held_cols)
-    D = X[np.ix_(keep_rows, keep_cols)]
+    D = X[keep_rows][:, keep_cols]
     res = _best_fit(D, k, seed, n_restarts, fit_kwargs, method=method)
-    B = X[np.ix_(keep_rows, held_cols)]
-    C = X[np.ix_(held_rows, keep_cols)]
+    B = X[keep_rows][:, held_cols]
+    C = X[held_rows][:, keep_cols]
     try:
         if block_solver == "lstsq":
             H_B = _masked_lstsq(res.W, B)
@@ -2662,14 +2670,20 @@ def _bicv_task(X, block, k, method, block_solver, seed, n_restarts, fit_kwargs):
     except ValueError as exc:
         raise ValueError(f"a bi-cross-validation block cannot be predicted ({exc}); use "
                          "fewer folds") from None
-    A = X[np.ix_(held_rows, held_cols)]
-    press = float(np.nansum((A - W_C @ H_B) ** 2))
-    train = res.relative_error ** 2 * float(np.nansum(D ** 2))
-    return press, train
+    A = X[held_rows][:, held_cols]
+    if sp.issparse(A):  # |A - W_C H_B|^2 without densifying A
+        press = (_sqnorm(A.data) - 2.0 * _fdot(np.asarray(A @ H_B.T), W_C)
+                 + _fdot(W_C.T @ W_C, H_B @ H_B.T))
+    else:
+        press = float(np.nansum((A - W_C @ H_B) ** 2))
+    return max(press, 0.0), res.relative_error ** 2 * _sq_sum(D)
 
 
 def _masked_lstsq(A, Y):
-    """argmin_Z sum over non-NaN cells of (Y - A Z)^2, column by column where cells miss."""
+    """argmin_Z sum over non-NaN cells of (Y - A Z)^2, column by column where cells miss.
+    Sparse Y (no missing cells): by the normal equations, without densifying Y."""
+    if sp.issparse(Y):
+        return np.linalg.lstsq(A.T @ A, np.asarray((Y.T @ A).T), rcond=None)[0]
     missing = np.isnan(Y)
     if not missing.any():
         return np.linalg.lstsq(A, Y, rcond=None)[0]
@@ -3290,12 +3304,20 @@ def _seed_sequence(random_state):
 
 
 def _nan_copy(data):
-    """Dense float array with NaN at missing cells (what the per-task fits receive)."""
+    """What the per-task fits receive: a dense float array with NaN at missing cells, or the
+    validated CSR matrix of sparse input (never densified)."""
     if data.masked:
         out = np.full(data.shape, np.nan, dtype=data.dtype)
         out[data.rows, data.cols] = data.values
         return out
-    return data.dense if data.sparse is None else data.sparse.toarray()
+    return data.dense if data.sparse is None else data.sparse
+
+
+def _sq_sum(X):
+    """Sum of squares of the observed cells of a dense (NaN = missing) or sparse X."""
+    if sp.issparse(X):
+        return _sqnorm(X.data)
+    return float(np.nansum(np.asarray(X, dtype=np.float64) ** 2))
 
 
 # =============================================================================================
@@ -4812,7 +4834,8 @@ def _parser():
 
 def _add_input(parser):
     parser.add_argument("file", help="CSV/TSV/whitespace text (header and row labels "
-                        "detected; empty, NA or NaN cells are missing) or .npy")
+                        "detected; empty, NA or NaN cells are missing), .npy, or a sparse "
+                        ".mtx (Matrix Market) or .npz (scipy.sparse.save_npz) file")
     parser.add_argument("--out", help="output prefix (default: the input's name, here)")
 
 
@@ -4924,7 +4947,10 @@ def _demo(args):
 
 
 def read_matrix(path):
-    """Read a matrix from a text table (CSV, TSV or whitespace) or a ``.npy`` file.
+    """Read a matrix from a text table (CSV, TSV or whitespace), a ``.npy`` file, or a sparse
+    matrix: Matrix Market ``.mtx`` (also ``.mtx.gz``, via ``scipy.io.mmread``) or ``.npz``
+    from ``scipy.sparse.save_npz``. Sparse files stay sparse (CSR): every cell is observed,
+    the ones not stored are zeros.
 
     A first row with any non-numeric cell is a header of column labels; then a first column
     with any non-numeric cell holds row labels. Empty cells and ``NA``, ``NaN``, ``N/A``,
@@ -4933,7 +4959,7 @@ def read_matrix(path):
 
     Returns
     -------
-    X : ndarray (m, n) of float64, NaN where missing
+    X : ndarray (m, n) of float64, NaN where missing; or a scipy.sparse CSR matrix
     row_labels, col_labels : list of str or None
 
     Examples
@@ -4943,9 +4969,12 @@ def read_matrix(path):
     >>> X.tolist(), rows, cols
     ([[1.0, nan], [3.0, 4.0]], ['g1', 'g2'], ['s1', 's2'])
     """
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path
     if isinstance(path, str) and path.endswith(".npy"):
         X = np.load(path, allow_pickle=False)
         return _as_float_array(X, path), None, None
+    if isinstance(path, str) and path.endswith((".mtx", ".mtx.gz", ".npz")):
+        return _read_sparse(path), None, None
     if isinstance(path, str):
         with open(path, newline="") as handle:
             text = handle.read()
@@ -4971,6 +5000,20 @@ def read_matrix(path):
         raise ValueError(f"{name}: the header has {len(col_labels)} labels for "
                          f"{X.shape[1]} columns")
     return X, row_labels, col_labels
+
+
+def _read_sparse(path):
+    import scipy.io
+
+    try:
+        X = sp.load_npz(path) if path.endswith(".npz") else scipy.io.mmread(path)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ValueError(f"{path}: not a readable sparse matrix ({exc})") from None
+    if not sp.issparse(X):  # a dense ("array") Matrix Market file
+        return _as_float_array(X, path)
+    if X.dtype.kind not in "biuf":
+        raise TypeError(f"{path}: must hold real numbers; got dtype {X.dtype}")
+    return sp.csr_matrix(X, dtype=np.float32 if X.dtype == np.float32 else np.float64)
 
 
 _MISSING_TOKENS = {"", "na", "nan", "n/a", "null", "?"}
@@ -5019,7 +5062,8 @@ def _parse_cells(rows, name, first_line, first_column):
 def _prefix(args):
     if args.out:
         return args.out
-    return os.path.splitext(os.path.basename(args.file))[0]
+    name = os.path.basename(args.file)
+    return os.path.splitext(name[:-3] if name.endswith(".gz") else name)[0]
 
 
 def _write_csv(path, A, row_labels, col_labels):

@@ -2170,6 +2170,52 @@ def test_cli_rank_prints_table_and_saves_report(tmp_path):
     assert (tmp_path / "x_rank.png").stat().st_size > 10_000
 
 
+def test_cli_rank_reads_sparse_mtx_and_npz(tmp_path):
+    """Matrix Market and scipy .npz files are read sparse (CSR) and give the report Python
+    gives for the same matrix."""
+    import json
+
+    import scipy.io
+
+    S = sp.csr_matrix(sparse_counts(60, 40, 2, 6))
+    scipy.io.mmwrite(tmp_path / "m.mtx", S)
+    sp.save_npz(tmp_path / "m.npz", S)
+    ref = nmf_cv.choose_rank(S, [1, 2, 3], ("cv",), random_state=0, progress=False,
+                             cv_kwargs={"n_folds": 3, "loss": "kl"})
+    for name in ("m.mtx", "m.npz"):
+        X, rows, cols = nmf_cv.read_matrix(str(tmp_path / name))
+        assert sp.issparse(X) and (X != S).nnz == 0 and rows is None and cols is None
+        code, out, err = run_cli("rank", tmp_path / name, "--ranks", "1:3", "--folds", 3,
+                                 "--loss", "kl", "--criteria", "cv", "--out",
+                                 tmp_path / name.replace(".", "_"))
+        assert code == 0, err
+        report = json.loads((tmp_path / f"{name.replace('.', '_')}_rank.json").read_text())
+        assert report["columns"]["PRESS"] == pytest.approx(
+            {str(k): v for k, v in ref.columns()["PRESS"].items()}, rel=1e-12)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="bad.npz"):
+        nmf_cv.read_matrix(str(tmp_path / "bad.npz"))
+
+
+def test_sparse_input_to_every_rank_criterion_matches_dense():
+    """consensus, randomized_rss and bicross_validate take sparse input without densifying
+    it; the same matrix dense gives the same answer (randomized copies differ: a sparse
+    column's values are dealt to random rows rather than permuted, the same law)."""
+    X = sparse_counts(80, 50, 3, 7)
+    S = sp.csr_matrix(X)
+    kw = dict(random_state=0, progress=False)
+    a, b = (nmf_cv.bicross_validate(Y, [1, 2, 3, 4], **kw) for Y in (X, S))
+    assert_allclose(b.press, a.press, rtol=1e-6)
+    a, b = (nmf_cv.consensus(Y, [2, 3], n_runs=4, **kw) for Y in (X, S))
+    assert_allclose(b.cophenetic, a.cophenetic, rtol=1e-6)
+    a, b = (nmf_cv.randomized_rss(Y, [1, 2, 3], **kw) for Y in (X, S))
+    assert_allclose(b.rss, a.rss, rtol=1e-6)
+    assert_allclose(b.rss_randomized, a.rss_randomized, rtol=0.05)
+    shuffled = nmf_cv._permute_columns(S, np.random.default_rng(0))
+    assert sp.issparse(shuffled)
+    assert_allclose(np.sort(shuffled.toarray(), axis=0), np.sort(X, axis=0))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["fit", "no_such_file.csv", "-k", "2"], "No such file"),
     (["fit", "{neg}", "-k", "1"], "negative"),
