@@ -1103,13 +1103,15 @@ class _FoldSolver(_WtH):
         """H X' over each row's training cells (k x m)."""
         X = self.t.X
         full = (X @ self.H.T).T if self.t.sparse else self.H @ X.T
-        return np.ascontiguousarray(full - self.t.held_rows(self.H.T).T, dtype=self.H.dtype)
+        full -= self.t.held_XBt(self.H)
+        return np.ascontiguousarray(full, dtype=self.H.dtype)
 
     def _WtX(self):
         """W' X over each column's training cells (k x n)."""
         X = self.t.X
         full = (X.T @ self.Wt.T).T if self.t.sparse else self.Wt @ X
-        return np.ascontiguousarray(full - self.t.held_cols(self.Wt.T).T, dtype=self.H.dtype)
+        full -= self.t.held_AtX(self.Wt)
+        return np.ascontiguousarray(full, dtype=self.H.dtype)
 
     def _objective(self, HXt, HHt, h_grams):
         w_gram, w_grams = self.t.group_grams(self.Wt.T, self.t.row_groups)
@@ -1940,8 +1942,21 @@ class _FoldTraining:
         self.n_held = sum(len(r) * len(c) for r, c in zip(self.row_groups, self.col_groups,
                                                           strict=True))
         self.n_train = m * n - self.n_held
+        # The held-out cells' values, read once: each row group's block of its held-out
+        # columns (dense X), or the held-out stored entries (CSR). 1 / n_folds of X; the
+        # products with them are then BLAS or sparse calls on contiguous data, where reading
+        # them through X on every iteration would cost a full pass over X's memory (measured
+        # at 20000 x 500: 10 ms per product against 1.5 ms from the blocks).
+        if self.sparse:
+            rows = np.repeat(np.arange(m), np.diff(X.indptr))
+            held = self.b[X.indices] == self.P[rows]
+            self.held = sp.csr_matrix((X.data[held], X.indices[held],
+                                       _indptr(rows[held], m)), shape=self.shape)
+        else:
+            self.blocks = [X[np.ix_(r, c)] for r, c in zip(self.row_groups, self.col_groups,
+                                                           strict=True)]
         none = np.zeros((m, 0)), np.zeros((n, 0))
-        held, every = (_rule_sums(which, *self.cells(), *none, 1.0) for which in (-1, 0))
+        held, every = self.held_sums(*none, 1.0), _rule_sums(0, *self.cells(), *none, 1.0)
         self.x_sum = every[3] - held[3]
         self.xx = every[4] - held[4]
 
@@ -1957,17 +1972,41 @@ class _FoldTraining:
                               np.zeros(0, dtype=self.dtype))
         return X, ptr, idx, vals, self.P, self.b, self.col_ptr, self.col_order
 
-    def held_rows(self, B):
-        """sum over each row's held-out cells of x_ij B[j] (m x p)."""
-        out = np.empty((self.shape[0], B.shape[1]))
-        _rule_held_rows(*self.cells(), np.ascontiguousarray(B, dtype=np.float64), out)
+    def held_XBt(self, Bt):
+        """(X o held-out) @ Bt.T transposed: row i sums x_ij Bt[:, j] over its held-out
+        cells (p x m)."""
+        if self.sparse:
+            return np.ascontiguousarray((self.held @ Bt.T).T)
+        out = np.empty((Bt.shape[0], self.shape[0]), dtype=np.result_type(self.dtype, Bt))
+        for rows, cols, block in zip(self.row_groups, self.col_groups, self.blocks,
+                                     strict=True):
+            out[:, rows] = Bt[:, cols] @ block.T
         return out
 
-    def held_cols(self, A):
-        """sum over each column's held-out cells of x_ij A[i] (n x p)."""
-        out = np.empty((self.shape[1], A.shape[1]))
-        _rule_held_cols(*self.cells(), np.ascontiguousarray(A, dtype=np.float64), out)
+    def held_AtX(self, At):
+        """At @ (X o held-out): column j sums x_ij At[:, i] over its held-out cells (p x n)."""
+        if self.sparse:
+            return np.ascontiguousarray((self.held.T @ At.T).T)
+        out = np.empty((At.shape[0], self.shape[1]), dtype=np.result_type(self.dtype, At))
+        for rows, cols, block in zip(self.row_groups, self.col_groups, self.blocks,
+                                     strict=True):
+            out[:, cols] = At[:, rows] @ block
         return out
+
+    def held_sums(self, W, Ht, eps):
+        """`_rule_sums` over the held-out cells with a value (all of them for dense X)."""
+        if self.sparse:
+            h = self.held
+            return _rule_sums(0, np.zeros((0, 0), dtype=self.dtype), h.indptr, h.indices,
+                              h.data, *self.cells()[4:], W, Ht, eps)
+        empty_i, total = np.zeros(0, dtype=np.int32), np.zeros(5)
+        for rows, cols, block in zip(self.row_groups, self.col_groups, self.blocks,
+                                     strict=True):
+            if block.size:
+                total += _rule_sums(0, block, empty_i, empty_i, np.zeros(0, self.dtype),
+                                    np.zeros(len(rows), np.int64), np.zeros(len(cols), np.int64),
+                                    self.col_ptr, self.col_order, W[rows], Ht[cols], eps)
+        return tuple(total)
 
     def group_grams(self, A, groups):
         """Gram matrix of A's rows (float64) and that of each group's rows."""
@@ -1986,20 +2025,20 @@ class _FoldTraining:
         ones_n, ones_m = np.ones((n, 1)), np.ones((m, 1))
         row_n = n - np.array([len(c) for c in self.col_groups])[self.P]
         col_n = m - np.array([len(r) for r in self.row_groups])[self.b]
-        row_mean = (np.asarray(X @ ones_n)[:, 0] - self.held_rows(ones_n)[:, 0]) / row_n
-        col_mean = (np.asarray(X.T @ ones_m)[:, 0] - self.held_cols(ones_m)[:, 0]) / col_n
+        row_mean = (np.asarray(X @ ones_n)[:, 0] - self.held_XBt(ones_n.T)[0]) / row_n
+        col_mean = (np.asarray(X.T @ ones_m)[:, 0] - self.held_AtX(ones_m.T)[0]) / col_n
         mean = self.observed_mean()
         u = row_mean / mean if mean > 0 else np.zeros(m)
 
         def matmat(V):
             V = np.asarray(V, dtype=np.float64).reshape(n, -1)
             S = np.array([col_mean[g] @ V[g] for g in self.col_groups])
-            return np.asarray(X @ V) - self.held_rows(V) + u[:, None] * S[self.P]
+            return np.asarray(X @ V) - self.held_XBt(V.T).T + u[:, None] * S[self.P]
 
         def rmatmat(U):
             U = np.asarray(U, dtype=np.float64).reshape(m, -1)
             T = np.array([u[g] @ U[g] for g in self.row_groups])
-            return np.asarray(X.T @ U) - self.held_cols(U) + col_mean[:, None] * T[self.b]
+            return np.asarray(X.T @ U) - self.held_AtX(U.T).T + col_mean[:, None] * T[self.b]
 
         return LinearOperator((m, n), matvec=matmat, rmatvec=rmatmat, matmat=matmat,
                               rmatmat=rmatmat, dtype=np.float64)
@@ -2032,7 +2071,7 @@ class _FoldTraining:
         W = np.ascontiguousarray(W, dtype=np.float64)
         Ht = np.ascontiguousarray(H.T, dtype=np.float64)
         eps = _kl_floor(np.float64)
-        held = _rule_sums(-1, *self.cells(), W, Ht, eps)
+        held = self.held_sums(W, Ht, eps)
         every = _rule_sums(0, *self.cells(), W, Ht, eps)
         if loss == "kl":
             w_sums = [W[g].sum(axis=0) for g in self.row_groups]
@@ -4601,70 +4640,28 @@ def _masked_mu_rows(A, B, G0, XB, indptr, idx, signs, l1, l2, scratch, u, want):
 
 # Kernels reading a fully observed X through the fold rule (`_FoldTraining`): X is dense, or
 # empty with the CSR arrays (indptr, idx, vals) holding it; row i's held-out cells are the
-# columns j with b[j] == P[i] (col_order lists the columns by class, col_ptr delimits them).
+# columns j with b[j] == P[i].
 
 @njit(cache=True)
 def _rule_cells(i, which, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs):
-    """Row i's cells of one kind into js, xs; returns their number. which < 0: held-out
-    cells, > 0: training cells, 0: all. Dense X: every cell; CSR: the stored entries."""
+    """Row i's cells of one kind into js, xs; returns their number. which > 0: training
+    cells, 0: all. Dense X: every cell; CSR: the stored entries."""
     c = P[i]
     count = 0
     if X.shape[0] > 0:
-        if which < 0:
-            for q in range(col_ptr[c], col_ptr[c + 1]):
-                j = col_order[q]
+        for j in range(X.shape[1]):
+            if which == 0 or b[j] != c:
                 js[count] = j
                 xs[count] = X[i, j]
                 count += 1
-        else:
-            for j in range(X.shape[1]):
-                if which == 0 or b[j] != c:
-                    js[count] = j
-                    xs[count] = X[i, j]
-                    count += 1
     else:
         for q in range(indptr[i], indptr[i + 1]):
             j = idx[q]
-            if which == 0 or (which < 0) == (b[j] == c):
+            if which == 0 or b[j] != c:
                 js[count] = j
                 xs[count] = vals[q]
                 count += 1
     return count
-
-
-@njit(cache=True, fastmath=_FAST)
-def _rule_held_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, B, out):
-    """out[i] = sum over row i's held-out cells of x_ij B[j]."""
-    js = np.empty(b.shape[0], dtype=np.int64)
-    xs = np.empty(b.shape[0], dtype=np.float64)
-    p = B.shape[1]
-    for i in range(out.shape[0]):
-        count = _rule_cells(i, -1, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
-        for t in range(p):
-            out[i, t] = 0.0
-        for q in range(count):
-            x = xs[q]
-            if x != 0.0:
-                j = js[q]
-                for t in range(p):
-                    out[i, t] += x * B[j, t]
-
-
-@njit(cache=True, fastmath=_FAST)
-def _rule_held_cols(X, indptr, idx, vals, P, b, col_ptr, col_order, A, out):
-    """out[j] = sum over column j's held-out cells of x_ij A[i] (a scatter along the rows)."""
-    js = np.empty(b.shape[0], dtype=np.int64)
-    xs = np.empty(b.shape[0], dtype=np.float64)
-    p = A.shape[1]
-    out[:, :] = 0.0
-    for i in range(A.shape[0]):
-        count = _rule_cells(i, -1, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
-        for q in range(count):
-            x = xs[q]
-            if x != 0.0:
-                j = js[q]
-                for t in range(p):
-                    out[j, t] += x * A[i, t]
 
 
 @njit(cache=True)
