@@ -10,10 +10,10 @@ stderr. Run from the repository root::
     python benchmarks/bench_rank.py --sections consensus,kl \
         --previous benchmarks/bench_rank_results.md   # rerun two sections, keep the others
 
-``--sections`` takes a comma list of ``cv``, ``consensus``, ``iteration``, ``kl`` and ``hard``
-(default: all). With ``--previous FILE`` (an earlier output of this script) the sections not
-rerun are copied from FILE, each marked with the nmf_cv revision and dates of the run that
-measured it.
+``--sections`` takes a comma list of ``cv``, ``consensus``, ``iteration``, ``kl``, ``hard``
+and ``scale`` (default: all). With ``--previous FILE`` (an earlier output of this script) the
+sections not rerun are copied from FILE, each marked with the nmf_cv revision and dates of the
+run that measured it.
 
 Timings are wall-clock, in one process on identical data. Before each section a full run
 waits (30 s at a time, 10 minutes at most) for the 1-minute load average to fall to 0.5 or
@@ -93,6 +93,16 @@ What is measured
    Then the time of ``cross_validate(make_planted(1000, 500, 5, noise=0.1, random_state=0),
    range(1, 11), n_folds=5, random_state=0)``, serial, before and after (the previous release: 41
    s). ``--quick``: seeds 0 and 1 only, and the planted data 100 x 60 (rank 3), ranks 1..5.
+6. ``scale``: lab-sized inputs on a ``ProcessPoolExecutor(2)``, time and peak memory (the
+   proportional set size of the process and its workers above its value with the data
+   loaded). The issue's sparse counts (20000 x 2000, ``Poisson(A @ B)`` with Gamma(0.3, 1)
+   factors of rank 8 scaled to mean 0.1, about 9% stored): ``cross_validate(X, range(4, 13),
+   loss="kl", n_folds=5)`` against fitting the 9 ranks once each to the whole matrix;
+   ``make_planted(20000, 500, 8, noise=0.1)``, ranks 6..10, against full fits likewise; and a
+   10^8-cell ``make_planted(50000, 2000, 8, noise=0.1, dtype=float32)``, ranks 6, 8, 10 with
+   ``max_iter=300``. Then the time of one HALS iteration (20000 x 500, k = 8 and 16) dense, on a
+   cross-validation training set (20% held out through the fold rule), and with 20% of
+   cells missing at random.
 """
 
 import argparse
@@ -168,6 +178,13 @@ class Plan:
         # 200x100 already takes about 30 s per run (its fits run long): smaller in --quick
         self.hard_planted = (100, 60, 3) if quick else (1000, 500, 5)
         self.hard_planted_ranks = range(1, 6) if quick else range(1, 11)
+        # section 6: the issue's sparse counts, dense planted data, 10^8 cells (float32)
+        self.scale_sparse = (2000, 500, 8) if quick else (20000, 2000, 8)
+        self.scale_sparse_ranks = range(4, 7) if quick else range(4, 13)
+        self.scale_dense = ([((2000, 300, 4), np.float64, [3, 4, 5], None)] if quick else
+                            [((20000, 500, 8), np.float64, [6, 7, 8, 9, 10], None),
+                             ((50000, 2000, 8), np.float32, [6, 8, 10], 300)])
+        self.scale_iteration = (2000, 300, 8) if quick else (20000, 500, 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -913,6 +930,200 @@ def bench_hard(plan):
 
 
 # ---------------------------------------------------------------------------------------------
+# 6. Scale: sparse counts, large dense matrices, memory
+# ---------------------------------------------------------------------------------------------
+
+def process_tree_pss_mb():
+    """Proportional set size (MB) of this process and its descendants (pool workers), from
+    /proc/PID/smaps_rollup: pages shared between them (the data in shared memory) count once
+    in total. NaN where /proc is not there."""
+    try:
+        parents = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        tree, frontier = {os.getpid()}, [os.getpid()]
+        while frontier:
+            parent = frontier.pop()
+            children = [p for p, pp in parents.items() if pp == parent and p not in tree]
+            tree.update(children)
+            frontier += children
+        total = 0
+        for pid in tree:
+            try:
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+            except OSError:
+                continue
+        return total / 1024
+    except OSError:
+        return math.nan
+
+
+class PeakMemory:
+    """Peak proportional set size of the process tree over a block (sampled every 0.1 s) and
+    its value at the start: ``peak - base`` is what the block added."""
+
+    def __enter__(self):
+        import threading
+        self.base = process_tree_pss_mb()
+        self.peak = self.base
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.stop.wait(0.1):
+            self.peak = max(self.peak, process_tree_pss_mb())
+
+    def __exit__(self, *exc_info):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, process_tree_pss_mb())
+
+
+def sparse_poisson(m, n, k, seed=0):
+    """The issue's counts: Poisson(rate), rate = A @ B with A, B ~ Gamma(0.3, 1), mean 0.1."""
+    import scipy.sparse as sp
+    rng = np.random.default_rng(seed)
+    rate = rng.gamma(0.3, 1.0, (m, k)) @ rng.gamma(0.3, 1.0, (k, n))
+    rate *= 0.1 / rate.mean()
+    X = sp.csr_matrix(rng.poisson(rate).astype(np.float64))
+    del rate
+    return X
+
+
+def full_fit(X, k, loss):
+    method = "mu" if loss == "kl" else "hals"
+    return nmf_cv.fit_nmf(X, k, method=method, loss=loss, random_state=0,
+                          **nmf_cv._RANK_FIT_DEFAULTS).n_iter
+
+
+def measured_memory(function, *args, **kwargs):
+    """(wall s, result, peak MB above the start, other processes' CPU s)."""
+    import gc
+    gc.collect()
+    with PeakMemory() as memory, Meter() as meter:
+        out = function(*args, **kwargs)
+    return meter.wall, out, memory.peak - memory.base, meter.others
+
+
+def scale_cv(X, ranks, loss, max_iter=None):
+    kwargs = {} if max_iter is None else {"max_iter": max_iter}
+    with ProcessPoolExecutor(2) as executor:
+        return nmf_cv.cross_validate(X, ranks, n_folds=5, loss=loss, random_state=0,
+                                     executor=executor, progress=False, **kwargs)
+
+
+def scale_full_fits(X, ranks, loss):
+    import functools
+    with ProcessPoolExecutor(2) as executor:
+        return list(executor.map(functools.partial(full_fit, X, loss=loss), ranks))
+
+
+def data_mb(X):
+    import scipy.sparse as sp
+    if sp.issparse(X):
+        return (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) / 2 ** 20
+    return X.nbytes / 2 ** 20
+
+
+def scale_rows(plan):
+    rows = []
+    m, n, k = plan.scale_sparse
+    log(f"6. sparse Poisson {m}x{n}")
+    X = sparse_poisson(m, n, k)
+    ranks = plan.scale_sparse_ranks
+    fits = measured_memory(scale_full_fits, X, ranks, "kl")
+    cv = measured_memory(scale_cv, X, ranks, "kl")
+    label = (f"sparse Poisson {m}x{n} ({X.nnz / (m * n):.1%} stored), KL, ranks "
+             f"{ranks[0]}..{ranks[-1]}")
+    rows.append([label, f"{data_mb(X):.0f}", sec(fits[0]), sec(cv[0]), ratio(cv[0], fits[0]),
+                 f"{cv[2]:.0f}", f"{cv[2] / data_mb(X):.1f}", cv[1].best_rank,
+                 f"{cv[3]:.1f}"])
+    del X
+    for (m, n, k), dtype, ranks, max_iter in plan.scale_dense:
+        log(f"6. dense planted {m}x{n} {np.dtype(dtype).name}")
+        X = nmf_cv.make_planted(m, n, k, noise=0.1, random_state=0, dtype=dtype)
+        fits = measured_memory(scale_full_fits, X, ranks, "frobenius") if max_iter is None \
+            else (math.nan,)
+        cv = measured_memory(scale_cv, X, ranks, "frobenius", max_iter)
+        note = "" if max_iter is None else f", max_iter={max_iter}"
+        rows.append([f"dense planted {m}x{n} rank {k} {np.dtype(dtype).name} ({m * n:.0e} "
+                     f"cells), ranks {ranks[0]}..{ranks[-1]}{note}",
+                     f"{data_mb(X):.0f}", sec(fits[0]), sec(cv[0]), ratio(cv[0], fits[0]),
+                     f"{cv[2]:.0f}", f"{cv[2] / data_mb(X):.1f}", cv[1].best_rank,
+                     f"{cv[3]:.1f}"])
+        del X
+    return rows
+
+
+def iteration_rows(plan):
+    """Time per HALS iteration: dense; a cross_validate training set (one fold of five held
+    out, read through the fold rule); a random 20% of cells missing (fit_nmf's masked path)."""
+    m, n, _ = plan.scale_iteration
+    X = nmf_cv.make_planted(m, n, 8, noise=0.1, random_state=0)
+    split = nmf_cv._fold_rule(X.shape, 5, np.random.default_rng(1)) + (5,)
+    training = nmf_cv._FoldTraining(X, split, 0)
+    missing = X.copy()
+    missing[np.random.default_rng(2).random(X.shape) < 0.2] = np.nan
+    rows = []
+    for k in (8, 16):
+        per_iter = {}
+        for label, data in (("dense", X), ("training set", training), ("mask", missing)):
+            per_iter[label] = min(iteration_seconds(data, k) for _ in range(3))
+        rows.append([k, ms(per_iter["dense"]), ms(per_iter["training set"]),
+                     ratio(per_iter["training set"], per_iter["dense"]), ms(per_iter["mask"]),
+                     ratio(per_iter["mask"], per_iter["dense"])])
+    return rows
+
+
+def iteration_seconds(data, k, n_iter=21):
+    """Seconds per iteration from a fit's own clock, set-up and first iteration excluded."""
+    res = nmf_cv.fit_nmf(data, k, max_iter=n_iter, tol=0, init="random", random_state=0)
+    return (res.time_history[-1] - res.time_history[1]) / (n_iter - 1)
+
+
+def pool_overhead_mb():
+    """What a ProcessPoolExecutor(2) whose workers imported nmf_cv adds on its own."""
+    base = process_tree_pss_mb()
+    with ProcessPoolExecutor(2) as executor:
+        list(executor.map(nmf_cv.noise_level, [np.ones((4, 4))] * 4))
+        return process_tree_pss_mb() - base
+
+
+def bench_scale(plan):
+    headers = ["data and call", "data MB", "9 full fits s" if not plan.quick else "full fits s",
+               "CV s", "CV / full fits", "CV peak MB above data", "peak / data",
+               "chosen rank", "other processes' CPU s"]
+    m, n, _ = plan.scale_iteration
+    note = ("`cross_validate(X, ranks, n_folds=5, loss=..., random_state=0, "
+            "executor=ProcessPoolExecutor(2))` with the default fits (`max_iter=2000, "
+            "tol=1e-6`), against fitting each rank once to the whole matrix on the same pool "
+            "(`fit_nmf`, same options). Memory: the peak proportional set size of this process "
+            "and its workers (sampled every 0.1 s), above its value with the data loaded: "
+            "pages the workers share (the data in shared memory) count once. That includes "
+            "the caller's copy of the data into shared memory (1x the data), and the pool's "
+            f"own processes: {pool_overhead_mb():.0f} MB for two idle workers that imported "
+            "nmf_cv.")
+    return "\n\n".join([
+        "## 6. Scale: sparse counts and large dense matrices",
+        note, markdown_table(headers, scale_rows(plan)),
+        f"### Time per HALS iteration ({m}x{n}, planted rank 8, milliseconds)",
+        "A `cross_validate` training set (5 folds: 20% held out through the fold rule) and "
+        "`fit_nmf` with 20% of cells missing at random (NaN), against the dense fit; set-up "
+        "excluded, best of 3 runs of 20 iterations.",
+        markdown_table(["k", "dense ms", "training set ms", "training / dense", "20% NaN ms",
+                        "NaN / dense"], iteration_rows(plan))])
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -943,7 +1154,8 @@ def conditions_note(c):
             f"its {c['wall']:.0f} s.")
 
 
-SECTIONS = ("cv", "consensus", "iteration", "kl", "hard")  # the order (and numbers) of the output
+# the order (and numbers) of the output
+SECTIONS = ("cv", "consensus", "iteration", "kl", "hard", "scale")
 CARRIED = "_Not rerun:"
 
 
@@ -997,8 +1209,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=20,
                         help="consensus restarts per rank (default 20)")
     parser.add_argument("--sections", type=parse_sections, default=list(SECTIONS),
-                        help="comma list of sections to run: cv,consensus,iteration,kl,hard "
-                        "(default all)")
+                        help="comma list of sections to run: cv,consensus,iteration,kl,hard,"
+                        "scale (default all)")
     parser.add_argument("--previous", metavar="FILE",
                         help="an earlier output of this script: copy the sections not run "
                         "from it (marked as such)")
@@ -1022,7 +1234,7 @@ def main(argv=None):
     warm_up()
     benches = {"cv": (bench_cv, plan), "consensus": (bench_consensus, plan, args.nimfa_python),
                "iteration": (bench_iteration, plan), "kl": (bench_count_cv, plan),
-               "hard": (bench_hard, plan)}
+               "hard": (bench_hard, plan), "scale": (bench_scale, plan)}
     done, nimfa_versions = {}, "not run"
     for name in args.sections:
         text, conditions = run_section(wait, *benches[name])
