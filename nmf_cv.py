@@ -29,10 +29,15 @@ predictive matching, the report), plots, numba kernels, command line.
 import argparse
 import contextlib
 import dataclasses
+import hashlib
+import io
+import json
 import math
 import os
+import re
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +47,7 @@ from scipy.sparse.linalg import LinearOperator
 
 __all__ = [
     "NMF", "CVResult", "ConsensusResult", "NMFResult", "PriorPredictiveResult",
-    "RandomizedRSSResult", "RankReport", "best_cophenetic_rank", "bicross_validate",
+    "RandomizedRSSResult", "RankReport", "Folds", "best_cophenetic_rank", "bicross_validate",
     "choose_rank", "consensus", "cophenetic_correlation", "cross_validate",
     "dispersion_coefficient", "fit_nmf", "make_planted", "noise_level", "plot_components",
     "plot_consensus", "plot_consensus_grid", "plot_cophenetic", "plot_cv", "plot_loss",
@@ -1236,8 +1241,10 @@ class CVResult:
     n_kept : int
         Observed cells never held out, because holding them out would leave a row or column of
         a training set without any observed cell.
-    folds : ndarray of int (n_repeats, m, n)
-        Fold of every cell in each repeat: -1 never held out, -2 missing.
+    folds : Folds
+        The rule that put each cell in its fold (small whatever the data's size):
+        ``folds.fold_of(rows, cols, repeat)`` for given cells, ``folds[r]`` or
+        ``np.asarray(folds)`` as (m, n) arrays for small inputs; -1 never held out, -2 missing.
     factors : dict or None
         ``(rank, repeat, fold) -> (W, H)`` when ``return_factors=True``.
     loss : str
@@ -1304,15 +1311,28 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
                    loss="frobenius", ridge=_RIDGE, n_restarts=_N_RESTARTS,
                    stuck_restarts=_STUCK_RESTARTS, warm_start=False, random_state=None,
                    executor=None, progress=None, return_factors=False, allow_large_loo=False,
-                   **fit_kwargs):
+                   checkpoint=None, **fit_kwargs):
     """Leave-cells-out cross-validation of the rank: PRESS over held-out cells.
 
-    The observed cells are split at random into ``n_folds`` folds ("speckled" holdout). For
-    each rank and fold, NMF is fitted on the other folds' cells only (the held-out cells are
-    treated as missing, so nothing of them reaches the fit, inits included) and
-    ``PRESS = sum over held-out cells of (X - WH)^2``. A cell is never held out when it is the
-    last observed cell of its row or column in a fold's training set (it stays in training for
-    every fold; ``n_kept`` counts them), so every training set covers every row and column.
+    The observed cells are split into ``n_folds`` folds by a rule on their coordinates (see
+    `Folds`): rows and columns are each dealt out evenly at random into ``n_folds`` classes,
+    and cell (i, j) is in fold ``(row class + column class) % n_folds``, so a fold holds out,
+    from every row, the cells of one class of columns: ``1 / n_folds`` of each row, of each
+    column and of the matrix, scattered over it. For each rank and fold, NMF is fitted on the
+    other folds' cells only (the held-out cells are treated as missing, so nothing of them
+    reaches the fit, inits included) and ``PRESS = sum over held-out cells of (X - WH)^2``. A
+    cell is never held out when it is the last observed cell of its row or column in a fold's
+    training set (it stays in training for every fold; ``n_kept`` counts them), so every
+    training set covers every row and column.
+
+    Sparse input (scipy.sparse) is never densified, and its zeros, stored or not, are observed
+    values: a held-out zero is scored like any other cell. Fully observed input, dense or
+    sparse, is read through the fold rule: a training fit reads X itself (no per-fold copy,
+    and the same folds whether X is dense or sparse), holding only its factors and the
+    held-out cells' values (``1 / n_folds`` of X) beside it; an iteration costs about 1.5x a
+    dense one. Held-out values enter the fit only through products with X minus their own
+    part, so they change it by rounding alone. Input with missing cells, ``n_folds="loo"``
+    and ``warm_start`` use lists of cells and a dense m x n copy per fit.
 
     For counts (genes, words, spikes) use ``loss="kl"``: the folds are fitted by masked KL
     multiplicative updates (Poisson likelihood) and scored by the held-out Poisson deviance
@@ -1320,8 +1340,8 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
 
     Parameters
     ----------
-    X : array-like (m, n)
-        Non-negative data, NaN = missing.
+    X : array-like or scipy.sparse matrix (m, n)
+        Non-negative data, NaN = missing (dense input).
     ranks : iterable of int
     n_folds : int >= 2 or "loo"
         ``"loo"``: exact leave-one-cell-out, one fit per observed cell and rank, giving
@@ -1390,11 +1410,28 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
         (``SeedSequence.spawn``), so results do not depend on the executor.
     executor : concurrent.futures.Executor, optional
         Runs the independent fits (rank x repeat x fold), e.g. a ProcessPoolExecutor or a
-        dask.distributed ``client.get_executor()``.
+        dask.distributed ``client.get_executor()``. Either receives the data once per call,
+        not per fit: a ProcessPoolExecutor's workers map it from shared memory (a copy the
+        call makes and frees), dask's get it scattered; other executors are sent it with
+        every task.
     progress : bool or None
         Progress line on stderr; None shows it only when stderr is a terminal.
     return_factors : bool
         Keep every fold's (W, H) in ``CVResult.factors``.
+    checkpoint : str or os.PathLike, optional
+        A directory where every finished fit is recorded as it arrives (one small file per
+        task, written to a temporary name and renamed, with a checksum), so that a run stopped
+        by Ctrl-C, a killed process or a wall-time limit resumes: calling again with the same
+        data, arguments and checkpoint reads the finished fits back, runs the others, and
+        returns what an uninterrupted run returns, bit for bit. The checkpoint keeps a
+        fingerprint of the data (values and missing cells) and of every argument that changes
+        results; a call that differs raises a ValueError naming what differs. A damaged record
+        (cut short, a flipped byte) is redone. Records are JSON and ``.npz`` read without
+        pickle: loading a checkpoint cannot run code. With ``random_state=None`` the
+        checkpoint keeps the seed it drew. Ctrl-C cancels the queued fits at once (fits
+        already running in a pool's workers finish) and says how to resume. Whether or not
+        there is a checkpoint, when a ProcessPoolExecutor's worker dies (say, killed for
+        memory) its unfinished fits go to a new pool of the same size, up to 3 times.
     **fit_kwargs
         Passed to `fit_nmf` (``max_iter``, ``tol``, ``init``, penalties, ...); default
         ``max_iter=2000, tol=1e-6``.
@@ -1430,7 +1467,11 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
                              "anyway, or use k-fold")
     elif isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise ValueError(f"n_folds must be an int >= 2 or 'loo'; got {n_folds!r}")
-    seeds = _seed_sequence(random_state).spawn(2)
+    ckpt, root = _open_checkpoint(
+        checkpoint, "cross_validate", data, random_state, ranks=ranks, n_folds=n_folds,
+        n_repeats=n_repeats, method=method, loss=loss, ridge=ridge, n_restarts=n_restarts,
+        stuck_restarts=stuck_restarts, warm_start=warm_start, fit_options=fit_kwargs)
+    seeds = root.spawn(2)
     split_rngs = [np.random.default_rng(s) for s in seeds[0].spawn(n_repeats)]
     source = _cv_source(data, loo or warm_start)
     splits = [source.split(n_folds, rng) for rng in split_rngs]
@@ -1440,9 +1481,10 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
     fit_seeds = seeds[1].spawn(len(tasks))
     with _shipped(source, executor) as carried:
         shared = (carried, method, loss, n_restarts, ridge, fit_kwargs)
-        alpha = _fold_alphas(shared, splits, n_fold_count, data.shape, executor, progress)
+        alpha = _fold_alphas(shared, splits, n_fold_count, data.shape, executor, progress,
+                             ckpt)
         outputs = _cv_outputs(shared, splits, ranks, tasks, fit_seeds, alpha, warm_start,
-                              executor, progress)
+                              executor, progress, ckpt)
         refitted = np.zeros(len(ranks), dtype=int)
         if stuck_restarts and not loo:
             n_train = np.array([[source.n_train(split, f) for f in range(n_fold_count)]
@@ -1452,7 +1494,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
                      fit_seeds[i], alpha[tasks[i][1], tasks[i][2]], n_restarts, stuck_restarts)
                     for i in stuck]
             again = _map_tasks(_cv_refit_task, args, executor, progress,
-                               "cross_validate: refitting stuck folds") if stuck else []
+                               "cross_validate: refitting stuck folds", ckpt) if stuck else []
             for i, out in zip(stuck, again, strict=True):
                 refitted[tasks[i][0]] += 1
                 if out[-1] < outputs[i][-1]:
@@ -1485,12 +1527,12 @@ def _stuck_tasks(tasks, outputs, n_train, n_ranks):
 
 
 def _cv_outputs(shared, splits, ranks, tasks, fit_seeds, alpha, warm_start, executor,
-                progress):
+                progress, checkpoint):
     """Every task's (held-out score, training score, W, H, objective), in task order."""
     if not warm_start:
         args = [(shared, splits[r], f, int(ranks[ki]), fit_seeds[i], alpha[r, f])
                 for i, (ki, r, f) in enumerate(tasks)]
-        return _map_tasks(_cv_task, args, executor, progress, "cross_validate")
+        return _map_tasks(_cv_task, args, executor, progress, "cross_validate", checkpoint)
     # one chain of ranks per (repeat, fold); tasks are ordered rank-major
     n_repeats, n_folds = alpha.shape
     per_rank = n_repeats * n_folds
@@ -1498,7 +1540,8 @@ def _cv_outputs(shared, splits, ranks, tasks, fit_seeds, alpha, warm_start, exec
                alpha[r, f])
               for j, (r, f) in enumerate((r, f) for r in range(n_repeats)
                                          for f in range(n_folds))]
-    chained = _map_tasks(_cv_chain_task, chains, executor, progress, "cross_validate")
+    chained = _map_tasks(_cv_chain_task, chains, executor, progress, "cross_validate",
+                         checkpoint)
     return [chained[i % per_rank][i // per_rank] for i in range(len(tasks))]
 
 
@@ -1706,7 +1749,7 @@ def _cv_ridge(ridge, loss, fit_kwargs):
     return float(ridge)
 
 
-def _fold_alphas(shared, splits, n_folds, shape, executor, progress):
+def _fold_alphas(shared, splits, n_folds, shape, executor, progress, checkpoint):
     """The ridge of every (repeat, fold)'s training fits (see `cross_validate`), from each
     training set's own noise level, so that no held-out value reaches the fit; one task per
     training set."""
@@ -1715,7 +1758,8 @@ def _fold_alphas(shared, splits, n_folds, shape, executor, progress):
         alpha = max(fit_kwargs.get("alpha_W", 0.0), fit_kwargs.get("alpha_H", 0.0))
         return np.full((len(splits), n_folds), float(alpha))
     args = [(shared, split, f) for split in splits for f in range(n_folds)]
-    sigma = _map_tasks(_noise_task, args, executor, progress, "cross_validate: noise levels")
+    sigma = _map_tasks(_noise_task, args, executor, progress, "cross_validate: noise levels",
+                       checkpoint)
     scale = ridge * (math.sqrt(shape[0]) + math.sqrt(shape[1]))
     return scale * np.array(sigma).reshape(len(splits), n_folds)
 
@@ -2124,6 +2168,187 @@ def _poisson_deviance(x, mu):
     return float(2.0 * np.sum(log_term - x + mu))
 
 
+# =============================================================================================
+# Running tasks: executors, shared data, checkpoints, worker faults
+# =============================================================================================
+
+class _Checkpoint:
+    """One rank function's checkpoint: a directory with ``manifest.json`` (a fingerprint of
+    the data and of every argument that changes results) and one ``.npz`` record per
+    finished task.
+
+    Each record is written to a temporary file and renamed into place, so a kill at any
+    instant leaves a task's record whole or absent (one small file per task rather than an
+    append-only log: no record can be half-written into another's, and damage to one file
+    costs one task). Each record also holds a SHA-256 of its content, so a file that was cut
+    short or changed in transit is detected, ignored and its task redone. Records are read
+    with ``np.load(..., allow_pickle=False)`` and JSON: a checkpoint is data and loading it
+    cannot run code."""
+
+    def __init__(self, path, name, fingerprint):
+        self.root = os.fspath(path)
+        self.path = os.path.join(self.root, name)
+        os.makedirs(self.path, exist_ok=True)
+        manifest = os.path.join(self.path, "manifest.json")
+        fingerprint = json.loads(json.dumps(fingerprint))
+        old = _read_manifest(manifest)
+        if old is None:
+            _atomic_write(manifest, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
+        else:
+            differ = [key for key in sorted(set(old) | set(fingerprint))
+                      if old.get(key) != fingerprint.get(key)]
+            if differ:
+                raise ValueError(f"the checkpoint {self.path} belongs to another run: its "
+                                 f"{', '.join(differ)} differ from this call's; pass another "
+                                 "checkpoint path, or delete this one to start over")
+
+    def _file(self, label, index):
+        return os.path.join(self.path, f"{label}-{index}.npz")
+
+    def load(self, label, index):
+        """The task's output, or None when it is not there or damaged."""
+        try:
+            with np.load(self._file(label, index), allow_pickle=False) as npz:
+                meta = json.loads(npz["meta"].tobytes().decode())
+                arrays = [npz[f"a{i}"] for i in range(int(meta["n_arrays"]))]
+            if meta["key"] != [label, index] or meta["sha256"] != _record_digest(
+                    meta["structure"], arrays):
+                return None
+            return _unpack(meta["structure"], arrays)
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001  (any damage: cut short, a flipped byte, a crafted file)
+            return None
+
+    def save(self, label, index, output):
+        arrays = []
+        structure = _pack(output, arrays)
+        meta = {"key": [label, index], "structure": structure, "n_arrays": len(arrays),
+                "sha256": _record_digest(structure, arrays)}
+        buffer = io.BytesIO()
+        np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                 **{f"a{i}": a for i, a in enumerate(arrays)})
+        _atomic_write(self._file(label, index), buffer.getvalue())
+
+
+def _open_checkpoint(checkpoint, name, data, random_state, **arguments):
+    """(the `_Checkpoint` or None, the root SeedSequence). With ``random_state=None`` a
+    checkpoint keeps the seed it drew, so that calling again resumes."""
+    if checkpoint is None:
+        return None, _seed_sequence(random_state)
+    if random_state is None:
+        old = _read_manifest(os.path.join(os.fspath(checkpoint), name, "manifest.json")) or {}
+        entropy = old.get("random_state", [None])[0]
+        random_state = np.random.SeedSequence(int(entropy) if entropy else None)
+    seed = _seed_sequence(random_state)
+    fingerprint = {"function": name, "random_state": [str(seed.entropy), list(seed.spawn_key)],
+                   **_data_digests(data),
+                   **{key: _fingerprint_value(value) for key, value in arguments.items()}}
+    return _Checkpoint(checkpoint, name, fingerprint), seed
+
+
+def _persistent_seed(path):
+    """The entropy kept in ``path/random_state.json``, drawn and written the first time."""
+    os.makedirs(os.fspath(path), exist_ok=True)
+    file = os.path.join(os.fspath(path), "random_state.json")
+    kept = _read_manifest(file)
+    if kept is None:
+        kept = {"entropy": str(np.random.SeedSequence().entropy)}
+        _atomic_write(file, json.dumps(kept).encode())
+    return np.random.SeedSequence(int(kept["entropy"]))
+
+
+def _read_manifest(path):
+    try:
+        with open(path, "rb") as fh:
+            return json.loads(fh.read().decode())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"the checkpoint manifest {path} cannot be read ({exc}); delete the "
+                         "checkpoint to start over") from None
+
+
+def _atomic_write(path, payload):
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(temporary, path)
+
+
+def _data_digests(data):
+    """Hashes of the data's values and of its missing cells, for a checkpoint's fingerprint."""
+    shape = f"{data.shape[0]}x{data.shape[1]} {np.dtype(data.dtype).name}"
+    if data.masked:
+        values, pattern = [data.values], [data.rows, data.cols]
+    elif data.sparse is not None:
+        values, pattern = [data.sparse.data, data.sparse.indices, data.sparse.indptr], []
+    else:
+        values, pattern = [data.dense], []
+    return {"data values": shape + " " + _digest(values),
+            "missing cells": _digest(pattern) if pattern else "none"}
+
+
+def _digest(arrays):
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _fingerprint_value(value):
+    """A JSON-able stand-in for an argument: arrays by their hash, the rest by value."""
+    if isinstance(value, np.ndarray):
+        return "array " + _digest([value])
+    if isinstance(value, dict):
+        return {str(k): _fingerprint_value(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple, range)):
+        return [_fingerprint_value(v) for v in value]
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _pack(obj, arrays):
+    """A task output as JSON (numbers exactly: JSON floats round-trip) plus its arrays."""
+    if isinstance(obj, np.ndarray):
+        arrays.append(obj)
+        return {"a": len(arrays) - 1}
+    if isinstance(obj, (bool, np.bool_)):
+        return {"b": bool(obj)}
+    if isinstance(obj, (int, np.integer)):
+        return {"i": int(obj)}
+    if isinstance(obj, (float, np.floating)):
+        return {"f": float(obj)}
+    if isinstance(obj, (tuple, list)):
+        return {"t" if isinstance(obj, tuple) else "l": [_pack(v, arrays) for v in obj]}
+    if obj is None:
+        return None
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+
+
+def _unpack(structure, arrays):
+    if structure is None:
+        return None
+    (kind, value), = structure.items()
+    if kind == "a":
+        return arrays[value]
+    if kind in ("t", "l"):
+        items = [_unpack(v, arrays) for v in value]
+        return tuple(items) if kind == "t" else items
+    return {"b": bool, "i": int, "f": float}[kind](value)
+
+
+def _record_digest(structure, arrays):
+    return _digest([np.frombuffer(json.dumps(structure).encode(), dtype=np.uint8), *arrays])
+
+
 @contextlib.contextmanager
 def _shipped(obj, executor):
     """``obj`` as the tasks should carry it, so that workers receive its data once per call
@@ -2245,34 +2470,141 @@ def _resolve(value):
     return value
 
 
-def _map_tasks(function, args, executor, progress, label):
-    """function(*a) for a in args, in order, on ``executor`` when given. Progress goes to
-    stderr (tqdm when installed, else one updating line); ``progress=None`` shows it only
-    when stderr is a terminal."""
+_POOL_RESTARTS = 3  # new process pools one call may start after workers died
+_REPLACEMENTS = weakref.WeakKeyDictionary()  # a broken ProcessPoolExecutor -> its replacement
+
+
+def _map_tasks(function, args, executor, progress, label, checkpoint=None):
+    """function(*a) for a in args, results in order, on ``executor`` when given.
+
+    With a `_Checkpoint`, tasks it holds are read back instead of run and every finished task
+    is recorded as it arrives. When a ProcessPoolExecutor's worker dies (the pool breaks),
+    the unfinished tasks go to a new pool of the same size, up to _POOL_RESTARTS times;
+    Ctrl-C cancels the queued tasks at once. Both then say how many tasks are done and how to
+    resume. Progress goes to stderr (tqdm when installed, else one updating line);
+    ``progress=None`` shows it only when stderr is a terminal."""
+    from concurrent.futures.process import BrokenProcessPool
+
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    if executor is None:
-        results = (function(*a) for a in args)
-    else:
-        caller = os.getpid()
-        results = (f.result() for f in [executor.submit(_worker_task, function, a, caller)
-                                        for a in args])
-    if not show:
-        return list(results)
+    name = re.sub(r"[^A-Za-z0-9]+", "_", label)
+    results = [None] * len(args)
+    todo = []
+    for i in range(len(args)):
+        out = None if checkpoint is None else checkpoint.load(name, i)
+        if out is None:
+            todo.append(i)
+        else:
+            results[i] = out
+    bar = _Progress(label, len(args), len(args) - len(todo), show)
     try:
-        from tqdm import tqdm
-    except ImportError:
-        out = []
-        for i, result in enumerate(results):
-            out.append(result)
-            _progress_line(label, i + 1, len(args))
-        sys.stderr.write("\n")
-        return out
-    return list(tqdm(results, total=len(args), desc=label, unit="fit", file=sys.stderr))
+        for i, out in _run_tasks(function, args, todo, executor):
+            results[i] = out
+            if checkpoint is not None:
+                checkpoint.save(name, i, out)
+            bar.update()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_stopped(label, "interrupted", bar, checkpoint)) from None
+    except BrokenProcessPool as exc:
+        raise RuntimeError(_stopped(label, f"worker processes died {_POOL_RESTARTS + 1} "
+                                           f"times ({exc})", bar, checkpoint)) from None
+    finally:
+        bar.close()
+    return results
 
 
-def _progress_line(label, done, total):
-    sys.stderr.write(f"\r{label}: {done}/{total} fits")
-    sys.stderr.flush()
+def _run_tasks(function, args, todo, executor):
+    """(index, output) of the tasks ``todo`` as they finish (see `_map_tasks`)."""
+    from concurrent.futures import as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    if executor is None:
+        for i in todo:
+            yield i, function(*args[i])
+        return
+    caller = os.getpid()
+    pending, restarts = set(todo), 0
+    while pending:
+        current = _REPLACEMENTS.get(executor, executor) if _weakly(executor) else executor
+        futures = {}
+        try:
+            for i in sorted(pending):
+                futures[current.submit(_worker_task, function, args[i], caller)] = i
+            for future in as_completed(futures):
+                out = future.result()
+                pending.discard(futures[future])
+                yield futures[future], out
+        except BrokenProcessPool:
+            restarts += 1
+            if restarts > _POOL_RESTARTS:
+                raise
+            _replace_pool(executor, current)
+        except BaseException:  # Ctrl-C, a failed task, the caller gone: drop the queue
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _weakly(executor):
+    try:
+        weakref.ref(executor)
+    except TypeError:
+        return False
+    return True
+
+
+def _replace_pool(executor, broken):
+    """A new ProcessPoolExecutor of ``broken``'s size for the rest of ``executor``'s work,
+    shut down when ``executor`` goes away."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    fresh = ProcessPoolExecutor(broken._max_workers, mp_context=broken._mp_context)
+    if broken is not executor:
+        broken.shutdown(wait=False, cancel_futures=True)
+    _REPLACEMENTS[executor] = fresh
+    weakref.finalize(executor, fresh.shutdown, False)
+
+
+def _stopped(label, what, bar, checkpoint):
+    text = f"{label}: {what}; {bar.done} of {bar.total} tasks of this stage are done"
+    if checkpoint is None:
+        return text + "; pass checkpoint=PATH (CLI: --checkpoint PATH) to keep finished tasks"
+    return (text + f" and kept in the checkpoint {checkpoint.root}: call again with the same "
+            "data, arguments and checkpoint to resume")
+
+
+class _Progress:
+    """Progress on stderr (tqdm when installed, else one updating line); tasks read back from
+    a checkpoint count as done, and the label says how many."""
+
+    def __init__(self, label, total, resumed, show):
+        self.total, self.done, self.bar, self.show = total, resumed, None, show
+        self.label = label + (f" ({resumed} resumed)" if resumed else "")
+        if not show:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._line()
+            return
+        self.bar = tqdm(total=total, initial=resumed, desc=self.label, unit="fit",
+                        file=sys.stderr)
+
+    def _line(self):
+        sys.stderr.write(f"\r{self.label}: {self.done}/{self.total} fits")
+        sys.stderr.flush()
+
+    def update(self):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.show:
+            self._line()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.show:
+            sys.stderr.write("\n")
 
 
 def _worker_task(function, args, caller_pid):
@@ -2361,7 +2693,7 @@ class ConsensusResult:
 
 def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
               stop="connectivity", stable_iter=400, pac_interval=(0.1, 0.9), mask=None,
-              random_state=None, executor=None, progress=None, **fit_kwargs):
+              random_state=None, executor=None, progress=None, checkpoint=None, **fit_kwargs):
     """Consensus clustering over random restarts (Brunet, Tamayo, Golub & Mesirov 2004).
 
     For each rank, ``n_runs`` fits from random inits each assign every sample to the component
@@ -2392,9 +2724,9 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
         See ``stop``; a multiple of 10. Brunet et al. used 400.
     pac_interval : (float, float)
         The interval of ambiguous consensus values for ``pac`` (`proportion_ambiguous`).
-    random_state, executor, progress
+    random_state, executor, progress, checkpoint
         As in `cross_validate`: each run has its own spawned seed; results do not depend on
-        the executor.
+        the executor; a checkpoint keeps finished runs across interruptions.
     **fit_kwargs
         Passed to `fit_nmf` (``init`` defaults to ``"random"``); ``max_iter`` defaults to
         2000, ``tol`` (used by ``stop="objective"`` only) to 1e-5.
@@ -2418,12 +2750,15 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
         raise TypeError(f"consensus() got unexpected keyword argument(s) {unknown}")
     fit_kwargs = {"init": "random", "max_iter": 2000, "tol": 1e-5, **fit_kwargs}
     Xc = _nan_copy(data)
-    seeds = _seed_sequence(random_state).spawn(len(ranks) * n_runs)
+    ckpt, root = _open_checkpoint(checkpoint, "consensus", data, random_state, ranks=ranks,
+                                  n_runs=n_runs, method=method, loss=loss, axis=axis, stop=stop,
+                                  stable_iter=stable_iter, fit_options=fit_kwargs)
+    seeds = root.spawn(len(ranks) * n_runs)
     rule = {"connectivity": stable_iter, "objective": None, "max_iter": 0}[stop]
     with _shipped(Xc, executor) as carried:
         args = [(carried, int(k), seeds[i * n_runs + r], axis, method, loss, rule, fit_kwargs)
                 for i, k in enumerate(ranks) for r in range(n_runs)]
-        labels_flat = _map_tasks(_consensus_task, args, executor, progress, "consensus")
+        labels_flat = _map_tasks(_consensus_task, args, executor, progress, "consensus", ckpt)
     matrices, labels, coph, disp = {}, {}, [], []
     for i, k in enumerate(ranks):
         runs = np.array(labels_flat[i * n_runs:(i + 1) * n_runs])
@@ -2662,7 +2997,7 @@ class RandomizedRSSResult:
 
 def randomized_rss(X, ranks, *, n_permutations=3, margin=1.5, mask=None, method="hals",
                    n_restarts=_N_RESTARTS, random_state=None, executor=None, progress=None,
-                   **fit_kwargs):
+                   checkpoint=None, **fit_kwargs):
     """RSS of the data against RSS of randomized data, per rank (Frigyesi & Hoglund 2008).
 
     The data are fitted at every rank, and so are ``n_permutations`` copies whose observed
@@ -2687,7 +3022,7 @@ def randomized_rss(X, ranks, *, n_permutations=3, margin=1.5, mask=None, method=
     n_permutations : int
     margin : float
         See above.
-    mask, method, n_restarts, random_state, executor, progress
+    mask, method, n_restarts, random_state, executor, progress, checkpoint
         As in `cross_validate`.
     **fit_kwargs
         Passed to `fit_nmf`; default ``max_iter=2000, tol=1e-6``.
@@ -2702,14 +3037,17 @@ def randomized_rss(X, ranks, *, n_permutations=3, margin=1.5, mask=None, method=
     _check_positive_int(n_restarts, "n_restarts")
     fit_kwargs = {**_RANK_FIT_DEFAULTS, **fit_kwargs}
     Xc = _nan_copy(data)
-    seeds = _seed_sequence(random_state).spawn(n_permutations + 1)
+    ckpt, root = _open_checkpoint(checkpoint, "randomized_rss", data, random_state,
+                                  ranks=ranks, n_permutations=n_permutations, method=method,
+                                  n_restarts=n_restarts, fit_options=fit_kwargs)
+    seeds = root.spawn(n_permutations + 1)
     copies = [Xc] + [_permute_columns(Xc, np.random.default_rng(s)) for s in seeds[1:]]
     fit_seeds = seeds[0].spawn(len(copies) * len(ranks))
     with contextlib.ExitStack() as stack:
         carried = [stack.enter_context(_shipped(copy, executor)) for copy in copies]
         args = [(carried[c], int(k), method, fit_seeds[c * len(ranks) + i], n_restarts,
                  fit_kwargs) for c in range(len(copies)) for i, k in enumerate(ranks)]
-        rss = np.array(_map_tasks(_rss_task, args, executor, progress, "randomized_rss"))
+        rss = np.array(_map_tasks(_rss_task, args, executor, progress, "randomized_rss", ckpt))
     rss = rss.reshape(len(copies), len(ranks))
     data_rss, rand_rss = rss[0], rss[1:].T
     data_gain = -np.diff(data_rss) / np.maximum(data_rss[:-1], 1e-300)
@@ -2747,7 +3085,8 @@ def _rss_task(X, k, method, seed, n_restarts, fit_kwargs):
 
 def bicross_validate(X, ranks, *, n_row_folds=2, n_col_folds=2, n_repeats=1, mask=None,
                      method="hals", block_solver="lstsq", n_restarts=_N_RESTARTS,
-                     random_state=None, executor=None, progress=None, **fit_kwargs):
+                     random_state=None, executor=None, progress=None, checkpoint=None,
+                     **fit_kwargs):
     """Bi-cross-validation of the rank (Owen & Perry 2009), adapted to NMF.
 
     Rows and columns are split at random into ``n_row_folds`` and ``n_col_folds`` groups.
@@ -2774,7 +3113,7 @@ def bicross_validate(X, ranks, *, n_row_folds=2, n_col_folds=2, n_repeats=1, mas
         Independent re-splits.
     block_solver : {"lstsq", "nnls"}
         How H_B and W_C are solved (see above).
-    mask, method, n_restarts, random_state, executor, progress, **fit_kwargs
+    mask, method, n_restarts, random_state, executor, progress, checkpoint, **fit_kwargs
         As in `cross_validate` (same fit defaults; no ridge: D is fitted whole, so there is
         no held-out cell for a component to run away on).
 
@@ -2805,7 +3144,11 @@ def bicross_validate(X, ranks, *, n_row_folds=2, n_col_folds=2, n_repeats=1, mas
                          f"smaller side of the retained block D); got {ranks.max()}")
     fit_kwargs = {**_RANK_FIT_DEFAULTS, **fit_kwargs}
     Xc = _nan_copy(data)
-    seeds = _seed_sequence(random_state).spawn(n_repeats + 1)
+    ckpt, root = _open_checkpoint(checkpoint, "bicross_validate", data, random_state,
+                                  ranks=ranks, n_row_folds=n_row_folds, n_col_folds=n_col_folds,
+                                  n_repeats=n_repeats, method=method, block_solver=block_solver,
+                                  n_restarts=n_restarts, fit_options=fit_kwargs)
+    seeds = root.spawn(n_repeats + 1)
     splits = []
     for s in seeds[1:]:
         rng = np.random.default_rng(s)
@@ -2819,7 +3162,7 @@ def bicross_validate(X, ranks, *, n_row_folds=2, n_col_folds=2, n_repeats=1, mas
     with _shipped(Xc, executor) as carried:
         args = [(carried, splits[r][b], int(ranks[i]), method, block_solver, fit_seeds[t],
                  n_restarts, fit_kwargs) for t, (i, r, b) in enumerate(tasks)]
-        outputs = _map_tasks(_bicv_task, args, executor, progress, "bicross_validate")
+        outputs = _map_tasks(_bicv_task, args, executor, progress, "bicross_validate", ckpt)
     press = np.zeros((len(ranks), n_repeats, n_blocks))
     train = np.zeros_like(press)
     for (i, r, b), (p, t) in zip(tasks, outputs, strict=True):
@@ -3298,8 +3641,9 @@ _CRITERION_NAMES = {"prior": "prior predictive matching (rounded)",
 
 
 def choose_rank(X, ranks, criteria=CRITERIA, *, mask=None, n_restarts=_N_RESTARTS,
-                random_state=None, executor=None, progress=None, prior_kwargs=None,
-                cv_kwargs=None, consensus_kwargs=None, randomized_kwargs=None, bicv_kwargs=None):
+                random_state=None, executor=None, progress=None, checkpoint=None,
+                prior_kwargs=None, cv_kwargs=None, consensus_kwargs=None, randomized_kwargs=None,
+                bicv_kwargs=None):
     """Run several rank-selection criteria and put them side by side.
 
     Parameters
@@ -3315,6 +3659,9 @@ def choose_rank(X, ranks, criteria=CRITERIA, *, mask=None, n_restarts=_N_RESTART
         ``"randomized"`` (`randomized_rss`), ``"bicv"`` (`bicross_validate`).
     mask, random_state, executor, progress
         Shared by all criteria (each criterion gets its own spawned seed).
+    checkpoint : str or os.PathLike, optional
+        A directory for the criteria's checkpoints (a subdirectory each; see
+        `cross_validate`): calling again with the same arguments resumes where a run stopped.
     n_restarts : int
         Fits per rank (and fold) for ``"cv"``, ``"randomized"`` and ``"bicv"`` (see
         `cross_validate`); a criterion's own kwargs override it.
@@ -3342,8 +3689,10 @@ def choose_rank(X, ranks, criteria=CRITERIA, *, mask=None, n_restarts=_N_RESTART
     data = _validate_data(X, mask)
     ranks = _check_ranks(ranks, data.shape)
     seeded = CRITERIA[1:]  # each fitting criterion gets its own stream; "prior" needs none
+    if checkpoint is not None and random_state is None:
+        random_state = _persistent_seed(checkpoint)
     seeds = dict(zip(seeded, _seed_sequence(random_state).spawn(len(seeded)), strict=True))
-    common = {"executor": executor, "progress": progress}
+    common = {"executor": executor, "progress": progress, "checkpoint": checkpoint}
     _check_positive_int(n_restarts, "n_restarts")
     restarts = {"n_restarts": n_restarts}
     Xc = _nan_copy(data)
@@ -4828,6 +5177,15 @@ def _rule_sums(which, X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, eps
 
 
 @njit(cache=True, fastmath=_FAST)
+def _dot_rows(A, i, B, j):
+    """A[i] . B[j], accumulated in float64."""
+    total = 0.0
+    for t in range(A.shape[1]):
+        total += A[i, t] * B[j, t]
+    return total
+
+
+@njit(cache=True, fastmath=_FAST)
 def _rule_kl_cols(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, eps, num):
     """num[j] += sum over column j's training cells of x / wh * W[i] (KL numerator of H)."""
     js = np.empty(b.shape[0], dtype=np.int64)
@@ -4839,10 +5197,7 @@ def _rule_kl_cols(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, eps, nu
             x = xs[q]
             if x > 0.0:
                 j = js[q]
-                wh = 0.0
-                for t in range(k):
-                    wh += W[i, t] * Ht[j, t]
-                r = x / max(wh, eps)
+                r = x / max(_dot_rows(W, i, Ht, j), eps)
                 for t in range(k):
                     num[j, t] += r * W[i, t]
 
@@ -4868,10 +5223,7 @@ def _rule_kl_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, h_all, 
                 x = xs[q]
                 if x > 0.0:
                     j = js[q]
-                    wh = 0.0
-                    for t in range(k):
-                        wh += W[i, t] * Ht[j, t]
-                    r = x / max(wh, eps)
+                    r = x / max(_dot_rows(W, i, Ht, j), eps)
                     for t in range(k):
                         num[t] += r * Ht[j, t]
             for t in range(k):
@@ -4882,11 +5234,7 @@ def _rule_kl_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, h_all, 
             for q in range(count):
                 x = xs[q]
                 if x > 0.0:
-                    j = js[q]
-                    wh = 0.0
-                    for t in range(k):
-                        wh += W[i, t] * Ht[j, t]
-                    s_log += x * math.log(x / max(wh, eps)) - x
+                    s_log += x * math.log(x / max(_dot_rows(W, i, Ht, js[q]), eps)) - x
     return s_log
 
 
@@ -4914,6 +5262,10 @@ def main(argv=None):
     except (ValueError, TypeError, OSError) as error:
         print(f"nmf_cv {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        print(f"nmf_cv {args.command}: stopped{': ' + str(stop) if str(stop) else ''}",
+              file=sys.stderr)
+        return 130
 
 
 def _parser():
@@ -4948,6 +5300,9 @@ def _parser():
     rank.add_argument("--loss", choices=LOSSES, default="frobenius",
                       help="cross-validation loss; kl scores Poisson deviance (counts)")
     rank.add_argument("--report", help="dashboard figure path (default: PREFIX_rank.png)")
+    rank.add_argument("--checkpoint", metavar="PATH",
+                      help="directory keeping every finished fit: rerun the same command to "
+                      "resume after an interruption")
     rank.set_defaults(run=_cli_rank)
 
     demo = sub.add_parser("demo", help="rank selection on a built-in planted matrix",
@@ -5026,7 +5381,7 @@ def _cli_rank(args):
     prefix = _prefix(args)
     report = _rank_report(X, args.ranks, args, cv_kwargs={"n_folds": args.folds,
                                                           "loss": args.loss},
-                          consensus_kwargs={"n_runs": args.runs})
+                          consensus_kwargs={"n_runs": args.runs}, checkpoint=args.checkpoint)
     _save_report(report, f"{prefix}_rank.json", args.report or f"{prefix}_rank.png")
     return 0
 
@@ -5038,8 +5393,13 @@ def _rank_report(X, ranks, args, **kwargs):
     start = time.perf_counter()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
-            report = choose_rank(X, ranks, args.criteria, random_state=args.seed,
-                                 executor=pool, **kwargs)
+            try:
+                report = choose_rank(X, ranks, args.criteria, random_state=args.seed,
+                                     executor=pool, **kwargs)
+            except KeyboardInterrupt:  # our own pool: stop its running fits too
+                for process in list(pool._processes.values()):
+                    process.terminate()
+                raise
     else:
         report = choose_rank(X, ranks, args.criteria, random_state=args.seed, **kwargs)
     print(report)

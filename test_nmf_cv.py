@@ -5,11 +5,14 @@ import dataclasses
 import functools
 import io
 import itertools
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib
@@ -945,6 +948,34 @@ def test_folds_are_a_rule_identical_for_dense_and_sparse_storage():
         rows, cols = np.nonzero(np.ones(X.shape, dtype=bool))
         assert_array_equal(folds.fold_of(rows, cols, r), grid.ravel())
     assert not np.array_equal(folds[0], folds[1])
+
+
+def test_folds_with_missing_cells_and_leave_one_out():
+    """With missing cells the rule still decides, missing cells are -2 and kept cells -1;
+    leave-one-out lists a fold per observed cell. Arrays are refused for huge shapes."""
+    X = nmf_cv.make_planted(12, 9, 2, noise=0.05, missing=0.3, random_state=2)
+    observed = ~np.isnan(X)
+    cv = nmf_cv.cross_validate(X, [1], n_folds=3, random_state=1, progress=False, max_iter=5)
+    grid = cv.folds[0]
+    rule = (cv.folds.row_class[0][:, None] + cv.folds.col_class[0][None, :]) % 3
+    assert np.array_equal(grid == -2, ~observed)
+    held = grid >= 0
+    assert_array_equal(grid[held], rule[held])
+    assert cv.n_kept == int((grid == -1).sum())
+    rows, cols = np.nonzero(np.ones(X.shape, dtype=bool))
+    assert_array_equal(cv.folds.fold_of(rows, cols), grid.ravel())
+    Y = nmf_cv.make_planted(6, 5, 1, missing=0.2, random_state=3)
+    loo = nmf_cv.cross_validate(Y, [1], n_folds="loo", random_state=0, progress=False,
+                                max_iter=5)
+    g = loo.folds[0]
+    assert np.array_equal(g == -2, np.isnan(Y))
+    ids = g[g >= 0]
+    assert len(np.unique(ids)) == len(ids)  # one cell a fold
+    big = nmf_cv.Folds(2, (100_000, 2000), np.zeros((1, 100_000), int), np.zeros((1, 2000), int),
+                       [(np.zeros(0, int), np.zeros(0, int))])
+    with pytest.raises(ValueError, match="fold_of"):
+        big[0]
+    assert big.fold_of([99_999], [1999]).tolist() == [0]
 
 
 def test_sparse_cv_equals_dense_cv():
@@ -2848,3 +2879,231 @@ def test_objective_never_increases_with_a_two_sided_ridge(alphas, missing):
     exact = (0.5 * np.sum((M * (X - res.W @ res.H)) ** 2) + 0.5 * alphas[0] * np.sum(res.W ** 2)
              + 0.5 * alphas[1] * np.sum(res.H ** 2))
     assert f[-1] == pytest.approx(exact, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints, resume, worker faults
+# ---------------------------------------------------------------------------------------------
+
+CKPT_SCRIPT = """
+import sys, numpy as np, nmf_cv
+X = nmf_cv.make_planted(300, 120, 4, noise=0.1, random_state=3)
+what, path = sys.argv[1], sys.argv[2]
+if what == "cv":
+    nmf_cv.cross_validate(X, range(1, 8), random_state=0, checkpoint=path, progress=False)
+elif what == "cv_pool":
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(2) as pool:
+        nmf_cv.cross_validate(X, range(1, 8), random_state=0, checkpoint=path, executor=pool,
+                              progress=False)
+else:
+    nmf_cv.consensus(X, [2, 3, 4], n_runs=12, random_state=0, checkpoint=path, progress=False)
+print("finished")
+"""
+
+
+def ckpt_data():
+    return nmf_cv.make_planted(300, 120, 4, noise=0.1, random_state=3)
+
+
+def records(path):
+    return sorted(str(p) for p in path.rglob("*.npz"))
+
+
+def start_then_stop(tmp_path, what, path, n_records, sig):
+    """Run CKPT_SCRIPT in a subprocess, send ``sig`` once ``n_records`` tasks are recorded;
+    returns (records at that point, the process's stderr)."""
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(CKPT_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), what, str(path)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=os.path.dirname(nmf_cv.__file__))
+    deadline = time.monotonic() + 120
+    while len(records(path)) < n_records and proc.poll() is None:
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be stopped: make it longer"
+    proc.send_signal(sig)
+    start = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert "finished" not in out
+    return len(records(path)), err, time.monotonic() - start, proc.returncode
+
+
+@pytest.mark.parametrize("what", ["cv", "consensus"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, what, capsys):
+    import signal
+
+    path = tmp_path / "ck"
+    kept, _, _, _ = start_then_stop(tmp_path, what, path, 6, signal.SIGKILL)
+    if what == "cv":
+        ref = nmf_cv.cross_validate(ckpt_data(), range(1, 8), random_state=0, progress=False)
+        cv = nmf_cv.cross_validate(ckpt_data(), range(1, 8), random_state=0, checkpoint=path,
+                                   progress=True)
+        assert_array_equal(cv.press, ref.press)
+        assert_array_equal(cv.train_rss, ref.train_rss)
+        assert cv.best_rank == ref.best_rank
+    else:
+        ref = nmf_cv.consensus(ckpt_data(), [2, 3, 4], n_runs=12, random_state=0,
+                               progress=False)
+        co = nmf_cv.consensus(ckpt_data(), [2, 3, 4], n_runs=12, random_state=0,
+                              checkpoint=path, progress=True)
+        assert_array_equal(co.cophenetic, ref.cophenetic)
+        for k in (2, 3, 4):
+            assert_array_equal(co.consensus_matrices[k], ref.consensus_matrices[k])
+    err = capsys.readouterr().err
+    resumed = [int(n) for n in re.findall(r"\((\d+) resumed\)", err)]
+    assert resumed and sum(resumed) >= kept - 1  # the killed write may be the one missing
+
+
+def test_pool_worker_killed_mid_run_still_completes():
+    """SIGKILL one worker of the caller's ProcessPoolExecutor (as the OOM killer would): the
+    pool breaks, its unfinished fits go to a new pool, and the result is the uninterrupted
+    one."""
+    import signal
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    X = ckpt_data()
+    kw = dict(random_state=0, progress=False)
+    with ProcessPoolExecutor(2) as pool:
+        ref = nmf_cv.cross_validate(X, range(1, 8), executor=pool, **kw)
+    with ProcessPoolExecutor(2) as pool:
+        def kill_one():
+            os.kill(next(iter(pool._processes)), signal.SIGKILL)
+
+        timer = threading.Timer(0.5, kill_one)
+        timer.start()
+        cv = nmf_cv.cross_validate(X, range(1, 8), executor=pool, **kw)
+        timer.join()
+        assert pool in nmf_cv._REPLACEMENTS  # it did break and was replaced
+    assert_array_equal(cv.press, ref.press)
+    assert cv.best_rank == ref.best_rank
+
+
+def _die(*args):
+    os._exit(1)  # a worker killed on every task
+
+
+def test_pool_that_keeps_dying_raises_with_the_count_and_how_to_resume(tmp_path, monkeypatch):
+    from concurrent.futures import ProcessPoolExecutor
+
+    monkeypatch.setattr(nmf_cv, "_POOL_RESTARTS", 1)
+    monkeypatch.setattr(nmf_cv, "_rss_task", _die)  # forked workers see the patch
+    X = nmf_cv.make_planted(30, 20, 2, random_state=0)
+    with ProcessPoolExecutor(2) as pool, pytest.raises(RuntimeError) as info:
+        nmf_cv.randomized_rss(X, [1, 2], n_permutations=1, random_state=0, executor=pool,
+                              progress=False, checkpoint=tmp_path / "ck")
+    message = str(info.value)
+    assert "died 2 times" in message and "0 of 4 tasks" in message, message
+    assert str(tmp_path / "ck") in message and "resume" in message
+
+
+def test_changed_data_or_arguments_are_refused_naming_the_difference(tmp_path):
+    X = nmf_cv.make_planted(30, 20, 2, noise=0.1, missing=0.1, random_state=0)
+    kw = dict(n_folds=3, random_state=0, progress=False, max_iter=20)
+    nmf_cv.cross_validate(X, [1, 2], checkpoint=tmp_path, **kw)
+    nmf_cv.cross_validate(X, [1, 2], checkpoint=tmp_path, **kw)  # the same call resumes
+    one_value = X.copy()
+    one_value[~np.isnan(X)] *= 1.0
+    one_value[0, np.flatnonzero(~np.isnan(X[0]))[0]] += 1e-9
+    pattern = X.copy()
+    pattern[np.isnan(X)] = 0.5
+    pattern[1, np.flatnonzero(~np.isnan(X[1]))[0]] = np.nan
+    cases = [(one_value, [1, 2], {}, r"data values differ"),
+             (pattern, [1, 2], {}, r"missing cells"),
+             (X, [1, 3], {}, r"ranks differ"),
+             (X, [1, 2], {"n_folds": 4}, r"n_folds differ"),
+             (X, [1, 2], {"random_state": 1}, r"random_state differ"),
+             (X, [1, 2], {"max_iter": 30}, r"fit_options differ")]
+    for data, ranks, change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            nmf_cv.cross_validate(data, ranks, checkpoint=tmp_path, **{**kw, **change})
+
+
+def test_damaged_records_are_redone_and_the_result_stays_exact(tmp_path, monkeypatch):
+    X = nmf_cv.make_planted(40, 30, 3, noise=0.1, random_state=1)
+    kw = dict(n_folds=3, random_state=0, progress=False, stuck_restarts=0, ridge=0.0)
+    ref = nmf_cv.cross_validate(X, [2, 3], checkpoint=tmp_path, **kw)
+    files = [p for p in records(tmp_path)]
+    assert len(files) == 6
+    with open(files[0], "r+b") as fh:  # a copy cut short
+        size = os.path.getsize(files[0])
+        fh.truncate(size // 2)
+    with open(files[1], "r+b") as fh:  # one flipped byte inside the payload
+        data = bytearray(fh.read())
+        data[len(data) // 2] ^= 0x01
+        fh.seek(0)
+        fh.write(data)
+    seen = record_fits(monkeypatch)
+    again = nmf_cv.cross_validate(X, [2, 3], checkpoint=tmp_path, **kw)
+    assert len(seen) == 2  # only the damaged tasks ran again
+    assert_array_equal(again.press, ref.press)
+    assert_array_equal(again.train_rss, ref.train_rss)
+
+
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_without_running(tmp_path):
+    """A record whose array holds a pickle that would create a file when unpickled is
+    treated as damaged: nothing runs, the task is redone."""
+    X = nmf_cv.make_planted(30, 20, 2, noise=0.1, random_state=2)
+    kw = dict(n_folds=2, random_state=0, progress=False, stuck_restarts=0, ridge=0.0)
+    ref = nmf_cv.cross_validate(X, [2], checkpoint=tmp_path, **kw)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    victim = records(tmp_path)[0]
+    evil = np.empty(1, dtype=object)
+    evil[0] = Payload()
+    meta = np.frombuffer(json.dumps({"key": ["cross_validate", 0], "structure": {"a": 0},
+                                     "n_arrays": 1, "sha256": "x"}).encode(), np.uint8)
+    with open(victim, "wb") as fh:
+        np.savez(fh, meta=meta, a0=evil, allow_pickle=True)
+    assert b"pwned" in Path(victim).read_bytes()  # the payload is in the file
+    again = nmf_cv.cross_validate(X, [2], checkpoint=tmp_path, **kw)
+    assert not marker.exists()
+    assert_array_equal(again.press, ref.press)
+
+
+def test_cli_rank_checkpoint_interrupted_and_rerun_gives_the_same_json(tmp_path):
+    import signal
+    import time
+
+    X = nmf_cv.make_planted(300, 120, 4, noise=0.1, random_state=3)
+    np.savetxt(tmp_path / "data.csv", X, delimiter=",")
+    argv = ["rank", tmp_path / "data.csv", "--ranks", "1:7", "--criteria", "cv,bicv"]
+    code, _, err = run_cli(*argv, "--out", tmp_path / "one")
+    assert code == 0, err
+    proc = subprocess.Popen([sys.executable, "-m", "nmf_cv", *map(str, argv), "--out",
+                             tmp_path / "two", "--checkpoint", tmp_path / "ck"],
+                            cwd=os.path.dirname(nmf_cv.__file__), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(records(tmp_path / "ck")) < 8:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "resume" in err, err
+    code, _, err = run_cli(*argv, "--out", tmp_path / "two", "--checkpoint", tmp_path / "ck")
+    assert code == 0, err
+    one = json.loads((tmp_path / "one_rank.json").read_text())
+    two = json.loads((tmp_path / "two_rank.json").read_text())
+    assert one == two
+
+
+def test_ctrl_c_stops_a_pooled_run_promptly_and_it_resumes_exactly(tmp_path):
+    import signal
+
+    path = tmp_path / "ck"
+    kept, err, seconds, code = start_then_stop(tmp_path, "cv_pool", path, 6, signal.SIGINT)
+    assert code != 0 and "resume" in err and str(path) in err, err
+    assert seconds < 15
+    ref = nmf_cv.cross_validate(ckpt_data(), range(1, 8), random_state=0, progress=False)
+    cv = nmf_cv.cross_validate(ckpt_data(), range(1, 8), random_state=0, checkpoint=path,
+                               progress=False)
+    assert_allclose(cv.press, ref.press, rtol=1e-9)  # pooled fits: one BLAS thread
