@@ -1559,8 +1559,8 @@ class Folds:
     With ``n_folds="loo"`` every observed cell is its own fold (``cell_fold``).
 
     The rule reads only a cell's coordinates and the seed, so a matrix gets the same folds
-    whether it is passed dense or sparse, and a fold's training set is read straight from the
-    data, never copied.
+    whether it is passed dense or sparse, and a fold's training set of fully observed data is
+    read straight from the data: only its held-out cells' values (1/n_folds of X) are copied.
 
     Attributes
     ----------
@@ -1968,15 +1968,15 @@ class _CellTraining:
 
 
 class _FoldTraining:
-    """Fold f's training set of a fully observed X (ndarray or CSR; implicit zeros are
-    observed zeros): every cell but those the fold rule puts in fold f, read from X through
-    the rule, never copied. Row i's held-out cells are the columns of class ``P[i] = (f -
-    row_class[i]) % n_folds``, so the rows fall into n_folds groups (by P) that share their
-    held-out columns, and the columns into groups (by class) that share their held-out rows:
-    row group c and column group c make up the held-out cells. The fits use this: a row
-    group's Gram matrix over its training cells is the full one minus its held-out columns'
-    part, and products with X are the full ones minus the held-out cells' part
-    (`_FoldSolver`). Quacks like `_Data` for `fit_nmf`'s init and driver."""
+    """Fold f's training set of a fully observed X (ndarray or CSR; implicit zeros are observed
+    zeros): every cell but those the fold rule puts in fold f, read from X through the rule;
+    only the held-out cells' values are copied (1/n_folds of X). Row i's held-out cells are the
+    columns of class ``P[i] = (f - row_class[i]) % n_folds``, so the rows fall into n_folds
+    groups (by P) that share their held-out columns, and the columns into groups (by class)
+    that share their held-out rows: row group c and column group c make up the held-out cells.
+    The fits use this: a row group's Gram matrix over its training cells is the full one minus
+    its held-out columns' part, and products with X are the full ones minus the held-out cells'
+    part (`_FoldSolver`). Quacks like `_Data` for `fit_nmf`'s init and driver."""
 
     masked = False
     mask = None
