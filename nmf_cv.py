@@ -312,9 +312,11 @@ def _top_svd(X, k, rng):
             X = X @ np.eye(n) if n <= m else (X.T @ np.eye(m)).T
         U, S, Vt = np.linalg.svd(np.asarray(X, dtype=np.float64), full_matrices=False)
         return U[:, :k], S[:k], Vt[:k]
-    X = X if operator else X.astype(np.float64)
+    # Products in X's dtype: casting a float32 X to float64 would double its memory for an
+    # init that needs no more digits (a LinearOperator says its own dtype).
+    dtype = np.float64 if operator else X.dtype
     q = min(k + 10, min(m, n))
-    Q = np.linalg.qr(X @ rng.standard_normal((n, q)))[0]
+    Q = np.linalg.qr(X @ rng.standard_normal((n, q)).astype(dtype))[0]
     for _ in range(4):
         Q = np.linalg.qr(X.T @ Q)[0]
         Q = np.linalg.qr(X @ Q)[0]
@@ -1873,7 +1875,8 @@ def _noise_level(data):
 
 def _noise_of(X, missing):
     """Noise level of X (dense or sparse) whose ``missing`` cells (a mask, or None) hold a
-    mean fill; see `noise_level`."""
+    mean fill; see `noise_level`. With ``missing``, a float64 X is refilled in place: pass
+    a copy."""
     m, n = X.shape
     if m < n:
         X, m, n = X.T, n, m
@@ -1887,7 +1890,7 @@ def _noise_of(X, missing):
     m, n = X.shape
     if sp.issparse(X):
         return _median_noise(np.linalg.eigvalsh((X.T @ X).toarray().astype(np.float64)), m, n)
-    X = np.array(X, dtype=np.float64)
+    X = np.asarray(X, dtype=np.float64)
     for _ in range(_NOISE_REFILLS if missing is not None else 0):
         # The mean fill of the missing cells misses the data's structure, and that error
         # would count as noise (measured on the bars with 20% held out: 6.5x the noise of
@@ -1895,7 +1898,9 @@ def _noise_of(X, missing):
         eig, V = np.linalg.eigh(X.T @ X)
         sigma = _median_noise(eig, m, n)
         V = V[:, np.sqrt(np.maximum(eig, 0.0)) > sigma * (math.sqrt(m) + math.sqrt(n))]
-        X[missing] = (X @ V @ V.T)[missing]
+        for start in range(0, m, 1024):  # row blocks: no second m x n array
+            block, holes = X[start:start + 1024], missing[start:start + 1024]
+            block[holes] = (block @ V @ V.T)[holes]
     sigma = _median_noise(np.linalg.eigvalsh(X.T @ X), m, n)
     if missing is not None:  # filled cells carry no noise
         sigma /= math.sqrt(1.0 - missing.mean())
@@ -1903,15 +1908,20 @@ def _noise_of(X, missing):
 
 
 def _mean_filled(X, missing):
-    """Dense X (a copy) with its missing cells set to the rank-1 fit of the observed row and
-    column means (as `_Data.filled`)."""
-    observed = ~missing
-    X = np.where(observed, X, 0.0)
-    row_mean = X.sum(axis=1) / np.maximum(observed.sum(axis=1), 1)
-    col_mean = X.sum(axis=0) / np.maximum(observed.sum(axis=0), 1)
-    grand = X.sum() / max(observed.sum(), 1)
+    """Dense X in float64 (in place if it is float64 already), its missing cells set to the
+    rank-1 fit of the observed row and column means (as `_Data.filled`)."""
+    X = np.asarray(X, dtype=np.float64)
+    X[missing] = 0.0
+    n_row = X.shape[1] - np.count_nonzero(missing, axis=1)
+    n_col = X.shape[0] - np.count_nonzero(missing, axis=0)
+    row_mean = X.sum(axis=1) / np.maximum(n_row, 1)
+    col_mean = X.sum(axis=0) / np.maximum(n_col, 1)
+    grand = X.sum() / max(n_row.sum(), 1)
     scale = 1.0 / grand if grand > 0 else 0.0
-    return np.where(observed, X, np.outer(row_mean, col_mean) * scale)
+    for start in range(0, X.shape[0], 1024):  # row blocks: no second m x n array
+        block, holes = X[start:start + 1024], missing[start:start + 1024]
+        block[holes] = np.outer(row_mean[start:start + 1024] * scale, col_mean)[holes]
+    return X
 
 
 _NOISE_REFILLS = 3  # refills of missing cells in noise_level
@@ -1984,7 +1994,6 @@ class _FoldTraining:
     def __init__(self, X, split, f):
         row_class, col_class, n_folds = split
         self.X, self.shape, self.dtype = X, X.shape, X.dtype
-        self.fit_X = self  # fit_nmf reads the training cells through the rule
         self.sparse = sp.issparse(X)
         self.P = ((f - row_class.astype(np.int64)) % n_folds).astype(np.int64)
         self.b = col_class.astype(np.int64)
@@ -2014,6 +2023,13 @@ class _FoldTraining:
         held, every = self.held_sums(*none, 1.0), _rule_sums(0, *self.cells(), *none, 1.0)
         self.x_sum = every[3] - held[3]
         self.xx = every[4] - held[4]
+
+    @property
+    def fit_X(self):
+        """What `fit_nmf` fits: the training cells, read through the rule (a property, not
+        an attribute: a reference to itself would keep every fold's copy of its held-out
+        values alive until the garbage collector's next full pass)."""
+        return self
 
     def cells(self):
         """The kernels' view of X: (dense X or an empty one, CSR arrays or empty ones, the
@@ -2077,7 +2093,9 @@ class _FoldTraining:
         LinearOperator: for the SVD-based inits, without an m x n copy."""
         m, n = self.shape
         X = self.X
-        ones_n, ones_m = np.ones((n, 1)), np.ones((m, 1))
+        # Products in X's dtype: a float64 factor would make numpy cast all of a float32 X
+        # to float64 (twice the data) for every product; the SVD inits need no more digits.
+        ones_n, ones_m = np.ones((n, 1), dtype=self.dtype), np.ones((m, 1), dtype=self.dtype)
         row_n = n - np.array([len(c) for c in self.col_groups])[self.P]
         col_n = m - np.array([len(r) for r in self.row_groups])[self.b]
         row_mean = (np.asarray(X @ ones_n)[:, 0] - self.held_XBt(ones_n.T)[0]) / row_n
@@ -2088,11 +2106,13 @@ class _FoldTraining:
         def matmat(V):
             V = np.asarray(V, dtype=np.float64).reshape(n, -1)
             S = np.array([col_mean[g] @ V[g] for g in self.col_groups])
+            V = V.astype(self.dtype, copy=False)
             return np.asarray(X @ V) - self.held_XBt(V.T).T + u[:, None] * S[self.P]
 
         def rmatmat(U):
             U = np.asarray(U, dtype=np.float64).reshape(m, -1)
             T = np.array([u[g] @ U[g] for g in self.row_groups])
+            U = U.astype(self.dtype, copy=False)
             return np.asarray(X.T @ U) - self.held_AtX(U.T).T + col_mean[:, None] * T[self.b]
 
         return LinearOperator((m, n), matvec=matmat, rmatvec=rmatmat, matmat=matmat,
@@ -2106,12 +2126,13 @@ class _FoldTraining:
         long_cap, short_cap = (_NOISE_LINES, 1000) if m >= n else (1000, _NOISE_LINES)
         rows = np.sort(rng.choice(m, long_cap, replace=False)) if m > long_cap else np.arange(m)
         cols = np.sort(rng.choice(n, short_cap, replace=False)) if n > short_cap else np.arange(n)
-        sub = self.X[rows][:, cols]
-        sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-        missing = self.P[rows][:, None] == self.b[cols][None, :]
-        if min(sub.shape) < 3:
+        if min(len(rows), len(cols)) < 3:
             return 0.0
-        return _noise_of(_mean_filled(sub, missing), missing)
+        missing = self.P[rows][:, None] == self.b[cols][None, :]
+        sub = self.X[rows][:, cols].toarray() if self.sparse else self.X[np.ix_(rows, cols)]
+        filled = _mean_filled(sub, missing)  # sub is a copy: filled in place
+        del sub
+        return _noise_of(filled, missing)
 
     def rss(self, W, H):
         return self.scores(W, H, "frobenius")[1]
