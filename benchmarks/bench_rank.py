@@ -336,8 +336,9 @@ def bench_cv(plan):
     n_fits = len(ranks) * plan.cv_folds
     note = (f"`cross_validate(X, range({ranks[0]}, {ranks[-1] + 1}), n_folds={plan.cv_folds}, "
             f"random_state=0)` on `make_planted({m}, {n}, {k}, noise=0.1, random_state=0)`: "
-            f"{n_fits} masked HALS fits (defaults max_iter=2000, tol=1e-6). Pool start-up "
-            "(fork, numba cache load in workers) is inside the pool timings. Planted rank: "
+            f"{n_fits} HALS fits of training sets, read through the fold rule (defaults "
+            "max_iter=2000, tol=1e-6). Pool start-up (fork, numba cache load in workers) is "
+            "inside the pool timings. Planted rank: "
             f"{k}.")
     return "\n".join(["## 1. Cross-validation (leave-cells-out PRESS)", "", note, "",
                       markdown_table(headers, rows)])
@@ -689,8 +690,8 @@ def count_cv(X, plan, loss, use_pool):
 
 
 POOL_LABEL = "ProcessPoolExecutor(2), nmf_cv's automatic 1 BLAS thread per worker"
-LOSS_LABELS = {"kl": "kl (masked KL MU, Poisson deviance)",
-               "frobenius": "frobenius (masked HALS, squared error)"}
+LOSS_LABELS = {"kl": "kl (KL MU, Poisson deviance)",
+               "frobenius": "frobenius (HALS, squared error)"}
 
 
 def count_row(shape, loss, label, wall, cv, others, serial=None):
@@ -747,7 +748,8 @@ def bench_count_cv(plan):
             "drawn from Gamma(1, 1) and scaled to mean 5 (seed 0); "
             f"`cross_validate(X, range({ranks[0]}, {ranks[-1] + 1}), "
             f"n_folds={plan.count_folds}, loss=..., random_state=0)` with the default fits "
-            f"(max_iter=2000, tol=1e-6): {len(ranks) * plan.count_folds} masked fits per run. "
+            f"(max_iter=2000, tol=1e-6): {len(ranks) * plan.count_folds} fits of training sets "
+            "per run. "
             f"Planted rank: {small[2]}. The held-out score is the Poisson deviance for "
             "loss='kl' and the squared error for loss='frobenius'. Pool start-up is inside "
             "the pool timings.")
