@@ -1898,9 +1898,7 @@ def _noise_of(X, missing):
         eig, V = np.linalg.eigh(X.T @ X)
         sigma = _median_noise(eig, m, n)
         V = V[:, np.sqrt(np.maximum(eig, 0.0)) > sigma * (math.sqrt(m) + math.sqrt(n))]
-        for start in range(0, m, 1024):  # row blocks: no second m x n array
-            block, holes = X[start:start + 1024], missing[start:start + 1024]
-            block[holes] = (block @ V @ V.T)[holes]
+        _fill_by_rows(X, missing, lambda rows, V=V: X[rows] @ V @ V.T)
     sigma = _median_noise(np.linalg.eigvalsh(X.T @ X), m, n)
     if missing is not None:  # filled cells carry no noise
         sigma /= math.sqrt(1.0 - missing.mean())
@@ -1918,10 +1916,17 @@ def _mean_filled(X, missing):
     col_mean = X.sum(axis=0) / np.maximum(n_col, 1)
     grand = X.sum() / max(n_row.sum(), 1)
     scale = 1.0 / grand if grand > 0 else 0.0
-    for start in range(0, X.shape[0], 1024):  # row blocks: no second m x n array
-        block, holes = X[start:start + 1024], missing[start:start + 1024]
-        block[holes] = np.outer(row_mean[start:start + 1024] * scale, col_mean)[holes]
+    _fill_by_rows(X, missing, lambda rows: np.outer(row_mean[rows] * scale, col_mean))
     return X
+
+
+def _fill_by_rows(X, missing, values):
+    """``X[missing] = values(rows)[missing]``, a block of rows at a time (``values`` gets a
+    slice of rows), so that no second m x n array is made."""
+    for start in range(0, X.shape[0], 1024):
+        rows = slice(start, start + 1024)
+        block, holes = X[rows], missing[rows]
+        block[holes] = values(rows)[holes]
 
 
 _NOISE_REFILLS = 3  # refills of missing cells in noise_level
