@@ -56,7 +56,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-METHODS = ("hals", "mu", "gdcls")
+METHODS = ("hals", "mu", "gdcls", "cd")
 LOSSES = ("frobenius", "kl")
 INITS = ("nndsvda", "nndsvd", "random")
 
@@ -207,6 +207,22 @@ def _check_no_empty_lines(observed, name):
                              f"(first: {label} {empty[0]}); drop them before fitting")
 
 
+def _check_gamma_prior(gamma_prior, method, loss):
+    """(shape, rate) of `fit_nmf`'s ``gamma_prior``; (1, 0), a flat prior, for None."""
+    if gamma_prior is None:
+        return 1.0, 0.0
+    try:
+        shape, rate = (float(v) for v in gamma_prior)
+    except (TypeError, ValueError):
+        raise TypeError(f"gamma_prior must be (shape, rate); got {gamma_prior!r}") from None
+    if not (math.isfinite(shape) and math.isfinite(rate) and shape >= 1 and rate >= 0):
+        raise ValueError(f"gamma_prior needs shape >= 1 and rate >= 0; got {gamma_prior!r}")
+    if (loss, method) != ("kl", "cd"):
+        raise ValueError(f"gamma_prior needs loss='kl' with method='cd'; got loss={loss!r}, "
+                         f"method={method!r}")
+    return shape, rate
+
+
 def _check_n_components(n_components, shape):
     if isinstance(n_components, (bool, np.bool_)) or not isinstance(n_components,
                                                                     (int, np.integer)):
@@ -223,11 +239,22 @@ def _check_choice(value, choices, name):
     return value
 
 
-def _check_options(method, loss, max_iter, tol, alpha_W, alpha_H, l1_ratio):
-    _check_choice(method, METHODS, "method")
+def _resolve_method(method, loss):
+    """The solver a (method, loss) pair runs: None is "hals" for Frobenius and "cd" for KL;
+    "cd" (coordinate descent) for Frobenius is HALS, which is exact coordinate descent."""
     _check_choice(loss, LOSSES, "loss")
-    if loss == "kl" and method != "mu":
-        raise ValueError(f"loss='kl' needs method='mu'; method={method!r} is Frobenius only")
+    if method is None:
+        return "cd" if loss == "kl" else "hals"
+    _check_choice(method, METHODS, "method")
+    if loss == "kl" and method not in ("cd", "mu"):
+        raise ValueError(f"loss='kl' takes method='cd' (the default) or 'mu'; "
+                         f"method={method!r} is Frobenius only")
+    return "hals" if method == "cd" and loss == "frobenius" else method
+
+
+def _check_options(method, loss, max_iter, tol, alpha_W, alpha_H, l1_ratio):
+    """Checks the numbers; returns the resolved method (`_resolve_method`)."""
+    method = _resolve_method(method, loss)
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative int; got {max_iter!r}")
     for value, label in ((tol, "tol"), (alpha_W, "alpha_W"), (alpha_H, "alpha_H")):
@@ -235,6 +262,7 @@ def _check_options(method, loss, max_iter, tol, alpha_W, alpha_H, l1_ratio):
             raise ValueError(f"{label} must be a finite number >= 0; got {value!r}")
     if not (isinstance(l1_ratio, (int, float, np.number)) and 0 <= l1_ratio <= 1):
         raise ValueError(f"l1_ratio must be in [0, 1]; got {l1_ratio!r}")
+    return method
 
 
 # =============================================================================================
@@ -382,9 +410,9 @@ class NMFResult:
                 f"time={self.time:.3g}s)")
 
 
-def fit_nmf(X, n_components, *, mask=None, method="hals", loss="frobenius", init="nndsvda",
+def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="nndsvda",
             max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0, l1_ratio=0.0,
-            callback=None):
+            gamma_prior=None, callback=None):
     """Fit ``X ~ W @ H`` with ``W, H >= 0``, leaving missing cells out of the objective.
 
     Parameters
@@ -397,16 +425,22 @@ def fit_nmf(X, n_components, *, mask=None, method="hals", loss="frobenius", init
         Rank k, 1 <= k <= min(m, n).
     mask : array-like of bool, shape (m, n), optional
         True where a cell is observed. Cells that are False (or NaN in X) are never read.
-    method : {"hals", "mu", "gdcls"}
+    method : {"hals", "cd", "mu", "gdcls"}, optional
+        Default: ``"hals"`` for Frobenius, ``"cd"`` for KL.
         ``"hals"``: hierarchical alternating least squares (exact coordinate descent; dense
         fits reuse the BLAS products for several inner sweeps, Gillis & Glineur 2012).
+        ``"cd"``: coordinate descent; for KL, Newton steps on one coordinate at a time (Hsieh &
+        Dhillon 2011, "Fast coordinate descent methods with variable selection for NMF"),
+        each kept only where it cannot raise the objective (else the Lee-Seung step for that
+        coordinate), over a row's positive cells only, so sparse counts cost their stored
+        entries; for Frobenius, HALS.
         ``"mu"``: Lee & Seung multiplicative updates (Frobenius or KL).
         ``"gdcls"``: Shahnaz et al. (2006): multiplicative update for W, regularised
         least squares for H with ``alpha_H`` as its lambda; H is solved *with* the
         non-negativity constraint (coordinate descent) rather than by clipping the
         unconstrained solution, so the objective never increases.
     loss : {"frobenius", "kl"}
-        ``"kl"`` (generalised Kullback-Leibler, Poisson) needs ``method="mu"``.
+        ``"kl"`` (generalised Kullback-Leibler, Poisson) takes ``method="cd"`` or ``"mu"``.
     init : {"nndsvda", "nndsvd", "random"} or (W, H)
         SVD-based inits use a copy where missing cells hold the rank-1 fit of the observed
         row and column means. ``"random"``: uniform, scaled so ``E[WH]`` is the data's mean.
@@ -419,6 +453,13 @@ def fit_nmf(X, n_components, *, mask=None, method="hals", loss="frobenius", init
         Seeds the random init and the randomized SVD.
     alpha_W, alpha_H, l1_ratio : float
         Elastic-net penalties (see the module docstring); not scaled by the data's shape.
+    gamma_prior : (shape, rate), optional
+        Independent Gamma(shape, rate) priors on every entry of W and H, for ``loss="kl"``
+        with ``method="cd"``: the fit is then the posterior mode (Cemgil 2009), the objective
+        gaining ``rate * (sum W + sum H) - (shape - 1) * (sum log W + sum log H)``. With
+        ``shape > 1`` no entry reaches 0, so no cell is predicted to be exactly 0 (a held-out
+        count under a prediction of 0 has infinite deviance); ``rate > 0`` keeps the scales
+        of W and H bounded. `cross_validate` fits counts with such priors (see ``ridge``).
     callback : callable, optional
         ``callback(n_iter, W, H, objective)`` after every iteration; return True to stop.
         W and H are the live arrays: read them, do not modify them.
@@ -440,21 +481,25 @@ def fit_nmf(X, n_components, *, mask=None, method="hals", loss="frobenius", init
         raise TypeError("callback must be callable")
     data, solver = _setup_fit(X, n_components, mask=mask, method=method, loss=loss, init=init,
                               max_iter=max_iter, tol=tol, random_state=random_state,
-                              alpha_W=alpha_W, alpha_H=alpha_H, l1_ratio=l1_ratio)
-    return _run(solver, data, method, loss, max_iter, tol, callback, start)
+                              alpha_W=alpha_W, alpha_H=alpha_H, l1_ratio=l1_ratio,
+                              gamma_prior=gamma_prior)
+    return _run(solver, data, _resolve_method(method, loss), loss, max_iter, tol, callback,
+                start)
 
 
-def _setup_fit(X, n_components, *, mask=None, method="hals", loss="frobenius", init="nndsvda",
+def _setup_fit(X, n_components, *, mask=None, method=None, loss="frobenius", init="nndsvda",
                max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0,
-               l1_ratio=0.0):
+               l1_ratio=0.0, gamma_prior=None):
     """Validated data and a solver at the initial point (`fit_nmf`'s arguments)."""
     data = X if isinstance(X, _FoldTraining) else _validate_data(X, mask)
     k = _check_n_components(n_components, data.shape)
-    _check_options(method, loss, max_iter, tol, alpha_W, alpha_H, l1_ratio)
+    method = _check_options(method, loss, max_iter, tol, alpha_W, alpha_H, l1_ratio)
+    shape, rate = _check_gamma_prior(gamma_prior, method, loss)
     rng = np.random.default_rng(random_state)
     W, H = _initialize(data, k, init, rng)
-    penalty = _Penalty(alpha_W * l1_ratio, alpha_W * (1 - l1_ratio),
-                       alpha_H * l1_ratio, alpha_H * (1 - l1_ratio))
+    penalty = _Penalty(alpha_W * l1_ratio + rate, alpha_W * (1 - l1_ratio),
+                       alpha_H * l1_ratio + rate, alpha_H * (1 - l1_ratio), shape - 1.0,
+                       shape - 1.0)
     return data, _make_solver(data, W, H, method, loss, penalty)
 
 
@@ -509,7 +554,7 @@ class NMF:
     True
     """
 
-    def __init__(self, n_components=None, *, method="hals", loss="frobenius", init="nndsvda",
+    def __init__(self, n_components=None, *, method=None, loss="frobenius", init="nndsvda",
                  max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0,
                  l1_ratio=0.0):
         self.n_components = n_components
@@ -574,8 +619,8 @@ class NMF:
                              f"{H.shape[1]}")
         penalty = _Penalty(self.alpha_W * self.l1_ratio, self.alpha_W * (1 - self.l1_ratio),
                            0.0, 0.0)
-        return _solve_W(data, H, self.method, self.loss, penalty, max(self.max_iter, 200),
-                        min(self.tol, 1e-6))
+        return _solve_W(data, H, _resolve_method(self.method, self.loss), self.loss, penalty,
+                        max(self.max_iter, 200), min(self.tol, 1e-6))
 
     def inverse_transform(self, W):
         """``W @ components_``."""
@@ -583,8 +628,9 @@ class NMF:
 
 
 def _solve_W(data, H, method="hals", loss="frobenius", penalty=None, max_iter=200, tol=1e-6):
-    """argmin over W >= 0 of the objective with H fixed: non-negative least squares (exact
-    coordinate descent) for Frobenius, multiplicative updates for KL; observed cells only."""
+    """argmin over W >= 0 of the objective with H fixed, by coordinate descent (non-negative
+    least squares for Frobenius, Newton steps for KL) or multiplicative updates (``"mu"``);
+    observed cells only."""
     k = H.shape[0]
     H = np.ascontiguousarray(H, dtype=data.dtype)
     mean = data.observed_mean()
@@ -611,15 +657,20 @@ class _Penalty:
     l2_W: float
     l1_H: float
     l2_H: float
+    shape_W: float = 0.0  # -shape * sum log W: a Gamma prior's shape less 1 (KL "cd" only)
+    shape_H: float = 0.0
 
     def value(self, W, H):
         """Penalty part of the objective; W, H in any layout."""
         out = 0.0
-        for l1, l2, A in ((self.l1_W, self.l2_W, W), (self.l1_H, self.l2_H, H)):
+        for l1, l2, shape, A in ((self.l1_W, self.l2_W, self.shape_W, W),
+                                 (self.l1_H, self.l2_H, self.shape_H, H)):
             if l1:
                 out += l1 * float(A.sum(dtype=np.float64))
             if l2:
                 out += 0.5 * l2 * _sqnorm(A)
+            if shape:
+                out -= shape * float(np.log(np.maximum(A, _kl_floor(A.dtype))).sum())
         return out
 
 
@@ -705,6 +756,8 @@ def _observed_rss(data, W, H):
 
 
 def _make_solver(data, W, H, method, loss, penalty, update_H=True):
+    if loss == "kl" and method == "cd":
+        return _KLCDSolver(*_kl_lines(data), W, H, penalty, update_H)
     if isinstance(data, _FoldTraining):  # cross_validate's training sets (update_H=True)
         if loss == "kl":
             return _FoldKLSolver(data, W, H, penalty)
@@ -1087,6 +1140,97 @@ class _CellsKLSolver(_WHt):
         return self.objective
 
 
+class _KLCDSolver(_WHt):
+    """KL coordinate descent (Hsieh & Dhillon 2011): H's rows, then W's, each updated by
+    Newton steps on one coordinate at a time over its line's positive cells (`_kl_cd_rows`).
+    Every step is one that cannot raise the objective. Reads X through two `_KLLines` (its
+    rows, and its columns by way of a transposed copy), so dense, sparse, masked and fold-rule
+    training data share the kernel. Holds W (m x k) and H transposed (n x k)."""
+
+    def __init__(self, rows, cols, W, H, penalty, update_H, sweeps=None):
+        self.rows, self.cols, self.pen, self.update_H = rows, cols, penalty, update_H
+        self.W, self.Ht = W, np.ascontiguousarray(H.T)
+        self.eps = _kl_floor(W.dtype)
+        # Transform (H fixed) solves W's rows to convergence; a fit alternates cheap passes.
+        self.sweeps = sweeps if sweeps is not None else (_KL_SWEEPS if update_H else 100)
+        self.tol = 0.1 if update_H else 1e-3
+        self.objective = self._rows(0, True)
+
+    def _rows(self, sweeps, want_loss):
+        p = self.pen
+        s = _kl_cd_rows(self.W, self.Ht, *self.rows.cells, *self.rows.linear(self.Ht), p.l1_W,
+                        p.l2_W, p.shape_W, sweeps, self.tol, self.eps, want_loss)
+        return s + p.value(self.W, self.Ht) if want_loss else math.nan
+
+    def step(self, want_loss=True):
+        p = self.pen
+        if self.update_H:
+            _kl_cd_rows(self.Ht, self.W, *self.cols.cells, *self.cols.linear(self.W), p.l1_H,
+                        p.l2_H, p.shape_H, self.sweeps, self.tol, self.eps, False)
+        self.objective = self._rows(self.sweeps, want_loss)
+        return self.objective
+
+
+_KL_SWEEPS = 2  # Newton sweeps over a line's coordinates per factor update (see _KLCDSolver)
+
+
+@dataclass
+class _KLLines:
+    """The lines (rows of X, or its columns) as `_kl_cd_rows` reads them: ``cells`` are
+    `_rule_cells`' arguments, ``groups`` the other side's lines that each line's rule leaves
+    out, by group (the linear term of line i is the other factor's sum less its group
+    ``P[i]``'s), None when nothing is left out, or "listed" when the cells are listed
+    explicitly (data with missing cells) and the kernel sums the linear term over them."""
+
+    cells: tuple
+    groups: object = None
+
+    def linear(self, B):
+        """(sum of B's rows, their sums by group) for the kernel."""
+        k = B.shape[1]
+        if isinstance(self.groups, str):
+            return np.zeros(0), np.zeros((0, k))
+        B = B.astype(np.float64, copy=False)
+        total = B.sum(axis=0)
+        if self.groups is None:
+            return total, np.zeros((1, k))
+        return total, np.array([B[g].sum(axis=0) for g in self.groups]).reshape(-1, k)
+
+
+def _kl_lines(data):
+    """(rows, columns) of X as `_KLLines`: a `_FoldTraining` through its rule, a fully
+    observed X as a rule holding nothing out, cells of data with missing values listed."""
+    if isinstance(data, _FoldTraining):
+        rows = _KLLines(data.cells(), data.col_groups)
+        cols = _KLLines(data.transposed_cells(), data.row_groups)
+        return rows, cols
+    m, n = data.shape
+    if data.masked:
+        r_ptr, r_idx, c_ptr, c_idx, order = _cells(data.rows, data.cols, data.shape)
+        return (_KLLines(_listed_cells(r_ptr, r_idx, data.values, m, n), "listed"),
+                _KLLines(_listed_cells(c_ptr, c_idx, data.values[order], n, m), "listed"))
+    if data.sparse is not None:
+        X, Xc = data.sparse, data.sparse.tocsc()
+        return (_KLLines(_listed_cells(X.indptr, X.indices, X.data, m, n)),
+                _KLLines(_listed_cells(Xc.indptr, Xc.indices, Xc.data, n, m)))
+    return (_KLLines(_dense_cells(data.dense)),
+            _KLLines(_dense_cells(np.ascontiguousarray(data.dense.T))))
+
+
+def _dense_cells(X):
+    """`_rule_cells`' arguments for every cell of a dense X (a rule that holds nothing out)."""
+    empty = np.zeros(0, dtype=np.int32)
+    return (X, empty, empty, np.zeros(0, dtype=X.dtype), np.zeros(X.shape[0], dtype=np.int64),
+            np.ones(X.shape[1], dtype=np.int64), empty, empty)
+
+
+def _listed_cells(ptr, idx, vals, p, q):
+    """`_rule_cells`' arguments for the cells of p lines stored as CSR (q cross lines)."""
+    empty = np.zeros(0, dtype=np.int32)
+    return (np.zeros((0, 0), dtype=vals.dtype), ptr, idx, vals, np.zeros(p, dtype=np.int64),
+            np.ones(q, dtype=np.int64), empty, empty)
+
+
 class _FoldSolver(_WtH):
     """Frobenius loss over a `_FoldTraining`'s training cells, exactly, at about a dense
     fit's cost: a row group's Gram matrix is the full one minus its held-out column group's
@@ -1451,13 +1595,12 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
     """
     data = _validate_data(X, mask)
     ranks = _check_ranks(ranks, data.shape)
-    method = ("mu" if loss == "kl" else "hals") if method is None else method
-    _check_options(method, loss, 1, 0.0, 0.0, 0.0, 0.0)  # method and loss names, kl needs mu
+    method = _resolve_method(method, loss)
     _check_positive_int(n_repeats, "n_repeats")
     _check_positive_int(n_restarts, "n_restarts")
     _check_positive_int(stuck_restarts, "stuck_restarts", minimum=0)
     fit_kwargs = {**_RANK_FIT_DEFAULTS, **fit_kwargs}
-    ridge = _cv_ridge(ridge, loss, fit_kwargs)
+    ridge = _cv_ridge(ridge, method, loss, fit_kwargs)
     m, n = data.shape
     n_cells = len(data.values) if data.masked else m * n
     loo = isinstance(n_folds, str)
@@ -1741,12 +1884,14 @@ def _keep_coverage(fold, rows, cols, shape, n_folds, rng):
     return fold
 
 
-def _cv_ridge(ridge, loss, fit_kwargs):
-    """The relative ridge the training fits use: 0 for KL fits or given alphas."""
+def _cv_ridge(ridge, method, loss, fit_kwargs):
+    """The relative ridge the training fits use: 0 for KL multiplicative updates or given
+    alphas or priors."""
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float, np.number)) or not (
             math.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}")
-    if "alpha_W" in fit_kwargs or "alpha_H" in fit_kwargs or loss == "kl":
+    given = {"alpha_W", "alpha_H", "gamma_prior"} & set(fit_kwargs)
+    if given or (loss == "kl" and method != "cd"):
         return 0.0
     return float(ridge)
 
@@ -1760,6 +1905,10 @@ def _fold_alphas(shared, splits, n_folds, shape, executor, progress, checkpoint)
         alpha = max(fit_kwargs.get("alpha_W", 0.0), fit_kwargs.get("alpha_H", 0.0))
         return np.full((len(splits), n_folds), float(alpha))
     args = [(shared, split, f) for split in splits for f in range(n_folds)]
+    if shared[2] == "kl":  # the Gamma priors' rate, from each training set's mean count
+        means = _map_tasks(_mean_task, args, executor, progress, "cross_validate: means",
+                           checkpoint)
+        return (1.0 + ridge) / np.sqrt(np.maximum(means, 1e-300)).reshape(len(splits), n_folds)
     sigma = _map_tasks(_noise_task, args, executor, progress, "cross_validate: noise levels",
                        checkpoint)
     scale = ridge * (math.sqrt(shape[0]) + math.sqrt(shape[1]))
@@ -1770,9 +1919,17 @@ def _noise_task(shared, split, f):
     return shared[0].training(split, f).noise()
 
 
+def _mean_task(shared, split, f):
+    return shared[0].training(split, f).observed_mean()
+
+
 def _with_alpha(shared, alpha):
     ridge, fit_kwargs = shared[4:]
-    return {**fit_kwargs, "alpha_W": alpha, "alpha_H": alpha} if ridge else fit_kwargs
+    if not ridge:
+        return fit_kwargs
+    if shared[2] == "kl":
+        return {**fit_kwargs, "gamma_prior": (1.0 + ridge, alpha)}
+    return {**fit_kwargs, "alpha_W": alpha, "alpha_H": alpha}
 
 
 def _best_fit(X, k, seed, n_restarts, fit_kwargs, first_child=None, **kwargs):
@@ -1971,6 +2128,9 @@ class _CellTraining:
     def noise(self):
         return _noise_level(_validate_data(self.X, self.mask))
 
+    def observed_mean(self):
+        return float(np.mean(self.X[self.mask], dtype=np.float64))
+
     def scores(self, W, H, loss):
         """(held-out score, training score): squared error or Poisson deviance."""
         rows, cols, values = self.source.rows, self.source.cols, self.source.values
@@ -2047,6 +2207,22 @@ class _FoldTraining:
             ptr, idx, vals = (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32),
                               np.zeros(0, dtype=self.dtype))
         return X, ptr, idx, vals, self.P, self.b, self.col_ptr, self.col_order
+
+    def transposed_cells(self):
+        """`cells` of X's transpose, whose rule swaps the roles of P and b: KL coordinate
+        descent reads H's lines (X's columns) from it. A copy of X in the other layout, made
+        on first use and kept with the training set."""
+        if getattr(self, "_transposed", None) is None:
+            if self.sparse:
+                Xc = self.X.tocsc()
+                X = np.zeros((0, 0), dtype=self.dtype)
+                ptr, idx, vals = Xc.indptr, Xc.indices, Xc.data
+            else:
+                X = np.ascontiguousarray(self.X.T)
+                ptr, idx, vals = (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32),
+                                  np.zeros(0, dtype=self.dtype))
+            self._transposed = X, ptr, idx, vals, self.b, self.P, self.col_ptr, self.col_order
+        return self._transposed
 
     def held_XBt(self, Bt):
         """(X o held-out) @ Bt.T transposed: row i sums x_ij Bt[:, j] over its held-out
@@ -5262,6 +5438,139 @@ def _rule_kl_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, h_all, 
                 if x > 0.0:
                     s_log += x * math.log(x / max(_dot_rows(W, i, Ht, js[q]), eps)) - x
     return s_log
+
+
+# KL coordinate descent (Hsieh & Dhillon 2011): one row of A at a time, a Newton step per
+# coordinate on the row's one-variable Poisson objective, with the row's predictions kept
+# up to date over its positive cells (zeros enter only through the linear term).
+
+@njit(cache=True, fastmath=_FAST)
+def _kl_cd_rows(A, B, X, indptr, idx, vals, P, b, col_ptr, col_order, lin_all, lin_groups, l1,
+                l2, shape, sweeps, tol, eps, want_loss):
+    """Coordinate descent on each row of A (p x k) for the KL objective over its cells, read
+    through the fold rule (`_rule_cells`, training cells). Row i's linear term (the sum of
+    B's rows over its cells) is ``lin_all - lin_groups[P[i]]``, or is summed over the row's
+    cells when ``lin_all`` is empty (cells listed explicitly, zeros among them). Returns the
+    objective's data part over the cells after the update when asked (sweeps=0: no update)."""
+    q_max = b.shape[0]
+    k = A.shape[1]
+    js = np.empty(q_max, dtype=np.int64)
+    xs = np.empty(q_max, dtype=np.float64)
+    scratch = np.empty(q_max * k, dtype=np.float64)
+    v = np.empty(q_max, dtype=np.float64)
+    lin = np.empty(k, dtype=np.float64)
+    listed = lin_all.shape[0] == 0
+    total = 0.0
+    for i in range(A.shape[0]):
+        count = _rule_cells(i, 1, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
+        if listed:
+            for t in range(k):
+                lin[t] = 0.0
+            for q in range(count):
+                for t in range(k):
+                    lin[t] += B[js[q], t]
+        else:
+            for t in range(k):
+                lin[t] = lin_all[t] - lin_groups[P[i], t]
+        c = 0
+        for q in range(count):  # positive cells only: a zero adds to the linear term alone
+            if xs[q] > 0.0:
+                js[c] = js[q]
+                xs[c] = xs[q]
+                c += 1
+        _gather_rows(B, js, 0, c, scratch)
+        _predict_cells(A, i, scratch, c, v)
+        _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, eps)
+        if want_loss:
+            for q in range(c):
+                total += xs[q] * (math.log(xs[q] / max(v[q], eps)) - 1.0)
+            for t in range(k):
+                total += A[i, t] * lin[t]
+    return total
+
+
+@njit(cache=True, fastmath=_FAST)
+def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, eps):
+    """Sweeps over row i's coordinates. For coordinate t, with b_q the gathered B[:, t] and
+    v_q the row's predictions, f(s) = (lin_t + l1) s + l2/2 s^2 - sum x_q log(v_q + (s - a) b_q)
+    - shape log s is convex (``shape``: a Gamma prior's shape less 1, a cell of count
+    ``shape`` with b = 1 and v = a); its Newton step from a, projected on s >= 0, is taken
+    when it cannot raise f:
+    a step up always (the curvature only falls along it), a step down when f' at its end is
+    still >= 0 or when it stops short of the majorizer's minimum (the Lee-Seung bound of f,
+    whose minimum never raises f; it stands in when the Newton step overshoots)."""
+    k = A.shape[1]
+    first = 0.0
+    for sweep in range(sweeps):
+        moved = 0.0
+        for t in range(k):
+            base = t * c
+            old = A[i, t]
+            num = 0.0
+            curv = 0.0
+            for q in range(c):
+                bq = scratch[base + q]
+                inv = 1.0 / max(v[q], eps)
+                r = xs[q] * bq * inv
+                num += r
+                curv += r * bq * inv
+            if shape > 0.0:
+                inv = 1.0 / max(old, eps)
+                num += shape * inv
+                curv += shape * inv * inv
+            linear = lin[t] + l1
+            grad = linear + l2 * old - num
+            hess = curv + l2
+            if hess > 0.0:
+                new = max(old - grad / hess, 0.0)
+            elif grad > 0.0:
+                new = 0.0
+            else:
+                continue
+            if new < old:
+                bound = _kl_majorizer_min(old, num, linear, l2)
+                if new < bound and not _kl_still_falling(scratch, base, xs, v, c, old, new,
+                                                         linear + l2 * new, shape, eps):
+                    new = bound
+            d = new - old
+            if d == 0.0:
+                continue
+            for q in range(c):
+                v[q] += d * scratch[base + q]
+            A[i, t] = new
+            moved += d * d
+        if sweep == 0:
+            first = moved
+        elif moved <= tol * tol * first:
+            return
+
+
+@njit(cache=True)
+def _kl_majorizer_min(old, num, linear, l2):
+    """Minimum over s >= 0 of linear s + l2/2 s^2 - old num log s: the Lee-Seung (EM) bound of
+    the coordinate's objective at ``old``."""
+    if l2 > 0.0:
+        return (math.sqrt(linear * linear + 4.0 * l2 * old * num) - linear) / (2.0 * l2)
+    if linear > 0.0:
+        return old * num / linear
+    return old
+
+
+@njit(cache=True, fastmath=_FAST)
+def _kl_still_falling(scratch, base, xs, v, c, old, new, slope, shape, eps):
+    """Whether the coordinate's derivative after a step from old down to new is >= 0: then,
+    f being convex, f fell all along the step. ``slope`` is its linear and ridge part."""
+    d = new - old
+    if shape > 0.0:
+        if new <= eps:
+            return False
+        slope -= shape / new
+    for q in range(c):
+        vq = v[q] + d * scratch[base + q]
+        if vq <= eps:
+            return False
+        slope -= xs[q] * scratch[base + q] / vq
+    return slope >= 0.0
 
 
 # =============================================================================================

@@ -32,7 +32,8 @@ from scipy.spatial.distance import squareform  # noqa: E402
 
 import nmf_cv  # noqa: E402
 
-COMBOS = [("hals", "frobenius"), ("mu", "frobenius"), ("mu", "kl"), ("gdcls", "frobenius")]
+COMBOS = [("hals", "frobenius"), ("mu", "frobenius"), ("mu", "kl"), ("cd", "kl"),
+          ("gdcls", "frobenius")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,7 +662,7 @@ def test_user_init_is_used_and_not_modified():
     (np.ones((3, 3)), {"method": "als"}, ValueError, "method must be one of"),
     (np.ones((3, 3)), {"loss": "l2"}, ValueError, "loss must be one of"),
     (np.ones((3, 3)), {"init": "svd"}, ValueError, "init must be one of"),
-    (np.ones((3, 3)), {"loss": "kl", "method": "hals"}, ValueError, "needs method='mu'"),
+    (np.ones((3, 3)), {"loss": "kl", "method": "hals"}, ValueError, "takes method='cd'"),
     (np.ones((3, 3)), {"max_iter": -1}, ValueError, "max_iter"),
     (np.ones((3, 3)), {"tol": np.nan}, ValueError, "tol"),
     (np.ones((3, 3)), {"alpha_W": -1}, ValueError, "alpha_W"),
@@ -856,25 +857,28 @@ def poisson_planted(m, n, k, seed, mean=5.0):
     return rng.poisson(rate * (mean / rate.mean())).astype(float)
 
 
-def test_cv_kl_scores_poisson_deviance_of_held_out_cells():
+@pytest.mark.parametrize("method", ["cd", "mu"])
+def test_cv_kl_scores_poisson_deviance_of_held_out_cells(method):
     from scipy.special import xlogy
 
     X = poisson_planted(25, 18, 2, seed=3)
     X[0, :4] = 0.0  # zeros: 0 log 0 = 0
-    cv = nmf_cv.cross_validate(X, [2], n_folds=3, loss="kl", random_state=1, progress=False,
-                               return_factors=True, max_iter=40, stuck_restarts=0)
+    cv = nmf_cv.cross_validate(X, [2], n_folds=3, loss="kl", method=method, random_state=1,
+                               progress=False, return_factors=True, max_iter=40,
+                               stuck_restarts=0)
     assert cv.loss == "kl"
     for f in range(3):
         W, H = cv.factors[(2, 0, f)]
-        mu = W @ H
+        mu = np.maximum(W @ H, np.sqrt(np.finfo(float).tiny))  # the documented floor
         deviance = 2 * (xlogy(X, X) - xlogy(X, mu) - X + mu)
         held = cv.folds[0] == f
         assert cv.press[0, 0, f] == pytest.approx(deviance[held].sum(), rel=1e-10)
         assert cv.train_rss[0, 0, f] == pytest.approx(deviance[~held].sum(), rel=1e-10)
         # the fold was fitted by KL updates on its training cells only
         mask = ~held & (cv.folds[0] != -2)
-        ref = nmf_cv.fit_nmf(np.where(mask, X, np.nan), 2, method="mu", loss="kl",
-                             max_iter=40, tol=1e-6,
+        prior = {"gamma_prior": (1.1, cv.alpha[0, f])} if method == "cd" else {}  # ridge 0.1
+        ref = nmf_cv.fit_nmf(np.where(mask, X, np.nan), 2, method=method, loss="kl",
+                             max_iter=40, tol=1e-6, **prior,
                              random_state=np.random.SeedSequence(1).spawn(2)[1].spawn(3)[f])
         np.testing.assert_allclose(W @ H, ref.W @ ref.H, rtol=1e-10)
 
@@ -1036,8 +1040,9 @@ def test_rule_training_objectives_equal_direct_sums_over_training_cells(storage)
 @pytest.mark.parametrize("method,loss", COMBOS)
 def test_rule_training_fits_match_the_masked_fit(method, loss):
     """From the same init, a fit through the fold rule and fit_nmf with the training cells
-    as its mask: MU (Frobenius and KL) take identical steps; HALS and GDCLS reach the same
-    objective (their sweeps stop per group rather than per line) and never go up."""
+    as its mask: MU (Frobenius and KL) and KL coordinate descent take identical steps; HALS
+    and GDCLS reach the same objective (their sweeps stop per group rather than per line)
+    and never go up."""
     X = sparse_counts(60, 40, 3, 3) + nmf_cv.make_planted(60, 40, 3, random_state=3)
     for S in (X, sp.csr_matrix(X)):
         train, held = _rule_training(S, n_folds=5, f=2)
@@ -1047,7 +1052,7 @@ def test_rule_training_fits_match_the_masked_fit(method, loss):
         a = nmf_cv.fit_nmf(train, 4, max_iter=30, tol=0, **kw)
         b = nmf_cv.fit_nmf(np.where(held, np.nan, X), 4, max_iter=30, tol=0, **kw)
         assert np.all(np.diff(a.loss_history) <= 1e-12 * a.loss_history[0])
-        if method == "mu":
+        if method == "mu" or loss == "kl":
             assert_allclose(a.loss_history, b.loss_history, rtol=1e-10)
             assert_allclose(a.W @ a.H, b.W @ b.H, rtol=1e-8)
         else:
@@ -1206,7 +1211,7 @@ def test_cv_bad_arguments():
         nmf_cv.cross_validate(X, [1, 5])
     with pytest.raises(ValueError, match="empty"):
         nmf_cv.cross_validate(X, [])
-    with pytest.raises(ValueError, match="needs method='mu'"):
+    with pytest.raises(ValueError, match="takes method='cd'"):
         nmf_cv.cross_validate(X, [1], loss="kl", method="hals")
     with pytest.raises(ValueError, match="loss"):
         nmf_cv.cross_validate(X, [1], loss="poisson")
@@ -2442,7 +2447,11 @@ def test_cv_ridge_is_scaled_to_the_noise_and_can_be_turned_off():
     assert (nmf_cv.cross_validate(X, [3], ridge=0, **kw).alpha == 0.0).all()
     given = nmf_cv.cross_validate(X, [3], alpha_W=0.5, alpha_H=0.5, **kw)
     assert (given.alpha == 0.5).all()
-    assert (nmf_cv.cross_validate(X, [3], loss="kl", **kw).alpha == 0.0).all()
+    assert (nmf_cv.cross_validate(X, [3], loss="kl", method="mu", **kw).alpha == 0.0).all()
+    kl = nmf_cv.cross_validate(X, [3], loss="kl", **kw)  # Gamma priors' rate (1 + ridge) / sqrt
+    for f in range(3):
+        train = X[cv.folds[0] != f]
+        assert kl.alpha[0, f] == pytest.approx(1.1 / math.sqrt(train.mean()), rel=1e-12)
     for bad in (-1.0, math.nan, "0.1", True):
         with pytest.raises(ValueError, match="ridge"):
             nmf_cv.cross_validate(X, [3], ridge=bad, **kw)
@@ -3131,3 +3140,107 @@ def test_ctrl_c_stops_a_pooled_run_promptly_and_it_resumes_exactly(tmp_path):
     cv = nmf_cv.cross_validate(ckpt_data(), range(1, 8), random_state=0, checkpoint=path,
                                progress=False)
     assert_allclose(cv.press, ref.press, rtol=1e-9)  # pooled fits: one BLAS thread
+
+
+# ---------------------------------------------------------------------------------------------
+# KL coordinate descent and Gamma priors
+# ---------------------------------------------------------------------------------------------
+
+def kl_gradients(X, M, W, H, rate=0.0, shape=1.0):
+    """Gradients in W and H of the KL objective over observed cells M, plus Gamma(shape, rate)
+    priors on every entry (plain numpy)."""
+    ratio = np.divide(X, W @ H, out=np.zeros(X.shape), where=M & (X > 0))
+    R = np.where(M, 1.0 - ratio, 0.0)
+    gW, gH = R @ H.T + rate, W.T @ R + rate
+    if shape > 1:
+        gW, gH = gW - (shape - 1) / W, gH - (shape - 1) / H
+    return gW, gH
+
+
+@pytest.mark.parametrize("kind", ["dense", "masked", "sparse"])
+def test_kl_cd_converges_to_a_kkt_point(kind):
+    """At convergence, every positive entry has zero gradient and every zero entry a
+    non-negative one (the KKT conditions of min KL over W, H >= 0), checked against an
+    independent numpy gradient."""
+    X = poisson_planted(30, 20, 3, seed=1)
+    M = np.ones(X.shape, dtype=bool)
+    if kind == "masked":
+        M = random_mask(X.shape, 0.2, np.random.default_rng(2))
+    data = sp.csr_matrix(X) if kind == "sparse" else np.where(M, X, np.nan)
+    res = fit(data, 3, loss="kl", method="cd", max_iter=3000, tol=0)
+    gW, gH = kl_gradients(X, M, res.W, res.H)
+    for A, g in ((res.W, gW), (res.H, gH)):
+        scale = np.abs(g).max() + 1.0
+        assert np.all(np.abs(g[A > 1e-12]) < 1e-5 * scale)
+        assert np.all(g[A <= 1e-12] > -1e-5 * scale)
+    assert (res.W == 0).any() or (res.H == 0).any()  # CD reaches exact zeros; MU cannot
+
+
+@pytest.mark.parametrize("kind", ["dense", "masked", "sparse"])
+def test_kl_gamma_prior_fit_is_the_posterior_mode(kind):
+    X = sparse_counts(30, 20, 3, seed=4, density_mean=1.0)
+    M = np.ones(X.shape, dtype=bool)
+    if kind == "masked":
+        M = random_mask(X.shape, 0.2, np.random.default_rng(5))
+    data = sp.csr_matrix(X) if kind == "sparse" else np.where(M, X, np.nan)
+    res = fit(data, 4, loss="kl", gamma_prior=(1.3, 0.5), max_iter=3000, tol=0)
+    assert res.W.min() > 0 and res.H.min() > 0  # shape > 1: no entry, no prediction at 0
+    gW, gH = kl_gradients(X, M, res.W, res.H, rate=0.5, shape=1.3)
+    for g in (gW, gH):
+        assert np.abs(g).max() < 1e-5 * (np.abs(kl_gradients(X, M, res.W, res.H)[0]).max() + 1)
+    f = res.loss_history
+    prior = 0.5 * (res.W.sum() + res.H.sum()) - 0.3 * (np.log(res.W).sum() + np.log(res.H).sum())
+    assert f[-1] == pytest.approx(objective(X, M, res.W, res.H, "kl") + prior, rel=1e-9)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), shape=st.sampled_from([1.0, 1.1, 2.0]),
+       rate=st.sampled_from([0.0, 0.2, 3.0]), init=st.sampled_from(["nndsvda", "random"]))
+def test_kl_cd_with_gamma_priors_never_increases_the_objective(problem, shape, rate, init):
+    X, mask, k, seed = problem
+    res = nmf_cv.fit_nmf(X, k, mask=mask, loss="kl", init=init, tol=0, max_iter=30,
+                         random_state=seed, gamma_prior=(shape, rate))
+    f = res.loss_history
+    assert np.all(np.isfinite(f)) and np.all(np.diff(f) <= 1e-9 * abs(f[0]) + 1e-12)
+    assert np.all(res.W >= 0) and np.all(res.H >= 0)
+    W, H = res.W, res.H
+    prior = rate * (W.sum() + H.sum())
+    if shape > 1:
+        assert W.min() > 0 and H.min() > 0
+        prior -= (shape - 1) * (np.log(W).sum() + np.log(H).sum())
+    assert f[-1] == pytest.approx(objective(X, mask, W, H, "kl") + prior, rel=1e-7, abs=1e-9)
+
+
+def test_kl_cd_gets_further_in_50_iterations_than_mu_in_500():
+    X = poisson_planted(200, 150, 5, seed=6)
+    cd = fit(X, 5, loss="kl", method="cd", max_iter=50, tol=0)
+    mu = fit(X, 5, loss="kl", method="mu", max_iter=500, tol=0)
+    assert cd.loss_history[0] == pytest.approx(mu.loss_history[0], rel=1e-12)  # same init
+    assert cd.loss_history[-1] < mu.loss_history[-1]
+
+
+def test_gamma_prior_is_checked():
+    X = poisson_planted(10, 8, 2, seed=0)
+    with pytest.raises(ValueError, match="needs loss='kl' with method='cd'"):
+        nmf_cv.fit_nmf(X, 2, gamma_prior=(1.5, 1.0))
+    with pytest.raises(ValueError, match="needs loss='kl' with method='cd'"):
+        nmf_cv.fit_nmf(X, 2, loss="kl", method="mu", gamma_prior=(1.5, 1.0))
+    with pytest.raises(ValueError, match="shape >= 1"):
+        nmf_cv.fit_nmf(X, 2, loss="kl", gamma_prior=(0.5, 1.0))
+    with pytest.raises(TypeError, match="gamma_prior must be"):
+        nmf_cv.fit_nmf(X, 2, loss="kl", gamma_prior=1.5)
+
+
+def test_kl_cv_priors_keep_every_held_out_prediction_positive():
+    """Why CV's KL fits carry Gamma priors: unpenalised coordinate descent reaches exact zeros,
+    so some held-out cells are predicted to be exactly 0, and a count there costs the whole
+    deviance scale (here it moved the pick from the planted 3 to 2)."""
+    rng = np.random.default_rng(5)
+    rate = rng.gamma(0.5, 1.0, (150, 3)) @ rng.gamma(0.5, 1.0, (3, 100))
+    counts = sp.csr_matrix(rng.poisson(2.0 * rate / rate.mean()).astype(float))
+    kw = dict(loss="kl", random_state=0, progress=False, return_factors=True)
+    bare = nmf_cv.cross_validate(counts, [3, 4], ridge=0, **kw)
+    assert min((W @ H).min() for W, H in bare.factors.values()) == 0.0
+    cv = nmf_cv.cross_validate(counts, range(1, 7), **kw)
+    assert min((W @ H).min() for W, H in cv.factors.values()) > 0.0
+    assert cv.best_rank == 3
