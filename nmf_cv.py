@@ -38,6 +38,7 @@ import re
 import sys
 import time
 import weakref
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,11 +107,17 @@ class _Data:
         return out
 
 
-def _validate_data(X, mask=None, name="X"):
+def _validate_data(X, mask=None, name="X", signal=False):
     """Check X (and mask) and return a `_Data`. Never modifies or keeps a reference to the
-    caller's arrays where it could be changed later."""
-    if sp.issparse(X):
-        return _validate_sparse(X, mask, name)
+    caller's arrays where it could be changed later. ``signal``: refuse data whose observed
+    cells are all zero (nothing to factor: rank selection)."""
+    data = _validate_sparse(X, mask, name) if sp.issparse(X) else _validate_dense(X, mask, name)
+    if signal and data.observed_mean() == 0:
+        raise ValueError(f"{name} has no non-zero observed value: there is nothing to factor")
+    return data
+
+
+def _validate_dense(X, mask, name):
     X = _as_float_array(X, name)
     if mask is None:
         observed = ~np.isnan(X)
@@ -1593,7 +1600,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
     >>> nmf_cv.cross_validate(X, range(1, 6), random_state=0, progress=False).best_rank
     3
     """
-    data = _validate_data(X, mask)
+    data = _validate_data(X, mask, signal=True)
     ranks = _check_ranks(ranks, data.shape)
     method = _resolve_method(method, loss)
     _check_positive_int(n_repeats, "n_repeats")
@@ -2776,12 +2783,20 @@ def _stopped(label, what, bar, checkpoint):
 
 class _Progress:
     """Progress on stderr (tqdm when installed, else one updating line); tasks read back from
-    a checkpoint count as done, and the label says how many."""
+    a checkpoint count as done, and the label says how many. When stderr is not a terminal
+    (a cluster job's log), a plain line each time another tenth of the fits is done or a
+    minute has passed, never a redrawn bar."""
 
     def __init__(self, label, total, resumed, show):
         self.total, self.done, self.bar, self.show = total, resumed, None, show
         self.label = label + (f" ({resumed} resumed)" if resumed else "")
+        self.lines = show and not sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+        self.logged = resumed
         if not show:
+            return
+        if self.lines:
+            self._log()
             return
         try:
             from tqdm import tqdm
@@ -2795,9 +2810,19 @@ class _Progress:
         sys.stderr.write(f"\r{self.label}: {self.done}/{self.total} fits")
         sys.stderr.flush()
 
+    def _log(self):
+        self.last, self.logged = time.monotonic(), self.done
+        sys.stderr.write(f"{self.label}: {self.done}/{self.total} fits "
+                         f"({self.last - self.start:.0f} s)\n")
+        sys.stderr.flush()
+
     def update(self):
         self.done += 1
-        if self.bar is not None:
+        if self.lines:
+            tenth = (self.done - self.logged) * 10 >= self.total
+            if tenth or self.done == self.total or time.monotonic() - self.last >= 60:
+                self._log()
+        elif self.bar is not None:
             self.bar.update(1)
         elif self.show:
             self._line()
@@ -2805,7 +2830,7 @@ class _Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-        elif self.show:
+        elif self.show and not self.lines:
             sys.stderr.write("\n")
 
 
@@ -2937,7 +2962,7 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
     -------
     ConsensusResult
     """
-    data = _validate_data(X, mask)
+    data = _validate_data(X, mask, signal=True)
     _check_choice(axis, ("columns", "rows"), "axis")
     ranks = _check_ranks(ranks, data.shape, minimum=2)
     _check_positive_int(n_runs, "n_runs")
@@ -3233,7 +3258,7 @@ def randomized_rss(X, ranks, *, n_permutations=3, margin=1.5, mask=None, method=
     -------
     RandomizedRSSResult
     """
-    data = _validate_data(X, mask)
+    data = _validate_data(X, mask, signal=True)
     ranks = _check_ranks(ranks, data.shape)
     _check_positive_int(n_permutations, "n_permutations")
     _check_positive_int(n_restarts, "n_restarts")
@@ -3332,7 +3357,7 @@ def bicross_validate(X, ranks, *, n_row_folds=2, n_col_folds=2, n_repeats=1, mas
     >>> nmf_cv.bicross_validate(X, range(1, 7), random_state=0, progress=False).best_rank
     3
     """
-    data = _validate_data(X, mask)
+    data = _validate_data(X, mask, signal=True)
     _check_choice(block_solver, ("lstsq", "nnls"), "block_solver")
     _check_positive_int(n_repeats, "n_repeats")
     _check_positive_int(n_restarts, "n_restarts")
@@ -3888,7 +3913,7 @@ def choose_rank(X, ranks, criteria=CRITERIA, *, mask=None, n_restarts=_N_RESTART
     criteria = tuple(criteria)
     for c in criteria:
         _check_choice(c, CRITERIA, "criterion")
-    data = _validate_data(X, mask)
+    data = _validate_data(X, mask, signal=True)
     ranks = _check_ranks(ranks, data.shape)
     seeded = CRITERIA[1:]  # each fitting criterion gets its own stream; "prior" needs none
     if checkpoint is not None and random_state is None:
@@ -5614,9 +5639,11 @@ def _parser():
                          "PREFIX_W.csv, PREFIX_H.csv and PREFIX_fit.json.")
     _add_input(fit)
     fit.add_argument("-k", "--n-components", type=int, required=True, help="rank k")
-    fit.add_argument("--method", choices=METHODS, default="hals")
+    fit.add_argument("--method", choices=METHODS, default=None,
+                     help="default: hals for the Frobenius loss, cd for kl")
     fit.add_argument("--loss", choices=LOSSES, default="frobenius",
-                     help="kl needs --method mu (default: %(default)s)")
+                     help="kl: Poisson (counts), fitted by --method cd or mu "
+                     "(default: %(default)s)")
     fit.add_argument("--init", choices=INITS, default="nndsvda")
     fit.add_argument("--max-iter", type=int, default=2000)
     fit.add_argument("--tol", type=float, default=1e-6)
@@ -5657,8 +5684,9 @@ def _parser():
 
 def _add_input(parser):
     parser.add_argument("file", help="CSV/TSV/whitespace text (header and row labels "
-                        "detected; empty, NA or NaN cells are missing), .npy, or a sparse "
-                        ".mtx (Matrix Market) or .npz (scipy.sparse.save_npz) file")
+                        "detected; empty, NA or NaN cells are missing), .npy, a sparse "
+                        ".mtx (Matrix Market) or .npz (scipy.sparse.save_npz) file, or a 10x "
+                        "Genomics folder (matrix.mtx, features.tsv, barcodes.tsv)")
     parser.add_argument("--out", help="output prefix (default: the input's name, here)")
 
 
@@ -5701,7 +5729,7 @@ def _cli_fit(args):
     _write_csv(f"{prefix}_W.csv", res.W, row_labels, names)
     _write_csv(f"{prefix}_H.csv", res.H, names, col_labels)
     summary = {"file": args.file, "shape": list(X.shape),
-               "missing_fraction": float(np.isnan(X).mean()),
+               "missing_fraction": 0.0 if sp.issparse(X) else float(np.isnan(X).mean()),
                "n_components": res.n_components, "method": res.method, "loss": res.loss,
                "relative_error": res.relative_error, "n_iter": res.n_iter,
                "converged": res.converged, "objective": float(res.loss_history[-1]),
@@ -5712,12 +5740,14 @@ def _cli_fit(args):
 
 
 def _cli_rank(args):
-    X, _, _ = read_matrix(args.file)
+    X, row_labels, col_labels = read_matrix(args.file)
     prefix = _prefix(args)
     report = _rank_report(X, args.ranks, args, cv_kwargs={"n_folds": args.folds,
                                                           "loss": args.loss},
-                          consensus_kwargs={"n_runs": args.runs}, checkpoint=args.checkpoint)
-    _save_report(report, f"{prefix}_rank.json", args.report or f"{prefix}_rank.png")
+                          consensus_kwargs={"n_runs": args.runs}, checkpoint=args.checkpoint,
+                          progress=True)
+    _save_report(report, f"{prefix}_rank.json", args.report or f"{prefix}_rank.png",
+                 {"row_labels": row_labels, "col_labels": col_labels})
     return 0
 
 
@@ -5742,13 +5772,14 @@ def _rank_report(X, ranks, args, **kwargs):
     return report
 
 
-def _save_report(report, json_path, figure_path):
+def _save_report(report, json_path, figure_path, labels=None):
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     fig = plot_rank_report(report)
     fig.savefig(figure_path, dpi=120)
-    _write_json(json_path, report.to_dict())
+    _write_json(json_path, {**report.to_dict(), **{k: v for k, v in (labels or {}).items()
+                                                   if v is not None}})
     print(f"wrote {figure_path}, {json_path}")
 
 
@@ -5757,7 +5788,7 @@ def _demo(args):
                      random_state=0)
     print(f"planted rank {args.rank}, {args.rows} x {args.cols}, noise 5%, "
           f"{np.isnan(X).mean():.0%} of cells missing")
-    for method in METHODS:
+    for method in ("hals", "mu", "gdcls"):
         res = fit_nmf(X, args.rank, method=method, random_state=0, max_iter=2000, tol=1e-6)
         print(f"  {method:6s} relative error {res.relative_error:.4f} on observed cells, "
               f"{res.n_iter} iterations, {res.time:.2f} s")
@@ -5775,10 +5806,12 @@ def _demo(args):
 
 
 def read_matrix(path):
-    """Read a matrix from a text table (CSV, TSV or whitespace), a ``.npy`` file, or a sparse
+    """Read a matrix from a text table (CSV, TSV or whitespace), a ``.npy`` file, a sparse
     matrix: Matrix Market ``.mtx`` (also ``.mtx.gz``, via ``scipy.io.mmread``) or ``.npz``
-    from ``scipy.sparse.save_npz``. Sparse files stay sparse (CSR): every cell is observed,
-    the ones not stored are zeros.
+    from ``scipy.sparse.save_npz``, or a 10x Genomics folder (``matrix.mtx[.gz]``, genes x
+    cells, with ``features.tsv[.gz]`` or ``genes.tsv[.gz]`` and ``barcodes.tsv[.gz]``, whose
+    first columns, the gene ids and the cell barcodes, become the row and column labels).
+    Sparse files stay sparse (CSR): every cell is observed, the ones not stored are zeros.
 
     A first row with any non-numeric cell is a header of column labels; then a first column
     with any non-numeric cell holds row labels. Empty cells and ``NA``, ``NaN``, ``N/A``,
@@ -5798,6 +5831,8 @@ def read_matrix(path):
     ([[1.0, nan], [3.0, 4.0]], ['g1', 'g2'], ['s1', 's2'])
     """
     path = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if isinstance(path, str) and os.path.isdir(path):
+        return _read_10x(path)
     if isinstance(path, str) and path.endswith(".npy"):
         X = np.load(path, allow_pickle=False)
         return _as_float_array(X, path), None, None
@@ -5830,12 +5865,46 @@ def read_matrix(path):
     return X, row_labels, col_labels
 
 
+def _read_10x(folder):
+    """(X, gene ids, barcodes) from a 10x Genomics matrix folder (see `read_matrix`)."""
+    def first(*names):
+        found = [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
+        return found[0] if found else None
+
+    matrix = first("matrix.mtx.gz", "matrix.mtx")
+    if matrix is None:
+        raise ValueError(f"{folder}: a folder without matrix.mtx or matrix.mtx.gz (a 10x "
+                         "Genomics folder holds matrix.mtx, features.tsv or genes.tsv, and "
+                         "barcodes.tsv)")
+    X = _read_sparse(matrix)
+    genes = _read_labels(first("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"))
+    cells = _read_labels(first("barcodes.tsv.gz", "barcodes.tsv"))
+    for labels, size, what in ((genes, X.shape[0], "genes"), (cells, X.shape[1], "barcodes")):
+        if labels is not None and len(labels) != size:
+            raise ValueError(f"{folder}: {len(labels)} {what} listed for a matrix of shape "
+                             f"{X.shape} (genes x cells)")
+    return X, genes, cells
+
+
+def _read_labels(path):
+    """The first tab-separated field of each non-empty line (None for no file)."""
+    if path is None:
+        return None
+    import gzip
+
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt") as handle:
+            return [line.rstrip("\n").split("\t")[0] for line in handle if line.strip()]
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable list of labels ({exc})") from None
+
+
 def _read_sparse(path):
     import scipy.io
 
     try:
         X = sp.load_npz(path) if path.endswith(".npz") else scipy.io.mmread(path)
-    except (ValueError, OSError, KeyError) as exc:
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: not a readable sparse matrix ({exc})") from None
     if not sp.issparse(X):  # a dense ("array") Matrix Market file
         return _as_float_array(X, path)

@@ -2325,17 +2325,86 @@ def test_sparse_input_to_every_rank_criterion_matches_dense():
     (["rank", "{good}", "--ranks", "2:x"], "FIRST:LAST"),
     (["rank", "{good}", "--ranks", "1:2", "--criteria", "cv,magic"], "unknown criteria"),
     (["fit", "{text}", "-k", "1"], "is not a number"),
+    (["rank", "{damaged}", "--ranks", "1:2"], "not a readable sparse matrix"),
+    (["rank", "{zeros}", "--ranks", "1:2"], "nothing to factor"),
+    (["rank", "{folder}", "--ranks", "1:2"], "without matrix.mtx"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, argv, message):
     (tmp_path / "neg.csv").write_text("1,2\n3,-4\n")
     (tmp_path / "good.csv").write_text("1,2,3\n3,4,5\n6,7,9\n")
     (tmp_path / "text.csv").write_text("a,b\n1,2\n3,oops\n")
+    (tmp_path / "zeros.csv").write_text("0,0,0\n0,0,0\n0,0,0\n")
+    sp.save_npz(tmp_path / "whole.npz", sp.random(30, 20, density=0.3, format="csr"))
+    whole = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "damaged.npz").write_bytes(whole[:len(whole) // 2])  # a zip cut short
+    (tmp_path / "folder").mkdir()
     argv = [a.format(neg=tmp_path / "neg.csv", good=tmp_path / "good.csv",
-                     text=tmp_path / "text.csv") for a in argv]
+                     text=tmp_path / "text.csv", damaged=tmp_path / "damaged.npz",
+                     zeros=tmp_path / "zeros.csv", folder=tmp_path / "folder") for a in argv]
     code, out, err = run_cli(*argv)
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+def write_10x(folder, S, genes, cells, compressed=True):
+    """A 10x Genomics folder: matrix.mtx (genes x cells), features/genes and barcodes."""
+    import gzip
+
+    import scipy.io
+
+    folder.mkdir()
+    scipy.io.mmwrite(folder / "matrix.mtx", S)
+    if compressed:
+        data = (folder / "matrix.mtx").read_bytes()
+        (folder / "matrix.mtx").unlink()
+        (folder / "matrix.mtx.gz").write_bytes(gzip.compress(data))
+    features = "".join(f"{g}\tSYMBOL{i}\tGene Expression\n" for i, g in enumerate(genes))
+    barcodes = "".join(f"{c}\n" for c in cells)
+    for name, text in (("features.tsv" if compressed else "genes.tsv", features),
+                       ("barcodes.tsv", barcodes)):
+        if compressed:
+            (folder / (name + ".gz")).write_bytes(gzip.compress(text.encode()))
+        else:
+            (folder / name).write_text(text)
+
+
+def test_cli_reads_a_10x_folder_keeping_gene_and_cell_labels(tmp_path):
+    import json
+
+    S = sp.csr_matrix(sparse_counts(40, 30, 2, 8))
+    genes = [f"ENSG{i:05d}" for i in range(40)]
+    cells = [f"AAAC{j:04d}-1" for j in range(30)]
+    write_10x(tmp_path / "v3", S, genes, cells)
+    write_10x(tmp_path / "v2", S, genes, cells, compressed=False)
+    for folder in ("v2", "v3"):
+        X, rows, cols = nmf_cv.read_matrix(tmp_path / folder)
+        assert sp.issparse(X) and (X != S).nnz == 0 and rows == genes and cols == cells
+    code, out, err = run_cli("rank", tmp_path / "v3", "--ranks", "1:3", "--folds", 3,
+                             "--loss", "kl", "--criteria", "cv", "--out", tmp_path / "r")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r_rank.json").read_text())
+    assert report["row_labels"] == genes and report["col_labels"] == cells
+    code, out, err = run_cli("fit", tmp_path / "v3", "-k", "2", "--loss", "kl", "--out",
+                             tmp_path / "f")
+    assert code == 0, err
+    assert (tmp_path / "f_W.csv").read_text().splitlines()[1].startswith("ENSG00000,")
+    (tmp_path / "v3" / "barcodes.tsv.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="barcodes.tsv.gz"):
+        nmf_cv.read_matrix(tmp_path / "v3")
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(capsys):
+    """A cluster job's log gets a line per tenth of the fits (or minute), never a redrawn
+    bar (carriage returns)."""
+    X = nmf_cv.make_planted(40, 30, 2, noise=0.05, random_state=5)
+    nmf_cv.cross_validate(X, range(1, 5), random_state=0, progress=True, max_iter=20)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("cross_validate: ")]
+    fits = [line for line in lines if "/20 fits" in line]  # 4 ranks x 5 folds
+    assert fits[0].startswith("cross_validate: 0/20 fits") and "20/20 fits" in fits[-1]
+    assert 3 <= len(fits) <= 12
 
 
 def test_cli_help_for_every_subcommand():
