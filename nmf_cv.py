@@ -4012,7 +4012,10 @@ def _agreement(results, suggestions, edges):
     if cv is not None and len(cv.ranks) > 1:
         best = int(np.argmin(cv.press_median))
         close = cv.ranks[cv.press_median <= cv.press_median[best] + cv.press_mad_se[best]]
-        if len(close) > 1:
+        if len(close) == len(cv.ranks):
+            parts.append("PRESS flat within 1 SE over every rank tried: these data do not "
+                         "resolve the rank by cross-validation")
+        elif len(close) > 1:
             parts.append(f"PRESS at {', '.join(str(int(k)) for k in close)} within 1 SE")
     return "; ".join(parts) + "."
 

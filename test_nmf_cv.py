@@ -2764,6 +2764,9 @@ def test_report_says_when_criteria_agree_disagree_or_hit_the_edge():
     assert "criteria disagree: k = 3 by CV minimum, CV one-SE rule; k = 4 by cophenetic" in line
     assert "no answer inside the ranks tried by RSS vs randomized (≥ 6), BCV minimum (≥ 6)" in line
     assert "PRESS at 3, 4 within 1 SE" in line
+    flat = _report({"cv": 4}, cv_press=[[5.0, 5.6, 4.4]] * 4 + [[5.1, 5.7, 4.5]])
+    assert "PRESS flat within 1 SE over every rank tried" in flat.agreement
+    assert "PRESS flat" not in line
     text = split.table()
     assert "suggested k by RSS vs randomized data: ≥ 6 (RSS still falling faster" in text
     assert text.splitlines()[-1] == line
