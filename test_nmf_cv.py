@@ -2862,6 +2862,29 @@ def test_balancing_scales_minimise_the_ridge_at_fixed_product():
     assert nmf_cv._balancing_scales(w_sq, h_sq, nmf_cv._Penalty(0.0, 0.7, 0.0, 0.0)) is None
 
 
+def test_gamma_balancing_scales_minimise_the_priors_at_fixed_product():
+    from scipy.optimize import minimize_scalar
+
+    rng = np.random.default_rng(1)
+    pen = nmf_cv._Penalty(0.4, 0.0, 1.3, 0.0, 0.1, 0.3)
+    w_sum, h_sum = rng.uniform(0.1, 5.0, 5), rng.uniform(0.1, 5.0, 5)
+    w_sum[4] = 0.0  # an empty component stays as it is
+    m, n = 50, 20
+    d = nmf_cv._gamma_balancing_scales(w_sum, h_sum, m, n, pen)
+    for c in range(4):
+        def prior(t, w=w_sum[c], h=h_sum[c]):  # the priors' terms that depend on the scale t
+            return 0.4 * t * w + 1.3 * h / t - (0.1 * m - 0.3 * n) * math.log(t)
+
+        best = minimize_scalar(prior, bounds=(1e-4, 1e4), method="bounded",
+                               options={"xatol": 1e-12})
+        assert d[c] == pytest.approx(best.x, rel=1e-5)
+    assert d[4] == 1.0
+    flat = nmf_cv._Penalty(0.4, 0.0, 1.3, 0.0)  # no log terms: nothing to balance
+    assert nmf_cv._gamma_balancing_scales(w_sum, h_sum, m, n, flat) is None
+    ridged = nmf_cv._Penalty(0.4, 0.1, 1.3, 0.0, 0.1, 0.3)
+    assert nmf_cv._gamma_balancing_scales(w_sum, h_sum, m, n, ridged) is None
+
+
 # Tests from a mutation review of the rank-selection code (each kills a mutant that
 # the tests above let live).
 
