@@ -876,9 +876,10 @@ def test_cv_kl_scores_poisson_deviance_of_held_out_cells(method):
         assert cv.train_rss[0, 0, f] == pytest.approx(deviance[~held].sum(), rel=1e-10)
         # the fold was fitted by KL updates on its training cells only
         mask = ~held & (cv.folds[0] != -2)
-        prior = {"gamma_prior": (1.1, cv.alpha[0, f])} if method == "cd" else {}  # ridge 0.1
+        # CV's defaults for KL CD: Gamma priors from the ridge (0.1), tol=1e-5
+        cd = {"gamma_prior": (1.1, cv.alpha[0, f]), "tol": 1e-5} if method == "cd" else {}
         ref = nmf_cv.fit_nmf(np.where(mask, X, np.nan), 2, method=method, loss="kl",
-                             max_iter=40, tol=1e-6, **prior,
+                             max_iter=40, **{"tol": 1e-6, **cd},
                              random_state=np.random.SeedSequence(1).spawn(2)[1].spawn(3)[f])
         np.testing.assert_allclose(W @ H, ref.W @ ref.H, rtol=1e-10)
 
@@ -3339,3 +3340,22 @@ def test_kl_cv_priors_keep_every_held_out_prediction_positive():
     cv = nmf_cv.cross_validate(counts, range(1, 7), **kw)
     assert min((W @ H).min() for W, H in cv.factors.values()) > 0.0
     assert cv.best_rank == 3
+
+
+def test_cv_fits_counts_with_gamma_priors_and_their_own_tolerance(monkeypatch):
+    X = poisson_planted(40, 30, 2, seed=9)
+    seen = record_fits(monkeypatch)
+    cv = nmf_cv.cross_validate(X, [2], n_folds=3, loss="kl", random_state=0, progress=False,
+                               stuck_restarts=0)
+    assert [kw["tol"] for kw, _ in seen] == [1e-5] * 3 and cv.loss == "kl"
+    assert [kw["gamma_prior"] for kw, _ in seen] == [(1.1, a) for a in cv.alpha[0]]
+    seen.clear()
+    nmf_cv.cross_validate(X, [2], n_folds=3, loss="kl", method="mu", random_state=0,
+                          progress=False, stuck_restarts=0)
+    assert [kw["tol"] for kw, _ in seen] == [1e-6] * 3
+    assert all("gamma_prior" not in kw for kw, _ in seen)
+    seen.clear()
+    nmf_cv.cross_validate(X, [2], n_folds=3, loss="kl", random_state=0, progress=False,
+                          stuck_restarts=0, tol=1e-7, ridge=0)
+    assert [kw["tol"] for kw, _ in seen] == [1e-7] * 3
+    assert all("gamma_prior" not in kw for kw, _ in seen)
