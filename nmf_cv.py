@@ -2962,7 +2962,7 @@ class ConsensusResult:
 
 
 def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
-              stop="connectivity", stable_iter=400, pac_interval=(0.1, 0.9), mask=None,
+              stop=None, stable_iter=400, pac_interval=(0.1, 0.9), mask=None,
               random_state=None, executor=None, progress=None, checkpoint=None, **fit_kwargs):
     """Consensus clustering over random restarts (Brunet, Tamayo, Golub & Mesirov 2004).
 
@@ -2981,10 +2981,18 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
         Restarts per rank.
     method, loss : str
         Passed to `fit_nmf`; Brunet's choice (KL multiplicative updates) by default.
+        ``method="cd"`` fits the KL loss by coordinate descent instead (the CLI's choice with
+        ``--loss kl``): on medulloblastoma (k = 2..5, 50 runs) its cophenetic coefficients
+        were 0.988, 0.994, 0.977, 0.993 against MU's 0.991, 0.996, 0.971, 0.993 (both pick
+        3), but on planted clusters (200 x 60, 3 groups, two seeds) k = 2 differed by 0.012
+        and 0.017 and small data took 3-4x as long, so MU stays the default.
     axis : {"columns", "rows"}
         What is clustered.
-    stop : {"connectivity", "objective", "max_iter"}
-        When a run ends. ``"connectivity"`` (Brunet et al.'s rule): once its clustering has
+    stop : {"connectivity", "objective", "max_iter"}, optional
+        When a run ends; by default ``"connectivity"`` for ``method="mu"`` and
+        ``"objective"`` otherwise (a coordinate-descent iteration does the work of many
+        multiplicative ones, so counting 400 unchanged iterations would cost far more than
+        convergence). ``"connectivity"`` (Brunet et al.'s rule): once its clustering has
         not changed for ``stable_iter`` iterations, checked every 10 iterations.
         ``"objective"``: `fit_nmf`'s rule (relative decrease below ``tol``). ``"max_iter"``:
         after exactly ``max_iter`` iterations. Only ``"objective"`` evaluates the objective,
@@ -3009,6 +3017,9 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
     _check_choice(axis, ("columns", "rows"), "axis")
     ranks = _check_ranks(ranks, data.shape, minimum=2)
     _check_positive_int(n_runs, "n_runs")
+    method = _resolve_method(method, loss)
+    if stop is None:
+        stop = "connectivity" if method == "mu" else "objective"
     _check_choice(stop, ("connectivity", "objective", "max_iter"), "stop")
     _check_positive_int(stable_iter, "stable_iter", minimum=10)
     if stable_iter % 10:
@@ -5729,7 +5740,9 @@ def _parser():
     rank.add_argument("--folds", type=int, default=5, help="cross-validation folds")
     rank.add_argument("--runs", type=int, default=30, help="consensus restarts per rank")
     rank.add_argument("--loss", choices=LOSSES, default="frobenius",
-                      help="cross-validation loss; kl scores Poisson deviance (counts)")
+                      help="cross-validation loss; kl (counts) fits by KL coordinate descent "
+                      "and scores Poisson deviance; consensus then fits KL by coordinate "
+                      "descent too (else Brunet's multiplicative updates)")
     rank.add_argument("--report", help="dashboard figure path (default: PREFIX_rank.png)")
     rank.add_argument("--checkpoint", metavar="PATH",
                       help="directory keeping every finished fit: rerun the same command to "
@@ -5813,7 +5826,9 @@ def _cli_rank(args):
     prefix = _prefix(args)
     report = _rank_report(X, args.ranks, args, cv_kwargs={"n_folds": args.folds,
                                                           "loss": args.loss},
-                          consensus_kwargs={"n_runs": args.runs}, checkpoint=args.checkpoint,
+                          consensus_kwargs={"n_runs": args.runs,
+                                            "method": "cd" if args.loss == "kl" else "mu"},
+                          checkpoint=args.checkpoint,
                           progress=True)
     _save_report(report, f"{prefix}_rank.json", args.report or f"{prefix}_rank.png",
                  {"row_labels": row_labels, "col_labels": col_labels})

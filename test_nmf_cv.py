@@ -1321,7 +1321,7 @@ def test_consensus_on_medulloblastoma_if_available():
     assert res.cophenetic[0] > 0.9
 
 
-def _brunet_reference(X, k, seed, stable_iter, max_iter):
+def _brunet_reference(X, k, seed, stable_iter, max_iter, method="mu"):
     """Brunet's stopping rule through fit_nmf's callback: stop once the clustering has not
     changed for stable_iter iterations, checked every 10."""
     state = {"labels": None, "unchanged": 0}
@@ -1335,28 +1335,29 @@ def _brunet_reference(X, k, seed, stable_iter, max_iter):
         state["labels"] = labels
         return state["unchanged"] >= stable_iter
 
-    res = nmf_cv.fit_nmf(X, k, method="mu", loss="kl", init="random", tol=0,
+    res = nmf_cv.fit_nmf(X, k, method=method, loss="kl", init="random", tol=0,
                          max_iter=max_iter, random_state=seed, callback=callback)
     return np.argmax(res.H, axis=0)
 
 
+@pytest.mark.parametrize("method", ["mu", "cd"])
 @pytest.mark.parametrize("stop", ["max_iter", "connectivity"])
-def test_consensus_stopping_rules_match_fit_nmf(stop):
+def test_consensus_stopping_rules_match_fit_nmf(stop, method):
     """The objective-free loop consensus runs gives the iterates fit_nmf gives."""
     X, _ = _clustered(6, 3, seed=4, noise=0.3)
     ranks, n_runs = [2, 3], 3
     res = nmf_cv.consensus(X, ranks, n_runs=n_runs, stop=stop, stable_iter=30, max_iter=400,
-                           random_state=5, progress=False)
+                           random_state=5, progress=False, method=method)
     seeds = np.random.SeedSequence(5).spawn(len(ranks) * n_runs)
     for i, k in enumerate(ranks):
         for r in range(n_runs):
             seed = seeds[i * n_runs + r]
             if stop == "max_iter":
-                fit = nmf_cv.fit_nmf(X, k, method="mu", loss="kl", init="random", tol=0,
+                fit = nmf_cv.fit_nmf(X, k, method=method, loss="kl", init="random", tol=0,
                                      max_iter=400, random_state=seed)
                 expected = np.argmax(fit.H, axis=0)
             else:
-                expected = _brunet_reference(X, k, seed, 30, 400)
+                expected = _brunet_reference(X, k, seed, 30, 400, method)
             np.testing.assert_array_equal(res.labels[k][r], expected)
 
 
