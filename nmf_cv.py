@@ -5085,9 +5085,9 @@ def _predict_cells(A, a, scratch, c, u):
     for t in range(A.shape[1]):
         at = A[a, t]
         if at != 0.0:
-            base = t * c
+            b = scratch[t * c:(t + 1) * c]  # a slice, not t * c + q: the loop vectorizes
             for q in range(c):
-                u[q] += at * scratch[base + q]
+                u[q] += at * b[q]
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -5524,9 +5524,12 @@ def _rule_kl_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, h_all, 
 
 # KL coordinate descent (Hsieh & Dhillon 2011): one row of A at a time, a Newton step per
 # coordinate on the row's one-variable Poisson objective, with the row's predictions kept
-# up to date over its positive cells (zeros enter only through the linear term).
+# up to date over its positive cells (zeros enter only through the linear term). These
+# kernels use numpy's error model: numba's default checks every division for a zero divisor
+# (Python's ZeroDivisionError), which keeps its loops from vectorizing (measured: 1.5 against
+# 0.5 ns per cell); every divisor here is guarded (floored at eps, or tested > 0) instead.
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _kl_cd_rows(A, B, X, indptr, idx, vals, P, b, col_ptr, col_order, lin_all, lin_groups, l1,
                 l2, shape, sweeps, tol, eps, want_loss):
     """Coordinate descent on each row of A (p x k) for the KL objective over its cells, read
@@ -5571,7 +5574,7 @@ def _kl_cd_rows(A, B, X, indptr, idx, vals, P, b, col_ptr, col_order, lin_all, l
     return total
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, eps):
     """Sweeps over row i's coordinates. For coordinate t, with b_q the gathered B[:, t] and
     v_q the row's predictions, f(s) = (lin_t + l1) s + l2/2 s^2 - sum x_q log(v_q + (s - a) b_q)
@@ -5624,33 +5627,33 @@ def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, 
             v[q] += d_last * scratch[base_last + q]
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps):
     """(sum x_q b_q / v_q, sum x_q b_q^2 / v_q^2) over the cells for the coordinate whose b_q
     start at ``base``, first adding the previous coordinate's step d_last to v (one pass
     over the cells instead of two)."""
     num = 0.0
     curv = 0.0
+    b = scratch[base:base + c]  # slices, not base + q: the loops then vectorize
     if d_last != 0.0:
+        b_last = scratch[base_last:base_last + c]
         for q in range(c):
-            vq = v[q] + d_last * scratch[base_last + q]
+            vq = v[q] + d_last * b_last[q]
             v[q] = vq
-            bq = scratch[base + q]
             inv = 1.0 / max(vq, eps)
-            r = xs[q] * bq * inv
+            r = xs[q] * b[q] * inv
             num += r
-            curv += r * bq * inv
+            curv += r * b[q] * inv
     else:
         for q in range(c):
-            bq = scratch[base + q]
             inv = 1.0 / max(v[q], eps)
-            r = xs[q] * bq * inv
+            r = xs[q] * b[q] * inv
             num += r
-            curv += r * bq * inv
+            curv += r * b[q] * inv
     return num, curv
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _kl_majorizer_min(old, num, linear, l2):
     """Minimum over s >= 0 of linear s + l2/2 s^2 - old num log s: the Lee-Seung (EM) bound of
     the coordinate's objective at ``old``."""
@@ -5661,7 +5664,7 @@ def _kl_majorizer_min(old, num, linear, l2):
     return old
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _kl_still_falling(scratch, base, xs, v, c, old, new, slope, shape, eps):
     """Whether the coordinate's derivative after a step from old down to new is >= 0: then,
     f being convex, f fell all along the step. ``slope`` is its linear and ridge part."""
