@@ -33,7 +33,8 @@ realised fraction and shape.
 
 For each simulator, target fraction of zeros and seed, ``nmf_cv.cross_validate(X, ranks,
 loss=loss, random_state=seed, progress=False, return_factors=True)`` with every other
-argument at its default (5 folds, ``max_iter=2000, tol=1e-6``), for ``loss="kl"`` and
+argument at its default (5 folds, ``max_iter=2000``, ``tol`` 1e-6, or 1e-5 for KL coordinate
+descent since it became the KL default), for ``loss="kl"`` and
 ``"frobenius"``, on the same ranks (``--min-rank`` .. planted + ``--above``: 2..11 for
 single_cell, 2..10 for topic_like by default). Recorded: ``best_rank``, ``best_rank_1se``,
 the curve ``press_median / min`` and the wall time of each call.
@@ -451,7 +452,8 @@ def print_report(args, start, results):
     print(machine_header(start, args.blas_threads))
     print()
     print("`cross_validate(X, ranks, loss=..., random_state=seed, progress=False, "
-          "return_factors=True)`, defaults otherwise (5 folds, max_iter=2000, tol=1e-6), "
+          "return_factors=True)`, defaults otherwise (5 folds, max_iter=2000, tol=1e-6 or, for "
+          "KL coordinate descent, 1e-5), "
           "serial. Picks are `best_rank (best_rank_1se)`; curves are `press_median / min` "
           "(KL: held-out Poisson deviance; Frobenius: held-out squared error). single_cell: "
           f"{N_IDENTITY} identity programs + 1 activity program (planted rank "
