@@ -1249,28 +1249,30 @@ def _kl_lines(data):
     m, n = data.shape
     if data.masked:
         r_ptr, r_idx, c_ptr, c_idx, order = _cells(data.rows, data.cols, data.shape)
-        return (_KLLines(_listed_cells(r_ptr, r_idx, data.values, m, n), "listed"),
-                _KLLines(_listed_cells(c_ptr, c_idx, data.values[order], n, m), "listed"))
+        by_row = sp.csr_matrix((data.values, r_idx, r_ptr), shape=(m, n))
+        by_col = sp.csr_matrix((data.values[order], c_idx, c_ptr), shape=(n, m))
+        return _KLLines(_all_cells(by_row), "listed"), _KLLines(_all_cells(by_col), "listed")
     if data.sparse is not None:
-        X, Xc = data.sparse, data.sparse.tocsc()
-        return (_KLLines(_listed_cells(X.indptr, X.indices, X.data, m, n)),
-                _KLLines(_listed_cells(Xc.indptr, Xc.indices, Xc.data, n, m)))
-    return (_KLLines(_dense_cells(data.dense)),
-            _KLLines(_dense_cells(np.ascontiguousarray(data.dense.T))))
+        return _KLLines(_all_cells(data.sparse)), _KLLines(_all_cells(data.sparse.T.tocsr()))
+    return (_KLLines(_all_cells(data.dense)),
+            _KLLines(_all_cells(np.ascontiguousarray(data.dense.T))))
 
 
-def _dense_cells(X):
-    """`_rule_cells`' arguments for every cell of a dense X (a rule that holds nothing out)."""
+def _rule_view(X, P, b, col_ptr, col_order):
+    """`_rule_cells`' arguments for X (dense, or CSR) under the rule (P, b): a dense X, or an
+    empty one and the CSR arrays."""
+    if sp.issparse(X):
+        return np.zeros((0, 0), dtype=X.dtype), X.indptr, X.indices, X.data, P, b, col_ptr, \
+            col_order
     empty = np.zeros(0, dtype=np.int32)
-    return (X, empty, empty, np.zeros(0, dtype=X.dtype), np.zeros(X.shape[0], dtype=np.int64),
-            np.ones(X.shape[1], dtype=np.int64), empty, empty)
+    return X, empty, empty, np.zeros(0, dtype=X.dtype), P, b, col_ptr, col_order
 
 
-def _listed_cells(ptr, idx, vals, p, q):
-    """`_rule_cells`' arguments for the cells of p lines stored as CSR (q cross lines)."""
-    empty = np.zeros(0, dtype=np.int32)
-    return (np.zeros((0, 0), dtype=vals.dtype), ptr, idx, vals, np.zeros(p, dtype=np.int64),
-            np.ones(q, dtype=np.int64), empty, empty)
+def _all_cells(X):
+    """`_rule_view` of every cell of X (dense or CSR), a rule that holds nothing out."""
+    p, q = X.shape
+    none = np.zeros(0, dtype=np.int64)
+    return _rule_view(X, np.zeros(p, dtype=np.int64), np.ones(q, dtype=np.int64), none, none)
 
 
 class _FoldSolver(_WtH):
@@ -2256,29 +2258,15 @@ class _FoldTraining:
     def cells(self):
         """The kernels' view of X: (dense X or an empty one, CSR arrays or empty ones, the
         rule)."""
-        if self.sparse:
-            X = np.zeros((0, 0), dtype=self.dtype)
-            ptr, idx, vals = self.X.indptr, self.X.indices, self.X.data
-        else:
-            X = self.X
-            ptr, idx, vals = (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32),
-                              np.zeros(0, dtype=self.dtype))
-        return X, ptr, idx, vals, self.P, self.b, self.col_ptr, self.col_order
+        return _rule_view(self.X, self.P, self.b, self.col_ptr, self.col_order)
 
     def transposed_cells(self):
         """`cells` of X's transpose, whose rule swaps the roles of P and b: KL coordinate
         descent reads H's lines (X's columns) from it. A copy of X in the other layout, made
         on first use and kept with the training set."""
         if getattr(self, "_transposed", None) is None:
-            if self.sparse:
-                Xc = self.X.tocsc()
-                X = np.zeros((0, 0), dtype=self.dtype)
-                ptr, idx, vals = Xc.indptr, Xc.indices, Xc.data
-            else:
-                X = np.ascontiguousarray(self.X.T)
-                ptr, idx, vals = (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32),
-                                  np.zeros(0, dtype=self.dtype))
-            self._transposed = X, ptr, idx, vals, self.b, self.P, self.col_ptr, self.col_order
+            Xt = self.X.T.tocsr() if self.sparse else np.ascontiguousarray(self.X.T)
+            self._transposed = _rule_view(Xt, self.b, self.P, self.col_ptr, self.col_order)
         return self._transposed
 
     def held_XBt(self, Bt):
