@@ -563,7 +563,7 @@ class NMF:
 
     def __init__(self, n_components=None, *, method=None, loss="frobenius", init="nndsvda",
                  max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0,
-                 l1_ratio=0.0):
+                 l1_ratio=0.0, gamma_prior=None):
         self.n_components = n_components
         self.method = method
         self.loss = loss
@@ -574,9 +574,10 @@ class NMF:
         self.alpha_W = alpha_W
         self.alpha_H = alpha_H
         self.l1_ratio = l1_ratio
+        self.gamma_prior = gamma_prior
 
     _param_names = ("n_components", "method", "loss", "init", "max_iter", "tol",
-                    "random_state", "alpha_W", "alpha_H", "l1_ratio")
+                    "random_state", "alpha_W", "alpha_H", "l1_ratio", "gamma_prior")
 
     def get_params(self, deep=True):
         """Parameters as a dict (scikit-learn convention)."""
@@ -600,7 +601,8 @@ class NMF:
         init = (W, H) if W is not None and H is not None else self.init
         res = fit_nmf(X, k, mask=mask, method=self.method, loss=self.loss, init=init,
                       max_iter=self.max_iter, tol=self.tol, random_state=self.random_state,
-                      alpha_W=self.alpha_W, alpha_H=self.alpha_H, l1_ratio=self.l1_ratio)
+                      alpha_W=self.alpha_W, alpha_H=self.alpha_H, l1_ratio=self.l1_ratio,
+                      gamma_prior=self.gamma_prior)
         self.result_ = res
         self.components_ = res.H
         self.n_components_ = res.n_components
@@ -616,7 +618,9 @@ class NMF:
 
     def transform(self, X, *, mask=None):
         """W (m, k) for new rows of X with ``components_`` held fixed (non-negative least
-        squares for Frobenius, multiplicative updates for KL), missing cells left out."""
+        squares for Frobenius; for KL, coordinate descent or multiplicative updates as
+        ``method`` says, with W's Gamma prior if ``gamma_prior`` is set), missing cells left
+        out."""
         if not hasattr(self, "components_"):
             raise ValueError("this NMF instance is not fitted yet; call fit first")
         data = _validate_data(X, mask)
@@ -624,10 +628,12 @@ class NMF:
         if data.shape[1] != H.shape[1]:
             raise ValueError(f"X has {data.shape[1]} columns; the model was fitted with "
                              f"{H.shape[1]}")
-        penalty = _Penalty(self.alpha_W * self.l1_ratio, self.alpha_W * (1 - self.l1_ratio),
-                           0.0, 0.0)
-        return _solve_W(data, H, _resolve_method(self.method, self.loss), self.loss, penalty,
-                        max(self.max_iter, 200), min(self.tol, 1e-6))
+        method = _resolve_method(self.method, self.loss)
+        shape, rate = _check_gamma_prior(self.gamma_prior, method, self.loss)
+        penalty = _Penalty(self.alpha_W * self.l1_ratio + rate,
+                           self.alpha_W * (1 - self.l1_ratio), 0.0, 0.0, shape - 1.0, 0.0)
+        return _solve_W(data, H, method, self.loss, penalty, max(self.max_iter, 200),
+                        min(self.tol, 1e-6))
 
     def inverse_transform(self, W):
         """``W @ components_``."""

@@ -3360,3 +3360,16 @@ def test_cv_fits_counts_with_gamma_priors_and_their_own_tolerance(monkeypatch):
                           stuck_restarts=0, tol=1e-7, ridge=0)
     assert [kw["tol"] for kw, _ in seen] == [1e-7] * 3
     assert all("gamma_prior" not in kw for kw, _ in seen)
+
+
+def test_nmf_estimator_with_gamma_priors_transforms_to_its_fitted_w():
+    """With H fixed, the fit's W is the posterior mode of the W-subproblem, which transform
+    solves again from scratch (W's prior included)."""
+    X = sparse_counts(50, 30, 3, seed=11, density_mean=1.0)
+    model = nmf_cv.NMF(3, loss="kl", gamma_prior=(1.2, 0.5), random_state=0, max_iter=5000,
+                       tol=0)
+    W = model.fit_transform(X)
+    assert model.get_params()["gamma_prior"] == (1.2, 0.5) and W.min() > 0
+    assert_allclose(model.transform(X), W, rtol=1e-4, atol=1e-8)
+    bare = nmf_cv.NMF(3, loss="kl", random_state=0, max_iter=5000, tol=0).fit(X)
+    assert not np.allclose(bare.transform(X), W, rtol=1e-2)  # the prior changes the answer
