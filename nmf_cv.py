@@ -1582,10 +1582,11 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
         ``(1 + ridge) / sqrt(mean count of the training set)`` (``CVResult.alpha`` holds the
         rate). Why: unpenalised Poisson fits put exact zeros in W and H, so some held-out
         cells are predicted to be exactly 0, and a count there costs about 700 in deviance;
-        the curve then climbs with k (on single-cell-like counts at 90% zeros the pick was
-        the planted 7 in 3 of 5 seeds; at 97%, 2 in 5 of 5; with the priors 7 in 3 of 3 and
-        6 in 3 of 3). ``method="mu"`` fits are not penalised. Explicit ``alpha_W`` /
-        ``alpha_H`` or ``gamma_prior`` in ``fit_kwargs`` replace it.
+        the curve then climbs with k (on single-cell-like counts, planted 7, 5 seeds: at 90%
+        zeros the pick was 7 in 3 of 5, at 97% 2 in 5 of 5; with the priors 7 in 5 of 5, and
+        6, 6, 5, 7, 7; `benchmarks/bench_counts.py`). ``method="mu"`` fits are not
+        penalised. Explicit ``alpha_W`` / ``alpha_H`` or ``gamma_prior`` in ``fit_kwargs``
+        replace it.
     n_restarts : int >= 1
         Fits per rank and fold: the first from ``init``, the others from random inits (each
         with its own seed spawned from the fit's), keeping the lowest *training* objective.
@@ -2236,6 +2237,7 @@ class _FoldTraining:
         self.n_held = sum(len(r) * len(c) for r, c in zip(self.row_groups, self.col_groups,
                                                           strict=True))
         self.n_train = m * n - self.n_held
+        self._transposed = None  # `transposed_cells`, made on first use
         # The held-out cells' values, read once: each row group's block of its held-out
         # columns (dense X), or the held-out stored entries (CSR). 1 / n_folds of X; the
         # products with them are then BLAS or sparse calls on contiguous data, where reading
@@ -2270,7 +2272,7 @@ class _FoldTraining:
         """`cells` of X's transpose, whose rule swaps the roles of P and b: KL coordinate
         descent reads H's lines (X's columns) from it. A copy of X in the other layout, made
         on first use and kept with the training set."""
-        if getattr(self, "_transposed", None) is None:
+        if self._transposed is None:
             Xt = self.X.T.tocsr() if self.sparse else np.ascontiguousarray(self.X.T)
             self._transposed = _rule_view(Xt, self.b, self.P, self.col_ptr, self.col_order)
         return self._transposed
