@@ -5745,6 +5745,16 @@ def _parser():
     _add_rank_options(rank)
     rank.add_argument("--folds", type=int, default=5, help="cross-validation folds")
     rank.add_argument("--runs", type=int, default=30, help="consensus restarts per rank")
+    rank.add_argument("--repeats", type=int, default=1,
+                      help="cross-validation fold splits (default: %(default)s)")
+    rank.add_argument("--restarts", type=int, default=_N_RESTARTS,
+                      help="fits per rank (and fold) for cv, randomized and bicv "
+                      "(default: %(default)s)")
+    rank.add_argument("--ridge", type=float, default=_RIDGE,
+                      help="cross-validation's ridge, relative to the noise (default: "
+                      "%(default)s)")
+    rank.add_argument("--max-iter", type=int, default=_RANK_FIT_DEFAULTS["max_iter"],
+                      help="iterations per fit, every criterion (default: %(default)s)")
     rank.add_argument("--loss", choices=LOSSES, default="frobenius",
                       help="cross-validation loss; kl (counts) fits by KL coordinate descent "
                       "and scores Poisson deviance; consensus then fits KL by coordinate "
@@ -5830,15 +5840,25 @@ def _cli_fit(args):
 def _cli_rank(args):
     X, row_labels, col_labels = read_matrix(args.file)
     prefix = _prefix(args)
-    report = _rank_report(X, args.ranks, args, cv_kwargs={"n_folds": args.folds,
-                                                          "loss": args.loss},
+    iterations = {"max_iter": args.max_iter}
+    report = _rank_report(X, args.ranks, args, n_restarts=args.restarts,
+                          cv_kwargs={"n_folds": args.folds, "n_repeats": args.repeats,
+                                     "loss": args.loss, "ridge": args.ridge, **iterations},
                           consensus_kwargs={"n_runs": args.runs,
-                                            "method": "cd" if args.loss == "kl" else "mu"},
-                          checkpoint=args.checkpoint,
-                          progress=True)
+                                            "method": "cd" if args.loss == "kl" else "mu",
+                                            **iterations},
+                          randomized_kwargs=iterations, bicv_kwargs=iterations,
+                          checkpoint=args.checkpoint, progress=True)
+    arguments = {name: getattr(args, name) for name in _RANK_ARGUMENTS}
     _save_report(report, f"{prefix}_rank.json", args.report or f"{prefix}_rank.png",
-                 {"row_labels": row_labels, "col_labels": col_labels})
+                 {"row_labels": row_labels, "col_labels": col_labels,
+                  "arguments": {"file": args.file, **arguments}})
     return 0
+
+
+# what the rank command's JSON records, so that a run can be repeated
+_RANK_ARGUMENTS = ("ranks", "criteria", "folds", "repeats", "restarts", "ridge", "max_iter",
+                   "runs", "loss", "seed", "jobs")
 
 
 def _rank_report(X, ranks, args, **kwargs):

@@ -2273,6 +2273,36 @@ def test_cli_rank_prints_table_and_saves_report(tmp_path):
     assert (tmp_path / "x_rank.png").stat().st_size > 10_000
 
 
+def test_cli_rank_options_reach_the_criteria_and_the_json(tmp_path):
+    """--repeats, --restarts, --ridge and --max-iter change the fits as the same arguments
+    to choose_rank do, and the JSON records every argument needed to repeat the run."""
+    import json
+
+    X = nmf_cv.make_planted(40, 30, 2, noise=0.05, random_state=5)
+    np.save(tmp_path / "x.npy", X)
+    code, out, err = run_cli("rank", tmp_path / "x.npy", "--ranks", "1:3", "--folds", 3,
+                             "--criteria", "cv,randomized", "--repeats", 2, "--restarts", 2,
+                             "--ridge", 0.05, "--max-iter", 300, "--seed", 4,
+                             "--out", tmp_path / "x")
+    assert code == 0, err
+    report = json.loads((tmp_path / "x_rank.json").read_text())
+    fit = {"max_iter": 300}
+    ref = nmf_cv.choose_rank(X, [1, 2, 3], ("cv", "randomized"), random_state=4,
+                             n_restarts=2, progress=False, randomized_kwargs=fit,
+                             cv_kwargs={"n_folds": 3, "n_repeats": 2, "ridge": 0.05, **fit})
+    default = nmf_cv.choose_rank(X, [1, 2, 3], ("cv",), random_state=4, progress=False,
+                                 cv_kwargs={"n_folds": 3})
+    for name in ("PRESS", "RSS"):
+        assert report["columns"][name] == pytest.approx(
+            {str(k): v for k, v in ref.columns()[name].items()}, rel=1e-12)
+    assert report["columns"]["PRESS"] != pytest.approx(
+        {str(k): v for k, v in default.columns()["PRESS"].items()}, rel=1e-6)
+    assert report["arguments"] == {
+        "file": str(tmp_path / "x.npy"), "ranks": [1, 2, 3], "criteria": ["cv", "randomized"],
+        "folds": 3, "repeats": 2, "restarts": 2, "ridge": 0.05, "max_iter": 300, "runs": 30,
+        "loss": "frobenius", "seed": 4, "jobs": 1}
+
+
 def test_cli_rank_reads_sparse_mtx_and_npz(tmp_path):
     """Matrix Market and scipy .npz files are read sparse (CSR) and give the report Python
     gives for the same matrix."""
