@@ -1393,6 +1393,160 @@ def test_consensus_same_with_executor_and_bad_input():
 # randomized RSS, bi-cross-validation, the report
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# Component stability
+# ---------------------------------------------------------------------------------------------
+
+def test_silhouette_matches_scikit_learn():
+    """Against scikit-learn's silhouette_samples (cosine), with a zero vector and a group of
+    one point (silhouette 0 there by convention)."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    P = rng.random((61, 7))
+    labels = rng.integers(0, 4, 61)
+    P[3] = 0.0
+    labels[60] = 4  # alone in its group
+    ours = nmf_cv.silhouette_samples_cosine(P, labels)
+    assert_allclose(ours, metrics.silhouette_samples(P, labels, metric="cosine"), atol=1e-12)
+    assert ours[60] == 0.0
+    with pytest.raises(ValueError, match="two groups"):
+        nmf_cv.silhouette_samples_cosine(P, np.zeros(61, dtype=int))
+
+
+def test_stability_scores_clustered_components_as_scikit_learn_does():
+    """One rank's runs of planted data: every run gives one component to each group, and
+    the groups' silhouettes are scikit-learn's silhouette_score of the same components."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    X = nmf_cv.make_planted(80, 40, 3, noise=0.3, random_state=2)
+    runs = [nmf_cv._stability_task(X, 4, np.random.SeedSequence(s), "columns", False, "hals",
+                                   "frobenius", {"init": "random", "max_iter": 300,
+                                                 "tol": 1e-5})
+            for s in range(8)]
+    comps = np.array([c for c, _ in runs])
+    per_group, mean, _, _, means, labels = nmf_cv._stability_of(
+        [c for c, _ in runs], [e for _, e in runs])
+    assert_array_equal(np.sort(labels, axis=1), np.tile(np.arange(4), (8, 1)))
+    points, flat = comps.reshape(32, -1), labels.ravel()
+    assert mean == pytest.approx(metrics.silhouette_score(points, flat, metric="cosine"),
+                                 abs=1e-12)
+    samples = metrics.silhouette_samples(points, flat, metric="cosine")
+    assert_allclose(per_group, [samples[flat == g].mean() for g in range(4)], atol=1e-12)
+    assert_allclose(np.linalg.norm(means, axis=1), 1.0)
+
+
+def test_matched_similarity_against_every_pairing():
+    """staNMF-style similarity: the best one-to-one pairing of two runs' components, checked
+    against all k! pairings."""
+    import itertools
+
+    rng = np.random.default_rng(1)
+    comps = rng.random((4, 3, 10))
+    comps /= np.linalg.norm(comps, axis=2, keepdims=True)
+    best = []
+    for r, q in itertools.combinations(range(4), 2):
+        cos = comps[r] @ comps[q].T
+        best.append(max(np.mean([cos[i, p[i]] for i in range(3)])
+                        for p in itertools.permutations(range(3))))
+    assert nmf_cv._matched_similarity(comps) == pytest.approx(np.mean(best), rel=1e-12)
+
+
+@pytest.mark.parametrize("k_true,seed", [(3, 0), (4, 1), (5, 2)])
+def test_stability_stable_at_the_planted_rank_and_not_above(k_true, seed):
+    X = nmf_cv.make_planted(300, 100, k_true, noise=0.1, random_state=seed)
+    res = nmf_cv.stability(X, range(2, k_true + 3), n_runs=12, random_state=seed,
+                           progress=False)
+    at = {int(k): s for k, s in zip(res.ranks, res.min_silhouette, strict=True)}
+    assert res.best_rank == k_true, res
+    assert at[k_true] >= 0.9 and at[k_true + 1] < 0.3 and at[k_true + 2] < 0.3, at
+    assert np.all(np.diff(res.error) < 0)  # more components, smaller error
+    assert res.similarity[k_true - 2] > res.similarity[k_true - 1]
+
+
+def test_stability_on_bars_is_stable_at_16():
+    """Hoyer's bars, samples in rows (components are H's rows): 16 bars reproduce in every
+    run, 17 components do not."""
+    res = nmf_cv.stability(bars(0), [14, 15, 16, 17, 18], n_runs=12, axis="rows",
+                           random_state=0, progress=False)
+    assert res.best_rank == 16, res
+    assert res.min_silhouette[2] > 0.95 and res.min_silhouette[3] < 0.5
+    grid = res.components[16].reshape(16, 8, 8)
+    assert all(np.sort(c.ravel())[-8:].min() > 5 * np.sort(c.ravel())[-9] for c in grid)
+
+
+def test_stability_same_with_executor_sparse_and_float32():
+    from concurrent.futures import ProcessPoolExecutor
+
+    X = nmf_cv.make_planted(60, 30, 3, noise=0.05, random_state=3)
+    kw = {"n_runs": 6, "random_state": 5, "progress": False}
+    serial = nmf_cv.stability(X, [2, 3, 4], **kw)
+    with ProcessPoolExecutor(2) as pool:
+        pooled = nmf_cv.stability(X, [2, 3, 4], executor=pool, **kw)
+    for name in ("min_silhouette", "silhouette", "similarity", "errors"):
+        assert_array_equal(getattr(pooled, name), getattr(serial, name))
+    assert_array_equal(pooled.components[3], serial.components[3])
+    sparse = nmf_cv.stability(sp.csr_matrix(X), [2, 3, 4], **kw)
+    assert_allclose(sparse.min_silhouette, serial.min_silhouette, atol=1e-6)
+    single = nmf_cv.stability(X.astype(np.float32), [2, 3, 4], **kw)
+    assert serial.best_rank == 3 and single.min_silhouette[0] > 0.95
+    assert_allclose(single.errors[:2], serial.errors[:2], rtol=1e-2)  # up to the true rank
+
+
+def test_stability_with_bootstrap_and_missing_cells():
+    X = nmf_cv.make_planted(120, 50, 3, noise=0.05, missing=0.1, random_state=4)
+    kw = {"n_runs": 8, "random_state": 1, "progress": False}
+    res = nmf_cv.stability(X, [2, 3, 4], **kw)
+    again = nmf_cv.stability(X, [2, 3, 4], **kw)
+    assert_array_equal(res.errors, again.errors)
+    plain = nmf_cv.stability(X, [2, 3, 4], **{**kw, "bootstrap": False})
+    assert not np.array_equal(res.errors, plain.errors)
+    assert res.best_rank == 3 and res.components[3].shape == (3, 120)
+
+
+def test_stability_resumes_from_its_checkpoint_without_fitting(tmp_path, monkeypatch):
+    X = nmf_cv.make_planted(40, 20, 2, noise=0.05, random_state=6)
+    kw = {"n_runs": 4, "random_state": 2, "progress": False, "checkpoint": tmp_path}
+    first = nmf_cv.stability(X, [2, 3], **kw)
+
+    def no_fits(*args, **kwargs):
+        raise AssertionError("fitted again")
+    monkeypatch.setattr(nmf_cv, "fit_nmf", no_fits)
+    again = nmf_cv.stability(X, [2, 3], **kw)
+    assert_array_equal(again.errors, first.errors)
+    assert_array_equal(again.min_silhouette, first.min_silhouette)
+
+
+def test_stability_rejects_bad_arguments():
+    X = nmf_cv.make_planted(20, 10, 2, random_state=0)
+    with pytest.raises(ValueError, match=">= 2"):
+        nmf_cv.stability(X, [1, 2])
+    with pytest.raises(ValueError, match="n_runs"):
+        nmf_cv.stability(X, [2], n_runs=1)
+    with pytest.raises(ValueError, match="threshold"):
+        nmf_cv.stability(X, [2], threshold=1.5)
+    with pytest.raises(ValueError, match="axis"):
+        nmf_cv.stability(X, [2], axis="cols")
+    with pytest.raises(ValueError, match="negative"):
+        nmf_cv.stability(-X, [2])
+
+
+def test_stability_report_says_when_no_rank_reproduces():
+    """Pure noise: no rank's components all reproduce across resamples (from inits alone
+    they do, at ranks 4 and 5); the report says so instead of giving the smallest rank as
+    an answer."""
+    X = np.random.default_rng(0).random((60, 40))
+    fixed = nmf_cv.stability(X, [4, 5], n_runs=6, bootstrap=False, random_state=0,
+                             progress=False)
+    assert fixed.min_silhouette.min() > 0.9
+    report = nmf_cv.choose_rank(X, [3, 4, 5], ("stability",), random_state=0, progress=False,
+                                stability_kwargs={"n_runs": 6})
+    st = report.results["stability"]
+    assert st.min_silhouette.max() < st.threshold
+    assert report.edges["stability"] == "<="
+    assert ("suggested k by component stability (largest k whose components reproduce): none "
+            "(no rank tried has every component reproducing") in str(report)
+    assert "no answer inside the ranks tried by component stability (none)" in report.agreement
+
+
 def test_permute_columns_keeps_each_columns_values_and_missing_cells():
     X = nmf_cv.make_planted(30, 10, 2, missing=0.3, random_state=27)
     P = nmf_cv._permute_columns(X, np.random.default_rng(0))
@@ -1453,9 +1607,10 @@ def test_choose_rank_report():
     prior_kwargs = {"likelihood": "gaussian", "noise_var": (0.05 * X.mean()) ** 2}
     report = nmf_cv.choose_rank(X, range(1, 6), random_state=0, progress=False,
                                 prior_kwargs=prior_kwargs,
-                                consensus_kwargs={"n_runs": 8, "max_iter": 200})
+                                consensus_kwargs={"n_runs": 8, "max_iter": 200},
+                                stability_kwargs={"n_runs": 8})
     assert set(report.suggestions) == {"prior", "cv", "cv_1se", "cophenetic", "randomized",
-                                       "bicv"}
+                                       "bicv", "stability"}
     assert list(report.suggestions)[0] == "prior"  # instant, listed first
     prior = nmf_cv.prior_predictive_rank(X, **prior_kwargs)
     assert report.suggestions["prior"] == prior.rank_int
@@ -1463,7 +1618,7 @@ def test_choose_rank_report():
     assert report.suggestions["cophenetic"] == report.results["cophenetic"].best_rank
     text = str(report)
     assert text.splitlines()[0].split()[:3] == ["k", "PRESS", "PRESS"]
-    assert len(text.splitlines()) == 1 + 5 + 1 + 6 + 1  # the last line: agreement
+    assert len(text.splitlines()) == 1 + 5 + 1 + 7 + 1  # the last line: agreement
     assert text.splitlines()[-1] == report.agreement
     assert f"(estimate {prior.rank:.2f}, no fits)" in text
     assert "-" in text.splitlines()[1]  # no cophenetic at k = 1
@@ -1473,7 +1628,9 @@ def test_choose_rank_report():
     assert data["columns"]["PRESS"]["3"] == pytest.approx(cv.press_median[2])
     assert data["agreement"] == report.agreement
     assert data["suggestions"] == report.suggestions
-    for criterion in ("cv", "randomized", "bicv"):
+    assert data["columns"]["stability"]["3"] == pytest.approx(
+        report.results["stability"].min_silhouette[1])
+    for criterion in ("cv", "randomized", "bicv", "stability"):
         assert report.suggestions[criterion] == 3, (criterion, report)
 
 
@@ -2126,12 +2283,15 @@ def test_plot_rank_report_has_a_panel_per_criterion_with_suggestions_marked(repo
                              {**report.suggestions, "prior": 2})
     fig = nmf_cv.plot_rank_report(full)
     panels = axes_by_label(fig)
-    assert list(panels) == ["cv", "bicv", "randomized", "cophenetic"]
+    error_axes = panels.pop("stability error")  # the stability panel's twin (right axis)
+    assert list(panels) == ["cv", "bicv", "randomized", "cophenetic", "stability"]
     s = report.suggestions
+    assert s["stability"] == 2
     expected = {"cv": {"best_rank": [s["cv"]], "best_rank_1se": [s["cv_1se"]]},
                 "bicv": {"best_rank": [s["bicv"]], "best_rank_1se": []},
                 "randomized": {"best_rank": [s["randomized"]]},
-                "cophenetic": {"best_rank": [s["cophenetic"]]}}
+                "cophenetic": {"best_rank": [s["cophenetic"]]},
+                "stability": {"best_rank": [2]}}
     for name, ax in panels.items():
         for gid, xs in expected[name].items():
             assert marks(ax, gid) == xs, (name, gid)
@@ -2141,10 +2301,16 @@ def test_plot_rank_report_has_a_panel_per_criterion_with_suggestions_marked(repo
                        report.results["cv"].press_median)
     assert_array_equal(panels["bicv"].containers[0].lines[0].get_ydata(),
                        report.results["bicv"].press_median)
+    st = report.results["stability"]
+    (line,) = [ln for ln in panels["stability"].lines if ln.get_gid() == "min_silhouette"]
+    assert_array_equal(line.get_ydata(), st.min_silhouette)
+    (line,) = [ln for ln in error_axes.lines if ln.get_gid() == "error"]
+    assert_array_equal(line.get_ydata(), st.error)
     title = fig.get_suptitle()
     for text in (f"CV minimum: {s['cv']}", f"CV one-SE rule: {s['cv_1se']}",
                  f"BCV minimum: {s['bicv']}", f"RSS vs randomized: {s['randomized']}",
-                 f"cophenetic (Brunet): {s['cophenetic']}", "prior predictive: 2.4"):
+                 f"cophenetic (Brunet): {s['cophenetic']}", "prior predictive: 2.4",
+                 "component stability: 2"):
         assert text in title
     render(fig)
 
@@ -2300,7 +2466,26 @@ def test_cli_rank_options_reach_the_criteria_and_the_json(tmp_path):
     assert report["arguments"] == {
         "file": str(tmp_path / "x.npy"), "ranks": [1, 2, 3], "criteria": ["cv", "randomized"],
         "folds": 3, "repeats": 2, "restarts": 2, "ridge": 0.05, "max_iter": 300, "runs": 30,
-        "loss": "frobenius", "seed": 4, "jobs": 1}
+        "stability_runs": 20, "loss": "frobenius", "seed": 4, "jobs": 1}
+
+
+def test_cli_rank_with_the_stability_criterion(tmp_path):
+    import json
+
+    X = nmf_cv.make_planted(120, 60, 3, noise=0.05, random_state=1)
+    np.save(tmp_path / "x.npy", X)
+    code, out, err = run_cli("rank", tmp_path / "x.npy", "--ranks", "2:4", "--criteria",
+                             "stability", "--stability-runs", 6, "--out", tmp_path / "x")
+    assert code == 0, err
+    report = json.loads((tmp_path / "x_rank.json").read_text())
+    ref = nmf_cv.stability(X, [2, 3, 4], n_runs=6, progress=False,
+                           random_state=np.random.SeedSequence(0).spawn(5)[4])
+    assert report["suggestions"] == {"stability": ref.best_rank} == {"stability": 3}
+    assert report["columns"]["stability"] == pytest.approx(
+        dict(zip(["2", "3", "4"], ref.min_silhouette.tolist())), rel=1e-12)
+    assert report["arguments"]["stability_runs"] == 6
+    assert "suggested k by component stability (largest k whose components reproduce): 3" \
+        in out
 
 
 def test_cli_rank_reads_sparse_mtx_and_npz(tmp_path):
