@@ -1455,6 +1455,12 @@ class CVResult:
         The ridge ``alpha_W = alpha_H`` each fold's training fits used (see `cross_validate`).
     n_refitted : ndarray of int (r,)
         Folds of each rank refitted because they were stuck (``stuck_restarts``).
+    adaptive : bool
+        Splits were added for the ranks in contention only (``n_repeats="auto"``).
+    repeat_best_ranks : ndarray of int (n_repeats,)
+        Each split's own pick: the rank with the smallest median PRESS over that split's
+        folds. How far these agree is how far the pick depends on the split
+        (`pick_text`). Ranks a split did not fit (NaN in ``press``) are left out of it.
 
     Examples
     --------
@@ -1474,6 +1480,7 @@ class CVResult:
     loss: str = "frobenius"
     alpha: np.ndarray = None
     n_refitted: np.ndarray = None
+    adaptive: bool = False
     press_median: np.ndarray = field(init=False)
     press_mad_se: np.ndarray = field(init=False)
     press_mean: np.ndarray = field(init=False)
@@ -1481,22 +1488,57 @@ class CVResult:
     n_outlier_folds: np.ndarray = field(init=False)
     best_rank: int = field(init=False)
     best_rank_1se: int = field(init=False)
+    repeat_best_ranks: np.ndarray = field(init=False)
 
     def __post_init__(self):
         per_fold = self.press.reshape(len(self.ranks), -1)
-        n = per_fold.shape[1]
-        self.press_mean = per_fold.mean(axis=1)
-        sd = per_fold.std(axis=1, ddof=1) if n > 1 else np.zeros(len(self.ranks))
-        self.press_se = sd / math.sqrt(n)
-        self.press_median = np.median(per_fold, axis=1)
-        mad = np.median(np.abs(per_fold - self.press_median[:, None]), axis=1)
-        self.press_mad_se = _MEDIAN_SE * _MAD_SD * mad / math.sqrt(n)
-        self.n_outlier_folds = np.sum(per_fold > _OUTLIER_FOLD * self.press_median[:, None],
-                                      axis=1)
-        best = int(np.argmin(self.press_median))
+        n = np.sum(~np.isnan(per_fold), axis=1)  # folds fitted per rank
+        self.press_mean = np.nanmean(per_fold, axis=1)
+        sd = np.array([np.nanstd(p, ddof=1) if c > 1 else 0.0 for p, c in zip(per_fold, n,
+                                                                                strict=True)])
+        self.press_se = sd / np.sqrt(n)
+        self.press_median = np.nanmedian(per_fold, axis=1)
+        mad = np.nanmedian(np.abs(per_fold - self.press_median[:, None]), axis=1)
+        self.press_mad_se = _MEDIAN_SE * _MAD_SD * mad / np.sqrt(n)
+        with np.errstate(invalid="ignore"):
+            outlier = per_fold > _OUTLIER_FOLD * self.press_median[:, None]
+        self.n_outlier_folds = np.sum(outlier, axis=1)
+        # ranks left out of later splits (n_repeats="auto") lost to the best on every fold
+        # they share or by a clear margin, and their medians come from other folds
+        final = n == n.max()
+        best = int(np.argmin(np.where(final, self.press_median, np.inf)))
         self.best_rank = int(self.ranks[best])
-        within = self.press_median <= self.press_median[best] + self.press_mad_se[best]
+        within = final & (self.press_median <= self.press_median[best] + self.press_mad_se[best])
         self.best_rank_1se = int(self.ranks[np.flatnonzero(within)[0]])
+        split_medians = np.nanmedian(np.where(np.isnan(self.press), np.inf, self.press),
+                                     axis=2)
+        self.repeat_best_ranks = self.ranks[np.argmin(split_medians, axis=0)]
+
+    def pick_counts(self):
+        """(rank, number of splits picking it) pairs, the pooled ``best_rank`` first, then
+        by count."""
+        ranks, counts = np.unique(self.repeat_best_ranks, return_counts=True)
+        tally = dict(zip(ranks.tolist(), counts.tolist(), strict=True))
+        first = [(self.best_rank, tally.pop(self.best_rank, 0))]
+        return first + sorted(tally.items(), key=lambda item: (-item[1], item[0]))
+
+    def pick_text(self):
+        """The pick with its spread over splits: ``"6 (5 of 5 splits)"``, ``"6 or 9 (3 and 2
+        of 5 splits)"``; ``"6 (one split)"`` when there was only one."""
+        n = len(self.repeat_best_ranks)
+        if n == 1 and self.adaptive and len(self.ranks) > 1:
+            return f"{self.best_rank} (one split: every other rank worse on its folds)"
+        if n == 1:
+            return f"{self.best_rank} (one split)"
+        picks = self.pick_counts()
+        if picks[0][1] == 0:  # the pooled curve's minimum, which no split alone picks
+            others = " or ".join(str(k) for k, _ in picks[1:])
+            counts = " and ".join(str(c) for _, c in picks[1:])
+            return (f"{self.best_rank} (pooled over {n} splits; alone they pick {others}: "
+                    f"{counts} of {n})")
+        ranks = " or ".join(str(k) for k, _ in picks)
+        counts = " and ".join(str(c) for _, c in picks)
+        return f"{ranks} ({counts} of {n} splits)"
 
     def __repr__(self):
         return (f"CVResult(ranks={self.ranks.tolist()}, best_rank={self.best_rank}, "
@@ -1509,7 +1551,7 @@ _MAD_SD = 1.4826  # standard deviation / median absolute deviation for normal da
 _OUTLIER_FOLD = 3.0  # a fold above this multiple of its rank's median PRESS is an outlier
 
 
-def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
+def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=None,
                    loss="frobenius", ridge=_RIDGE, n_restarts=_N_RESTARTS,
                    stuck_restarts=_STUCK_RESTARTS, warm_start=False, random_state=None,
                    executor=None, progress=None, return_factors=False, allow_large_loo=False,
@@ -1550,8 +1592,15 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
         ``"loo"``: exact leave-one-cell-out, one fit per observed cell and rank, giving
         E(k) = sum of the held-out squared errors. Refused above 2000 observed cells unless
         ``allow_large_loo=True``.
-    n_repeats : int
-        Independent re-splits into folds.
+    n_repeats : int or "auto"
+        Independent splits into folds. ``"auto"`` (default): one split for every rank, then
+        further splits, up to 10, for the ranks still in contention: the best so far and
+        every rank its folds do not show worse (worse on every fold fitted so far, or by a
+        paired difference above 2 standard errors). Where the curve is decided the first
+        split is all there is; where ranks are close, their picks are pooled over more
+        splits and fits, and ``CVResult.repeat_best_ranks`` / ``pick_text()`` say how far
+        the splits agree. Ranks dropped early keep their first folds' PRESS (NaN for the
+        later splits in ``press``). An int fits every rank on that many splits.
     mask : array-like of bool, optional
         True = observed (as in `fit_nmf`).
     method : str, optional
@@ -1662,7 +1711,9 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
     data = _validate_data(X, mask, signal=True)
     ranks = _check_ranks(ranks, data.shape)
     method = _resolve_method(method, loss)
-    _check_positive_int(n_repeats, "n_repeats")
+    fixed = not (isinstance(n_repeats, str) and n_repeats == "auto")
+    if fixed:
+        _check_positive_int(n_repeats, "n_repeats")
     _check_positive_int(n_restarts, "n_restarts")
     _check_positive_int(stuck_restarts, "stuck_restarts", minimum=0)
     kl_cd = {"tol": _KL_RANK_TOL} if (loss, method) == ("kl", "cd") else {}
@@ -1684,67 +1735,126 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats=1, mask=None, method=None,
         n_repeats=n_repeats, method=method, loss=loss, ridge=ridge, n_restarts=n_restarts,
         stuck_restarts=stuck_restarts, warm_start=warm_start, fit_options=fit_kwargs)
     seeds = root.spawn(2)
-    split_rngs = [np.random.default_rng(s) for s in seeds[0].spawn(n_repeats)]
     source = _cv_source(data, loo or warm_start)
-    splits = [source.split(n_folds, rng) for rng in split_rngs]
     n_fold_count = n_cells if loo else n_folds
-    tasks = [(ki, r, f) for ki in range(len(ranks)) for r in range(n_repeats)
-             for f in range(n_fold_count)]
-    fit_seeds = seeds[1].spawn(len(tasks))
+    max_splits = n_repeats if fixed else (1 if loo or warm_start else _AUTO_SPLITS)
+    split_seeds = seeds[0].spawn(max_splits)
+    press = np.full((len(ranks), max_splits, n_fold_count), np.nan)
+    train = np.full_like(press, np.nan)
+    alpha = np.zeros((max_splits, n_fold_count))
+    refitted = np.zeros(len(ranks), dtype=int)
+    factors = {} if return_factors else None
+    splits, per_cell = [], {}
+    if fixed:  # every rank on every split, in one round
+        tasks = [(ki, r, f) for ki in range(len(ranks)) for r in range(n_repeats)
+                 for f in range(n_fold_count)]
+        rounds = [(tasks, seeds[1].spawn(len(tasks)), "")]
+    else:  # the first split on every rank; later splits on the ranks still in contention
+        tasks = [(ki, 0, f) for ki in range(len(ranks)) for f in range(n_fold_count)]
+        rounds = [(tasks, seeds[1].spawn(len(tasks)), "")]
     with _shipped(source, executor) as carried:
         shared = (carried, method, loss, n_restarts, ridge, fit_kwargs)
-        alpha = _fold_alphas(shared, splits, n_fold_count, data.shape, executor, progress,
-                             ckpt)
-        outputs = _cv_outputs(shared, splits, ranks, tasks, fit_seeds, alpha, warm_start,
-                              executor, progress, ckpt)
-        refitted = np.zeros(len(ranks), dtype=int)
-        if stuck_restarts and not loo:
-            n_train = np.array([[source.n_train(split, f) for f in range(n_fold_count)]
-                                for split in splits])
-            stuck = _stuck_tasks(tasks, outputs, n_train, len(ranks))
-            args = [(shared, splits[tasks[i][1]], tasks[i][2], int(ranks[tasks[i][0]]),
-                     fit_seeds[i], alpha[tasks[i][1], tasks[i][2]], n_restarts, stuck_restarts)
-                    for i in stuck]
-            again = _map_tasks(_cv_refit_task, args, executor, progress,
-                               "cross_validate: refitting stuck folds", ckpt) if stuck else []
-            for i, out in zip(stuck, again, strict=True):
-                refitted[tasks[i][0]] += 1
-                if out[-1] < outputs[i][-1]:
-                    outputs[i] = out
-    press = np.zeros((len(ranks), n_repeats, n_fold_count))
-    train = np.zeros_like(press)
-    factors = {} if return_factors else None
-    for (ki, r, f), (p, t, W, H, _) in zip(tasks, outputs, strict=True):
-        press[ki, r, f], train[ki, r, f] = p, t
-        if return_factors:
-            factors[(int(ranks[ki]), r, f)] = (W, H)
+        while rounds:
+            tasks, fit_seeds, label = rounds.pop()
+            new = sorted({r for _, r, _ in tasks} - set(range(len(splits))))
+            splits += [source.split(n_folds, np.random.default_rng(split_seeds[r]))
+                       for r in new]
+            alpha[new] = _fold_alphas(shared, [splits[r] for r in new], n_fold_count,
+                                      data.shape, executor, progress, ckpt, label)
+            outputs = _cv_outputs(shared, splits, ranks, tasks, fit_seeds, alpha, warm_start,
+                                  executor, progress, ckpt, label)
+            if stuck_restarts and not loo:
+                _refit_stuck(shared, source, splits, ranks, tasks, fit_seeds, alpha, outputs,
+                             per_cell, refitted, stuck_restarts, executor, progress, ckpt,
+                             label)
+            for (ki, r, f), (p, t, W, H, _) in zip(tasks, outputs, strict=True):
+                press[ki, r, f], train[ki, r, f] = p, t
+                if return_factors:
+                    factors[(int(ranks[ki]), r, f)] = (W, H)
+            r = len(splits)
+            if not fixed and r < max_splits:
+                contenders = _contenders(press[:, :r], ranks)
+                if len(contenders) > 1:
+                    tasks = [(ki, r, f) for ki in contenders for f in range(n_fold_count)]
+                    rounds.append((tasks, [_split_seed(seeds[1], r, int(ranks[ki]), f)
+                                           for ki, _, f in tasks], f" (split {r + 1})"))
+    r = len(splits)
+    press, train, alpha = press[:, :r], train[:, :r], alpha[:r]
     folds = source.folds(splits, n_fold_count)
     if loo:  # E(k) is the sum over cells; one "fold" holding it keeps press_mean = E(k)
         press = press.sum(axis=2, keepdims=True)
         train = train.mean(axis=2, keepdims=True)
-    return CVResult(ranks, press, train, folds.n_kept, folds, factors, loss, alpha, refitted)
+    return CVResult(ranks, press, train, folds.n_kept, folds, factors, loss, alpha, refitted,
+                    not fixed)
+
+
+def _split_seed(seed, split, k, f):
+    """The fit seed of rank k, fold f of a split added in contention (a path under seed,
+    by the rank's value, so the ranks offered do not change it)."""
+    for j in (10 ** 6 + split, k, f):
+        seed = _child_seed(seed, j)
+    return seed
+
+
+def _refit_stuck(shared, source, splits, ranks, tasks, fit_seeds, alpha, outputs, per_cell,
+                 refitted, stuck_restarts, executor, progress, checkpoint, label):
+    """Refit the round's stuck tasks (see `cross_validate`), in place in ``outputs``; a
+    task is judged against every fit of its rank so far (``per_cell``: (rank index, split,
+    fold) -> training error per training cell)."""
+    n_train = {(r, f): source.n_train(splits[r], f) for _, r, f in tasks}
+    for task, out in zip(tasks, outputs, strict=True):
+        per_cell[task] = out[1] / n_train[task[1:]]
+    best = {}
+    for (ki, _, _), value in per_cell.items():
+        best[ki] = min(best.get(ki, np.inf), value)
+    stuck = [i for i, task in enumerate(tasks)
+             if per_cell[task] > _STUCK_TRAINING * best[task[0]]]
+    if not stuck:
+        return
+    args = [(shared, splits[tasks[i][1]], tasks[i][2], int(ranks[tasks[i][0]]), fit_seeds[i],
+             alpha[tasks[i][1], tasks[i][2]], shared[3], stuck_restarts) for i in stuck]
+    again = _map_tasks(_cv_refit_task, args, executor, progress,
+                       "cross_validate: refitting stuck folds" + label, checkpoint)
+    for i, out in zip(stuck, again, strict=True):
+        refitted[tasks[i][0]] += 1
+        if out[-1] < outputs[i][-1]:
+            outputs[i] = out
+            per_cell[tasks[i]] = out[1] / n_train[tasks[i][1:]]
 
 
 _STUCK_TRAINING = 1.1  # training error per cell over the rank's best fold's: a stuck fit
+_AUTO_SPLITS = 10  # n_repeats="auto": most splits for the ranks in contention
+_CONTENTION_Z = 2.0  # standard errors of the paired differences that show a rank worse
 
 
-def _stuck_tasks(tasks, outputs, n_train, n_ranks):
-    """Indices of the tasks whose training error per training cell exceeds _STUCK_TRAINING
-    times the lowest of their rank (see `cross_validate`)."""
-    per_cell = np.array([out[1] / n_train[r, f] for (_, r, f), out in zip(tasks, outputs,
-                                                                           strict=True)])
-    rank_of = np.array([ki for ki, _, _ in tasks])
-    best = np.array([per_cell[rank_of == ki].min() for ki in range(n_ranks)])
-    return [int(i) for i in np.flatnonzero(per_cell > _STUCK_TRAINING * best[rank_of])]
+def _contenders(press, ranks):
+    """Indices of the ranks still in contention after the splits in ``press`` (r, splits,
+    folds; NaN where a rank was not fitted): the best (smallest median) of those fitted in
+    the latest split, and each other such rank that its folds do not show worse. A rank is
+    shown worse when its held-out error exceeds the best's on every fold so far, or when
+    their fold-by-fold relative differences average more than _CONTENTION_Z standard errors
+    above 0 (a paired comparison: both ranks were fitted on the same folds)."""
+    latest = np.flatnonzero(~np.isnan(press[:, -1, 0]))
+    per_fold = press.reshape(len(ranks), -1)
+    best = latest[np.argmin(np.nanmedian(per_fold[latest], axis=1))]
+    keep = []
+    for ki in latest:
+        d = (per_fold[ki] - per_fold[best]) / per_fold[best]
+        d = d[~np.isnan(d)]
+        se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else np.inf
+        if ki == best or not (np.all(d > 0) or d.mean() > _CONTENTION_Z * se):
+            keep.append(int(ki))
+    return keep
 
 
 def _cv_outputs(shared, splits, ranks, tasks, fit_seeds, alpha, warm_start, executor,
-                progress, checkpoint):
+                progress, checkpoint, label=""):
     """Every task's (held-out score, training score, W, H, objective), in task order."""
     if not warm_start:
         args = [(shared, splits[r], f, int(ranks[ki]), fit_seeds[i], alpha[r, f])
                 for i, (ki, r, f) in enumerate(tasks)]
-        return _map_tasks(_cv_task, args, executor, progress, "cross_validate", checkpoint)
+        return _map_tasks(_cv_task, args, executor, progress, "cross_validate" + label,
+                          checkpoint)
     # one chain of ranks per (repeat, fold); tasks are ordered rank-major
     n_repeats, n_folds = alpha.shape
     per_rank = n_repeats * n_folds
@@ -1963,7 +2073,7 @@ def _cv_ridge(ridge, method, loss, fit_kwargs):
     return float(ridge)
 
 
-def _fold_alphas(shared, splits, n_folds, shape, executor, progress, checkpoint):
+def _fold_alphas(shared, splits, n_folds, shape, executor, progress, checkpoint, label=""):
     """The ridge of every (repeat, fold)'s training fits (see `cross_validate`), from each
     training set's own noise level, so that no held-out value reaches the fit; one task per
     training set."""
@@ -1973,11 +2083,11 @@ def _fold_alphas(shared, splits, n_folds, shape, executor, progress, checkpoint)
         return np.full((len(splits), n_folds), float(alpha))
     args = [(shared, split, f) for split in splits for f in range(n_folds)]
     if shared[2] == "kl":  # the Gamma priors' rate, from each training set's mean count
-        means = _map_tasks(_mean_task, args, executor, progress, "cross_validate: means",
-                           checkpoint)
+        means = _map_tasks(_mean_task, args, executor, progress,
+                           "cross_validate: means" + label, checkpoint)
         return (1.0 + ridge) / np.sqrt(np.maximum(means, 1e-300)).reshape(len(splits), n_folds)
-    sigma = _map_tasks(_noise_task, args, executor, progress, "cross_validate: noise levels",
-                       checkpoint)
+    sigma = _map_tasks(_noise_task, args, executor, progress,
+                       "cross_validate: noise levels" + label, checkpoint)
     scale = ridge * (math.sqrt(shape[0]) + math.sqrt(shape[1]))
     return scale * np.array(sigma).reshape(len(splits), n_folds)
 
@@ -4180,7 +4290,10 @@ class RankReport:
         prior = self.results.get("prior")
         for c in self.suggestions:
             detail = f" (estimate {prior.rank:.2f}, no fits)" if c == "prior" else ""
-            out.append(f"suggested k by {_CRITERION_NAMES[c]}: {_edge_text(self, c)}{detail}")
+            text = _edge_text(self, c)
+            if c == "cv" and c not in self.edges:
+                text = self.results["cv"].pick_text()
+            out.append(f"suggested k by {_CRITERION_NAMES[c]}: {text}{detail}")
         if prior is not None and not prior.identifiable:
             out.append(f"prior predictive matching: not identifiable ({prior.reason})")
         elif prior is not None and prior.misfit:
@@ -4390,12 +4503,16 @@ def _agreement(results, suggestions, edges):
         head = "criteria disagree: " + "; ".join(
             f"k = {k} by {', '.join(names)}" for k, names in sorted(picks.items()))
     parts = [head]
+    cv = results.get("cv")
+    if cv is not None and len(cv.pick_counts()) > 1:
+        parts.append(f"CV's splits disagree: {cv.pick_text()}")
     if bounds:
         parts.append("no answer inside the ranks tried by " + ", ".join(bounds))
-    cv = results.get("cv")
     if cv is not None and len(cv.ranks) > 1:
-        best = int(np.argmin(cv.press_median))
-        close = cv.ranks[cv.press_median <= cv.press_median[best] + cv.press_mad_se[best]]
+        best = int(np.flatnonzero(cv.ranks == cv.best_rank)[0])
+        final = ~np.isnan(np.asarray(cv.press)[:, -1, 0])  # ranks fitted on every split
+        close = cv.ranks[final & (cv.press_median <= cv.press_median[best]
+                                  + cv.press_mad_se[best])]
         if len(close) == len(cv.ranks):
             parts.append("PRESS flat within 1 SE over every rank tried: these data do not "
                          "resolve the rank by cross-validation")
@@ -5051,6 +5168,8 @@ def _summary(report, prior, width):
         if key == "prior" and prior is not None:
             continue  # written below with its float estimate
         edge = report.edges.get(key)
+        if key == "cv" and edge is None and len(report.results["cv"].pick_counts()) > 1:
+            k = report.results["cv"].pick_text()  # the splits disagree: never one number
         items.append(f"{_SHORT_NAMES.get(key, key)}: "
                      f"{k if edge is None else _edge_text_short(k, edge, key)}")
     if prior is not None:
