@@ -1594,7 +1594,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
         ``allow_large_loo=True``.
     n_repeats : int or "auto"
         Independent splits into folds. ``"auto"`` (default): one split for every rank, then
-        further splits, up to 10, for the ranks still in contention: the best so far and
+        further splits, up to 5 in all, for the ranks still in contention: the best so far and
         every rank its folds do not show worse (worse on every fold fitted so far, or by a
         paired difference above 2 standard errors). Where the curve is decided the first
         split is all there is; where ranks are close, their picks are pooled over more
@@ -1823,7 +1823,7 @@ def _refit_stuck(shared, source, splits, ranks, tasks, fit_seeds, alpha, outputs
 
 
 _STUCK_TRAINING = 1.1  # training error per cell over the rank's best fold's: a stuck fit
-_AUTO_SPLITS = 10  # n_repeats="auto": most splits for the ranks in contention
+_AUTO_SPLITS = 5  # n_repeats="auto": most splits, the later ones for the ranks in contention
 _CONTENTION_Z = 2.0  # standard errors of the paired differences that show a rank worse
 
 

@@ -2944,6 +2944,90 @@ def test_best_cophenetic_rank_rejects_bad_rules():
         nmf_cv.best_cophenetic_rank([2, 3], [1.0, 0.9], rule="pac")
 
 
+def test_contenders_drop_ranks_their_folds_show_worse():
+    """The paired rule, against hand-made folds: worse on every fold, or by more than two
+    standard errors of the fold-by-fold relative differences, leaves contention."""
+    best = np.array([10.0, 11.0, 9.0, 10.5, 9.5])
+    rows = {2: best * 1.3,  # worse on every fold
+            3: best,  # the best
+            4: best * np.array([1.01, 0.99, 1.02, 0.995, 1.0]),  # mixed: a tie
+            5: best * np.array([1.2, 1.25, 1.22, 1.18, 0.999]),  # one fold better, mean far
+            6: best * np.array([1.04, 0.97, 1.05, 0.96, 1.03])}  # mixed, mean within 2 SE
+    press = np.array([rows[k] for k in range(2, 7)])[:, None, :]
+    assert nmf_cv._contenders(press, np.arange(2, 7)) == [1, 2, 4]
+    # a rank left out of the latest split stays out, whatever its folds
+    later = np.concatenate([press, press], axis=1)
+    later[2, 1] = np.nan
+    assert nmf_cv._contenders(later, np.arange(2, 7)) == [1, 4]
+
+
+def test_auto_repeats_add_splits_only_where_ranks_are_close():
+    """n_repeats="auto": the first split is n_repeats=1's, bit for bit; when every other rank
+    is worse on every fold, that is all; otherwise later splits fit only the ranks still in
+    contention, and the result says how far the splits agree."""
+    X = nmf_cv.make_planted(80, 50, 3, noise=0.05, random_state=4)
+    one = nmf_cv.cross_validate(X, range(1, 6), n_repeats=1, random_state=0, progress=False)
+    auto = nmf_cv.cross_validate(X, range(1, 6), random_state=0, progress=False)
+    assert_array_equal(auto.press[:, 0], one.press[:, 0])
+    assert auto.press.shape[1] == 1 and auto.best_rank == 3
+    assert auto.pick_text() == "3 (one split: every other rank worse on its folds)"
+    noisy = nmf_cv.make_planted(60, 40, 3, noise=0.5, random_state=2)  # 1 and 2 close
+    cv = nmf_cv.cross_validate(noisy, range(1, 7), random_state=1, progress=False)
+    fitted = ~np.isnan(cv.press[:, :, 0])  # (ranks, splits)
+    assert 1 < cv.press.shape[1] <= 5
+    assert fitted[:, 0].all()
+    assert (fitted[:, 1:] <= fitted[:, :-1]).all()  # once out, out for good
+    assert fitted[:, -1].sum() >= 2  # the last split was run for the ranks still close
+    assert len(cv.repeat_best_ranks) == cv.press.shape[1]
+    assert cv.best_rank in cv.ranks[fitted[:, -1]]
+    assert not np.isnan(cv.press_median).any()
+    again = nmf_cv.cross_validate(noisy, range(1, 7), random_state=1, progress=False)
+    assert_array_equal(again.press, cv.press)
+    with pytest.raises(ValueError, match="n_repeats"):
+        nmf_cv.cross_validate(X, [1, 2], n_repeats="many")
+
+
+def test_pick_text_states_the_spread_over_splits():
+    ranks = np.array([5, 6, 7, 9])
+
+    def result(picks):
+        press = np.full((4, len(picks), 3), 10.0)
+        for r, k in enumerate(picks):
+            press[list(ranks).index(k), r] = 9.0
+        return nmf_cv.CVResult(ranks, press, press)
+
+    assert result([6] * 5).pick_text() == "6 (5 of 5 splits)"
+    mixed = result([6, 9, 6, 9, 6])
+    assert mixed.best_rank == 6 and mixed.pick_text() == "6 or 9 (3 and 2 of 5 splits)"
+    assert mixed.pick_counts() == [(6, 3), (9, 2)]
+    assert result([6]).pick_text() == "6 (one split)"
+    pooled = result([5, 9])
+    pooled.press[1] = 9.4  # 6 is second best on both splits: best pooled, never alone
+    pooled = nmf_cv.CVResult(ranks, pooled.press, pooled.press)
+    assert pooled.pick_text() == "6 (pooled over 2 splits; alone they pick 5 or 9: 1 and 1 of 2)"
+
+
+def test_report_never_shows_a_split_dependent_pick_as_one_number():
+    import matplotlib
+    matplotlib.use("Agg")
+    ranks = np.array([4, 5, 6, 7])
+    press = np.full((4, 5, 3), 10.0)
+    press[2, [0, 2, 4]] = 9.0
+    press[1, [1, 3]] = 9.0
+    press[1, [0, 2, 4]] = 9.5
+    press[2, [1, 3]] = 9.2  # 6 best pooled: 3 splits pick it, 2 pick 5
+    cv = nmf_cv.CVResult(ranks, press, press)
+    report = nmf_cv.RankReport(ranks, {"cv": cv}, {"cv": 6, "cv_1se": cv.best_rank_1se},
+                               {}, nmf_cv._agreement({"cv": cv}, {"cv": 6}, {}))
+    assert "suggested k by cross-validated PRESS (minimum of the median): 6 or 5 (3 and 2 " \
+           "of 5 splits)" in str(report)
+    assert "CV's splits disagree: 6 or 5 (3 and 2 of 5 splits)" in report.agreement
+    fig = nmf_cv.plot_rank_report(report)
+    assert "CV minimum: 6 or 5 (3 and 2 of 5 splits)" in fig.get_suptitle()
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
 def _report(suggestions, ranks=(2, 3, 4, 5, 6), cv_press=None):
     """A RankReport built by hand, for the agreement line and the edges."""
     ranks = np.array(ranks)
