@@ -781,10 +781,11 @@ def test_cv_no_information_from_held_out_cells(case):
     X = nmf_cv.make_planted(30, 20, 3, noise=0.05, random_state=21)
     if case == "cells":
         X[0, 0] = np.nan
-    # stuck_restarts=0: whether a fold is refitted depends on the other folds' training
-    # errors (see cross_validate); the fits themselves only ever see training cells
+    # stuck_restarts=0 and n_repeats=1: whether a fold is refitted, and which ranks get more
+    # splits, depend on other folds' errors (see cross_validate); the fits themselves only
+    # ever see training cells
     kw = dict(n_folds=3, random_state=5, progress=False, return_factors=True, max_iter=50,
-              init="random", warm_start=case == "warm", stuck_restarts=0)
+              init="random", warm_start=case == "warm", stuck_restarts=0, n_repeats=1)
     a = nmf_cv.cross_validate(X, [2, 3], **kw)
     fold0 = a.folds[0] == 0
     X2 = X.copy()
@@ -1991,8 +1992,9 @@ def report(X):
 
 @pytest.fixture
 def cv():
-    """A CVResult whose minimum (k=3) and one-SE rank (k=2) differ."""
-    press = np.array([[9.0, 10.0, 11.0], [3.0, 3.0, 3.0], [2.4, 2.8, 3.2], [3.5, 3.5, 3.5]])
+    """A CVResult whose pick (k=3: better than k=2 on every fold) and unpaired one-SE rank
+    (k=2: the folds differ much more than the ranks) differ."""
+    press = np.array([[9.0, 10.0, 11.0], [3.0, 4.0, 5.0], [2.5, 3.4, 4.4], [3.5, 3.5, 3.5]])
     train = np.array([[20.0, 21.0, 22.0], [8.0, 8.0, 9.0], [6.0, 6.5, 7.0], [4.0, 5.0, 6.0]])
     res = nmf_cv.CVResult(np.array([1, 2, 3, 4]), press[:, None, :], train[:, None, :])
     assert (res.best_rank, res.best_rank_1se) == (3, 2)
