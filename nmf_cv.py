@@ -1883,8 +1883,10 @@ def _paired_excess(press):
 
     The best is the smallest pooled median among ranks fitted on every split. Each rank is
     compared with it on the folds both were fitted on (the same held-out cells):
-    ``d = PRESS_k / PRESS_best - 1`` per fold, excess = mean(d), and its standard error is
-    ``sqrt(var(d) / folds + s^2 / splits)``. Folds of one split share that split's luck (which
+    ``d = PRESS_k / PRESS_best - 1`` per fold, excess = median(d), and its standard error is
+    ``sqrt(se_fold^2 + s^2 / splits)`` with ``se_fold`` the robust standard error of that
+    median (from the median absolute deviation, as ``press_mad_se``), so that one wild fold
+    of either rank cannot decide it. Folds of one split share that split's luck (which
     samples are held out together, which fits land where), so ``s^2``, the variance from
     split to split of the relative difference of the ranks' per-split medians (pooled over
     the ranks fitted on two splits or more), is added: measured on medulloblastoma, one
@@ -1907,9 +1909,9 @@ def _paired_excess(press):
         if not both.any():
             continue
         d = (press[k, both] / press[best, both] - 1.0).ravel()
-        excess[k] = d.mean()
-        var = d.var(ddof=1) / len(d) if len(d) > 1 else 0.0
-        se[k] = math.sqrt(var + (s2 / both.sum() if s2 is not None else 0.0))
+        excess[k] = np.median(d)
+        fold_se = _MEDIAN_SE * _MAD_SD * np.median(np.abs(d - excess[k])) / math.sqrt(len(d))
+        se[k] = math.sqrt(fold_se ** 2 + (s2 / both.sum() if s2 is not None else 0.0))
     excess[best], se[best] = 0.0, 0.0
     return best, excess, se, s2 is not None
 

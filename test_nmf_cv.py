@@ -2946,21 +2946,33 @@ def test_best_cophenetic_rank_rejects_bad_rules():
         nmf_cv.best_cophenetic_rank([2, 3], [1.0, 0.9], rule="pac")
 
 
-def test_contenders_drop_ranks_their_folds_show_worse():
-    """The paired rule, against hand-made folds: worse on every fold, or by more than two
-    standard errors of the fold-by-fold relative differences, leaves contention."""
+def test_contenders_and_the_pick_follow_the_paired_rule():
+    """Against hand-made folds: a rank leaves contention when the median of its fold-by-fold
+    relative excess over the best exceeds 2 robust standard errors (one wild fold cannot
+    keep it in); after one split the runner-up stays in; with two splits, their spread
+    widens the error and brings close ranks back; best_rank is the smallest rank within one
+    standard error."""
     best = np.array([10.0, 11.0, 9.0, 10.5, 9.5])
     rows = {2: best * 1.3,  # worse on every fold
             3: best,  # the best
-            4: best * np.array([1.01, 0.99, 1.02, 0.995, 1.0]),  # mixed: a tie
-            5: best * np.array([1.2, 1.25, 1.22, 1.18, 0.999]),  # one fold better, mean far
-            6: best * np.array([1.04, 0.97, 1.05, 0.96, 1.03])}  # mixed, mean within 2 SE
+            4: best * np.array([1.01, 0.99, 1.02, 0.995, 1.0]),  # a tie
+            5: best * np.array([1.2, 1.25, 1.22, 1.18, 0.01]),  # far worse, one wild fold
+            6: best * np.array([1.08, 1.07, 1.09, 1.08, 1.075])}  # runner-up-to-be, clearly worse
     press = np.array([rows[k] for k in range(2, 7)])[:, None, :]
-    assert nmf_cv._contenders(press, np.arange(2, 7)) == [1, 2, 4]
-    # a rank left out of the latest split stays out, whatever its folds
-    later = np.concatenate([press, press], axis=1)
-    later[2, 1] = np.nan
-    assert nmf_cv._contenders(later, np.arange(2, 7)) == [1, 4]
+    assert nmf_cv._contenders(press) == [1, 2]  # the best and the tie
+    rows[4] = best * 1.05
+    press = np.array([rows[k] for k in range(2, 7)])[:, None, :]
+    assert nmf_cv._contenders(press) == [1, 2]  # 4 is out by the rule, in as the runner-up
+    cv = nmf_cv.CVResult(np.arange(2, 7), press, press)
+    assert (cv.best_rank, cv.min_rank) == (3, 3)
+    # a second split where 4 beats 3 by as much: the split-to-split spread brings 6 back
+    second = press.copy()
+    second[2, 0], second[4, 0] = best * 0.95, best * 1.0
+    two = np.concatenate([press, second], axis=1)
+    two[[0, 3], 1] = np.nan  # 2 and 5 were out
+    assert nmf_cv._contenders(two) == [1, 2, 4]
+    cv = nmf_cv.CVResult(np.arange(2, 7), two, two)
+    assert cv.best_rank == 3 and cv.repeat_best_ranks.tolist() == [3, 4]
 
 
 def test_auto_repeats_add_splits_only_where_ranks_are_close():
@@ -2971,8 +2983,10 @@ def test_auto_repeats_add_splits_only_where_ranks_are_close():
     one = nmf_cv.cross_validate(X, range(1, 6), n_repeats=1, random_state=0, progress=False)
     auto = nmf_cv.cross_validate(X, range(1, 6), random_state=0, progress=False)
     assert_array_equal(auto.press[:, 0], one.press[:, 0])
-    assert auto.press.shape[1] == 1 and auto.best_rank == 3
-    assert auto.pick_text() == "3 (one split: every other rank worse on its folds)"
+    # the runner-up's second split measures the spread between splits, and settles it
+    assert auto.press.shape[1] == 2 and auto.best_rank == 3
+    assert (~np.isnan(auto.press[:, 1, 0])).sum() == 2
+    assert auto.pick_text() == "3 (2 of 2 splits)"
     noisy = nmf_cv.make_planted(60, 40, 3, noise=0.5, random_state=2)  # 1 and 2 close
     cv = nmf_cv.cross_validate(noisy, range(1, 7), random_state=1, progress=False)
     fitted = ~np.isnan(cv.press[:, :, 0])  # (ranks, splits)
@@ -3003,10 +3017,10 @@ def test_pick_text_states_the_spread_over_splits():
     assert mixed.best_rank == 6 and mixed.pick_text() == "6 or 9 (3 and 2 of 5 splits)"
     assert mixed.pick_counts() == [(6, 3), (9, 2)]
     assert result([6]).pick_text() == "6 (one split)"
-    pooled = result([5, 9])
-    pooled.press[1] = 9.4  # 6 is second best on both splits: best pooled, never alone
+    pooled = result([6, 9])
+    pooled.press[0] = 9.3  # 5 is second on both splits: the smallest pooled, never alone
     pooled = nmf_cv.CVResult(ranks, pooled.press, pooled.press)
-    assert pooled.pick_text() == "6 (pooled over 2 splits; alone they pick 5 or 9: 1 and 1 of 2)"
+    assert pooled.pick_text() == "5 (pooled over 2 splits; alone they pick 6 or 9: 1 and 1 of 2)"
 
 
 def test_report_never_shows_a_split_dependent_pick_as_one_number():
@@ -3456,7 +3470,8 @@ def test_changed_data_or_arguments_are_refused_naming_the_difference(tmp_path):
 
 def test_damaged_records_are_redone_and_the_result_stays_exact(tmp_path, monkeypatch):
     X = nmf_cv.make_planted(40, 30, 3, noise=0.1, random_state=1)
-    kw = dict(n_folds=3, random_state=0, progress=False, stuck_restarts=0, ridge=0.0)
+    kw = dict(n_folds=3, random_state=0, progress=False, stuck_restarts=0, ridge=0.0,
+              n_repeats=1)
     ref = nmf_cv.cross_validate(X, [2, 3], checkpoint=tmp_path, **kw)
     files = [p for p in records(tmp_path)]
     assert len(files) == 6
