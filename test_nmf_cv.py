@@ -2102,7 +2102,7 @@ def test_plot_cv_marks_best_rank_and_one_se_rank(cv):
     assert marks(ax, "best_rank") == [3]
     assert marks(ax, "best_rank_1se") == [2]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "minimum: k = 3" in labels and "one-SE rule: k = 2" in labels
+    assert "pick: k = 3" in labels and "one-SE rule: k = 2" in labels
 
 
 def test_plot_cv_names_poisson_deviance_for_kl(cv):
@@ -2309,8 +2309,8 @@ def test_plot_rank_report_has_a_panel_per_criterion_with_suggestions_marked(repo
     (line,) = [ln for ln in error_axes.lines if ln.get_gid() == "error"]
     assert_array_equal(line.get_ydata(), st.error)
     title = fig.get_suptitle()
-    for text in (f"CV minimum: {s['cv']}", f"CV one-SE rule: {s['cv_1se']}",
-                 f"BCV minimum: {s['bicv']}", f"RSS vs randomized: {s['randomized']}",
+    for text in (f"CV: {s['cv']}", f"CV one-SE rule: {s['cv_1se']}",
+                 f"BCV: {s['bicv']}", f"RSS vs randomized: {s['randomized']}",
                  f"cophenetic (Brunet): {s['cophenetic']}", "prior predictive: 2.4",
                  "component stability: 2"):
         assert text in title
@@ -2437,7 +2437,7 @@ def test_cli_rank_prints_table_and_saves_report(tmp_path):
     assert report["suggestions"] == json.loads(json.dumps(ref.suggestions))
     assert report["columns"]["PRESS"] == pytest.approx(
         {str(k): v for k, v in ref.columns()["PRESS"].items()}, rel=1e-12)
-    assert "suggested k by cross-validated PRESS (minimum of the median): 2" in out
+    assert "suggested k by cross-validated PRESS (smallest rank within 1 SE of the best): 2" in out
     assert (tmp_path / "x_rank.png").stat().st_size > 10_000
 
 
@@ -3035,11 +3035,11 @@ def test_report_never_shows_a_split_dependent_pick_as_one_number():
     cv = nmf_cv.CVResult(ranks, press, press)
     report = nmf_cv.RankReport(ranks, {"cv": cv}, {"cv": 6, "cv_1se": cv.best_rank_1se},
                                {}, nmf_cv._agreement({"cv": cv}, {"cv": 6}, {}))
-    assert "suggested k by cross-validated PRESS (minimum of the median): 6 or 5 (3 and 2 " \
-           "of 5 splits)" in str(report)
+    assert ("suggested k by cross-validated PRESS (smallest rank within 1 SE of the best): "
+            "6 or 5 (3 and 2 of 5 splits)") in str(report)
     assert "CV's splits disagree: 6 or 5 (3 and 2 of 5 splits)" in report.agreement
     fig = nmf_cv.plot_rank_report(report)
-    assert "CV minimum: 6 or 5 (3 and 2 of 5 splits)" in fig.get_suptitle()
+    assert "CV: 6 or 5 (3 and 2 of 5 splits)" in fig.get_suptitle()
     import matplotlib.pyplot as plt
     plt.close(fig)
 
@@ -3071,15 +3071,14 @@ def test_report_says_when_criteria_agree_disagree_or_hit_the_edge():
     press = [[9.0, 9.1, 8.9], [5.0, 5.1, 4.9], [5.05, 5.1, 5.0], [6.0, 6.1, 5.9],
              [7.0, 7.0, 7.0]]
     agree = _report({"cv": 3, "cv_1se": 3, "bicv": 3}, cv_press=press)
-    assert agree.agreement.startswith("criteria agree on k = 3 (CV minimum, CV one-SE rule, "
-                                      "BCV minimum)")
+    assert agree.agreement.startswith("criteria agree on k = 3 (CV, CV one-SE rule, BCV)")
     assert agree.edges == {}
     split = _report({"cv": 3, "cv_1se": 3, "cophenetic": 4, "randomized": 6, "bicv": 6},
                     cv_press=press)
     assert split.edges == {"randomized": ">=", "bicv": ">="}
     line = split.agreement
-    assert "criteria disagree: k = 3 by CV minimum, CV one-SE rule; k = 4 by cophenetic" in line
-    assert "no answer inside the ranks tried by RSS vs randomized (≥ 6), BCV minimum (≥ 6)" in line
+    assert "criteria disagree: k = 3 by CV, CV one-SE rule; k = 4 by cophenetic" in line
+    assert "no answer inside the ranks tried by RSS vs randomized (≥ 6), BCV (≥ 6)" in line
     assert "PRESS at 3, 4 within 1 SE" in line
     flat = _report({"cv": 4}, cv_press=[[5.0, 5.6, 4.4]] * 4 + [[5.1, 5.7, 4.5]])
     assert "PRESS flat within 1 SE over every rank tried" in flat.agreement
@@ -3137,8 +3136,8 @@ def test_medulloblastoma_report_if_available():
     assert (per_fold <= 3.0 * cv.press_median[:, None]).all(), per_fold / cv.press_median[:, None]
     assert report.edges.get("randomized") == ">=" and report.edges.get("bicv") == ">="
     assert "no answer inside the ranks tried by" in report.agreement
-    assert "RSS vs randomized (≥ 6)" in report.agreement and "BCV minimum (≥ 6)" in report.agreement
-    assert "CV minimum" in report.agreement
+    assert "RSS vs randomized (≥ 6)" in report.agreement and "BCV (≥ 6)" in report.agreement
+    assert "by CV" in report.agreement or "(CV" in report.agreement
     assert "prior" not in report.suggestions and report.results["prior"].misfit
 
 

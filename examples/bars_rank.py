@@ -48,17 +48,19 @@ def bars(seed, n=400, size=8, p=0.2, noise=0.05):
 def main():
     X = bars(SEED)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    settings = (("first release: no ridge, no refits", {"ridge": 0, "stuck_restarts": 0}),
+    settings = (("first release: no ridge, no refits",
+                 {"ridge": 0, "stuck_restarts": 0, "n_repeats": 1}),
                 ("defaults", {}))
     with ProcessPoolExecutor(2) as executor:
         for ax, (title, kwargs) in zip(axes, settings, strict=True):
             start = time.perf_counter()
             cv = nmf_cv.cross_validate(X, RANKS, random_state=SEED, executor=executor,
                                        progress=False, **kwargs)
-            worst = (cv.press.reshape(len(cv.ranks), -1) / cv.press_median[:, None]).max()
+            worst = np.nanmax(cv.press.reshape(len(cv.ranks), -1) / cv.press_median[:, None])
             mean_pick = int(cv.ranks[np.argmin(cv.press_mean)])
             print(f"{title}: {time.perf_counter() - start:.1f} s; best_rank {cv.best_rank} "
-                  f"(mean over folds: {mean_pick}); worst fold {worst:.3g}x its median; "
+                  f"(minimum of the median: {cv.min_rank}, of the mean: {mean_pick}); "
+                  f"{cv.pick_text()}; worst fold {worst:.3g}x its median; "
                   f"outlier folds per rank {cv.n_outlier_folds.tolist()}")
             nmf_cv.plot_cv(cv, ax=ax)
             ax.set_title(f"Bars (non-negative rank 16): {title}", fontsize=10)
