@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: machine description and markdown output."""
 
+import datetime
 import math
 import os
 import platform
@@ -70,3 +71,20 @@ def ratio(a, b):
     if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
         return "n/a"
     return f"{a / b:.2f}"
+
+
+def module_revision(directory):
+    """Short git revision of the checkout holding nmf_cv.py, marked if nmf_cv.py is changed."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    try:
+        dirty = git("status", "--porcelain", "nmf_cv.py")
+        return git("rev-parse", "--short", "HEAD") + (" + uncommitted nmf_cv.py changes"
+                                                      if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def now():
+    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")

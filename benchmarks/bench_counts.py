@@ -54,11 +54,9 @@ training set can predict).
 """
 
 import argparse
-import datetime
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,6 +70,8 @@ from _common import (  # noqa: E402  (benchmarks/ is on sys.path when run as a s
     load_average,
     log,
     markdown_table,
+    module_revision,
+    now,
     sec,
 )
 
@@ -369,23 +369,6 @@ def summary_table(results):
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-
-def module_revision(directory):
-    """Short git revision of the checkout holding nmf_cv.py, marked if nmf_cv.py is changed."""
-    def git(*args):
-        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    try:
-        dirty = git("status", "--porcelain", "nmf_cv.py")
-        return git("rev-parse", "--short", "HEAD") + (" + uncommitted nmf_cv.py changes"
-                                                      if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def now():
-    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-
 
 def machine_header(start, blas_threads):
     import numba

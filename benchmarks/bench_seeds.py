@@ -69,7 +69,6 @@ Every run saves ``OUT/<dataset>__<run>.npz`` (``OUT`` = ``--out``, default ``/tm
 """
 
 import argparse
-import datetime
 import os
 import platform
 import subprocess
@@ -87,6 +86,8 @@ from _common import (  # noqa: E402  (benchmarks/ is on sys.path when run as a s
     load_average,
     log,
     markdown_table,
+    module_revision,
+    now,
     sec,
 )
 
@@ -306,23 +307,6 @@ def spread_table(results):
 def append(log_file, text):
     with open(log_file, "a") as f:
         f.write(text + "\n")
-
-
-def module_revision(directory):
-    """Short git revision of the checkout holding nmf_cv.py, marked if nmf_cv.py is changed."""
-    def git(*args):
-        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    try:
-        dirty = git("status", "--porcelain", "nmf_cv.py")
-        return git("rev-parse", "--short", "HEAD") + (" + uncommitted nmf_cv.py changes"
-                                                      if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def now():
-    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
 def machine_header(start):

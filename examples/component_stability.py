@@ -29,26 +29,15 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout, nmf_cv not installed
+from bars_rank import bars  # noqa: E402  (the same bars, from the example beside this one)
+
 import nmf_cv  # noqa: E402
 
 matplotlib.use("Agg")
 SEED, RANKS = 0, range(12, 20)
-
-
-def bars(seed, n=400, size=8, p=0.2, noise=0.05):
-    """Hoyer's bars (linear rank 15, non-negative rank 16), with |N(0, noise^2)| noise."""
-    rng = np.random.default_rng(seed)
-    grid = np.zeros((2 * size, size, size))
-    for i in range(size):
-        grid[i, i, :] = 1.0
-        grid[size + i, :, i] = 1.0
-    present = rng.random((n, 2 * size)) < p
-    X0 = (present * rng.uniform(0.5, 1.5, (n, 2 * size))) @ grid.reshape(2 * size, -1)
-    return np.abs(X0 + noise * rng.standard_normal(X0.shape))
 
 
 def main():
