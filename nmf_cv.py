@@ -1760,13 +1760,10 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     refitted = np.zeros(len(ranks), dtype=int)
     factors = {} if return_factors else None
     splits, per_cell = [], {}
-    if fixed:  # every rank on every split, in one round
-        tasks = [(ki, r, f) for ki in range(len(ranks)) for r in range(n_repeats)
-                 for f in range(n_fold_count)]
-        rounds = [(tasks, seeds[1].spawn(len(tasks)), "")]
-    else:  # the first split on every rank; later splits on the ranks still in contention
-        tasks = [(ki, 0, f) for ki in range(len(ranks)) for f in range(n_fold_count)]
-        rounds = [(tasks, seeds[1].spawn(len(tasks)), "")]
+    first = n_repeats if fixed else 1  # "auto": later splits for the ranks in contention
+    tasks = [(ki, r, f) for ki in range(len(ranks)) for r in range(first)
+             for f in range(n_fold_count)]
+    rounds = [(tasks, seeds[1].spawn(len(tasks)), "")]
     with _shipped(source, executor) as carried:
         shared = (carried, method, loss, n_restarts, ridge, fit_kwargs)
         while rounds:
@@ -1807,7 +1804,8 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
 
 def _split_seed(seed, split, k, f):
     """The fit seed of rank k, fold f of a split added in contention (a path under seed,
-    by the rank's value, so the ranks offered do not change it)."""
+    by the rank's value, so the ranks offered do not change it; 10**6 + split keeps clear of
+    the children ``seed.spawn`` gave the first split's fits)."""
     for j in (10 ** 6 + split, k, f):
         seed = _child_seed(seed, j)
     return seed
