@@ -1465,11 +1465,9 @@ class CVResult:
         The ridge ``alpha_W = alpha_H`` each fold's training fits used (see `cross_validate`).
     n_refitted : ndarray of int (r,)
         Folds of each rank refitted because they were stuck (``stuck_restarts``).
-    adaptive : bool
-        Splits were added for the ranks in contention only (``n_repeats="auto"``).
     repeat_best_ranks : ndarray of int (n_repeats,)
-        Each split's own pick: the rank with the smallest median PRESS over that split's
-        folds. How far these agree is how far the pick depends on the split
+        Each split's own pick: ``best_rank``'s rule applied to that split's folds alone.
+        How far these agree is how far the pick depends on the split
         (`pick_text`). Ranks a split did not fit (NaN in ``press``) are left out of it.
 
     Examples
@@ -1490,7 +1488,6 @@ class CVResult:
     loss: str = "frobenius"
     alpha: np.ndarray = None
     n_refitted: np.ndarray = None
-    adaptive: bool = False
     press_median: np.ndarray = field(init=False)
     press_mad_se: np.ndarray = field(init=False)
     press_mean: np.ndarray = field(init=False)
@@ -1514,9 +1511,8 @@ class CVResult:
         with np.errstate(invalid="ignore"):
             outlier = per_fold > _OUTLIER_FOLD * self.press_median[:, None]
         self.n_outlier_folds = np.sum(outlier, axis=1)
-        self.best_rank, best = _parsimonious_pick(self.press)
-        self.best_rank = int(self.ranks[self.best_rank])
-        self.min_rank = int(self.ranks[best])
+        pick, best = _parsimonious_pick(self.press)
+        self.best_rank, self.min_rank = int(self.ranks[pick]), int(self.ranks[best])
         final = n == n.max()  # ranks left out of later splits compare on fewer folds
         within = final & (self.press_median <= self.press_median[best] + self.press_mad_se[best])
         self.best_rank_1se = int(self.ranks[np.flatnonzero(within)[0]])
@@ -1536,8 +1532,6 @@ class CVResult:
         """The pick with its spread over splits: ``"6 (5 of 5 splits)"``, ``"6 or 9 (3 and 2
         of 5 splits)"``; ``"6 (one split)"`` when there was only one."""
         n = len(self.repeat_best_ranks)
-        if n == 1 and self.adaptive and len(self.ranks) > 1:
-            return f"{self.best_rank} (one split: every other rank worse on its folds)"
         if n == 1:
             return f"{self.best_rank} (one split)"
         picks = self.pick_counts()
@@ -1798,8 +1792,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     if loo:  # E(k) is the sum over cells; one "fold" holding it keeps press_mean = E(k)
         press = press.sum(axis=2, keepdims=True)
         train = train.mean(axis=2, keepdims=True)
-    return CVResult(ranks, press, train, folds.n_kept, folds, factors, loss, alpha, refitted,
-                    not fixed)
+    return CVResult(ranks, press, train, folds.n_kept, folds, factors, loss, alpha, refitted)
 
 
 def _split_seed(seed, split, k, f):
@@ -1876,7 +1869,7 @@ def _pooled_medians(press):
 
 
 def _paired_excess(press):
-    """How much worse each rank is than the best, fold by fold: (best index, mean relative
+    """How much worse each rank is than the best, fold by fold: (best index, median relative
     excess (r,), its standard error (r,), whether the splits' spread entered it).
 
     The best is the smallest pooled median among ranks fitted on every split. Each rank is
@@ -3619,8 +3612,7 @@ def silhouette_samples_cosine(points, labels):
     g = int(labels.max()) + 1
     if labels.min() < 0 or g < 2:
         raise ValueError("labels must be 0..g-1 with at least two groups")
-    norms = np.linalg.norm(points, axis=1)
-    unit = points / np.where(norms > 0, norms, 1.0)[:, None]  # a zero vector: distance 1
+    unit = _unit_rows(points)  # a zero vector stays 0: distance 1 to everything
     onehot = np.zeros((len(points), g))
     onehot[np.arange(len(points)), labels] = 1.0
     sizes = onehot.sum(axis=0)
@@ -3643,10 +3635,8 @@ def _stability_task(X, k, seed, axis, bootstrap, method, loss, fit_kwargs):
         X = _resample(X, axis, np.random.default_rng(_child_seed(seed, 0)))
         seed = _child_seed(seed, 1)
     res = fit_nmf(X, k, method=method, loss=loss, random_state=seed, **fit_kwargs)
-    comps = res.W.T if axis == "columns" else res.H
-    comps = np.asarray(comps, dtype=np.float64)
-    norms = np.linalg.norm(comps, axis=1)
-    return comps / np.where(norms > 0, norms, 1.0)[:, None], float(res.relative_error)
+    comps = np.asarray(res.W.T if axis == "columns" else res.H, dtype=np.float64)
+    return _unit_rows(comps), float(res.relative_error)
 
 
 def _resample(X, axis, rng):
