@@ -228,8 +228,8 @@ def test_hals_iterates_match_numpy_reference(missing, pairs_bytes, mm_missing, m
     solver = _solver(X, mask, W, H, "hals", "frobenius")
     if missing:  # mostly observed lines go through their missing cells, and vice versa
         n_obs = mask.sum(axis=1)
-        np.testing.assert_array_equal(solver.r_sign, np.where(2 * n_obs < X.shape[1], 1, -1))
-        assert ((solver.r_sign < 0).mean() > 0.5) == (missing < 0.5)
+        np.testing.assert_array_equal(solver.rows.sign, np.where(2 * n_obs < X.shape[1], 1, -1))
+        assert ((solver.rows.sign < 0).mean() > 0.5) == (missing < 0.5)
     # Majorized: mostly observed lines with at most mm_missing of their cells missing.
     mm_rows = np.flatnonzero((2 * mask.sum(axis=1) >= X.shape[1])
                              & ((~mask).sum(axis=1) <= mm_missing * X.shape[1]))
@@ -238,8 +238,8 @@ def test_hals_iterates_match_numpy_reference(missing, pairs_bytes, mm_missing, m
     if missing == 0.2 and mm_missing == 0.2:
         assert 0 < len(mm_rows) < X.shape[0] and 0 < len(mm_cols) < X.shape[1]
     if missing:
-        np.testing.assert_array_equal(solver.r_mm, mm_rows)
-        np.testing.assert_array_equal(solver.c_mm, mm_cols)
+        np.testing.assert_array_equal(solver.rows.mm, mm_rows)
+        np.testing.assert_array_equal(solver.cols.mm, mm_cols)
     Wr, Hr = W.copy(), H.copy()
     for _ in range(4):
         solver.step()
@@ -274,9 +274,10 @@ def test_masked_cd_solves_nnls_like_scipy(missing, use_pairs):
     X, mask, W, H = _problem(missing, seed=2)
     lam = 0.3
     solver = _solver(X, mask, W, H, "gdcls", "frobenius")
-    XtW, G0 = solver._products_H()
+    XtW, bases = solver.lay.products_H(solver.W)
     Ht = np.ascontiguousarray(H.T)
-    nmf_cv._masked_cd_rows(Ht, solver.W, G0, XtW, solver.c_ptr, solver.c_idx, solver.c_sign,
+    c = solver.cols
+    nmf_cv._masked_cd_rows(Ht, solver.W, bases, c.group, XtW, c.ptr, c.idx, c.sign,
                            np.arange(Ht.shape[0]),
                            0.0, lam, 5000, 0.0, use_pairs, solver.scratch, False)
     k = W.shape[1]
@@ -321,7 +322,8 @@ def test_masked_cd_rows_match_numpy_with_penalties(k, use_pairs):
     indptr = nmf_cv._indptr(rows, m)
     scratch = np.empty(n * (k + 4))
     ours = A.copy()
-    model = nmf_cv._masked_cd_rows(ours, B, B.T @ B, XB, indptr, cols.astype(np.int64),
+    model = nmf_cv._masked_cd_rows(ours, B, (B.T @ B)[None], np.zeros(m, np.int64), XB,
+                                   indptr, cols.astype(np.int64),
                                    np.where(direct, 1.0, -1.0), np.arange(m), 0.05, 0.3, 3, 0.0,
                                    use_pairs, scratch, True)
     expected = ref_penalised_cd_rows(A, B, XB, M, 0.05, 0.3, 3)
@@ -335,7 +337,8 @@ def test_masked_cd_rows_small_curvature_never_overshoots():
     B = np.array([[1e-3], [1e3], [1e3]])
     A = np.zeros((1, 1))
     XB = np.array([[1e-3]])  # the row observes cell 0 only, where x = 1
-    nmf_cv._masked_cd_rows(A, B, B.T @ B, XB, np.array([0, 1]), np.array([0]), np.array([1.0]),
+    nmf_cv._masked_cd_rows(A, B, (B.T @ B)[None], np.zeros(1, np.int64), XB,
+                           np.array([0, 1]), np.array([0]), np.array([1.0]),
                            np.array([0]), 0.0, 1e-8, 1, 0.0, False, np.empty(5), False)
 
     def row_objective(a):
@@ -367,7 +370,8 @@ def test_masked_cd_rows_float32_component_unseen_stays():
     B[4:, 1] = 0.0  # component 1 only in the row's four missing cells
     XB = (rng.random(12) * (np.arange(12) >= 4)) @ B.astype(np.float64)
     A = np.array([[0.5, 0.5]], dtype=np.float32)
-    nmf_cv._masked_cd_rows(A, B, nmf_cv._gram64(B), XB[None, :].astype(np.float32),
+    nmf_cv._masked_cd_rows(A, B, nmf_cv._gram64(B)[None], np.zeros(1, np.int64),
+                           XB[None, :].astype(np.float32),
                            np.array([0, 4]), np.arange(4), np.array([-1.0]), np.array([0]), 0.0,
                            0.0, 1, 0.0,
                            False, np.empty(4 * 6), False)
@@ -438,11 +442,11 @@ def test_only_hals_fits_majorize():
     pen = nmf_cv._Penalty(0.0, 0.0, 0.0, 0.0)
     for method, update_H in [("gdcls", True), ("hals", False)]:
         solver = nmf_cv._MaskedSolver(data, W.copy(), H.copy(), method, pen, update_H)
-        assert len(solver.r_mm) == len(solver.c_mm) == 0
+        assert len(solver.rows.mm) == len(solver.cols.mm) == 0
     solver = nmf_cv._MaskedSolver(data, W[:, :5].copy(), H[:5].copy(), "hals", pen, True)
-    assert len(solver.r_mm) == len(solver.c_mm) == 0
+    assert len(solver.rows.mm) == len(solver.cols.mm) == 0
     solver = nmf_cv._MaskedSolver(data, W.copy(), H.copy(), "hals", pen, True)
-    for axis, found in ((1, solver.r_mm), (0, solver.c_mm)):
+    for axis, found in ((1, solver.rows.mm), (0, solver.cols.mm)):
         expected = np.flatnonzero((~mask).sum(axis=axis) <= 0.15 * X.shape[axis])
         assert 0 < len(expected) < X.shape[1 - axis]
         np.testing.assert_array_equal(found, expected)
@@ -470,8 +474,9 @@ def test_majorized_rows_match_filled_dense_reference(dtype):
     expected = ref_penalised_cd_rows(A.astype(np.float64), B64, filled @ B64,
                                      np.ones((m, n), bool), 0.05, 0.3, 3)
     XB = np.ascontiguousarray(np.where(M, X, 0.0) @ B64)
-    lines = (indptr, cols.astype(np.int64), signs, np.arange(m), np.arange(0))
-    model = nmf_cv._cd_lines(A, Bd, nmf_cv._gram64(Bd), XB, lines, 0.05, 0.3, 3, 0.0,
+    lines = nmf_cv._MaskedLines(indptr, cols.astype(np.int64), signs, np.zeros(m, np.int64),
+                                np.arange(m), np.arange(0))
+    model = nmf_cv._cd_lines(A, Bd, nmf_cv._gram64(Bd)[None], XB, lines, 0.05, 0.3, 3, 0.0,
                              np.empty(n * (k + 4)), True)
     assert A.dtype == dtype
     tol = 1e-10 if dtype == np.float64 else 1e-6
