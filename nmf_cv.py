@@ -792,6 +792,8 @@ def _observed_rss(data, W, H):
 def _make_solver(data, W, H, method, loss, penalty, update_H=True):
     if loss == "kl" and method == "cd":
         return _KLCDSolver(*_kl_lines(data), W, H, penalty, update_H)
+    if isinstance(data, _MissingFoldTraining):  # Frobenius only (see _cv_source)
+        return _MaskedSolver(data, W, H, method, penalty, update_H)
     if isinstance(data, _FoldTraining):  # cross_validate's training sets (update_H=True)
         if loss == "kl":
             return _FoldKLSolver(data, W, H, penalty)
@@ -1002,9 +1004,7 @@ class _MaskedSolver(_WHt):
         else:
             self.sweeps_W = self.sweeps_H = 100  # gdcls: H by constrained least squares
         XHt, bases = self.lay.products_W(self.Ht)
-        r = self.rows
-        model = _masked_model(self.W, self.Ht, bases, r.group, r.ptr, r.idx, r.sign,
-                              np.arange(m))
+        model = _masked_model(self.W, self.Ht, bases, self.rows.kernel(), np.arange(m))
         self.objective = self._objective(XHt, model)
 
     def _objective(self, XHt, model):
@@ -1022,9 +1022,8 @@ class _MaskedSolver(_WHt):
                 self.Ht /= s.astype(self.Ht.dtype)
             XtW, bases = self.lay.products_H(self.W)
             if self.method == "mu":
-                c = self.cols
-                _masked_mu_rows(self.Ht, self.W, bases, c.group, XtW, c.ptr, c.idx, c.sign,
-                                p.l1_H, p.l2_H, self.scratch, self.u, False)
+                _masked_mu_rows(self.Ht, self.W, bases, self.cols.kernel(), XtW, p.l1_H,
+                                p.l2_H, self.scratch, self.u, False)
             else:
                 tol = 0.1 if self.method == "hals" else 1e-3
                 _cd_lines(self.Ht, self.W, bases, XtW, self.cols, p.l1_H, p.l2_H,
@@ -1035,9 +1034,8 @@ class _MaskedSolver(_WHt):
             model = _cd_lines(self.W, self.Ht, bases, XHt, self.rows, p.l1_W, p.l2_W, sweeps,
                               tol, self.scratch, want_loss)
         else:
-            r = self.rows
-            model = _masked_mu_rows(self.W, self.Ht, bases, r.group, XHt, r.ptr, r.idx,
-                                    r.sign, p.l1_W, p.l2_W, self.scratch, self.u, want_loss)
+            model = _masked_mu_rows(self.W, self.Ht, bases, self.rows.kernel(), XHt, p.l1_W,
+                                    p.l2_W, self.scratch, self.u, want_loss)
         self.objective = self._objective(XHt, model) if want_loss else math.nan
         return self.objective
 
@@ -1047,22 +1045,61 @@ class _MaskedLines:
     """One side's lines (X's rows, or its columns) as the masked kernels read them: each
     line's cell set (CSR ``ptr``, ``idx``), ``sign`` +1 where the set is the line's observed
     cells and its Gram matrix their sum, -1 where the set is its missing cells and its Gram
-    matrix its base ``bases[group]`` less their sum; ``mm`` and ``exact`` the lines updated
-    by a majorize-minimize step and exactly (`_majorized_lines`)."""
+    matrix its base ``bases[group]`` less their sum. Cross-validation through the fold rule
+    (`_MissingFoldTraining`) adds: a listed cell j is left out where ``cell_group[j]`` equals
+    the line's group (it is in the line's held-out block, which the base has taken out, or
+    held out, for an observed cell), and the kept cells (CSR ``kptr``, ``kidx``) count as
+    observed. ``mm`` and ``exact``: the lines updated by a majorize-minimize step and
+    exactly (`_majorized_lines`)."""
 
     ptr: np.ndarray
     idx: np.ndarray
     sign: np.ndarray
-    group: np.ndarray
+    group: np.ndarray = None
+    cell_group: np.ndarray = None
+    kptr: np.ndarray = None
+    kidx: np.ndarray = None
     mm: np.ndarray = None
     exact: np.ndarray = None
 
+    def __post_init__(self):
+        p = len(self.sign)
+        if self.group is None:  # no fold rule: one base, nothing left out, nothing kept
+            self.group = np.zeros(p, dtype=np.int64)
+            self.cell_group = np.full(int(self.idx.max(initial=0)) + 1, -1, dtype=np.int64)
+        if self.kptr is None:
+            self.kptr, self.kidx = np.zeros(p + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+
+    def kernel(self):
+        """The kernels' tuple (ptr, idx, sign, group, cell_group, kptr, kidx)."""
+        return (self.ptr, self.idx, self.sign, self.group, self.cell_group, self.kptr,
+                self.kidx)
+
     def majorized(self, length, max_missing):
+        """These lines with ``mm`` and ``exact`` set; a line with kept cells is exact."""
         mm, exact = _majorized_lines(self.sign, np.diff(self.ptr), length, max_missing)
-        return _MaskedLines(self.ptr, self.idx, self.sign, self.group, mm, exact)
+        if len(self.kidx):
+            kept = np.diff(self.kptr) > 0
+            mm, exact = mm[~kept[mm]], np.union1d(exact, np.flatnonzero(kept))
+        return dataclasses.replace(self, mm=mm, exact=exact)
 
     def longest(self):
-        return int(np.diff(self.ptr).max(initial=0))
+        return int(np.diff(self.ptr).max(initial=0) + np.diff(self.kptr).max(initial=0))
+
+
+def _mask_lines(observed):
+    """`_MaskedLines` of the rows and of the columns of a boolean m x n of observed cells:
+    a line (row or column) is "direct" (sign +1) when fewer of its cells are observed than
+    missing; its cells are then its observed cells, else its missing cells (-1)."""
+    m, n = observed.shape
+    row_direct = 2 * observed.sum(axis=1) < n
+    col_direct = 2 * observed.sum(axis=0) < m
+    r_rows, r_cols = np.nonzero(observed == row_direct[:, None])
+    c_cols, c_rows = np.nonzero((observed == col_direct[None, :]).T)
+    return (_MaskedLines(_indptr(r_rows, m), r_cols.astype(np.int64),
+                         np.where(row_direct, 1.0, -1.0)),
+            _MaskedLines(_indptr(c_cols, n), c_rows.astype(np.int64),
+                         np.where(col_direct, 1.0, -1.0)))
 
 
 class _MaskLayout:
@@ -1082,15 +1119,7 @@ class _MaskLayout:
             self.X[data.rows, data.cols] = data.values
         else:
             self.X = sp.csr_matrix((data.values, (data.rows, data.cols)), shape=data.shape)
-        row_direct = 2 * observed.sum(axis=1) < n
-        col_direct = 2 * observed.sum(axis=0) < m
-        r_rows, r_cols = np.nonzero(observed == row_direct[:, None])
-        c_rows, c_cols = np.nonzero(observed == col_direct[None, :])
-        order = np.lexsort((c_rows, c_cols))
-        self.rows = _MaskedLines(_indptr(r_rows, m), r_cols.astype(np.int64),
-                                 np.where(row_direct, 1.0, -1.0), np.zeros(m, dtype=np.int64))
-        self.cols = _MaskedLines(_indptr(c_cols[order], n), c_rows[order].astype(np.int64),
-                                 np.where(col_direct, 1.0, -1.0), np.zeros(n, dtype=np.int64))
+        self.rows, self.cols = _mask_lines(observed)
 
     def products_W(self, Ht):
         """(X H', the rows' bases) for the W update. Gram matrices are always float64: the
@@ -1108,23 +1137,22 @@ def _cd_lines(A, B, bases, XB, lines, l1, l2, sweeps, tol, scratch, want):
     majorize-minimize step (_mm_targets, then the dense kernel with each group's base), as
     the `_MaskedLines` say. Returns the sum over observed cells of (b . a)^2 after the
     update if ``want``."""
-    ptr, idx, signs, group, mm, exact = (lines.ptr, lines.idx, lines.sign, lines.group,
-                                         lines.mm, lines.exact)
+    L, mm = lines.kernel(), lines.mm
     model = 0.0
-    if len(exact):
-        model += _masked_cd_rows(A, B, bases, group, XB, ptr, idx, signs, exact, l1, l2,
-                                 sweeps, tol, _use_pairs(B), scratch, want)
+    if len(lines.exact):
+        model += _masked_cd_rows(A, B, bases, L, XB, lines.exact, l1, l2, sweeps, tol,
+                                 _use_pairs(B), scratch, want)
     for g in range(len(bases)):
-        rows = mm if len(bases) == 1 else mm[group[mm] == g]
+        rows = mm if len(bases) == 1 else mm[lines.group[mm] == g]
         if not len(rows):
             continue
         At = np.empty((A.shape[1], len(rows)), dtype=np.float64)
         Yt = np.empty_like(At)
-        _mm_targets(A, B, XB, ptr, idx, rows, At, Yt)
+        _mm_targets(A, B, XB, L, rows, At, Yt)
         _hals_update(At, bases[g], Yt, l1, l2, sweeps, tol)
         A[rows] = At.T
         if want:
-            model += _masked_model(A, B, bases, group, ptr, idx, signs, rows)
+            model += _masked_model(A, B, bases, L, rows)
     return model
 
 
@@ -1792,7 +1820,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
         n_repeats=n_repeats, method=method, loss=loss, ridge=ridge, n_restarts=n_restarts,
         stuck_restarts=stuck_restarts, warm_start=warm_start, fit_options=fit_kwargs)
     seeds = root.spawn(2)
-    source = _cv_source(data, loo or warm_start)
+    source = _cv_source(data, loo or warm_start, loss)
     n_fold_count = n_cells if loo else n_folds
     max_splits = n_repeats if fixed else (1 if loo or warm_start else _AUTO_SPLITS)
     split_seeds = seeds[0].spawn(max_splits)
@@ -2065,11 +2093,16 @@ class Folds:
         return np.array([self[r] for r in range(len(self))], dtype=dtype)
 
 
-def _cv_source(data, cells):
+def _cv_source(data, cells, loss="frobenius"):
     """Where cross_validate's training sets come from: the fold rule read from X itself
-    (fully observed input), or lists of observed cells (missing cells, leave-one-out, warm
-    starts, vectors)."""
-    if data.masked or cells or min(data.shape) < 2:
+    (fully observed input; or mostly observed input with missing cells, Frobenius loss), or
+    lists of observed cells (leave-one-out, warm starts, vectors, other data with missing
+    cells)."""
+    if cells or min(data.shape) < 2:
+        return _CellSource(*_observed_cells(data), data.shape, data.masked)
+    if data.masked:
+        if loss == "frobenius" and 2 * len(data.values) >= data.shape[0] * data.shape[1]:
+            return _MissingRuleSource.of(data)
         return _CellSource(*_observed_cells(data), data.shape, data.masked)
     return _RuleSource(data.dense if data.sparse is None else data.sparse)
 
@@ -2111,6 +2144,88 @@ class _RuleSource:
         empty = np.zeros(0, dtype=np.int64)
         return Folds(n_folds, self.X.shape, np.array([s[0] for s in splits]),
                      np.array([s[1] for s in splits]), [(empty, empty)] * len(splits))
+
+
+@dataclass
+class _MissingRuleSource:
+    """Mostly observed data with missing cells whose training sets are read through the fold
+    rule (`_MissingFoldTraining`): X with zeros in its missing cells, its squared norm, and
+    each row's and column's cell set as `_mask_lines` makes them (its missing cells, or for
+    a mostly missing line its observed ones), shared by every training set. A split is
+    (row_class, col_class, n_folds, kept rows, kept cols), the kept cells being those the
+    rule would hold out but `_keep_coverage` keeps in every training set: the same folds as
+    `_CellSource`'s from the same generator."""
+
+    X: np.ndarray
+    xx: float
+    row_ptr: np.ndarray
+    row_idx: np.ndarray
+    row_sign: np.ndarray
+    col_ptr: np.ndarray
+    col_idx: np.ndarray
+    col_sign: np.ndarray
+
+    @classmethod
+    def of(cls, data):
+        X = np.zeros(data.shape, dtype=data.dtype)
+        X[data.rows, data.cols] = data.values
+        observed = np.zeros(data.shape, dtype=bool)
+        observed[data.rows, data.cols] = True
+        rows, cols = _mask_lines(observed)
+        return cls(X, _sqnorm(data.values), rows.ptr, rows.idx, rows.sign, cols.ptr, cols.idx,
+                   cols.sign)
+
+    @property
+    def shape(self):
+        return self.X.shape
+
+    def row_lines(self):
+        return _MaskedLines(self.row_ptr, self.row_idx, self.row_sign)
+
+    def observed(self):
+        """Boolean m x n of the observed cells."""
+        direct = self.row_sign > 0
+        observed = np.repeat(~direct[:, None], self.shape[1], axis=1)
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.row_ptr))
+        observed[rows, self.row_idx] = direct[rows]
+        return observed
+
+    def split(self, n_folds, rng):
+        row_class, col_class = _fold_rule(self.shape, n_folds, rng)
+        rows, cols = np.nonzero(self.observed())
+        fold = (row_class[rows] + col_class[cols]) % n_folds
+        kept = _keep_coverage(fold, rows, cols, self.shape, n_folds, rng) < 0
+        return row_class, col_class, n_folds, rows[kept], cols[kept]
+
+    def training(self, split, f):
+        return _MissingFoldTraining(self, split, f)
+
+    def n_train(self, split, f):
+        row_class, col_class, n_folds, kept_rows, kept_cols = split
+        P = (f - row_class.astype(np.int64)) % n_folds
+        kept = np.bincount(kept_rows[P[kept_rows] == col_class[kept_cols]],
+                           minlength=self.shape[0])
+        return int(np.sum(_training_counts(self.row_ptr, self.row_idx, self.row_sign, P,
+                                           col_class.astype(np.int64), n_folds, kept)))
+
+    def folds(self, splits, n_folds):
+        kept = [(s[3], s[4]) for s in splits]
+        return Folds(n_folds, self.shape, np.array([s[0] for s in splits]),
+                     np.array([s[1] for s in splits]), kept, self.observed())
+
+
+def _training_counts(ptr, idx, sign, group, cell_group, n_groups, kept):
+    """Training cells per line: its observed cells less those in its held-out block (the
+    other side's lines whose group is its own), plus its kept cells. Also returns, for the
+    listed cells, whether each is in its line's block."""
+    q = len(cell_group)
+    listed = np.diff(ptr)
+    in_block = _count_in_block(ptr, idx, group, cell_group)
+    block = np.bincount(cell_group, minlength=n_groups)[group]
+    direct = sign > 0
+    observed = np.where(direct, listed, q - listed)
+    observed_in_block = np.where(direct, in_block, block - in_block)
+    return observed - observed_in_block + kept
 
 
 @dataclass
@@ -2616,6 +2731,155 @@ class _FoldTraining:
             held_wh2 = sum(_fdot(a, b) for a, b in zip(w_grams, h_grams, strict=True))
             press += max(held_wh2 - held[1], 0.0)
             total += max(_fdot(W.T @ W, Ht.T @ Ht) - every[1], 0.0)
+        return press, max(total - press, 0.0)
+
+
+class _MissingFoldTraining(_FoldTraining):
+    """Fold f's training set of mostly observed data with missing cells
+    (`_MissingRuleSource`), read through the fold rule as `_FoldTraining` reads fully
+    observed data: X holds zeros in its missing cells, so the products with X and the
+    held-out blocks are `_FoldTraining`'s, and `_MaskedSolver` fits it (`mask_layout`). A
+    row's Gram matrix over its training cells is its group's base (the full Gram matrix less
+    its held-out column group's part, as in `_FoldSolver`) less the part of its missing
+    cells outside its held-out columns, or, for a mostly missing row, the sum over its
+    training cells; the rows' cell sets are the source's, shared. Per fit: the held-out
+    blocks (1 / n_folds of X) and which of their cells are observed, the kept cells, and the
+    factors; no m x n array."""
+
+    def __init__(self, source, split, f):
+        row_class, col_class, n_folds, kept_rows, kept_cols = split
+        super().__init__(source.X, (row_class, col_class, n_folds), f)
+        self.source = source
+        in_fold = self.P[kept_rows] == self.b[kept_cols]
+        kr, kc = kept_rows[in_fold], kept_cols[in_fold]
+        kv = source.X[kr, kc]
+        self.kept = sp.csr_matrix((kv, (kr, kc)), shape=self.shape)
+        self.kept_ones = sp.csr_matrix((np.ones(len(kr)), (kr, kc)), shape=self.shape)
+        self.x_sum += float(np.sum(kv, dtype=np.float64))
+        self.xx += _sqnorm(kv)
+        m, n = self.shape
+        self.row_n = _training_counts(source.row_ptr, source.row_idx, source.row_sign, self.P,
+                                      self.b, n_folds, np.bincount(kr, minlength=m))
+        self.col_n = _training_counts(source.col_ptr, source.col_idx, source.col_sign, self.b,
+                                      self.P, n_folds, np.bincount(kc, minlength=n))
+        self.n_train = int(self.row_n.sum())
+        self.held_observed = [~self._missing_in(r, c) for r, c in zip(self.row_groups,
+                                                                       self.col_groups,
+                                                                       strict=True)]
+        self.n_held = int(sum(h.sum() for h in self.held_observed))
+        kt = self.kept_ones.T.tocsr()
+        self.rows = _MaskedLines(source.row_ptr, source.row_idx, source.row_sign, self.P,
+                                 self.b, self.kept_ones.indptr.astype(np.int64),
+                                 self.kept_ones.indices.astype(np.int64))
+        self.cols = _MaskedLines(source.col_ptr, source.col_idx, source.col_sign, self.b,
+                                 self.P, kt.indptr.astype(np.int64), kt.indices.astype(np.int64))
+
+    def _missing_in(self, rows, cols):
+        """Boolean len(rows) x len(cols): which cells of the sub-matrix are missing or kept
+        (not held out, among the held-out blocks' cells)."""
+        s = self.source
+        where = np.full(self.shape[1], -1)
+        where[cols] = np.arange(len(cols))
+        direct = s.row_sign[rows] > 0
+        out = np.repeat(direct[:, None], len(cols), axis=1)
+        counts = s.row_ptr[rows + 1] - s.row_ptr[rows]
+        local = np.repeat(np.arange(len(rows)), counts)
+        starts = np.repeat(s.row_ptr[rows] - (np.cumsum(counts) - counts), counts)
+        listed = s.row_idx[starts + np.arange(len(local))]
+        hit = where[listed] >= 0
+        out[local[hit], where[listed[hit]]] = ~direct[local[hit]]
+        kept = self.kept_ones[rows][:, cols].tocoo()
+        out[kept.row, kept.col] = True
+        return out
+
+    def mask_layout(self):
+        """This training set as `_MaskedSolver` reads it: itself."""
+        return self
+
+    def products_W(self, Ht):
+        """(X H' over each row's training cells, the rows' bases: the Gram matrix of H less
+        each held-out column group's part), as `_MaskLayout.products_W`."""
+        G0, grams = self.group_grams(Ht, self.col_groups)
+        XB = _times_factor(self.X, Ht) - self.held_XBt(Ht.T).T + self.kept @ Ht
+        return np.ascontiguousarray(XB, dtype=Ht.dtype), np.array([G0 - g for g in grams])
+
+    def products_H(self, W):
+        G0, grams = self.group_grams(W, self.row_groups)
+        XB = _times_factor(self.X.T, W) - self.held_AtX(W.T).T + self.kept.T @ W
+        return np.ascontiguousarray(XB, dtype=W.dtype), np.array([G0 - g for g in grams])
+
+    def observed_mean(self):
+        return self.x_sum / self.n_train
+
+    def filled(self):
+        """As `_FoldTraining.filled`, the cells filled being the held-out and missing ones."""
+        m, n = self.shape
+        X = self.X
+        ones_n, ones_m = np.ones((n, 1), dtype=self.dtype), np.ones((m, 1), dtype=self.dtype)
+        row_sum = np.asarray(X @ ones_n)[:, 0] - self.held_XBt(ones_n.T)[0] \
+            + np.asarray(self.kept.sum(axis=1))[:, 0]
+        col_sum = np.asarray(X.T @ ones_m)[:, 0] - self.held_AtX(ones_m.T)[0] \
+            + np.asarray(self.kept.sum(axis=0))[0]
+        row_mean, col_mean = row_sum / self.row_n, col_sum / self.col_n
+        mean = self.observed_mean()
+        u = row_mean / mean if mean > 0 else np.zeros(m)
+
+        def fill(lines, groups, weights, V, kept):
+            """Per line, the sum of weights * V over its filled cells: its held-out block's
+            but the kept ones, and its missing cells outside the block."""
+            wV = weights[:, None] * V
+            S = np.array([wV[g].sum(axis=0) for g in groups])[lines.group]
+            direct = (lines.sign > 0)[:, None]
+            outside = _outside_sums(*lines.kernel()[:5], wV) + direct * (wV.sum(axis=0) - S)
+            return S + outside - kept @ wV
+
+        def matmat(V):
+            V = np.asarray(V, dtype=np.float64).reshape(n, -1)
+            Vd = V.astype(self.dtype, copy=False)
+            return (np.asarray(X @ Vd) - self.held_XBt(Vd.T).T + self.kept @ V
+                    + u[:, None] * fill(self.rows, self.col_groups, col_mean, V,
+                                        self.kept_ones))
+
+        def rmatmat(U):
+            U = np.asarray(U, dtype=np.float64).reshape(m, -1)
+            Ud = U.astype(self.dtype, copy=False)
+            return (np.asarray(X.T @ Ud) - self.held_AtX(Ud.T).T + self.kept.T @ U
+                    + col_mean[:, None] * fill(self.cols, self.row_groups, u, U,
+                                               self.kept_ones.T))
+
+        return LinearOperator((m, n), matvec=matmat, rmatvec=rmatmat, matmat=matmat,
+                              rmatmat=rmatmat, dtype=np.float64)
+
+    def noise(self):
+        """`_FoldTraining.noise` with the missing cells missing too."""
+        m, n = self.shape
+        rng = np.random.default_rng(0)
+        long_cap, short_cap = (_NOISE_LINES, 1000) if m >= n else (1000, _NOISE_LINES)
+        rows = np.sort(rng.choice(m, long_cap, replace=False)) if m > long_cap else np.arange(m)
+        cols = np.sort(rng.choice(n, short_cap, replace=False)) if n > short_cap else np.arange(n)
+        if min(len(rows), len(cols)) < 3:
+            return 0.0
+        missing_or_kept = self._missing_in(rows, cols)
+        kept = self.kept_ones[rows][:, cols].toarray() > 0
+        held = (self.P[rows][:, None] == self.b[cols][None, :]) & ~kept
+        missing = held | (missing_or_kept & ~kept)
+        filled = _mean_filled(self.X[np.ix_(rows, cols)], missing)
+        return _noise_of(filled, missing)
+
+    def scores(self, W, H, loss):
+        """(held-out, training) squared error: the held-out blocks' observed cells, and the
+        observed cells' total (through the source's cell sets, as `_MaskedSolver`'s
+        objective) less them."""
+        W = np.ascontiguousarray(W, dtype=np.float64)
+        Ht = np.ascontiguousarray(H.T, dtype=np.float64)
+        press = 0.0
+        for rows, cols, block, seen in zip(self.row_groups, self.col_groups, self.blocks,
+                                           self.held_observed, strict=True):
+            if seen.size:
+                press += _sqnorm(np.where(seen, block - W[rows] @ Ht[cols].T, 0.0))
+        model = _masked_model(W, Ht, _gram64(Ht)[None], self.source.row_lines().kernel(),
+                              np.arange(self.shape[0]))
+        total = self.source.xx - 2.0 * _fdot(W, _times_factor(self.X, Ht)) + model
         return press, max(total - press, 0.0)
 
 
@@ -5639,20 +5903,24 @@ def _cells_sq_prediction(A, B, indptr, idx):
 
 
 @njit(cache=True)
-def _masked_model(A, B, bases, group, indptr, idx, signs, rows):
-    """Sum over the listed rows' observed cells of (A B')^2, each row through its own cell
-    set (as in _masked_cd_rows): a' G a - sum over missing cells, G = bases[group[a]], or the
-    sum over observed cells."""
+def _masked_model(A, B, bases, L, rows):
+    """Sum over the listed rows' observed (training) cells of (A B')^2, each row through its
+    own cell set (`_line_cells`, as in _masked_cd_rows): a' G a less the sum over its missing
+    cells, G = bases[group[a]], or the sum over its observed cells; plus its kept cells."""
     k = A.shape[1]
+    signs, group = L[2], L[3]
+    sel = np.empty(B.shape[0], dtype=np.int64)
     total = 0.0
     for a in rows:
+        c1, c2 = _line_cells(a, L, sel)
         if signs[a] < 0.0:
             G0 = bases[group[a]]
             for t in range(k):
                 at = A[a, t]
                 for r in range(k):
                     total += at * G0[t, r] * A[a, r]
-        total += signs[a] * _row_cells_sq(A, a, B, idx, indptr[a], indptr[a + 1])
+        total += signs[a] * _row_cells_sq(A, a, B, sel, 0, c1)
+        total += _row_cells_sq(A, a, B, sel, c1, c1 + c2)
     return total
 
 
@@ -5709,21 +5977,22 @@ def _predict_cells(A, a, scratch, c, u):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _masked_cd_rows(A, B, bases, group, XB, indptr, idx, signs, rows, l1, l2, sweeps, tol,
-                    use_pairs, scratch, want):
+def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, use_pairs, scratch, want):
     """Exact coordinate descent on each row a of A >= 0 for the masked least-squares problem
     1/2 a'G_a a - XB_a . a + l1 sum a + l2/2 |a|^2, G_a being the Gram matrix of B over the
-    row's observed cells. G_a is formed from the row's cell set: its base bases[group[a]]
-    (the full Gram matrix, or a fold's training part of it) minus the sum of b b' over its
-    cells (its missing cells) with sign -1, the sum over its cells (its observed cells)
-    with sign +1. Rows are then swept in blocks, transposed so that the k^2 work of a sweep
-    runs across the block's rows (_cd_block). Up to ``sweeps`` sweeps per block, stopping
-    when the rows move by less than ``tol`` times their first sweep (on average, each row
-    relative to itself). ``use_pairs``: sum a table of every b b' (_sum_pairs) rather than
-    multiply gathered cells (_cells_gram); see _use_pairs. ``scratch`` holds at least
-    (k + 4) times the longest cell set. Only the rows listed in ``rows`` are updated.
+    row's observed (training) cells. G_a is formed from the row's cell set (`_line_cells` of
+    the lines L = `_MaskedLines.kernel()`): its base bases[group[a]] (the full Gram matrix,
+    or a fold's training part of it) minus the sum of b b' over its cells (its missing
+    cells) with sign -1, the sum over its cells (its observed cells) with sign +1; plus its
+    kept cells' sum. Rows are then swept in blocks, transposed so that the k^2 work of a
+    sweep runs across the block's rows (_cd_block). Up to ``sweeps`` sweeps per block,
+    stopping when the rows move by less than ``tol`` times their first sweep (on average,
+    each row relative to itself). ``use_pairs``: sum a table of every b b' (_sum_pairs)
+    rather than multiply gathered cells (_cells_gram); see _use_pairs. ``scratch`` holds at
+    least (k + 4) times the longest cell set. Only the rows listed in ``rows`` are updated.
     Returns the sum over their observed cells of (b . a)^2 = a'G_a a after the update if
     ``want``."""
+    signs, group = L[2], L[3]
     p = rows.shape[0]
     k = A.shape[1]
     size = max(8, min(64, 65536 // (k * k)))  # rows per block
@@ -5732,31 +6001,26 @@ def _masked_cd_rows(A, B, bases, group, XB, indptr, idx, signs, rows, l1, l2, sw
     Yb = np.empty((k, size), dtype=np.float64)
     inv_hess = np.empty((k, size), dtype=np.float64)
     S = np.empty((k + 4, k + 4), dtype=np.float64)
-    packed = np.empty((k * (k + 1) // 2, size), dtype=np.float64)  # rows' sums, by column
+    n_packed = k * (k + 1) // 2
+    packed = np.empty((n_packed, size), dtype=np.float64)  # rows' sums, by column
     keep = np.empty(size, dtype=np.float64)  # 1: a row given by its missing cells, G0 - sum
     block_group = np.empty(size, dtype=np.int64)
     pairs = _pair_products(B) if use_pairs else np.empty((0, 0), dtype=np.float64)
-    acc = np.empty(pairs.shape[1], dtype=np.float64)
+    acc = np.empty(max(pairs.shape[1], n_packed), dtype=np.float64)
+    sel = np.empty(B.shape[0], dtype=np.int64)
     total = 0.0
     for a0 in range(0, p, size):
         nb = min(size, p - a0)
         for j in range(nb):
             a = rows[a0 + j]
-            s = indptr[a]
-            c = indptr[a + 1] - s
-            if use_pairs:
-                _sum_pairs(pairs, idx[s:s + c], acc)
-                for e in range(packed.shape[0]):
-                    packed[e, j] = acc[e]
-            else:
-                cells = scratch[:(k + 4) * c].reshape((k + 4, c))
-                _gather_cells(B, idx[s:s + c], cells)
-                _cells_gram(cells, k, S)
-                e = 0
-                for t in range(k):
-                    for r in range(t + 1):
-                        packed[e, j] = S[t, r]
-                        e += 1
+            c1, c2 = _line_cells(a, L, sel)
+            _cells_packed(B, pairs, sel[:c1], use_pairs, acc, scratch, S)
+            for e in range(n_packed):
+                packed[e, j] = acc[e]
+            if c2 > 0:  # kept cells count as observed: G0 - (S - K), or S + K
+                _cells_packed(B, pairs, sel[c1:c1 + c2], use_pairs, acc, scratch, S)
+                for e in range(n_packed):
+                    packed[e, j] += signs[a] * acc[e]
             keep[j] = 1.0 if signs[a] < 0.0 else 0.0
             block_group[j] = group[a]
             for t in range(k):
@@ -5768,31 +6032,98 @@ def _masked_cd_rows(A, B, bases, group, XB, indptr, idx, signs, rows, l1, l2, sw
             for t in range(k):
                 A[rows[a0 + j], t] = Ab[t, j]
         if want:
-            total += _block_model(A, rows[a0:a0 + nb], B, indptr, idx, signs, Ab, Gb)
+            total += _block_model(A, rows[a0:a0 + nb], B, L, Ab, Gb, sel)
     return total
 
 
+@njit(cache=True)
+def _count_in_block(ptr, idx, group, cell_group):
+    """For each line, how many of its listed cells are in its held-out block."""
+    out = np.zeros(len(ptr) - 1, dtype=np.int64)
+    for a in range(len(ptr) - 1):
+        for q in range(ptr[a], ptr[a + 1]):
+            if cell_group[idx[q]] == group[a]:
+                out[a] += 1
+    return out
+
+
+@njit(cache=True)
+def _outside_sums(ptr, idx, sign, group, cell_group, V):
+    """out[a] = the sum of V[j] over line a's listed cells outside its held-out block (see
+    _line_cells), negated for a line listed by its observed cells."""
+    out = np.zeros((len(ptr) - 1, V.shape[1]), dtype=np.float64)
+    for a in range(len(ptr) - 1):
+        w = -1.0 if sign[a] > 0.0 else 1.0
+        for q in range(ptr[a], ptr[a + 1]):
+            j = idx[q]
+            if cell_group[j] != group[a]:
+                for t in range(V.shape[1]):
+                    out[a, t] += w * V[j, t]
+    return out
+
+
+@njit(cache=True)
+def _line_cells(a, L, sel):
+    """Line a's cells, from the lines L = (ptr, idx, sign, group, cell_group, kptr, kidx)
+    (`_MaskedLines.kernel`), into ``sel``: first its listed cells but those in its held-out
+    block (cell_group[j] == group[a]: its base has taken them out already), then its kept
+    cells. Returns the two counts."""
+    ptr, idx, cell_group, kptr, kidx = L[0], L[1], L[4], L[5], L[6]
+    g = L[3][a]
+    c = 0
+    for q in range(ptr[a], ptr[a + 1]):
+        j = idx[q]
+        if cell_group[j] != g:
+            sel[c] = j
+            c += 1
+    c2 = 0
+    for q in range(kptr[a], kptr[a + 1]):
+        sel[c + c2] = kidx[q]
+        c2 += 1
+    return c, c2
+
+
 @njit(cache=True, fastmath=_FAST)
-def _mm_targets(A, B, XB, indptr, idx, rows, At, Yt):
+def _cells_packed(B, pairs, cells, use_pairs, acc, scratch, S):
+    """acc[:k(k+1)/2] = the lower triangle, row by row, of the sum over the cells of b b'."""
+    k = B.shape[1]
+    if use_pairs:
+        _sum_pairs(pairs, cells, acc)
+        return
+    c = cells.shape[0]
+    gathered = scratch[:(k + 4) * c].reshape((k + 4, c))
+    _gather_cells(B, cells, gathered)
+    _cells_gram(gathered, k, S)
+    e = 0
+    for t in range(k):
+        for r in range(t + 1):
+            acc[e] = S[t, r]
+            e += 1
+
+
+@njit(cache=True, fastmath=_FAST)
+def _mm_targets(A, B, XB, L, rows, At, Yt):
     """For the j-th listed row a: At[:, j] = a and Yt[:, j] = XB_a + sum over the row's cells
-    (its missing cells) of (b . a) b, the linear term of the majorizer with Gram matrix G0
-    (see _MaskedSolver). Four cells per pass over the row."""
+    (its missing cells, `_line_cells`; majorized rows have no kept cells) of (b . a) b, the
+    linear term of the majorizer with the row's base as Gram matrix (see _MaskedSolver).
+    Four cells per pass over the row."""
     k = A.shape[1]
     acc = np.empty(k, dtype=np.float64)
+    sel = np.empty(B.shape[0], dtype=np.int64)
     for j in range(rows.shape[0]):
         a = rows[j]
         for t in range(k):
             acc[t] = XB[a, t]
-        q = indptr[a]
-        end = indptr[a + 1]
+        end, _ = _line_cells(a, L, sel)
+        q = 0
         while q + 4 <= end:
-            c0, c1, c2, c3 = idx[q], idx[q + 1], idx[q + 2], idx[q + 3]
+            c0, c1, c2, c3 = sel[q], sel[q + 1], sel[q + 2], sel[q + 3]
             s0, s1, s2, s3 = _predict_four(A, a, B, c0, c1, c2, c3)
             for t in range(k):
                 acc[t] += (s0 * B[c0, t] + s1 * B[c1, t]) + (s2 * B[c2, t] + s3 * B[c3, t])
             q += 4
         while q < end:
-            c0 = idx[q]
+            c0 = sel[q]
             s0 = 0.0
             for t in range(k):
                 s0 += float(A[a, t]) * B[c0, t]
@@ -5832,11 +6163,12 @@ def _gram_block(Gb, inv_hess, packed, keep, bases, block_group, nb, l2):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _block_model(A, block_rows, B, indptr, idx, signs, Ab, Gb):
+def _block_model(A, block_rows, B, L, Ab, Gb, sel):
     """Sum over a block's observed cells of (b . a)^2: a'G_a a, or for a row given by its
     observed cells the sum over them, which stays accurate when a grows along directions
     those cells do not see (an underdetermined row), where a'G_a a would cancel."""
     k = A.shape[1]
+    signs = L[2]
     nb = block_rows.shape[0]
     total = 0.0
     complement = np.empty(nb, dtype=np.float64)
@@ -5844,7 +6176,8 @@ def _block_model(A, block_rows, B, indptr, idx, signs, Ab, Gb):
         a = block_rows[j]
         complement[j] = 1.0 if signs[a] < 0.0 else 0.0
         if signs[a] > 0.0:
-            total += _row_cells_sq(A, a, B, idx, indptr[a], indptr[a + 1])
+            c1, c2 = _line_cells(a, L, sel)
+            total += _row_cells_sq(A, a, B, sel, 0, c1 + c2)
     for t in range(k):
         for r in range(k):
             Gt = Gb[t, r]
@@ -5990,30 +6323,29 @@ def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _masked_mu_rows(A, B, bases, group, XB, indptr, idx, signs, l1, l2, scratch, u, want):
+def _masked_mu_rows(A, B, bases, L, XB, l1, l2, scratch, u, want):
     """Lee-Seung Frobenius update of each row a of A over its observed cells:
     A_a *= XB_a / (G a + l1 + l2 A_a), with the row's Gram matrix G given implicitly as in
     _masked_cd_rows. Returns the sum over observed cells of (b . a)^2 after the update if
     ``want``."""
+    signs, group = L[2], L[3]
     p, k = A.shape
     den = np.empty(k, dtype=np.float64)
+    sel = np.empty(B.shape[0], dtype=np.int64)
     total = 0.0
     for a in range(p):
-        s = indptr[a]
-        c = indptr[a + 1] - s
+        c1, c2 = _line_cells(a, L, sel)
         sign = signs[a]
         G0 = bases[group[a]]
-        _gather_rows(B, idx, s, c, scratch)
-        _predict_cells(A, a, scratch, c, u)
         for t in range(k):
             acc = 0.0
             if sign < 0.0:
                 for r in range(k):
                     acc += G0[t, r] * A[a, r]
-            cross = 0.0
-            for q in range(c):
-                cross += scratch[t * c + q] * u[q]
-            den[t] = acc + sign * cross
+            den[t] = acc
+        _add_cross(A, a, B, sel[:c1], sign, scratch, u, den)
+        if c2 > 0:
+            _add_cross(A, a, B, sel[c1:c1 + c2], 1.0, scratch, u, den)
         for t in range(k):
             d = den[t] + l1 + l2 * A[a, t]
             if d > 0.0:
@@ -6023,10 +6355,22 @@ def _masked_mu_rows(A, B, bases, group, XB, indptr, idx, signs, l1, l2, scratch,
                 for t in range(k):
                     for r in range(k):
                         total += A[a, t] * G0[t, r] * A[a, r]
-            _predict_cells(A, a, scratch, c, u)
-            for q in range(c):
-                total += sign * u[q] * u[q]
+            total += sign * _row_cells_sq(A, a, B, sel, 0, c1)
+            total += _row_cells_sq(A, a, B, sel, c1, c1 + c2)
     return total
+
+
+@njit(cache=True, fastmath=_FAST)
+def _add_cross(A, a, B, cells, w, scratch, u, den):
+    """den += w * sum over the cells of (b . a) b, for row a of A."""
+    c = cells.shape[0]
+    _gather_cells(B, cells, scratch[:B.shape[1] * c].reshape((B.shape[1], c)))
+    _predict_cells(A, a, scratch, c, u)
+    for t in range(A.shape[1]):
+        cross = 0.0
+        for q in range(c):
+            cross += scratch[t * c + q] * u[q]
+        den[t] += w * cross
 
 
 # Kernels reading a fully observed X through the fold rule (`_FoldTraining`): X is dense, or

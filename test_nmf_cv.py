@@ -277,8 +277,7 @@ def test_masked_cd_solves_nnls_like_scipy(missing, use_pairs):
     XtW, bases = solver.lay.products_H(solver.W)
     Ht = np.ascontiguousarray(H.T)
     c = solver.cols
-    nmf_cv._masked_cd_rows(Ht, solver.W, bases, c.group, XtW, c.ptr, c.idx, c.sign,
-                           np.arange(Ht.shape[0]),
+    nmf_cv._masked_cd_rows(Ht, solver.W, bases, c.kernel(), XtW, np.arange(Ht.shape[0]),
                            0.0, lam, 5000, 0.0, use_pairs, solver.scratch, False)
     k = W.shape[1]
     for j in range(X.shape[1]):
@@ -322,10 +321,9 @@ def test_masked_cd_rows_match_numpy_with_penalties(k, use_pairs):
     indptr = nmf_cv._indptr(rows, m)
     scratch = np.empty(n * (k + 4))
     ours = A.copy()
-    model = nmf_cv._masked_cd_rows(ours, B, (B.T @ B)[None], np.zeros(m, np.int64), XB,
-                                   indptr, cols.astype(np.int64),
-                                   np.where(direct, 1.0, -1.0), np.arange(m), 0.05, 0.3, 3, 0.0,
-                                   use_pairs, scratch, True)
+    lines = nmf_cv._MaskedLines(indptr, cols.astype(np.int64), np.where(direct, 1.0, -1.0))
+    model = nmf_cv._masked_cd_rows(ours, B, (B.T @ B)[None], lines.kernel(), XB, np.arange(m),
+                                   0.05, 0.3, 3, 0.0, use_pairs, scratch, True)
     expected = ref_penalised_cd_rows(A, B, XB, M, 0.05, 0.3, 3)
     np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-12)
     assert model == pytest.approx(np.sum(np.where(M, ours @ B.T, 0.0) ** 2), rel=1e-10)
@@ -337,9 +335,9 @@ def test_masked_cd_rows_small_curvature_never_overshoots():
     B = np.array([[1e-3], [1e3], [1e3]])
     A = np.zeros((1, 1))
     XB = np.array([[1e-3]])  # the row observes cell 0 only, where x = 1
-    nmf_cv._masked_cd_rows(A, B, (B.T @ B)[None], np.zeros(1, np.int64), XB,
-                           np.array([0, 1]), np.array([0]), np.array([1.0]),
-                           np.array([0]), 0.0, 1e-8, 1, 0.0, False, np.empty(5), False)
+    lines = nmf_cv._MaskedLines(np.array([0, 1]), np.array([0]), np.array([1.0]))
+    nmf_cv._masked_cd_rows(A, B, (B.T @ B)[None], lines.kernel(), XB, np.array([0]), 0.0, 1e-8,
+                           1, 0.0, False, np.empty(5), False)
 
     def row_objective(a):
         return 0.5 * (1.0 - 1e-3 * a) ** 2 + 0.5e-8 * a ** 2
@@ -370,9 +368,9 @@ def test_masked_cd_rows_float32_component_unseen_stays():
     B[4:, 1] = 0.0  # component 1 only in the row's four missing cells
     XB = (rng.random(12) * (np.arange(12) >= 4)) @ B.astype(np.float64)
     A = np.array([[0.5, 0.5]], dtype=np.float32)
-    nmf_cv._masked_cd_rows(A, B, nmf_cv._gram64(B)[None], np.zeros(1, np.int64),
-                           XB[None, :].astype(np.float32),
-                           np.array([0, 4]), np.arange(4), np.array([-1.0]), np.array([0]), 0.0,
+    lines = nmf_cv._MaskedLines(np.array([0, 4]), np.arange(4), np.array([-1.0]))
+    nmf_cv._masked_cd_rows(A, B, nmf_cv._gram64(B)[None], lines.kernel(),
+                           XB[None, :].astype(np.float32), np.array([0]), 0.0,
                            0.0, 1, 0.0,
                            False, np.empty(4 * 6), False)
     assert A[0, 1] == pytest.approx(0.5, rel=1e-6)
@@ -474,8 +472,8 @@ def test_majorized_rows_match_filled_dense_reference(dtype):
     expected = ref_penalised_cd_rows(A.astype(np.float64), B64, filled @ B64,
                                      np.ones((m, n), bool), 0.05, 0.3, 3)
     XB = np.ascontiguousarray(np.where(M, X, 0.0) @ B64)
-    lines = nmf_cv._MaskedLines(indptr, cols.astype(np.int64), signs, np.zeros(m, np.int64),
-                                np.arange(m), np.arange(0))
+    lines = nmf_cv._MaskedLines(indptr, cols.astype(np.int64), signs, mm=np.arange(m),
+                                exact=np.arange(0))
     model = nmf_cv._cd_lines(A, Bd, nmf_cv._gram64(Bd)[None], XB, lines, 0.05, 0.3, 3, 0.0,
                              np.empty(n * (k + 4)), True)
     assert A.dtype == dtype
@@ -777,14 +775,14 @@ def test_cv_folds_cover_rows_and_columns_and_partition_cells():
     assert cv.n_kept == int((cv.folds[0] == -1).sum())
 
 
-@pytest.mark.parametrize("case", ["rule", "cells", "warm"])
+@pytest.mark.parametrize("case", ["rule", "missing", "warm"])
 def test_cv_no_information_from_held_out_cells(case):
     """Changing fold 0's held-out values leaves fold 0's fits alone. Fully observed data
-    ("rule") read the training sets through the fold rule, where held-out values enter X H'
-    and cancel: rounding only (1e-9 here, on values changed 10x); the cell lists (missing
-    cells, warm starts) never read them at all."""
+    ("rule") and data with missing cells read the training sets through the fold rule, where
+    held-out values enter X H' and cancel: rounding only (1e-9 here, on values changed
+    10x); the cell lists (warm starts) never read them at all."""
     X = nmf_cv.make_planted(30, 20, 3, noise=0.05, random_state=21)
-    if case == "cells":
+    if case == "missing":
         X[0, 0] = np.nan
     # stuck_restarts=0 and n_repeats=1: whether a fold is refitted, and which ranks get more
     # splits, depend on other folds' errors (see cross_validate); the fits themselves only
@@ -797,7 +795,7 @@ def test_cv_no_information_from_held_out_cells(case):
     X2[fold0] = X2[fold0] * 10 + 1  # change only fold 0's held-out values
     b = nmf_cv.cross_validate(X2, [2, 3], **kw)
     assert np.array_equal(a.folds, b.folds)
-    rtol = 1e-9 if case == "rule" else 0.0
+    rtol = 0.0 if case == "warm" else 1e-9
     for k in (2, 3):
         for Wa, Wb in zip(a.factors[(k, 0, 0)], b.factors[(k, 0, 0)]):
             assert_allclose(Wb, Wa, rtol=rtol, atol=rtol * Wa.max())
@@ -3693,3 +3691,145 @@ def test_nmf_estimator_with_gamma_priors_transforms_to_its_fitted_w():
     assert_allclose(model.transform(X), W, rtol=1e-4, atol=1e-8)
     bare = nmf_cv.NMF(3, loss="kl", random_state=0, max_iter=5000, tol=0).fit(X)
     assert not np.allclose(bare.transform(X), W, rtol=1e-2)  # the prior changes the answer
+
+
+def _missing_patterns(m=60, n=40, seed=0):
+    """Planted data with cells missing at random, and in whole blocks (batches of rows each
+    missing their own set of columns, as in proteomics), plus the hard lines: a row with one
+    observed cell, a mostly missing row and column (their cells kept or listed directly)."""
+    rng = np.random.default_rng(seed)
+    X = nmf_cv.make_planted(m, n, 3, noise=0.1, random_state=seed)
+    at_random = np.where(rng.random(X.shape) < 0.2, np.nan, X)
+    blocks = X.copy()
+    for batch in np.array_split(rng.permutation(m), 4):
+        blocks[np.ix_(batch, rng.choice(n, n // 4, replace=False))] = np.nan
+    for Y in (at_random, blocks):
+        Y[0, 1:] = np.nan
+        Y[1, : int(0.7 * n)] = np.nan
+        Y[: int(0.6 * m), 2] = np.nan
+    return {"random": at_random, "blocks": blocks}
+
+
+def _cell_source(data, cells, loss="frobenius"):
+    return nmf_cv._CellSource(*nmf_cv._observed_cells(data), data.shape, data.masked)
+
+
+@pytest.mark.parametrize("pattern", ["random", "blocks"])
+def test_rule_cv_with_missing_cells_matches_the_cell_lists(pattern, monkeypatch):
+    """Data with missing cells go through the fold rule (no m x n copy per fit): the same
+    folds, kept cells, training sizes and ridges as the cell-list path, and the same PRESS
+    and training error once the fits have converged."""
+    X = _missing_patterns()[pattern]
+    data = nmf_cv._validate_data(X)
+    assert isinstance(nmf_cv._cv_source(data, False), nmf_cv._MissingRuleSource)
+    kw = dict(n_folds=4, n_repeats=2, random_state=0, progress=False, tol=1e-11, max_iter=4000)
+    rule = nmf_cv.cross_validate(X, [2, 3, 4], **kw)
+    monkeypatch.setattr(nmf_cv, "_cv_source", _cell_source)
+    cells = nmf_cv.cross_validate(X, [2, 3, 4], **kw)
+    assert rule.n_kept == cells.n_kept > 0
+    for r in range(2):
+        assert_array_equal(rule.folds[r], cells.folds[r])
+    assert_allclose(rule.alpha, cells.alpha, rtol=1e-10)
+    assert_allclose(rule.press, cells.press, rtol=1e-5)
+    assert_allclose(rule.train_rss, cells.train_rss, rtol=1e-5)
+    assert rule.best_rank == cells.best_rank == 3
+
+
+def _missing_training(X, f=1, n_folds=4, seed=0):
+    data = nmf_cv._validate_data(X)
+    source = nmf_cv._MissingRuleSource.of(data)
+    split = source.split(n_folds, np.random.default_rng(seed))
+    cell_split = _cell_source(data, False).split(n_folds, np.random.default_rng(seed))
+    train = source.training(split, f)
+    return data, source, split, train, cell_split[0] != f, cell_split[0] == f
+
+
+@pytest.mark.parametrize("pattern", ["random", "blocks"])
+def test_missing_rule_training_sums_equal_numpy_over_training_cells(pattern):
+    """Objective, scores, means, the init's fill, the noise level and the training-cell
+    count of a training set read through the rule, against numpy over the cell-list path's
+    training cells (observed, not held out) of a dense copy."""
+    X = _missing_patterns()[pattern]
+    data, source, split, train, in_train, held = _missing_training(X)
+    tr = np.zeros(X.shape, bool)
+    tr[data.rows[in_train], data.cols[in_train]] = True
+    ho = np.zeros(X.shape, bool)
+    ho[data.rows[held], data.cols[held]] = True
+    assert train.n_train == tr.sum() == source.n_train(split, 1)
+    X0 = np.nan_to_num(X)
+    rng = np.random.default_rng(1)
+    W, H = rng.random((60, 3)), rng.random((3, 40))
+    WH = W @ H
+    pen = nmf_cv._Penalty(0.0, 0.3, 0.0, 0.2)
+    for method in ("hals", "mu", "gdcls"):
+        solver = nmf_cv._MaskedSolver(train, W.copy(), H.copy(), method, pen, True)
+        direct = (0.5 * np.sum((X0 - WH)[tr] ** 2) + 0.15 * (W ** 2).sum()
+                  + 0.1 * (H ** 2).sum())
+        assert solver.objective == pytest.approx(direct, rel=1e-10)
+    press, train_err = train.scores(W, H, "frobenius")
+    assert press == pytest.approx(np.sum((X0 - WH)[ho] ** 2), rel=1e-12)
+    assert train_err == pytest.approx(np.sum((X0 - WH)[tr] ** 2), rel=1e-10)
+    assert train.observed_mean() == pytest.approx(X0[tr].mean(), rel=1e-12)
+    assert train.sq_norm() == pytest.approx(np.sum(X0[tr] ** 2), rel=1e-12)
+    masked = nmf_cv._validate_data(np.where(tr, X0, np.nan))
+    op = train.filled()
+    assert_allclose(op @ np.eye(40), masked.filled(), atol=1e-12)
+    assert_allclose((op.T @ np.eye(60)).T, masked.filled(), atol=1e-12)
+    assert train.noise() == pytest.approx(nmf_cv._noise_level(masked), rel=1e-10)
+
+
+@pytest.mark.parametrize("method", ["mu", "hals", "gdcls"])
+def test_missing_rule_fits_match_the_masked_fit(method):
+    """From the same init, a fit through the rule and fit_nmf with the training cells as its
+    mask: MU takes the same steps; HALS and GDCLS reach the same objective; neither goes
+    up; values under the mask (missing or held out) cannot change the fit."""
+    X = _missing_patterns()["random"]
+    data, source, split, train, in_train, held = _missing_training(X, f=2)
+    tr = np.zeros(X.shape, bool)
+    tr[data.rows[in_train], data.cols[in_train]] = True
+    rng = np.random.default_rng(0)
+    init = (rng.random((60, 4)), rng.random((4, 40)))
+    kw = dict(init=init, method=method, alpha_W=0.1, alpha_H=0.1)
+    a = nmf_cv.fit_nmf(train, 4, max_iter=30, tol=0, **kw)
+    b = nmf_cv.fit_nmf(np.where(tr, X, np.nan), 4, max_iter=30, tol=0, **kw)
+    assert np.all(np.diff(a.loss_history) <= 1e-12 * a.loss_history[0])
+    if method == "mu":
+        assert_allclose(a.loss_history, b.loss_history, rtol=1e-10)
+        assert_allclose(a.W @ a.H, b.W @ b.H, rtol=1e-8)
+    else:
+        a = nmf_cv.fit_nmf(train, 4, max_iter=3000, tol=1e-12, **kw)
+        b = nmf_cv.fit_nmf(np.where(tr, X, np.nan), 4, max_iter=3000, tol=1e-12, **kw)
+        assert a.loss_history[-1] == pytest.approx(b.loss_history[-1], rel=1e-6)
+    # other values in the missing and held-out cells: the same source arrays but for them
+    Y = np.where(tr, X, 1e3 * rng.random(X.shape))
+    other = nmf_cv._MissingFoldTraining(
+        nmf_cv._MissingRuleSource(np.where(np.isnan(X), 0.0, Y), *list(vars(source).values())[1:]),
+        split, 2)
+    c = nmf_cv.fit_nmf(other, 4, max_iter=30, tol=0, **kw)
+    d = nmf_cv.fit_nmf(train, 4, max_iter=30, tol=0, **kw)
+    assert_allclose(c.W, d.W, rtol=1e-9, atol=1e-12)
+
+
+def test_missing_rule_training_allocates_no_matrix_sized_array():
+    """A fold's training set and a fit on it hold the held-out values and index lists, not
+    an m x n copy (the cell-list path made a dense copy and a mask per fit)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    X = nmf_cv.make_planted(2000, 300, 4, noise=0.1, random_state=0)
+    X[rng.random(X.shape) < 0.2] = np.nan
+    data = nmf_cv._validate_data(X)
+    source = nmf_cv._MissingRuleSource.of(data)
+    split = source.split(5, np.random.default_rng(0))
+
+    def fold_fit():
+        train = source.training(split, 0)
+        res = nmf_cv.fit_nmf(train, 4, max_iter=5)
+        return train.scores(res.W, res.H, "frobenius")
+
+    fold_fit()  # numba compiles first (which allocates)
+    tracemalloc.start()
+    fold_fit()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.8 * X.nbytes, (peak, X.nbytes)  # measured 0.55
