@@ -421,7 +421,7 @@ class NMFResult:
 
 def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="nndsvda",
             max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0, l1_ratio=0.0,
-            gamma_prior=None, callback=None):
+            gamma_prior=None, extrapolate=False, callback=None):
     """Fit ``X ~ W @ H`` with ``W, H >= 0``, leaving missing cells out of the objective.
 
     Parameters
@@ -469,6 +469,13 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
         ``shape > 1`` no entry reaches 0, so no cell is predicted to be exactly 0 (a held-out
         count under a prediction of 0 has infinite deviance); ``rate > 0`` keeps the scales
         of W and H bounded. `cross_validate` fits counts with such priors (see ``ridge``).
+    extrapolate : bool
+        HALS only: extrapolated HALS (Ang & Gillis 2019), each update starting from the last
+        iterate pushed further along its last move, undone where the objective rises. It
+        reaches a given objective in several times fewer iterations (measured 4-12x on
+        planted 1000 x 500, k = 3..8), but the objective is not monotone from one
+        iteration to the next: the best iterate is returned, and ``tol`` applies to the
+        best objective's decrease. `cross_validate` fits this way.
     callback : callable, optional
         ``callback(n_iter, W, H, objective)`` after every iteration; return True to stop.
         W and H are the live arrays: read them, do not modify them.
@@ -491,14 +498,14 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
     data, solver = _setup_fit(X, n_components, mask=mask, method=method, loss=loss, init=init,
                               max_iter=max_iter, tol=tol, random_state=random_state,
                               alpha_W=alpha_W, alpha_H=alpha_H, l1_ratio=l1_ratio,
-                              gamma_prior=gamma_prior)
+                              gamma_prior=gamma_prior, extrapolate=extrapolate)
     return _run(solver, data, _resolve_method(method, loss), loss, max_iter, tol, callback,
                 start)
 
 
 def _setup_fit(X, n_components, *, mask=None, method=None, loss="frobenius", init="nndsvda",
                max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0,
-               l1_ratio=0.0, gamma_prior=None):
+               l1_ratio=0.0, gamma_prior=None, extrapolate=False):
     """Validated data and a solver at the initial point (`fit_nmf`'s arguments)."""
     data = X if isinstance(X, _FoldTraining) else _validate_data(X, mask)
     k = _check_n_components(n_components, data.shape)
@@ -509,7 +516,12 @@ def _setup_fit(X, n_components, *, mask=None, method=None, loss="frobenius", ini
     penalty = _Penalty(alpha_W * l1_ratio + rate, alpha_W * (1 - l1_ratio),
                        alpha_H * l1_ratio + rate, alpha_H * (1 - l1_ratio), shape - 1.0,
                        shape - 1.0)
-    return data, _make_solver(data, W, H, method, loss, penalty)
+    solver = _make_solver(data, W, H, method, loss, penalty)
+    if extrapolate:
+        if method != "hals":
+            raise ValueError(f"extrapolate=True needs method='hals'; got method={method!r}")
+        solver.accel = _Extrapolation()
+    return data, solver
 
 
 def make_planted(n_rows, n_cols, rank, *, noise=0.0, missing=0.0, random_state=None,
@@ -725,6 +737,62 @@ def _gamma_balancing_scales(w_sum, h_sum, m, n, penalty):
     return d
 
 
+class _Extrapolation:
+    """Extrapolated HALS (HER; Ang & Gillis 2019, "Accelerating nonnegative matrix
+    factorization algorithms using extrapolation"): each factor update starts from the
+    previous iterate pushed further along its last move, ``A + beta (A - A_prev)`` projected
+    onto A >= 0. The objective then comes free at (W_n, extrapolated H_n) from the W
+    update's products; where it rises, the step is undone (the next one starts from the
+    plain iterates) and beta shrinks; while it falls, beta grows towards a cap that itself
+    grows. The objective is not monotone: the fit keeps its best iterate (`_run`). A solver
+    calls ``start`` on W at a step's start, ``middle`` on H after its update and ``end``
+    with the objective; ``rescale`` when it rescales components (``W * s``, ``H / s``)."""
+
+    def __init__(self):
+        self.beta, self.cap, self.last = 0.5, 1.0, math.inf
+        self.W_prev = self.H_prev = None
+        self.undone = True  # the next step starts from plain iterates
+
+    def start(self, W):
+        plain = W.copy()
+        if not self.undone:
+            W = _push(W, self.W_prev, self.beta)
+        self.W_prev = plain
+        return W
+
+    def middle(self, H):
+        plain = H.copy()
+        if self.H_prev is not None:
+            H = _push(H, self.H_prev, self.beta)
+        self.H_prev = plain
+        return H
+
+    def end(self, objective, H):
+        """H to hold after the step: the plain H_n where the objective rose, else H."""
+        self.undone = objective > self.last
+        self.last = objective
+        if self.undone:
+            self.cap, self.beta = self.beta, self.beta / 1.5
+            return self.H_prev.copy()
+        self.beta = min(self.cap, 1.01 * self.beta)
+        self.cap = min(1.0, 1.005 * self.cap)
+        return H
+
+    def rescale(self, s):
+        if self.W_prev is not None:
+            self.W_prev *= s.astype(self.W_prev.dtype)
+        if self.H_prev is not None:
+            self.H_prev /= s.astype(self.H_prev.dtype)
+
+
+def _push(A, previous, beta):
+    """max(A + beta (A - previous), 0), in A's dtype."""
+    out = A - previous
+    out *= beta
+    out += A
+    return np.maximum(out, 0, out=out)
+
+
 def _sqnorm(A):
     a = A.ravel()
     if a.dtype != np.float64:
@@ -739,6 +807,8 @@ def _fdot(A, B):
 
 
 def _run(solver, data, method, loss, max_iter, tol, callback, start):
+    if getattr(solver, "accel", None) is not None:
+        return _run_extrapolated(solver, data, method, loss, max_iter, tol, callback, start)
     losses = [solver.objective]
     times = [time.perf_counter() - start]
     converged = False
@@ -757,6 +827,42 @@ def _run(solver, data, method, loss, max_iter, tol, callback, start):
     rel = math.sqrt(_observed_rss(data, W, H) / max(_observed_sq_norm(data), 1e-300))
     return NMFResult(W, H, n_iter, converged, np.array(losses), np.array(times), rel,
                      time.perf_counter() - start, method, loss)
+
+
+def _run_extrapolated(solver, data, method, loss, max_iter, tol, callback, start):
+    """`_run` for a solver with an `_Extrapolation`: its objective may rise where a step is
+    undone, so it keeps the best iterate and stops when a step that is kept (not undone)
+    lowers the best objective by less than ``tol`` times it, or after _STALLED iterations
+    without lowering it (rounding: a plain step just after an undone one may sit above the
+    best, so one such step says nothing)."""
+    losses = [solver.objective]
+    times = [time.perf_counter() - start]
+    best = solver.objective
+    kept = [a.copy() for a in solver.factors()]
+    converged = False
+    n_iter = stalled = 0
+    for n_iter in range(1, max_iter + 1):
+        f = solver.step()
+        losses.append(f)
+        times.append(time.perf_counter() - start)
+        previous = best
+        stalled += 1
+        if f < best:
+            best, stalled = f, 0
+            kept = [a.copy() for a in solver.views()]
+        small = not solver.accel.undone and previous - best <= tol * abs(previous)
+        if (tol > 0 or f == 0) and ((small and not stalled) or stalled >= _STALLED):
+            converged = True
+            break
+        if callback is not None and callback(n_iter, *solver.views(), f):
+            break
+    W, H = (np.ascontiguousarray(a) for a in kept)
+    rel = math.sqrt(_observed_rss(data, W, H) / max(_observed_sq_norm(data), 1e-300))
+    return NMFResult(W, H, n_iter, converged, np.array(losses), np.array(times), rel,
+                     time.perf_counter() - start, method, loss)
+
+
+_STALLED = 10
 
 
 def _observed_sq_norm(data):
@@ -842,6 +948,8 @@ class _DenseSolver(_WtH):
     """Frobenius loss on a fully observed X (ndarray or sparse), BLAS products. W is held
     transposed (k x m) so both factor updates run the same row-major kernels."""
 
+    accel = None  # an _Extrapolation (HALS fits with extrapolate=True)
+
     def __init__(self, X, W, H, method, penalty, update_H, sweeps=None):
         self.X, self.method, self.pen, self.update_H = X, method, penalty, update_H
         self.Wt = np.ascontiguousarray(W.T)
@@ -880,9 +988,14 @@ class _DenseSolver(_WtH):
             self.Wt *= s[:, None].astype(self.Wt.dtype)
             self.H /= s[:, None].astype(self.H.dtype)
             self.WtW *= np.outer(s, s)
+            if self.accel is not None:
+                self.accel.rescale(s[:, None])
 
     def step(self, want_loss=True):
-        p = self.pen
+        p, x = self.pen, self.accel
+        if x is not None:
+            self.Wt = x.start(self.Wt)
+            self.WtW = self.Wt @ self.Wt.T
         if self.update_H:
             self._balance()
             WtX = self._WtX()
@@ -891,6 +1004,8 @@ class _DenseSolver(_WtH):
             else:
                 tol = 0.1 if self.method == "hals" else 1e-3
                 _hals_update(self.H, self.WtW, WtX, p.l1_H, p.l2_H, self.sweeps_H, tol)
+        if x is not None:
+            self.H = x.middle(self.H)
         HHt = self.H @ self.H.T
         HXt = self._HXt()
         if self.method == "hals" or not self.update_H:  # transform: W by exact NNLS
@@ -900,6 +1015,8 @@ class _DenseSolver(_WtH):
             _mu_apply(self.Wt, HXt, HHt @ self.Wt, p.l1_W, p.l2_W)
         self.WtW = self.Wt @ self.Wt.T
         self.objective = self._objective(HXt, HHt) if want_loss else math.nan
+        if x is not None:
+            self.H = x.end(self.objective, self.H)
         return self.objective
 
 
@@ -979,6 +1096,8 @@ class _MaskedSolver(_WHt):
     the more is missing, hence the limit.
     No m x n array is allocated per iteration. Holds W (m x k) and H transposed (n x k)."""
 
+    accel = None  # an _Extrapolation (HALS fits with extrapolate=True)
+
     def __init__(self, data, W, H, method, penalty, update_H, sweeps=None):
         self.method, self.pen, self.update_H = method, penalty, update_H
         m, n = data.shape
@@ -1013,13 +1132,17 @@ class _MaskedSolver(_WHt):
         return max(half_rss, 0.0) + self.pen.value(self.W, self.Ht)
 
     def step(self, want_loss=True):
-        p = self.pen
+        p, x = self.pen, self.accel
+        if x is not None:
+            self.W = x.start(self.W)
         if self.update_H:
             s = _balancing_scales(np.einsum("ij,ij->j", self.W, self.W),
                                   np.einsum("ij,ij->j", self.Ht, self.Ht), p)
             if s is not None:
                 self.W *= s.astype(self.W.dtype)
                 self.Ht /= s.astype(self.Ht.dtype)
+                if x is not None:
+                    x.rescale(s)
             XtW, bases = self.lay.products_H(self.W)
             if self.method == "mu":
                 _masked_mu_rows(self.Ht, self.W, bases, self.cols.kernel(), XtW, p.l1_H,
@@ -1028,6 +1151,8 @@ class _MaskedSolver(_WHt):
                 tol = 0.1 if self.method == "hals" else 1e-3
                 _cd_lines(self.Ht, self.W, bases, XtW, self.cols, p.l1_H, p.l2_H,
                           self.sweeps_H, tol, self.scratch, False)
+        if x is not None:
+            self.Ht = x.middle(self.Ht)
         XHt, bases = self.lay.products_W(self.Ht)
         if self.method == "hals" or not self.update_H:  # transform: W by exact NNLS
             sweeps, tol = (self.sweeps_W, 0.1) if self.update_H else (100, 1e-3)
@@ -1037,6 +1162,8 @@ class _MaskedSolver(_WHt):
             model = _masked_mu_rows(self.W, self.Ht, bases, self.rows.kernel(), XHt, p.l1_W,
                                     p.l2_W, self.scratch, self.u, want_loss)
         self.objective = self._objective(XHt, model) if want_loss else math.nan
+        if x is not None:
+            self.Ht = x.end(self.objective, self.Ht)
         return self.objective
 
 
@@ -1367,6 +1494,8 @@ class _FoldSolver(_WtH):
     the dense kernel's. The same methods as `_DenseSolver`, and the same layout (W held
     transposed)."""
 
+    accel = None  # an _Extrapolation (HALS fits with extrapolate=True)
+
     def __init__(self, train, W, H, method, penalty, update_H=True):
         self.t, self.method, self.pen, self.update_H = train, method, penalty, update_H
         self.Wt = np.ascontiguousarray(W.T)
@@ -1377,8 +1506,7 @@ class _FoldSolver(_WtH):
             self.sweeps_W, self.sweeps_H = _inner_sweeps(m, n, k), _inner_sweeps(n, m, k)
         else:
             self.sweeps_W = self.sweeps_H = 100  # gdcls: H by constrained least squares
-        self.objective = self._objective(self._HXt(), *train.group_grams(self.H.T,
-                                                                        train.col_groups))
+        self.objective = self._objective(self._HXt(), *train.group_grams(self.H.T, train.b))
 
     def _HXt(self):
         """H X' over each row's training cells (k x m)."""
@@ -1395,41 +1523,48 @@ class _FoldSolver(_WtH):
         return np.ascontiguousarray(full, dtype=self.H.dtype)
 
     def _objective(self, HXt, HHt, h_grams):
-        w_gram, w_grams = self.t.group_grams(self.Wt.T, self.t.row_groups)
-        model = sum(_fdot(Wg, HHt - Hg) for Wg, Hg in zip(w_grams, h_grams, strict=True))
+        _, w_grams = self.t.group_grams(self.Wt.T, self.t.P)
+        model = float(np.einsum("gij,gij->", w_grams, HHt[None] - h_grams))
         half_rss = 0.5 * self.t.xx - _fdot(self.Wt, HXt) + 0.5 * model
         return max(half_rss, 0.0) + self.pen.value(self.Wt, self.H)
 
-    def _update(self, A, groups, G, grams, B, l1, l2, exact, sweeps):
+    def _update(self, A, labels, groups, G, grams, B, l1, l2, exact, sweeps):
         """Each group's columns of A (k x p) for the Gram matrix G - its group's part."""
+        if exact:
+            _hals_groups(A, G, grams, labels, B, l1, l2, sweeps,
+                         0.1 if self.method == "hals" else 1e-3)
+            return
         for lines, Gg in zip(groups, grams, strict=True):
-            if not len(lines):
-                continue
-            Gc = (G - Gg).astype(A.dtype)
-            Ac = np.ascontiguousarray(A[:, lines])
-            Bc = np.ascontiguousarray(B[:, lines])
-            if exact:
-                _hals_update(Ac, Gc, Bc, l1, l2, sweeps, 0.1 if self.method == "hals" else 1e-3)
-            else:
-                _mu_apply(Ac, Bc, Gc @ Ac, l1, l2)
-            A[:, lines] = Ac
+            if len(lines):
+                Ac = np.ascontiguousarray(A[:, lines])
+                _mu_apply(Ac, np.ascontiguousarray(B[:, lines]), (G - Gg).astype(A.dtype) @ Ac,
+                          l1, l2)
+                A[:, lines] = Ac
 
     def step(self, want_loss=True):
-        p, t = self.pen, self.t
+        p, t, x = self.pen, self.t, self.accel
+        if x is not None:
+            self.Wt = x.start(self.Wt)
         s = _balancing_scales(np.einsum("ij,ij->i", self.Wt, self.Wt),
                               np.einsum("ij,ij->i", self.H, self.H), p)
         if s is not None:
             self.Wt *= s[:, None].astype(self.Wt.dtype)
             self.H /= s[:, None].astype(self.H.dtype)
+            if x is not None:
+                x.rescale(s[:, None])
         # column group c's held-out rows are row group c (and row group c's columns group c)
-        WtW, w_grams = t.group_grams(self.Wt.T, t.row_groups)
-        self._update(self.H, t.col_groups, WtW, w_grams, self._WtX(), p.l1_H, p.l2_H,
+        WtW, w_grams = t.group_grams(self.Wt.T, t.P)
+        self._update(self.H, t.b, t.col_groups, WtW, w_grams, self._WtX(), p.l1_H, p.l2_H,
                      self.method != "mu", self.sweeps_H)
-        HHt, h_grams = t.group_grams(self.H.T, t.col_groups)
+        if x is not None:
+            self.H = x.middle(self.H)
+        HHt, h_grams = t.group_grams(self.H.T, t.b)
         HXt = self._HXt()
-        self._update(self.Wt, t.row_groups, HHt, h_grams, HXt, p.l1_W, p.l2_W,
+        self._update(self.Wt, t.P, t.row_groups, HHt, h_grams, HXt, p.l1_W, p.l2_W,
                      self.method == "hals", self.sweeps_W)
         self.objective = self._objective(HXt, HHt, h_grams) if want_loss else math.nan
+        if x is not None:
+            self.H = x.end(self.objective, self.H)
         return self.objective
 
 
@@ -2386,6 +2521,8 @@ def _cv_fit(shared, train, k, seed, alpha, n_restarts, first_child=None, init=No
     of rank k to one training set."""
     method, loss = shared[1:3]
     kw = _with_alpha(shared, alpha)
+    if _resolve_method(method, loss) == "hals":
+        kw = {"extrapolate": True, **kw}
     if init is not None:
         kw = {**kw, "init": init}
     res = _best_fit(train.fit_X, k, seed, n_restarts, kw, first_child=first_child,
@@ -2647,10 +2784,11 @@ class _FoldTraining:
                                     self.col_ptr, self.col_order, W[rows], Ht[cols], eps)
         return tuple(total)
 
-    def group_grams(self, A, groups):
-        """Gram matrix of A's rows (float64) and that of each group's rows."""
-        A = A.astype(np.float64, copy=False)
-        return A.T @ A, [A[g].T @ A[g] for g in groups]
+    def group_grams(self, A, labels):
+        """Gram matrix of A's rows (float64) and those of each group's rows (n_groups x k x
+        k), row i being in group labels[i] (``P`` for X's rows, ``b`` for its columns)."""
+        grams = _group_grams(A, labels, len(self.row_groups))
+        return grams.sum(axis=0), grams
 
     def observed_mean(self):
         return self.x_sum / self.n_train
@@ -2726,9 +2864,9 @@ class _FoldTraining:
             return press, 2.0 * (every[2] + total_mu) - press
         press, total = held[0], every[0]
         if self.sparse:  # cells not stored: (0 - wh)^2, all cells' wh^2 minus stored ones'
-            _, w_grams = self.group_grams(W, self.row_groups)
-            _, h_grams = self.group_grams(Ht, self.col_groups)
-            held_wh2 = sum(_fdot(a, b) for a, b in zip(w_grams, h_grams, strict=True))
+            _, w_grams = self.group_grams(W, self.P)
+            _, h_grams = self.group_grams(Ht, self.b)
+            held_wh2 = _fdot(w_grams, h_grams)
             press += max(held_wh2 - held[1], 0.0)
             total += max(_fdot(W.T @ W, Ht.T @ Ht) - every[1], 0.0)
         return press, max(total - press, 0.0)
@@ -2799,14 +2937,14 @@ class _MissingFoldTraining(_FoldTraining):
     def products_W(self, Ht):
         """(X H' over each row's training cells, the rows' bases: the Gram matrix of H less
         each held-out column group's part), as `_MaskLayout.products_W`."""
-        G0, grams = self.group_grams(Ht, self.col_groups)
+        G0, grams = self.group_grams(Ht, self.b)
         XB = _times_factor(self.X, Ht) - self.held_XBt(Ht.T).T + self.kept @ Ht
-        return np.ascontiguousarray(XB, dtype=Ht.dtype), np.array([G0 - g for g in grams])
+        return np.ascontiguousarray(XB, dtype=Ht.dtype), G0[None] - grams
 
     def products_H(self, W):
-        G0, grams = self.group_grams(W, self.row_groups)
+        G0, grams = self.group_grams(W, self.P)
         XB = _times_factor(self.X.T, W) - self.held_AtX(W.T).T + self.kept.T @ W
-        return np.ascontiguousarray(XB, dtype=W.dtype), np.array([G0 - g for g in grams])
+        return np.ascontiguousarray(XB, dtype=W.dtype), G0[None] - grams
 
     def observed_mean(self):
         return self.x_sum / self.n_train
@@ -5776,6 +5914,51 @@ def _hals_update(A, G, B, l1, l2, max_sweeps, tol):
         elif moved <= tol * tol * first:
             return sweep + 1
     return max_sweeps
+
+
+@njit(cache=True)
+def _hals_groups(A, G, grams, labels, B, l1, l2, max_sweeps, tol):
+    """_hals_update on each group's columns of A (k x p), column j being in group labels[j]
+    with Gram matrix G - grams[labels[j]]: a group's columns are gathered (in order),
+    updated together and put back."""
+    k, p = A.shape
+    order = np.argsort(labels, kind="mergesort")
+    start = 0
+    while start < p:
+        g = labels[order[start]]
+        end = start
+        while end < p and labels[order[end]] == g:
+            end += 1
+        cols = order[start:end]
+        Ac = np.empty((k, end - start), dtype=A.dtype)
+        Bc = np.empty((k, end - start), dtype=B.dtype)
+        for t in range(k):
+            for q in range(end - start):
+                Ac[t, q] = A[t, cols[q]]
+                Bc[t, q] = B[t, cols[q]]
+        _hals_update(Ac, (G - grams[g]).astype(A.dtype), Bc, l1, l2, max_sweeps, tol)
+        for t in range(k):
+            for q in range(end - start):
+                A[t, cols[q]] = Ac[t, q]
+        start = end
+
+
+@njit(cache=True)
+def _group_grams(A, labels, n_groups):
+    """Gram matrices of the rows of A (p x k) in each group, float64 (n_groups x k x k)."""
+    p, k = A.shape
+    out = np.zeros((n_groups, k, k), dtype=np.float64)
+    for i in range(p):
+        g = out[labels[i]]
+        for t in range(k):
+            a = float(A[i, t])
+            for r in range(t + 1):
+                g[t, r] += a * A[i, r]
+    for c in range(n_groups):
+        for t in range(k):
+            for r in range(t):
+                out[c, r, t] = out[c, t, r]
+    return out
 
 
 @njit(cache=True)
