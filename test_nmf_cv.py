@@ -3878,3 +3878,55 @@ def test_extrapolate_needs_hals():
     for method, loss in (("mu", "frobenius"), ("gdcls", "frobenius"), ("cd", "kl")):
         with pytest.raises(ValueError, match="extrapolate=True needs method='hals'"):
             nmf_cv.fit_nmf(X, 2, method=method, loss=loss, extrapolate=True)
+
+
+def _batch_problem(seed=0, m=40, n=24, k=4):
+    """Batches of rows missing their own sets of columns (as in proteomics): rows of a
+    batch share their missing cells, and so do some columns; one row differs by a cell."""
+    rng = np.random.default_rng(seed)
+    X = rng.random((m, k)) @ rng.random((k, n)) + 0.05 * rng.random((m, n))
+    mask = np.ones((m, n), dtype=bool)
+    for batch in np.array_split(np.arange(m), 4):
+        mask[np.ix_(batch, rng.choice(n, 5, replace=False))] = False
+    mask[3, np.flatnonzero(mask[3])[0]] = False
+    return X, mask, rng.random((m, k)) + 0.1, rng.random((k, n)) + 0.1
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_lines_with_the_same_cells_share_a_pattern(collide, monkeypatch):
+    """Rows (columns) share a pattern exactly when their masks agree (numpy's unique rows),
+    numbered by their first line. With every hash equal, the exact comparison still keeps
+    lines with different cells apart (sharing less: only with the bucket's first line)."""
+    if collide:
+        monkeypatch.setattr(nmf_cv, "_line_hashes", lambda ptr, idx: np.zeros(len(ptr) - 1,
+                                                                               np.uint64))
+    X, mask, W, H = _batch_problem()
+    solver = _solver(X, mask, W, H, "hals", "frobenius")
+    for lines, M in ((solver.rows, mask), (solver.cols, mask.T)):
+        _, first, inverse = np.unique(M, axis=0, return_index=True, return_inverse=True)
+        if not collide:
+            assert_array_equal(lines.pattern, first[inverse.ravel()])
+        for a, p in enumerate(lines.pattern):
+            assert p <= a and np.array_equal(M[a], M[p])
+    assert len(np.unique(solver.rows.pattern)) == (10 * 3 + 2 if collide else 5)
+
+
+@pytest.mark.parametrize("mm_missing", [-1.0, 1.0])
+def test_hals_iterates_with_shared_patterns_match_numpy_reference(mm_missing, monkeypatch):
+    """Lines sharing a pattern take one Gram matrix (formed once) and are solved exactly,
+    whatever the majorizing threshold; iterates equal the numpy reference's."""
+    monkeypatch.setattr(nmf_cv, "_majorized_fraction", lambda k: mm_missing)
+    X, mask, W, H = _batch_problem(seed=1)
+    solver = _solver(X, mask, W, H, "hals", "frobenius")
+    mm = []
+    for lines, M in ((solver.rows, mask), (solver.cols, mask.T)):
+        alone = np.bincount(lines.pattern, minlength=len(M))[lines.pattern] == 1
+        mm.append(np.flatnonzero(alone & (lines.sign < 0) & (mm_missing > 0)))
+        assert_array_equal(lines.mm, mm[-1])
+    Wr, Hr = W.copy(), H.copy()
+    for _ in range(4):
+        solver.step()
+        ref_hals_step(X, mask, Wr, Hr, *mm)
+        Ws, Hs = solver.factors()
+        np.testing.assert_allclose(Ws, Wr, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(Hs, Hr, rtol=1e-10, atol=1e-12)
