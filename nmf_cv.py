@@ -1109,8 +1109,13 @@ class _MaskedSolver(_WHt):
         self.xx = self.lay.xx
         # GDCLS and transform solve exactly
         mm_missing = _majorized_fraction(k) if method == "hals" and update_H else -1.0
-        self.rows = self.lay.rows.majorized(n, mm_missing)
-        self.cols = self.lay.cols.majorized(m, mm_missing)
+        rows, cols = self.lay.rows, self.lay.cols
+        if method == "hals" or not update_H:  # the lines coordinate descent updates
+            rows = rows.by_units(self.lay.cols)
+        if method != "mu":
+            cols = cols.by_units(self.lay.rows)
+        self.rows = rows.majorized(n, mm_missing)
+        self.cols = cols.majorized(m, mm_missing)
         longest = max(self.rows.longest(), self.cols.longest())
         # Gathered B rows and the cells' predictions: separate buffers, so LLVM can vectorize.
         self.scratch = np.empty(max(longest, 1) * (k + 4), dtype=np.float64)
@@ -1123,7 +1128,7 @@ class _MaskedSolver(_WHt):
         else:
             self.sweeps_W = self.sweeps_H = 100  # gdcls: H by constrained least squares
         XHt, bases = self.lay.products_W(self.Ht)
-        model = _masked_model(self.W, self.Ht, bases, self.rows.kernel(), np.arange(m))
+        model = _masked_model(self.W, self.Ht, bases, self.lay.rows.kernel(), np.arange(m))
         self.objective = self._objective(XHt, model)
 
     def _objective(self, XHt, model):
@@ -1191,8 +1196,7 @@ class _MaskedLines:
     pattern: np.ndarray = None
     mm: np.ndarray = None
     exact: np.ndarray = None
-    shared: np.ndarray = None
-    shared_starts: np.ndarray = None
+    units: np.ndarray = None
 
     def __post_init__(self):
         p = len(self.sign)
@@ -1203,8 +1207,6 @@ class _MaskedLines:
             self.kptr, self.kidx = np.zeros(p + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
         if self.pattern is None:
             self.pattern = np.arange(p, dtype=np.int64)
-        if self.shared is None:
-            self.shared, self.shared_starts = np.zeros(0, dtype=np.int64), np.zeros(1, np.int64)
 
     def kernel(self):
         """The kernels' tuple (ptr, idx, sign, group, cell_group, kptr, kidx, pattern)."""
@@ -1212,23 +1214,50 @@ class _MaskedLines:
                 self.kidx, self.pattern)
 
     def majorized(self, length, max_missing):
-        """These lines with ``mm``, ``exact`` and ``shared`` set: lines sharing their pattern
-        with others (and no kept cells) are solved exactly, a pattern at a time
-        (`_shared_cd_rows`; ``shared`` in pattern order, ``shared_starts`` where each
-        pattern's run begins); the others by a majorize-minimize step where
-        `_majorized_lines` says, else exactly, one line at a time (``exact``)."""
+        """These lines with ``mm`` and ``exact`` set, the exact ones in pattern order (so
+        that `_masked_cd_rows` forms a pattern's Gram matrix once). Lines sharing their
+        pattern (whose Gram matrix then costs little), lines with kept cells and lines by
+        units are exact."""
+        if self.units is not None:  # a majorize-minimize step reads cells, not units
+            max_missing = -1.0
         mm, exact = _majorized_lines(self.sign, np.diff(self.ptr), length, max_missing)
         shared = np.bincount(self.pattern, minlength=len(self.sign))[self.pattern] > 1
-        shared &= np.diff(self.kptr) == 0
-        mm, exact = mm[~shared[mm]], exact[~shared[exact]]
-        runs = np.flatnonzero(shared)
-        runs = runs[np.argsort(self.pattern[runs], kind="stable")]
-        starts = np.flatnonzero(np.r_[True, np.diff(self.pattern[runs]) != 0, True])
-        return dataclasses.replace(self, mm=mm, exact=exact, shared=runs,
-                                   shared_starts=starts)
+        shared |= np.diff(self.kptr) > 0
+        mm, exact = mm[~shared[mm]], np.union1d(exact, np.flatnonzero(shared))
+        exact = exact[np.argsort(self.pattern[exact], kind="stable")]
+        return dataclasses.replace(self, mm=mm, exact=exact)
 
     def longest(self):
         return int(np.diff(self.ptr).max(initial=0) + np.diff(self.kptr).max(initial=0))
+
+    def by_units(self, other):
+        """These lines with their cells grouped into the other side's patterns ("units"),
+        where those are few (at most half as many as the other side's lines) and nothing is
+        kept: the lines of a pattern have the same cells, so a line here holds all of a
+        unit's lines or none, and its Gram matrix is a sum of unit Gram matrices (k^2 per
+        unit, not per cell; batches of samples missing features: each feature's missing
+        cells are a few whole batches). ``idx`` then numbers units, ``units`` maps the
+        other side's lines to them."""
+        if len(self.kidx) or len(other.kidx):
+            return self
+        first, units = np.unique(other.pattern, return_inverse=True)
+        if 2 * len(first) > len(other.pattern):
+            return self
+        lines = np.repeat(np.arange(len(self.sign)), np.diff(self.ptr))
+        keys = np.unique(lines * len(first) + units[self.idx])
+        group = np.full(len(first), -1, dtype=np.int64)
+        known = first < len(self.cell_group)
+        group[known] = self.cell_group[first[known]]
+        return dataclasses.replace(self, ptr=_indptr(keys // len(first), len(self.sign)),
+                                   idx=keys % len(first), cell_group=group,
+                                   units=units.astype(np.int64))
+
+    def table(self, B):
+        """The Gram table the kernels sum over a line's cells (see `_use_pairs`): unit Gram
+        matrices, or B's rows' outer products, or none (gather B's rows instead)."""
+        if self.units is not None:
+            return _unit_pairs(B, self.units, len(self.cell_group))
+        return _pair_products(B) if _use_pairs(B) else np.empty((0, 0), dtype=np.float64)
 
 
 def _mask_lines(observed):
@@ -1300,10 +1329,7 @@ def _cd_lines(A, B, bases, XB, lines, l1, l2, sweeps, tol, scratch, want):
     model = 0.0
     if len(lines.exact):
         model += _masked_cd_rows(A, B, bases, L, XB, lines.exact, l1, l2, sweeps, tol,
-                                 _use_pairs(B), scratch, want)
-    if len(lines.shared):
-        model += _shared_cd_rows(A, B, bases, L, XB, lines.shared, lines.shared_starts, l1,
-                                 l2, sweeps, tol, scratch, want)
+                                 lines.table(B), scratch, want, lines.units is not None)
     for g in range(len(bases)):
         rows = mm if len(bases) == 1 else mm[lines.group[mm] == g]
         if not len(rows):
@@ -6210,7 +6236,8 @@ def _predict_cells(A, a, scratch, c, u):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, use_pairs, scratch, want):
+def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, pairs, scratch, want,
+                    units=False):
     """Exact coordinate descent on each row a of A >= 0 for the masked least-squares problem
     1/2 a'G_a a - XB_a . a + l1 sum a + l2/2 |a|^2, G_a being the Gram matrix of B over the
     row's observed (training) cells. G_a is formed from the row's cell set (`_line_cells` of
@@ -6220,8 +6247,10 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, use_pairs, sc
     kept cells' sum. Rows are then swept in blocks, transposed so that the k^2 work of a
     sweep runs across the block's rows (_cd_block). Up to ``sweeps`` sweeps per block,
     stopping when the rows move by less than ``tol`` times their first sweep (on average,
-    each row relative to itself). ``use_pairs``: sum a table of every b b' (_sum_pairs)
-    rather than multiply gathered cells (_cells_gram); see _use_pairs. ``scratch`` holds at
+    each row relative to itself). ``pairs``: a table of every b b' to sum (_sum_pairs; or
+    of the units' Gram matrices, where the cells are units: `_MaskedLines.by_units`), or
+    empty to multiply gathered cells instead (_cells_gram); see _use_pairs. ``scratch`` holds
+    at
     least (k + 4) times the longest cell set. Only the rows listed in ``rows`` are updated.
     Returns the sum over their observed cells of (b . a)^2 = a'G_a a after the update if
     ``want``."""
@@ -6238,7 +6267,7 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, use_pairs, sc
     packed = np.empty((n_packed, size), dtype=np.float64)  # rows' sums, by column
     keep = np.empty(size, dtype=np.float64)  # 1: a row given by its missing cells, G0 - sum
     block_group = np.empty(size, dtype=np.int64)
-    pairs = _pair_products(B) if use_pairs else np.empty((0, 0), dtype=np.float64)
+    use_pairs = pairs.shape[0] > 0
     acc = np.empty(max(pairs.shape[1], n_packed), dtype=np.float64)
     sel = np.empty(B.shape[0], dtype=np.int64)
     pattern = L[7]
@@ -6275,7 +6304,7 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, use_pairs, sc
             for t in range(k):
                 A[rows[a0 + j], t] = Ab[t, j]
         if want:
-            total += _block_model(A, rows[a0:a0 + nb], B, L, Ab, Gb, sel)
+            total += _block_model(A, rows[a0:a0 + nb], B, L, Ab, Gb, sel, units)
     return total
 
 
@@ -6342,54 +6371,6 @@ def _outside_sums(ptr, idx, sign, group, cell_group, V):
                 for t in range(V.shape[1]):
                     out[a, t] += w * V[j, t]
     return out
-
-
-@njit(cache=True, fastmath=_FAST)
-def _shared_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, scratch, want):
-    """_masked_cd_rows for rows that share their cell set a pattern at a time (``rows`` in
-    runs of one pattern, run r being rows[starts[r]:starts[r + 1]]; no kept cells): the
-    run's Gram matrix is formed once, from its first row's cells, and its rows are swept
-    together by the dense kernel (_hals_update), which stops when the run has converged.
-    Returns the sum over their observed cells of (b . a)^2 = a'G a after the update if
-    ``want``."""
-    signs, group = L[2], L[3]
-    k = A.shape[1]
-    n_packed = k * (k + 1) // 2
-    acc = np.empty(max(_pairs_width(k), n_packed), dtype=np.float64)
-    sel = np.empty(B.shape[0], dtype=np.int64)
-    S = np.empty((k + 4, k + 4), dtype=np.float64)
-    G = np.empty((k, k), dtype=np.float64)
-    no_pairs = np.empty((0, 0), dtype=np.float64)
-    total = 0.0
-    for r in range(len(starts) - 1):
-        run = rows[starts[r]:starts[r + 1]]
-        a = run[0]
-        c1, _ = _line_cells(a, L, sel)
-        _cells_packed(B, no_pairs, sel[:c1], False, acc, scratch, S)
-        keep = 1.0 if signs[a] < 0.0 else 0.0
-        base = bases[group[a]]
-        e = 0
-        for t in range(k):
-            for u in range(t + 1):
-                G[t, u] = G[u, t] = keep * base[t, u] + (1.0 - 2.0 * keep) * acc[e]
-                e += 1
-            G[t, t] = max(G[t, t], keep * _CURVATURE_NOISE * base[t, t])  # see _gram_block
-        cnt = len(run)
-        Ac = np.empty((k, cnt), dtype=np.float64)
-        Yc = np.empty((k, cnt), dtype=np.float64)
-        for q in range(cnt):
-            for t in range(k):
-                Ac[t, q] = A[run[q], t]
-                Yc[t, q] = XB[run[q], t]
-        _hals_update(Ac, G, Yc, l1, l2, sweeps, tol)
-        for q in range(cnt):
-            for t in range(k):
-                A[run[q], t] = Ac[t, q]
-            if want:
-                for t in range(k):
-                    for u in range(k):
-                        total += Ac[t, q] * G[t, u] * Ac[u, q]
-    return total
 
 
 @njit(cache=True)
@@ -6493,10 +6474,11 @@ def _gram_block(Gb, inv_hess, packed, keep, bases, block_group, nb, l2):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _block_model(A, block_rows, B, L, Ab, Gb, sel):
+def _block_model(A, block_rows, B, L, Ab, Gb, sel, units):
     """Sum over a block's observed cells of (b . a)^2: a'G_a a, or for a row given by its
     observed cells the sum over them, which stays accurate when a grows along directions
-    those cells do not see (an underdetermined row), where a'G_a a would cancel."""
+    those cells do not see (an underdetermined row), where a'G_a a would cancel; a'G_a a
+    for every row where the cells are ``units`` (G_a is then their sum, exactly)."""
     k = A.shape[1]
     signs = L[2]
     nb = block_rows.shape[0]
@@ -6504,8 +6486,8 @@ def _block_model(A, block_rows, B, L, Ab, Gb, sel):
     complement = np.empty(nb, dtype=np.float64)
     for j in range(nb):
         a = block_rows[j]
-        complement[j] = 1.0 if signs[a] < 0.0 else 0.0
-        if signs[a] > 0.0:
+        complement[j] = 1.0 if signs[a] < 0.0 or units else 0.0
+        if complement[j] == 0.0:
             c1, c2 = _line_cells(a, L, sel)
             total += _row_cells_sq(A, a, B, sel, 0, c1 + c2)
     for t in range(k):
@@ -6514,6 +6496,23 @@ def _block_model(A, block_rows, B, L, Ab, Gb, sel):
             for j in range(nb):
                 total += complement[j] * Ab[t, j] * Gt[j] * Ab[r, j]
     return total
+
+
+@njit(cache=True)
+def _unit_pairs(B, units, n_units):
+    """_pair_products summed over each unit's rows: row u is the packed lower triangle of
+    the sum of b b' over the rows b of B with units[b] == u."""
+    n, k = B.shape
+    pairs = np.zeros((n_units, _pairs_width(k)), dtype=np.float64)
+    for b in range(n):
+        row = pairs[units[b]]
+        e = 0
+        for t in range(k):
+            bt = float(B[b, t])
+            for r in range(t + 1):
+                row[e] += bt * B[b, r]
+                e += 1
+    return pairs
 
 
 @njit(cache=True)

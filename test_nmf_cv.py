@@ -208,6 +208,9 @@ def _problem(missing, seed=0, m=30, n=20, k=4):
     return X, mask, W, H
 
 
+NO_PAIRS = np.empty((0, 0))  # _masked_cd_rows: gather cells rather than sum a table
+
+
 def _solver(X, mask, W, H, method, loss, sweeps=1):
     data = nmf_cv._validate_data(X, mask)
     pen = nmf_cv._Penalty(0.0, 0.0, 0.0, 0.0)
@@ -277,8 +280,9 @@ def test_masked_cd_solves_nnls_like_scipy(missing, use_pairs):
     XtW, bases = solver.lay.products_H(solver.W)
     Ht = np.ascontiguousarray(H.T)
     c = solver.cols
+    pairs = nmf_cv._pair_products(solver.W) if use_pairs else NO_PAIRS
     nmf_cv._masked_cd_rows(Ht, solver.W, bases, c.kernel(), XtW, np.arange(Ht.shape[0]),
-                           0.0, lam, 5000, 0.0, use_pairs, solver.scratch, False)
+                           0.0, lam, 5000, 0.0, pairs, solver.scratch, False)
     k = W.shape[1]
     for j in range(X.shape[1]):
         rows = mask[:, j]
@@ -322,8 +326,9 @@ def test_masked_cd_rows_match_numpy_with_penalties(k, use_pairs):
     scratch = np.empty(n * (k + 4))
     ours = A.copy()
     lines = nmf_cv._MaskedLines(indptr, cols.astype(np.int64), np.where(direct, 1.0, -1.0))
+    pairs = nmf_cv._pair_products(B) if use_pairs else NO_PAIRS
     model = nmf_cv._masked_cd_rows(ours, B, (B.T @ B)[None], lines.kernel(), XB, np.arange(m),
-                                   0.05, 0.3, 3, 0.0, use_pairs, scratch, True)
+                                   0.05, 0.3, 3, 0.0, pairs, scratch, True)
     expected = ref_penalised_cd_rows(A, B, XB, M, 0.05, 0.3, 3)
     np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-12)
     assert model == pytest.approx(np.sum(np.where(M, ours @ B.T, 0.0) ** 2), rel=1e-10)
@@ -337,7 +342,7 @@ def test_masked_cd_rows_small_curvature_never_overshoots():
     XB = np.array([[1e-3]])  # the row observes cell 0 only, where x = 1
     lines = nmf_cv._MaskedLines(np.array([0, 1]), np.array([0]), np.array([1.0]))
     nmf_cv._masked_cd_rows(A, B, (B.T @ B)[None], lines.kernel(), XB, np.array([0]), 0.0, 1e-8,
-                           1, 0.0, False, np.empty(5), False)
+                           1, 0.0, NO_PAIRS, np.empty(5), False)
 
     def row_objective(a):
         return 0.5 * (1.0 - 1e-3 * a) ** 2 + 0.5e-8 * a ** 2
@@ -372,7 +377,7 @@ def test_masked_cd_rows_float32_component_unseen_stays():
     nmf_cv._masked_cd_rows(A, B, nmf_cv._gram64(B)[None], lines.kernel(),
                            XB[None, :].astype(np.float32), np.array([0]), 0.0,
                            0.0, 1, 0.0,
-                           False, np.empty(4 * 6), False)
+                           NO_PAIRS, np.empty(4 * 6), False)
     assert A[0, 1] == pytest.approx(0.5, rel=1e-6)
 
 
@@ -3914,14 +3919,17 @@ def test_lines_with_the_same_cells_share_a_pattern(collide, monkeypatch):
 @pytest.mark.parametrize("mm_missing", [-1.0, 1.0])
 def test_hals_iterates_with_shared_patterns_match_numpy_reference(mm_missing, monkeypatch):
     """Lines sharing a pattern take one Gram matrix (formed once) and are solved exactly,
-    whatever the majorizing threshold; iterates equal the numpy reference's."""
+    whatever the majorizing threshold, as are the columns, whose Gram matrices come from
+    the row patterns' (units); iterates equal the numpy reference's."""
     monkeypatch.setattr(nmf_cv, "_majorized_fraction", lambda k: mm_missing)
     X, mask, W, H = _batch_problem(seed=1)
     solver = _solver(X, mask, W, H, "hals", "frobenius")
+    assert solver.cols.units is not None  # columns' Gram matrices from the row batches'
     mm = []
     for lines, M in ((solver.rows, mask), (solver.cols, mask.T)):
         alone = np.bincount(lines.pattern, minlength=len(M))[lines.pattern] == 1
-        mm.append(np.flatnonzero(alone & (lines.sign < 0) & (mm_missing > 0)))
+        cells = lines.units is None  # by units (the other side's patterns): never majorized
+        mm.append(np.flatnonzero(alone & (lines.sign < 0) & (mm_missing > 0) & cells))
         assert_array_equal(lines.mm, mm[-1])
     Wr, Hr = W.copy(), H.copy()
     for _ in range(4):
