@@ -2893,7 +2893,7 @@ class _FoldTraining:
 
     def noise(self):
         """`noise_level` of the training set, from at most _NOISE_LINES x 1000 of its cells
-        copied densely (held-out cells missing)."""
+        copied densely (the cells it does not see missing)."""
         m, n = self.shape
         rng = np.random.default_rng(0)
         long_cap, short_cap = (_NOISE_LINES, 1000) if m >= n else (1000, _NOISE_LINES)
@@ -2901,11 +2901,16 @@ class _FoldTraining:
         cols = np.sort(rng.choice(n, short_cap, replace=False)) if n > short_cap else np.arange(n)
         if min(len(rows), len(cols)) < 3:
             return 0.0
-        missing = self.P[rows][:, None] == self.b[cols][None, :]
+        missing = self._unseen(rows, cols)
         sub = self.X[rows][:, cols].toarray() if self.sparse else self.X[np.ix_(rows, cols)]
         filled = _mean_filled(sub, missing)  # sub is a copy: filled in place
         del sub
         return _noise_of(filled, missing)
+
+    def _unseen(self, rows, cols):
+        """Boolean len(rows) x len(cols): the sub-matrix's cells the fits do not see (held
+        out)."""
+        return self.P[rows][:, None] == self.b[cols][None, :]
 
     def rss(self, W, H):
         return self.scores(W, H, "frobenius")[1]
@@ -3064,21 +3069,10 @@ class _MissingFoldTraining(_FoldTraining):
         return LinearOperator((m, n), matvec=matmat, rmatvec=rmatmat, matmat=matmat,
                               rmatmat=rmatmat, dtype=np.float64)
 
-    def noise(self):
-        """`_FoldTraining.noise` with the missing cells missing too."""
-        m, n = self.shape
-        rng = np.random.default_rng(0)
-        long_cap, short_cap = (_NOISE_LINES, 1000) if m >= n else (1000, _NOISE_LINES)
-        rows = np.sort(rng.choice(m, long_cap, replace=False)) if m > long_cap else np.arange(m)
-        cols = np.sort(rng.choice(n, short_cap, replace=False)) if n > short_cap else np.arange(n)
-        if min(len(rows), len(cols)) < 3:
-            return 0.0
-        missing_or_kept = self._missing_in(rows, cols)
+    def _unseen(self, rows, cols):
+        """The held-out cells but the kept ones, and the missing cells."""
         kept = self.kept_ones[rows][:, cols].toarray() > 0
-        held = (self.P[rows][:, None] == self.b[cols][None, :]) & ~kept
-        missing = held | (missing_or_kept & ~kept)
-        filled = _mean_filled(self.X[np.ix_(rows, cols)], missing)
-        return _noise_of(filled, missing)
+        return (super()._unseen(rows, cols) | self._missing_in(rows, cols)) & ~kept
 
     def scores(self, W, H, loss):
         """(held-out, training) squared error: the held-out blocks' observed cells, and the
