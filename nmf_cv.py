@@ -737,6 +737,9 @@ def _gamma_balancing_scales(w_sum, h_sum, m, n, penalty):
     return d
 
 
+_STALLED = 10  # steps without a new best after which an extrapolated fit stops
+
+
 class _Extrapolation:
     """Extrapolated HALS (HER; Ang & Gillis 2019, "Accelerating nonnegative matrix
     factorization algorithms using extrapolation"): each factor update starts from the
@@ -744,9 +747,10 @@ class _Extrapolation:
     onto A >= 0. The objective then comes free at (W_n, extrapolated H_n) from the W
     update's products; where it rises, the step is undone (the next one starts from the
     plain iterates) and beta shrinks; while it falls, beta grows towards a cap that itself
-    grows. The objective is not monotone: the fit keeps its best iterate (`_run`). A solver
-    calls ``start`` on W at a step's start, ``middle`` on H after its update and ``end``
-    with the objective; ``rescale`` when it rescales components (``W * s``, ``H / s``)."""
+    grows. The objective is not monotone: the fit keeps its best iterate (``keep``,
+    ``converged``, ``best_factors``, for `_run`). A solver calls ``start`` on W at a step's
+    start, ``middle`` on H after its update and ``end`` with the objective; ``rescale`` when
+    it rescales components (``W * s``, ``H / s``)."""
 
     def __init__(self):
         self.beta, self.cap, self.last = 0.5, 1.0, math.inf
@@ -778,6 +782,26 @@ class _Extrapolation:
         self.cap = min(1.0, 1.005 * self.cap)
         return H
 
+    def keep(self, objective, factors):
+        self.best, self.stalled = objective, 0
+        self.kept = [a.copy() for a in factors]
+
+    def converged(self, objective, tol, factors):
+        """Whether a fit stops after a step that reached ``objective``: when the step was
+        kept (not undone) and lowered the best objective by less than ``tol`` times it, or
+        after _STALLED steps without lowering it (rounding: a plain step just after an
+        undone one may sit above the best, so one such step says nothing)."""
+        previous = self.best
+        self.stalled += 1
+        if objective < self.best:
+            self.keep(objective, factors)
+        small = not self.undone and previous - self.best <= tol * abs(previous)
+        return (tol > 0 or objective == 0) and ((small and not self.stalled)
+                                                or self.stalled >= _STALLED)
+
+    def best_factors(self):
+        return tuple(np.ascontiguousarray(a) for a in self.kept)
+
     def rescale(self, s):
         if self.W_prev is not None:
             self.W_prev *= s.astype(self.W_prev.dtype)
@@ -807,10 +831,11 @@ def _fdot(A, B):
 
 
 def _run(solver, data, method, loss, max_iter, tol, callback, start):
-    if getattr(solver, "accel", None) is not None:
-        return _run_extrapolated(solver, data, method, loss, max_iter, tol, callback, start)
     losses = [solver.objective]
     times = [time.perf_counter() - start]
+    accel = getattr(solver, "accel", None)
+    if accel is not None:
+        accel.keep(solver.objective, solver.factors())
     converged = False
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
@@ -818,51 +843,18 @@ def _run(solver, data, method, loss, max_iter, tol, callback, start):
         losses.append(f)
         times.append(time.perf_counter() - start)
         prev = losses[-2]
-        if (tol > 0 or f == 0) and prev - f <= tol * abs(prev):
-            converged = True
+        if accel is not None:
+            converged = accel.converged(f, tol, solver.views())
+        else:
+            converged = (tol > 0 or f == 0) and prev - f <= tol * abs(prev)
+        if converged:
             break
         if callback is not None and callback(n_iter, *solver.views(), f):
             break
-    W, H = solver.factors()
+    W, H = solver.factors() if accel is None else accel.best_factors()
     rel = math.sqrt(_observed_rss(data, W, H) / max(_observed_sq_norm(data), 1e-300))
     return NMFResult(W, H, n_iter, converged, np.array(losses), np.array(times), rel,
                      time.perf_counter() - start, method, loss)
-
-
-def _run_extrapolated(solver, data, method, loss, max_iter, tol, callback, start):
-    """`_run` for a solver with an `_Extrapolation`: its objective may rise where a step is
-    undone, so it keeps the best iterate and stops when a step that is kept (not undone)
-    lowers the best objective by less than ``tol`` times it, or after _STALLED iterations
-    without lowering it (rounding: a plain step just after an undone one may sit above the
-    best, so one such step says nothing)."""
-    losses = [solver.objective]
-    times = [time.perf_counter() - start]
-    best = solver.objective
-    kept = [a.copy() for a in solver.factors()]
-    converged = False
-    n_iter = stalled = 0
-    for n_iter in range(1, max_iter + 1):
-        f = solver.step()
-        losses.append(f)
-        times.append(time.perf_counter() - start)
-        previous = best
-        stalled += 1
-        if f < best:
-            best, stalled = f, 0
-            kept = [a.copy() for a in solver.views()]
-        small = not solver.accel.undone and previous - best <= tol * abs(previous)
-        if (tol > 0 or f == 0) and ((small and not stalled) or stalled >= _STALLED):
-            converged = True
-            break
-        if callback is not None and callback(n_iter, *solver.views(), f):
-            break
-    W, H = (np.ascontiguousarray(a) for a in kept)
-    rel = math.sqrt(_observed_rss(data, W, H) / max(_observed_sq_norm(data), 1e-300))
-    return NMFResult(W, H, n_iter, converged, np.array(losses), np.array(times), rel,
-                     time.perf_counter() - start, method, loss)
-
-
-_STALLED = 10
 
 
 def _observed_sq_norm(data):
