@@ -1284,10 +1284,8 @@ def _line_patterns(ptr, idx, *keys):
 
 class _MaskLayout:
     """`_MaskedSolver`'s view of data with missing cells: X with zeros in its missing cells
-    (dense, or CSR when fewer than half the cells are observed), and each line's cell set:
-    a line (row or column) is "direct" (sign +1) when fewer of its cells are observed than
-    missing; its cells are then its observed cells, else its missing cells (-1), and its
-    base the full Gram matrix."""
+    (dense, or CSR when fewer than half the cells are observed), and each line's cell set
+    (`_mask_lines`), its base being the full Gram matrix."""
 
     def __init__(self, data):
         m, n = data.shape
