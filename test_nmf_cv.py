@@ -3341,10 +3341,14 @@ def test_objective_never_increases_with_a_two_sided_ridge(alphas, missing):
 # checkpoints, resume, worker faults
 # ---------------------------------------------------------------------------------------------
 
-CKPT_SCRIPT = """
+# Cross-validation's fits take a fifth of the iterations they did (extrapolated HALS), so its
+# data are larger: a stop must land while the run is still going.
+CKPT_SHAPES = {"cv": (900, 360), "consensus": (300, 120)}
+CKPT_SCRIPT = f"""
 import sys, numpy as np, nmf_cv
-X = nmf_cv.make_planted(300, 120, 4, noise=0.1, random_state=3)
 what, path = sys.argv[1], sys.argv[2]
+shape = {CKPT_SHAPES!r}.get(what, {CKPT_SHAPES["cv"]!r})
+X = nmf_cv.make_planted(*shape, 4, noise=0.1, random_state=3)
 if what == "cv":
     nmf_cv.cross_validate(X, range(1, 8), random_state=0, checkpoint=path, progress=False)
 elif what == "cv_pool":
@@ -3358,8 +3362,8 @@ print("finished")
 """
 
 
-def ckpt_data():
-    return nmf_cv.make_planted(300, 120, 4, noise=0.1, random_state=3)
+def ckpt_data(what="cv"):
+    return nmf_cv.make_planted(*CKPT_SHAPES[what], 4, noise=0.1, random_state=3)
 
 
 def records(path):
@@ -3402,9 +3406,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, what, capsys)
         assert_array_equal(cv.train_rss, ref.train_rss)
         assert cv.best_rank == ref.best_rank
     else:
-        ref = nmf_cv.consensus(ckpt_data(), [2, 3, 4], n_runs=12, random_state=0,
+        ref = nmf_cv.consensus(ckpt_data("consensus"), [2, 3, 4], n_runs=12, random_state=0,
                                progress=False)
-        co = nmf_cv.consensus(ckpt_data(), [2, 3, 4], n_runs=12, random_state=0,
+        co = nmf_cv.consensus(ckpt_data("consensus"), [2, 3, 4], n_runs=12, random_state=0,
                               checkpoint=path, progress=True)
         assert_array_equal(co.cophenetic, ref.cophenetic)
         for k in (2, 3, 4):
@@ -3530,7 +3534,7 @@ def test_cli_rank_checkpoint_interrupted_and_rerun_gives_the_same_json(tmp_path)
     import signal
     import time
 
-    X = nmf_cv.make_planted(300, 120, 4, noise=0.1, random_state=3)
+    X = ckpt_data()
     np.savetxt(tmp_path / "data.csv", X, delimiter=",")
     argv = ["rank", tmp_path / "data.csv", "--ranks", "1:7", "--criteria", "cv,bicv"]
     code, _, err = run_cli(*argv, "--out", tmp_path / "one")
