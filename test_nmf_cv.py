@@ -3942,3 +3942,40 @@ def test_hals_iterates_with_shared_patterns_match_numpy_reference(mm_missing, mo
         Ws, Hs = solver.factors()
         np.testing.assert_allclose(Ws, Wr, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(Hs, Hr, rtol=1e-10, atol=1e-12)
+
+
+def ref_keep_coverage(fold, rows, cols, shape, n_folds, rng):
+    """The numpy version of _keep_coverage (sorting keys of every cell)."""
+    fold = np.array(fold, dtype=np.int64)
+    order = rng.permutation(len(rows))
+    for index, size in ((rows, shape[0]), (cols, shape[1])):
+        total = np.bincount(index, minlength=size)
+        fold[total[index] == 1] = -1
+        held = order[fold[order] >= 0]
+        keys = index[held] * n_folds + fold[held]
+        unique, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        emptied = counts == total[unique // n_folds]
+        fold[held[first[emptied]]] = -1
+    return fold
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.9])
+def test_keep_coverage_equals_the_numpy_reference(density):
+    """Same kept cells as the sorting version, on masks whose lines have one cell, all
+    their cells in one fold, or many cells."""
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        mask = rng.random((40, 25)) < density
+        mask[0, :] = False
+        mask[0, 3] = True
+        mask[:, 1] = False
+        mask[5:8, 1] = True
+        rows, cols = np.nonzero(mask)
+        row_class, col_class = nmf_cv._fold_rule(mask.shape, 4, rng)
+        fold = (row_class[rows] + col_class[cols]) % 4
+        ours = nmf_cv._keep_coverage(fold, rows, cols, mask.shape, 4,
+                                     np.random.default_rng(seed + 10))
+        ref = ref_keep_coverage(fold, rows, cols, mask.shape, 4,
+                                np.random.default_rng(seed + 10))
+        assert_array_equal(ours, ref)
+        assert (ours < 0).any()
