@@ -2013,6 +2013,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
         stuck_restarts=stuck_restarts, warm_start=warm_start, fit_options=fit_kwargs)
     seeds = root.spawn(2)
     source = _cv_source(data, loo or warm_start, loss)
+    del data  # the source has what the fits read: a rule source frees the cell lists
     n_fold_count = n_cells if loo else n_folds
     max_splits = n_repeats if fixed else (1 if loo or warm_start else _AUTO_SPLITS)
     split_seeds = seeds[0].spawn(max_splits)
@@ -2034,7 +2035,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
             splits += [source.split(n_folds, np.random.default_rng(split_seeds[r]))
                        for r in new]
             alpha[new] = _fold_alphas(shared, [splits[r] for r in new], n_fold_count,
-                                      data.shape, executor, progress, ckpt, label)
+                                      (m, n), executor, progress, ckpt, label)
             outputs = _cv_outputs(shared, splits, ranks, tasks, fit_seeds, alpha, warm_start,
                                   executor, progress, ckpt, label)
             if stuck_restarts and not loo:
