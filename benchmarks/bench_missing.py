@@ -36,7 +36,15 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, blas_description, cpu_model, load_average, log, markdown_table  # noqa: E402
+from _common import (  # noqa: E402
+    ROOT,
+    blas_description,
+    cpu_model,
+    load_average,
+    log,
+    markdown_table,
+    module_revision,
+)
 
 SHAPES = ((20000, 500), (500, 20000), (2000, 1000), (300, 300))
 QUICK_SHAPES = ((2000, 1000), (300, 300))
@@ -164,12 +172,8 @@ def main(argv=None):
         modules.insert(0, ("base", load(args.base, "nmf_cv_base")))
     print("# nmf_cv missing-value benchmarks" + (" (--quick)" if args.quick else ""))
     print()
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True).stdout.strip()
-    base_rev = ""
-    if args.base:
-        base_rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.base,
-                                  capture_output=True, text=True).stdout.strip()
+    revision = module_revision(ROOT)
+    base_rev = module_revision(args.base) if args.base else ""
     print(f"HEAD {revision}" + (f", base {base_rev}" if base_rev else "") +
           f"; {cpu_model()}; BLAS {blas_description()}; load average at start {load_start}")
     if "1" in args.sections:
