@@ -2409,8 +2409,7 @@ class _MissingRuleSource:
 
 def _training_counts(ptr, idx, sign, group, cell_group, n_groups, kept):
     """Training cells per line: its observed cells less those in its held-out block (the
-    other side's lines whose group is its own), plus its kept cells. Also returns, for the
-    listed cells, whether each is in its line's block."""
+    other side's lines whose group is its own), plus its kept cells."""
     q = len(cell_group)
     listed = np.diff(ptr)
     in_block = _count_in_block(ptr, idx, group, cell_group)
@@ -3034,9 +3033,6 @@ class _MissingFoldTraining(_FoldTraining):
         G0, grams = self.group_grams(W, self.P)
         XB = _times_factor(self.X.T, W) - self.held_AtX(W.T).T + self.kept.T @ W
         return np.ascontiguousarray(XB, dtype=W.dtype), G0[None] - grams
-
-    def observed_mean(self):
-        return self.x_sum / self.n_train
 
     def filled(self):
         """As `_FoldTraining.filled`, the cells filled being the held-out and missing ones."""
