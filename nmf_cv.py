@@ -470,12 +470,13 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
         count under a prediction of 0 has infinite deviance); ``rate > 0`` keeps the scales
         of W and H bounded. `cross_validate` fits counts with such priors (see ``ridge``).
     extrapolate : bool
-        HALS only: extrapolated HALS (Ang & Gillis 2019), each update starting from the last
-        iterate pushed further along its last move, undone where the objective rises. It
+        HALS, or KL coordinate descent: extrapolation (Ang & Gillis 2019), each update
+        starting from the last iterate pushed further along its last move (for KL, by at
+        most half of each entry), undone where the objective rises. It
         reaches a given objective in several times fewer iterations (measured 4-12x on
-        planted 1000 x 500, k = 3..8), but the objective is not monotone from one
-        iteration to the next: the best iterate is returned, and ``tol`` applies to the
-        best objective's decrease. `cross_validate` fits this way.
+        planted 1000 x 500, k = 3..8; KL on Poisson counts about 2x), but the objective is
+        not monotone from one iteration to the next: the best iterate is returned, and
+        ``tol`` applies to the best objective's decrease. `cross_validate` fits this way.
     callback : callable, optional
         ``callback(n_iter, W, H, objective)`` after every iteration; return True to stop.
         W and H are the live arrays: read them, do not modify them.
@@ -518,9 +519,10 @@ def _setup_fit(X, n_components, *, mask=None, method=None, loss="frobenius", ini
                        shape - 1.0)
     solver = _make_solver(data, W, H, method, loss, penalty)
     if extrapolate:
-        if method != "hals":
-            raise ValueError(f"extrapolate=True needs method='hals'; got method={method!r}")
-        solver.accel = _Extrapolation()
+        if method not in ("hals", "cd"):
+            raise ValueError("extrapolate=True needs method='hals', or 'cd' with loss='kl'; "
+                             f"got method={method!r}")
+        solver.accel = _Extrapolation(_KL_PUSH_FLOOR if loss == "kl" else 0.0)
     return data, solver
 
 
@@ -737,6 +739,11 @@ def _gamma_balancing_scales(w_sum, h_sum, m, n, penalty):
     return d
 
 
+# Extrapolated KL coordinate descent keeps at least this share of each entry: projected onto
+# >= 0, a push from a big first move zeroes entries that the Gamma priors' log barrier then
+# lets Newton steps regrow only by doubling from eps (measured: a fit stuck at 4.5x its
+# plain objective); floored at half, extrapolation took 0.5x the iterations of plain fits.
+_KL_PUSH_FLOOR = 0.5
 _STALLED = 10  # steps without a new best after which an extrapolated fit stops
 
 
@@ -752,7 +759,8 @@ class _Extrapolation:
     start, ``middle`` on H after its update and ``end`` with the objective; ``rescale`` when
     it rescales components (``W * s``, ``H / s``)."""
 
-    def __init__(self):
+    def __init__(self, floor=0.0):
+        self.floor = floor
         self.beta, self.cap, self.last = 0.5, 1.0, math.inf
         self.W_prev = self.H_prev = None
         self.undone = True  # the next step starts from plain iterates
@@ -760,14 +768,14 @@ class _Extrapolation:
     def start(self, W):
         plain = W.copy()
         if not self.undone:
-            W = _push(W, self.W_prev, self.beta)
+            W = _push(W, self.W_prev, self.beta, self.floor)
         self.W_prev = plain
         return W
 
     def middle(self, H):
         plain = H.copy()
         if self.H_prev is not None:
-            H = _push(H, self.H_prev, self.beta)
+            H = _push(H, self.H_prev, self.beta, self.floor)
         self.H_prev = plain
         return H
 
@@ -809,12 +817,12 @@ class _Extrapolation:
             self.H_prev /= s.astype(self.H_prev.dtype)
 
 
-def _push(A, previous, beta):
-    """max(A + beta (A - previous), 0), in A's dtype."""
+def _push(A, previous, beta, floor=0.0):
+    """max(A + beta (A - previous), floor A), in A's dtype."""
     out = A - previous
     out *= beta
     out += A
-    return np.maximum(out, 0, out=out)
+    return np.maximum(out, floor * A if floor else 0, out=out)
 
 
 def _sqnorm(A):
@@ -1036,11 +1044,11 @@ class _DenseKLSolver(_WtH):
         if self.update_H:
             num = self.Wt @ self.buf
             den = np.broadcast_to(self.Wt.sum(axis=1)[:, None], self.H.shape)
-            _mu_apply(self.H, num, np.ascontiguousarray(den), p.l1_H, p.l2_H)
+            _kl_mu_apply(self.H, num, np.ascontiguousarray(den), p.l1_H, p.l2_H)
             self._ratio(want_loss=False)
         num = self.H @ self.buf.T
         den = np.broadcast_to(self.H.sum(axis=1)[:, None], self.Wt.shape)
-        _mu_apply(self.Wt, num, np.ascontiguousarray(den), p.l1_W, p.l2_W)
+        _kl_mu_apply(self.Wt, num, np.ascontiguousarray(den), p.l1_W, p.l2_W)
         self.objective = self._ratio(want_loss)
         return self.objective
 
@@ -1431,9 +1439,12 @@ class _CellsKLSolver(_WHt):
 class _KLCDSolver(_WHt):
     """KL coordinate descent (Hsieh & Dhillon 2011): H's rows, then W's, each updated by
     Newton steps on one coordinate at a time over its line's positive cells (`_kl_cd_rows`).
-    Every step is one that cannot raise the objective. Reads X through two `_KLLines` (its
+    Every step is one that cannot raise the objective (extrapolated fits aside, which undo
+    steps that raise it: `_Extrapolation`). Reads X through two `_KLLines` (its
     rows, and its columns by way of a transposed copy), so dense, sparse, masked and fold-rule
     training data share the kernel. Holds W (m x k) and H transposed (n x k)."""
+
+    accel = None  # an _Extrapolation (fits with extrapolate=True)
 
     def __init__(self, rows, cols, W, H, penalty, update_H, sweeps=None):
         self.rows, self.cols, self.pen, self.update_H = rows, cols, penalty, update_H
@@ -1457,14 +1468,22 @@ class _KLCDSolver(_WHt):
         if d is not None:
             self.W *= d.astype(self.W.dtype)
             self.Ht /= d.astype(self.Ht.dtype)
+            if self.accel is not None:
+                self.accel.rescale(d)
 
     def step(self, want_loss=True):
-        p = self.pen
+        p, x = self.pen, self.accel
         if self.update_H:
+            if x is not None:
+                self.W = x.start(self.W)
             self._balance()
             _kl_cd_rows(self.Ht, self.W, *self.cols.cells, *self.cols.linear(self.W), p.l1_H,
                         p.l2_H, p.shape_H, self.sweeps, self.tol, self.eps, False)
-        self.objective = self._rows(self.sweeps, want_loss)
+            if x is not None:
+                self.Ht = x.middle(self.Ht)
+        self.objective = self._rows(self.sweeps, want_loss or x is not None)
+        if x is not None and self.update_H:
+            self.Ht = x.end(self.objective, self.Ht)
         return self.objective
 
 
@@ -1650,7 +1669,7 @@ class _FoldKLSolver(_WHt):
         _rule_kl_cols(*t.cells(), self.W, self.Ht, self.eps, num)
         w_all, w_groups = self._group_sums(self.W, t.row_groups)
         den = w_all[None, :] - w_groups[t.b]  # column j's held-out rows: row group b[j]
-        _mu_apply(self.Ht, num, den, p.l1_H, p.l2_H)
+        _kl_mu_apply(self.Ht, num, den, p.l1_H, p.l2_H)
         h_all, h_groups = self._group_sums(self.Ht, t.col_groups)
         s_log = _rule_kl_rows(*t.cells(), self.W, self.Ht, h_all, h_groups, p.l1_W, p.l2_W,
                               self.eps, want_loss)
@@ -1846,9 +1865,9 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     its missing cells and each row's and column's missing cells shared by every fit (the
     fits are then `fit_nmf`'s masked ones; no m x n copy per fit). Other input with missing
     cells, KL loss on it, ``n_folds="loo"`` and ``warm_start`` use lists of cells and a
-    dense m x n copy per fit. HALS training fits are extrapolated (``extrapolate=True``,
-    see `fit_nmf`): on planted 1000 x 500 they reach their tolerance in about a fifth of
-    the iterations.
+    dense m x n copy per fit. HALS and KL coordinate-descent training fits are extrapolated
+    (``extrapolate=True``, see `fit_nmf`): on planted 1000 x 500 HALS fits reach their
+    tolerance in about a fifth of the iterations, KL fits of Poisson counts in about half.
 
     For counts (genes, words, spikes) use ``loss="kl"``: the folds are fitted by KL
     coordinate descent (Poisson likelihood, with weak Gamma priors: see ``ridge``) and scored
@@ -1972,7 +1991,8 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     **fit_kwargs
         Passed to `fit_nmf` (``max_iter``, ``tol``, ``init``, penalties, ...); default
         ``max_iter=2000, tol=1e-6`` (``tol=1e-5`` for KL coordinate descent, whose steps are
-        much longer than multiplicative updates'), and ``extrapolate=True`` for HALS.
+        much longer than multiplicative updates'), and ``extrapolate=True`` for HALS and KL
+        coordinate descent.
 
     Returns
     -------
@@ -2595,7 +2615,7 @@ def _cv_fit(shared, train, k, seed, alpha, n_restarts, first_child=None, init=No
     of rank k to one training set."""
     method, loss = shared[1:3]
     kw = _with_alpha(shared, alpha)
-    if _resolve_method(method, loss) == "hals":
+    if _resolve_method(method, loss) in ("hals", "cd"):
         kw = {"extrapolate": True, **kw}
     if init is not None:
         kw = {**kw, "init": init}
@@ -6037,13 +6057,27 @@ def _group_grams(A, labels, n_groups):
 
 @njit(cache=True)
 def _mu_apply(A, num, den, l1, l2):
-    """Multiplicative update A *= num / (den + l1 + l2 A) where the denominator is positive."""
+    """Multiplicative update A *= num / (den + l1 + l2 A) where the denominator is positive
+    (Frobenius loss: the minimum of the Lee-Seung bound, l2 included)."""
     k, p = A.shape
     for t in range(k):
         for j in range(p):
             d = den[t, j] + l1 + l2 * A[t, j]
             if d > 0.0:
                 A[t, j] = A[t, j] * (num[t, j] / d)
+
+
+@njit(cache=True)
+def _kl_mu_apply(A, ratio_sums, den, l1, l2):
+    """KL multiplicative update of A (k x p) from ``ratio_sums`` (the other factor's products
+    with X / WH) and ``den`` (its sums): each entry moves to the minimum of its Lee-Seung
+    bound, which is ``A * ratio_sums / (den + l1)`` without a ridge; with one it solves a
+    quadratic (`_kl_majorizer_min`), where the Frobenius form ``/ (den + l1 + l2 A)`` would
+    overshoot the minimum and can raise the objective."""
+    k, p = A.shape
+    for t in range(k):
+        for j in range(p):
+            A[t, j] = _kl_majorizer_min(A[t, j], ratio_sums[t, j], den[t, j] + l1, l2)
 
 
 @njit(cache=True)
@@ -6114,9 +6148,7 @@ def _masked_kl_rows(A, B, indptr, idx, x, den_all, l1, l2, eps, want_loss, scrat
             num[t] = nt
             den[t] = den_all[t] if fixed else dt
         for t in range(k):
-            d = den[t] + l1 + l2 * A[a, t]
-            if d > 0.0:
-                A[a, t] = A[a, t] * (num[t] / d)
+            A[a, t] = _kl_majorizer_min(A[a, t], num[t], den[t] + l1, l2)
         if want_loss:
             _predict_cells(A, a, scratch, c, u)
             for q in range(c):
@@ -6804,9 +6836,8 @@ def _rule_kl_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, h_all, 
                     for t in range(k):
                         num[t] += r * Ht[j, t]
             for t in range(k):
-                d = h_all[t] - h_groups[P[i], t] + l1 + l2 * W[i, t]
-                if d > 0.0:
-                    W[i, t] = W[i, t] * (num[t] / d)
+                W[i, t] = _kl_majorizer_min(W[i, t], num[t], h_all[t] - h_groups[P[i], t] + l1,
+                                            l2)
         if want_loss:
             for q in range(count):
                 x = xs[q]
