@@ -1457,8 +1457,8 @@ class _KLCDSolver(_WHt):
 
     def _rows(self, sweeps, want_loss):
         p = self.pen
-        s = _kl_cd_rows(self.W, self.Ht, *self.rows.cells, *self.rows.linear(self.Ht), p.l1_W,
-                        p.l2_W, p.shape_W, sweeps, self.tol, self.eps, want_loss)
+        s = _kl_cd_rows(self.W, self.Ht, *self.rows.args(self.Ht), p.l1_W, p.l2_W, p.shape_W,
+                        sweeps, self.tol, self.eps, want_loss)
         return s + p.value(self.W, self.Ht) if want_loss else math.nan
 
     def _balance(self):
@@ -1477,8 +1477,8 @@ class _KLCDSolver(_WHt):
             if x is not None:
                 self.W = x.start(self.W)
             self._balance()
-            _kl_cd_rows(self.Ht, self.W, *self.cols.cells, *self.cols.linear(self.W), p.l1_H,
-                        p.l2_H, p.shape_H, self.sweeps, self.tol, self.eps, False)
+            _kl_cd_rows(self.Ht, self.W, *self.cols.args(self.W), p.l1_H, p.l2_H, p.shape_H,
+                        self.sweeps, self.tol, self.eps, False)
             if x is not None:
                 self.Ht = x.middle(self.Ht)
         self.objective = self._rows(self.sweeps, want_loss or x is not None)
@@ -1503,26 +1503,49 @@ class _KLLines:
     `_rule_cells`' arguments, ``groups`` the other side's lines that each line's rule leaves
     out, by group (the linear term of line i is the other factor's sum less its group
     ``P[i]``'s), None when nothing is left out, or "listed" when the cells are listed
-    explicitly (data with missing cells) and the kernel sums the linear term over them."""
+    explicitly (data with missing cells) and the kernel sums the linear term over them.
+    A `_MissingFoldTraining` adds ``missing``, its `_MaskedLines` (each line's missing or
+    observed cells, whose part the linear terms correct), and ``kept``, its kept cells as
+    CSR (ptr, idx, values), which the kernel adds to the rule's cells."""
 
     cells: tuple
     groups: object = None
+    missing: _MaskedLines = None
+    kept: tuple = None
 
-    def linear(self, B):
-        """(sum of B's rows, their sums by group) for the kernel."""
+    def args(self, B):
+        """`_kl_cd_rows`' arguments after A and B, up to the penalties."""
         k = B.shape[1]
+        none = np.zeros((0, k))
+        kept = self.kept or (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
         if isinstance(self.groups, str):
-            return np.zeros(0), np.zeros((0, k))
+            return *self.cells, np.zeros(0), none, none, *kept
         B = B.astype(np.float64, copy=False)
         total = B.sum(axis=0)
         if self.groups is None:
-            return total, np.zeros((1, k))
-        return total, np.array([B[g].sum(axis=0) for g in self.groups]).reshape(-1, k)
+            return *self.cells, total, np.zeros((1, k)), none, *kept
+        by_group = np.array([B[g].sum(axis=0) for g in self.groups]).reshape(-1, k)
+        if self.missing is None:
+            return *self.cells, total, by_group, none, *kept
+        return *self.cells, total, by_group, self._per_line(B, total, by_group), *kept
+
+    def _per_line(self, B, total, by_group):
+        """Each line's linear term: the sum of B's rows over its observed cells outside its
+        held-out block, then over its kept cells."""
+        L = self.missing
+        outside = _outside_sums(*L.kernel()[:5], B)  # negated for lines listing observed cells
+        listed_missing = (L.sign < 0)[:, None]
+        lin = np.where(listed_missing, total[None] - by_group[L.group], 0.0) - outside
+        kptr, kidx, kval = self.kept
+        return lin + sp.csr_matrix((np.ones(len(kidx)), kidx, kptr),
+                                   shape=(len(L.sign), B.shape[0])) @ B
 
 
 def _kl_lines(data):
     """(rows, columns) of X as `_KLLines`: a `_FoldTraining` through its rule, a fully
     observed X as a rule holding nothing out, cells of data with missing values listed."""
+    if isinstance(data, _MissingFoldTraining):
+        return data.kl_lines()
     if isinstance(data, _FoldTraining):
         rows = _KLLines(data.cells(), data.col_groups)
         cols = _KLLines(data.transposed_cells(), data.row_groups)
@@ -1861,13 +1884,14 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     held-out cells' values (``1 / n_folds`` of X) beside it; an iteration costs about 1.5x a
     dense one. Held-out values enter the fit only through products with X minus their own
     part, so they change it by rounding alone. Mostly observed input with missing cells
-    (at least half of them observed; Frobenius loss) is read the same way, X with zeros in
-    its missing cells and each row's and column's missing cells shared by every fit (the
-    fits are then `fit_nmf`'s masked ones; no m x n copy per fit). Other input with missing
-    cells, KL loss on it, ``n_folds="loo"`` and ``warm_start`` use lists of cells and a
-    dense m x n copy per fit. HALS and KL coordinate-descent training fits are extrapolated
-    (``extrapolate=True``, see `fit_nmf`): on planted 1000 x 500 HALS fits reach their
-    tolerance in about a fifth of the iterations, KL fits of Poisson counts in about half.
+    (at least half of them observed; Frobenius loss, or KL by coordinate descent) is read
+    the same way, X with zeros in its missing cells and each row's and column's missing
+    cells shared by every fit (the Frobenius fits are then `fit_nmf`'s masked ones; no
+    m x n copy per fit). Other input with missing cells, KL multiplicative updates on it,
+    ``n_folds="loo"`` and ``warm_start`` use lists of cells and a dense m x n copy per fit.
+    HALS and KL coordinate-descent training fits are extrapolated (``extrapolate=True``, see
+    `fit_nmf`): on planted 1000 x 500 HALS fits reach their tolerance in about a fifth of
+    the iterations, KL fits of Poisson counts in about half.
 
     For counts (genes, words, spikes) use ``loss="kl"``: the folds are fitted by KL
     coordinate descent (Poisson likelihood, with weak Gamma priors: see ``ridge``) and scored
@@ -2032,7 +2056,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
         n_repeats=n_repeats, method=method, loss=loss, ridge=ridge, n_restarts=n_restarts,
         stuck_restarts=stuck_restarts, warm_start=warm_start, fit_options=fit_kwargs)
     seeds = root.spawn(2)
-    source = _cv_source(data, loo or warm_start, loss)
+    source = _cv_source(data, loo or warm_start, loss, method)
     del data  # the source has what the fits read: a rule source frees the cell lists
     n_fold_count = n_cells if loo else n_folds
     max_splits = n_repeats if fixed else (1 if loo or warm_start else _AUTO_SPLITS)
@@ -2306,15 +2330,16 @@ class Folds:
         return np.array([self[r] for r in range(len(self))], dtype=dtype)
 
 
-def _cv_source(data, cells, loss="frobenius"):
+def _cv_source(data, cells, loss="frobenius", method=None):
     """Where cross_validate's training sets come from: the fold rule read from X itself
-    (fully observed input; or mostly observed input with missing cells, Frobenius loss), or
-    lists of observed cells (leave-one-out, warm starts, vectors, other data with missing
-    cells)."""
+    (fully observed input; or mostly observed input with missing cells, fitted by Frobenius
+    loss or KL coordinate descent), or lists of observed cells (leave-one-out, warm starts,
+    vectors, other data with missing cells)."""
     if cells or min(data.shape) < 2:
         return _CellSource(*_observed_cells(data), data.shape, data.masked)
     if data.masked:
-        if loss == "frobenius" and 2 * len(data.values) >= data.shape[0] * data.shape[1]:
+        rule = loss == "frobenius" or _resolve_method(method, loss) == "cd"
+        if rule and 2 * len(data.values) >= data.shape[0] * data.shape[1]:
             return _MissingRuleSource.of(data)
         return _CellSource(*_observed_cells(data), data.shape, data.masked)
     return _RuleSource(data.dense if data.sparse is None else data.sparse)
@@ -3042,6 +3067,17 @@ class _MissingFoldTraining(_FoldTraining):
         """This training set as `_MaskedSolver` reads it: itself."""
         return self
 
+    def kl_lines(self, rows_only=False):
+        """(rows, columns) as `_KLLines` for KL coordinate descent: the rule's cells of X (its
+        missing cells hold zeros, which the kernel leaves to the linear terms), the linear
+        terms corrected by each line's missing cells and kept cells (`_KLLines.args`)."""
+        rows = _KLLines(self.cells(), self.col_groups, self.rows, _csr_arrays(self.kept))
+        if rows_only:
+            return rows
+        cols = _KLLines(self.transposed_cells(), self.row_groups, self.cols,
+                        _csr_arrays(self.kept.T.tocsr()))
+        return rows, cols
+
     def products_W(self, Ht):
         """(X H' over each row's training cells, the rows' bases: the Gram matrix of H less
         each held-out column group's part), as `_MaskLayout.products_W`."""
@@ -3101,9 +3137,18 @@ class _MissingFoldTraining(_FoldTraining):
     def scores(self, W, H, loss):
         """(held-out, training) squared error: the held-out blocks' observed cells, and the
         observed cells' total (through the source's cell sets, as `_MaskedSolver`'s
-        objective) less them."""
+        objective) less them; or Poisson deviance: the held-out blocks' observed cells, and
+        the training cells through the KL kernel's objective."""
         W = np.ascontiguousarray(W, dtype=np.float64)
         Ht = np.ascontiguousarray(H.T, dtype=np.float64)
+        if loss == "kl":
+            press = sum(_poisson_deviance(block[seen], (W[rows] @ Ht[cols].T)[seen])
+                        for rows, cols, block, seen in zip(
+                            self.row_groups, self.col_groups, self.blocks,
+                            self.held_observed, strict=True))
+            half = _kl_cd_rows(W, Ht, *self.kl_lines(rows_only=True).args(Ht), 0.0, 0.0, 0.0, 0,
+                               0.0, _kl_floor(np.float64), True)
+            return press, 2.0 * half
         press = 0.0
         for rows, cols, block, seen in zip(self.row_groups, self.col_groups, self.blocks,
                                            self.held_observed, strict=True):
@@ -3113,6 +3158,12 @@ class _MissingFoldTraining(_FoldTraining):
                               np.arange(self.shape[0]))
         total = self.source.xx - 2.0 * _fdot(W, _times_factor(self.X, Ht)) + model
         return press, max(total - press, 0.0)
+
+
+def _csr_arrays(A):
+    """(indptr, indices, values as float64) of a CSR matrix, for the kernels."""
+    return (A.indptr.astype(np.int64), A.indices.astype(np.int64),
+            A.data.astype(np.float64))
 
 
 def _grow_factors(X, mask, W, H, k, seed):
@@ -6854,13 +6905,16 @@ def _rule_kl_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, h_all, 
 # 0.5 ns per cell); every divisor here is guarded (floored at eps, or tested > 0) instead.
 
 @njit(cache=True, fastmath=_FAST, error_model="numpy")
-def _kl_cd_rows(A, B, X, indptr, idx, vals, P, b, col_ptr, col_order, lin_all, lin_groups, l1,
-                l2, shape, sweeps, tol, eps, want_loss):
+def _kl_cd_rows(A, B, X, indptr, idx, vals, P, b, col_ptr, col_order, lin_all, lin_groups,
+                lin_rows, kptr, kidx, kval, l1, l2, shape, sweeps, tol, eps, want_loss):
     """Coordinate descent on each row of A (p x k) for the KL objective over its cells, read
-    through the fold rule (`_rule_cells`, training cells). Row i's linear term (the sum of
-    B's rows over its cells) is ``lin_all - lin_groups[P[i]]``, or is summed over the row's
-    cells when ``lin_all`` is empty (cells listed explicitly, zeros among them). Returns the
-    objective's data part over the cells after the update when asked (sweeps=0: no update)."""
+    through the fold rule (`_rule_cells`, training cells) and followed by its kept cells (CSR
+    ``kptr``, ``kidx``, ``kval``, or empty arrays; zero-valued cells, missing ones among them,
+    enter the linear term alone). Row i's
+    linear term (the sum of B's rows over its cells) is ``lin_rows[i]`` when given, else
+    ``lin_all - lin_groups[P[i]]``, or is summed over the row's cells when ``lin_all`` is
+    empty (cells listed explicitly, zeros among them). Returns the objective's data part
+    over the cells after the update when asked (sweeps=0: no update)."""
     q_max = b.shape[0]
     k = A.shape[1]
     js = np.empty(q_max, dtype=np.int64)
@@ -6872,12 +6926,20 @@ def _kl_cd_rows(A, B, X, indptr, idx, vals, P, b, col_ptr, col_order, lin_all, l
     total = 0.0
     for i in range(A.shape[0]):
         count = _rule_cells(i, 1, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
+        if kptr.shape[0] > 0:
+            for q in range(kptr[i], kptr[i + 1]):
+                js[count] = kidx[q]
+                xs[count] = kval[q]
+                count += 1
         if listed:
             for t in range(k):
                 lin[t] = 0.0
             for q in range(count):
                 for t in range(k):
                     lin[t] += B[js[q], t]
+        elif lin_rows.shape[0] > 0:
+            for t in range(k):
+                lin[t] = lin_rows[i, t]
         else:
             for t in range(k):
                 lin[t] = lin_all[t] - lin_groups[P[i], t]
