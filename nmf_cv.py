@@ -1265,17 +1265,37 @@ def _mask_lines(observed):
     a line (row or column) is "direct" (sign +1) when fewer of its cells are observed than
     missing; its cells are then its observed cells, else its missing cells (-1)."""
     m, n = observed.shape
-    row_direct = 2 * observed.sum(axis=1) < n
-    col_direct = 2 * observed.sum(axis=0) < m
-    r_rows, r_cols = np.nonzero(observed == row_direct[:, None])
-    c_cols, c_rows = np.nonzero((observed == col_direct[None, :]).T)
     lines = []
-    for ptr, idx, direct in ((_indptr(r_rows, m), r_cols, row_direct),
-                             (_indptr(c_cols, n), c_rows, col_direct)):
-        idx = idx.astype(np.int64)
+    for direct, along_rows in ((2 * observed.sum(axis=1) < n, True),
+                               (2 * observed.sum(axis=0) < m, False)):
+        ptr, idx = _listed_cells(observed, direct, along_rows)
         lines.append(_MaskedLines(ptr, idx, np.where(direct, 1.0, -1.0),
                                   pattern=_line_patterns(ptr, idx, direct)))
     return tuple(lines)
+
+
+@njit(cache=True)
+def _listed_cells(observed, direct, along_rows):
+    """CSR (ptr, idx) of each line's listed cells: its observed cells where ``direct``, else
+    its missing ones; the lines are the rows of ``observed`` (along_rows) or its columns.
+    Two passes over it, no m x n temporary."""
+    p, q = observed.shape if along_rows else observed.shape[::-1]
+    ptr = np.zeros(p + 1, dtype=np.int64)
+    for a in range(p):
+        c = 0
+        for b in range(q):
+            seen = observed[a, b] if along_rows else observed[b, a]
+            c += seen == direct[a]
+        ptr[a + 1] = ptr[a] + c
+    idx = np.empty(ptr[p], dtype=np.int64)
+    for a in range(p):
+        c = ptr[a]
+        for b in range(q):
+            seen = observed[a, b] if along_rows else observed[b, a]
+            if seen == direct[a]:
+                idx[c] = b
+                c += 1
+    return ptr, idx
 
 
 def _line_patterns(ptr, idx, *keys):
@@ -2429,11 +2449,19 @@ class _MissingRuleSource:
         return observed
 
     def split(self, n_folds, rng):
+        """`_CellSource.split`'s kept cells from the same generator calls (`_keep_coverage`
+        on the observed cells in row-major order), found from the rows' cell sets: no array
+        per observed cell but the order (int32 where it fits) and a flag."""
         row_class, col_class = _fold_rule(self.shape, n_folds, rng)
-        rows, cols = np.nonzero(self.observed())
-        fold = (row_class[rows] + col_class[cols]) % n_folds
-        kept = _keep_coverage(fold, rows, cols, self.shape, n_folds, rng) < 0
-        return row_class, col_class, n_folds, rows[kept], cols[kept]
+        m, n = self.shape
+        listed = np.diff(self.row_ptr)
+        start = np.concatenate([[0], np.cumsum(np.where(self.row_sign > 0, listed, n - listed))])
+        order = np.arange(start[-1], dtype=np.int32 if start[-1] < 2 ** 31 else np.int64)
+        rng.shuffle(order)  # the values of rng.permutation(start[-1]), as _keep_coverage draws
+        kept_rows, kept_cols = _rule_kept_cells(self.row_ptr, self.row_idx, self.row_sign, n,
+                                                start, row_class.astype(np.int64),
+                                                col_class.astype(np.int64), n_folds, order)
+        return row_class, col_class, n_folds, kept_rows, kept_cols
 
     def training(self, split, f):
         return _MissingFoldTraining(self, split, f)
@@ -2515,6 +2543,93 @@ def _keep_coverage(fold, rows, cols, shape, n_folds, rng):
     for index, size in ((rows, shape[0]), (cols, shape[1])):
         _keep_lines(fold, index, size, n_folds, order)
     return fold
+
+
+@njit(cache=True)
+def _rule_kept_cells(ptr, idx, sign, n, start, row_class, col_class, n_folds, order):
+    """`_keep_coverage` of the observed cells of data whose rows list their observed cells
+    (sign > 0) or their missing ones (sorted), cells numbered in row-major order (row i's
+    from ``start[i]``), each in fold (row_class + col_class) % n_folds: (rows, columns) of
+    the cells kept out of every fold."""
+    m = len(ptr) - 1
+    kept = np.zeros(start[m], dtype=np.bool_)
+    cols = np.empty(n, dtype=np.int64)
+    held = np.zeros(m * n_folds, dtype=np.int64)
+    for i in range(m):  # rows: a row's only cell; a fold holding all of a row's cells
+        c = _observed_columns(ptr, idx, sign, i, n, cols)
+        if c == 1:
+            kept[start[i]] = True
+            continue
+        for r in range(c):
+            held[i * n_folds + (row_class[i] + col_class[cols[r]]) % n_folds] += 1
+    for cell in order:
+        i = np.searchsorted(start, cell, side="right") - 1
+        j = _observed_column(ptr, idx, sign, i, cell - start[i])
+        key = i * n_folds + (row_class[i] + col_class[j]) % n_folds
+        if not kept[cell] and held[key] == start[i + 1] - start[i]:
+            held[key] = -1
+            kept[cell] = True
+    total = np.zeros(n, dtype=np.int64)  # then the columns, the rows' choices standing
+    for i in range(m):
+        for r in range(_observed_columns(ptr, idx, sign, i, n, cols)):
+            total[cols[r]] += 1
+    held = np.zeros(n * n_folds, dtype=np.int64)
+    for i in range(m):
+        for r in range(_observed_columns(ptr, idx, sign, i, n, cols)):
+            j = cols[r]
+            if total[j] == 1:
+                kept[start[i] + r] = True
+            elif not kept[start[i] + r]:
+                held[j * n_folds + (row_class[i] + col_class[j]) % n_folds] += 1
+    for cell in order:
+        if kept[cell]:
+            continue
+        i = np.searchsorted(start, cell, side="right") - 1
+        j = _observed_column(ptr, idx, sign, i, cell - start[i])
+        key = j * n_folds + (row_class[i] + col_class[j]) % n_folds
+        if held[key] == total[j]:
+            held[key] = -1
+            kept[cell] = True
+    cells = np.flatnonzero(kept)
+    rows = np.searchsorted(start, cells, side="right") - 1
+    out = np.empty(len(cells), dtype=np.int64)
+    for q in range(len(cells)):
+        out[q] = _observed_column(ptr, idx, sign, rows[q], cells[q] - start[rows[q]])
+    return rows.astype(np.int64), out
+
+
+@njit(cache=True)
+def _observed_columns(ptr, idx, sign, i, n, out):
+    """Row i's observed columns into ``out``, in order; returns their number."""
+    if sign[i] > 0:
+        c = ptr[i + 1] - ptr[i]
+        out[:c] = idx[ptr[i]:ptr[i + 1]]
+        return c
+    c = 0
+    q = ptr[i]
+    for j in range(n):
+        if q < ptr[i + 1] and idx[q] == j:
+            q += 1
+        else:
+            out[c] = j
+            c += 1
+    return c
+
+
+@njit(cache=True)
+def _observed_column(ptr, idx, sign, i, r):
+    """Row i's r-th observed column: for a row listing its missing columns L (sorted), r plus
+    the number of t with L[t] - t <= r (a non-decreasing sequence: binary search)."""
+    if sign[i] > 0:
+        return idx[ptr[i] + r]
+    lo, hi = ptr[i], ptr[i + 1]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if idx[mid] - (mid - ptr[i]) <= r:
+            lo = mid + 1
+        else:
+            hi = mid
+    return r + (lo - ptr[i])
 
 
 @njit(cache=True)

@@ -4060,6 +4060,35 @@ def ref_keep_coverage(fold, rows, cols, shape, n_folds, rng):
     return fold
 
 
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.6, 0.9])
+def test_missing_rule_split_keeps_the_reference_cells(density):
+    """The rule source's split finds its kept cells from the rows' cell sets (observed or
+    missing ones listed, read by position): the same cells as the numpy reference on the
+    observed cells in row-major order, from the same generator."""
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        mask = rng.random((40, 25)) < density
+        mask[np.arange(40), 2 + np.arange(40) % 23] = True  # no empty row or column
+        mask[0, :] = False
+        mask[0, 3] = True
+        mask[:, 1] = False
+        mask[5:8, 1] = True
+        mask[9, :] = True
+        X = np.where(mask, rng.random(mask.shape), np.nan)
+        source = nmf_cv._MissingRuleSource.of(nmf_cv._validate_data(X))
+        split = source.split(4, np.random.default_rng(seed + 10))
+        ref_rng = np.random.default_rng(seed + 10)
+        row_class, col_class = nmf_cv._fold_rule(mask.shape, 4, ref_rng)
+        rows, cols = np.nonzero(mask)
+        fold = (row_class[rows] + col_class[cols]) % 4
+        kept = ref_keep_coverage(fold, rows, cols, mask.shape, 4, ref_rng) < 0
+        assert_array_equal(split[0], row_class)
+        assert_array_equal(split[1], col_class)
+        assert_array_equal(split[3], rows[kept])
+        assert_array_equal(split[4], cols[kept])
+        assert kept.any()
+
+
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.9])
 def test_keep_coverage_equals_the_numpy_reference(density):
     """Same kept cells as the sorting version, on masks whose lines have one cell, all
