@@ -1264,14 +1264,20 @@ def _mask_lines(observed):
     """`_MaskedLines` of the rows and of the columns of a boolean m x n of observed cells:
     a line (row or column) is "direct" (sign +1) when fewer of its cells are observed than
     missing; its cells are then its observed cells, else its missing cells (-1)."""
-    m, n = observed.shape
     lines = []
-    for direct, along_rows in ((2 * observed.sum(axis=1) < n, True),
-                               (2 * observed.sum(axis=0) < m, False)):
+    for along_rows in (True, False):
+        direct = _direct_lines(observed, along_rows)
         ptr, idx = _listed_cells(observed, direct, along_rows)
         lines.append(_MaskedLines(ptr, idx, np.where(direct, 1.0, -1.0),
                                   pattern=_line_patterns(ptr, idx, direct)))
     return tuple(lines)
+
+
+def _direct_lines(observed, along_rows):
+    """Which lines (rows, or columns) have fewer observed cells than missing ones: those list
+    their observed cells (`_mask_lines`)."""
+    axis, length = (1, observed.shape[1]) if along_rows else (0, observed.shape[0])
+    return 2 * observed.sum(axis=axis) < length
 
 
 @njit(cache=True)
@@ -2429,9 +2435,11 @@ class _MissingRuleSource:
         X[data.rows, data.cols] = data.values
         observed = np.zeros(data.shape, dtype=bool)
         observed[data.rows, data.cols] = True
-        rows, cols = _mask_lines(observed)
-        return cls(X, _sqnorm(data.values), rows.ptr, rows.idx, rows.sign, cols.ptr, cols.idx,
-                   cols.sign)
+        lines = []  # each side's (ptr, idx, sign), as `_mask_lines` has them (no patterns)
+        for along_rows in (True, False):
+            direct = _direct_lines(observed, along_rows)
+            lines += [*_listed_cells(observed, direct, along_rows), np.where(direct, 1.0, -1.0)]
+        return cls(X, _sqnorm(data.values), *lines)
 
     @property
     def shape(self):
