@@ -714,6 +714,37 @@ def test_callers_arrays_are_never_modified():
     assert np.array_equal(S.data, data)
 
 
+def test_validated_data_with_missing_cells_holds_its_own_copies_and_lists_cells_on_demand():
+    """Data with missing cells are held as X with zeros in the missing cells and a boolean
+    mask, both copies (changing the caller's X or mask afterwards changes nothing); the
+    observed cells' lists, made on first use, are numpy's row-major ones. Validation
+    allocates no cell lists (measured 1.38x the data at its peak; 2.52x with them)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    X = rng.random((300, 200))
+    mask = rng.random(X.shape) > 0.2
+    data = nmf_cv._validate_data(X, mask)
+    X_before, mask_before = X.copy(), mask.copy()
+    X[:] = 7.0
+    mask[:] = True
+    rows, cols = np.nonzero(mask_before)
+    assert_array_equal(data.rows, rows)
+    assert_array_equal(data.cols, cols)
+    assert_array_equal(data.values, X_before[rows, cols])
+    assert data.n_observed == len(rows) and data.masked
+    assert data.observed_mean() == pytest.approx(X_before[mask_before].mean(), rel=1e-12)
+    filled = data.filled()
+    assert_array_equal(filled[mask_before], X_before[mask_before])
+    Y = np.where(rng.random((400, 300)) < 0.2, np.nan, rng.random((400, 300)))
+    nmf_cv._validate_data(Y[:5, :5])
+    tracemalloc.start()
+    nmf_cv._validate_data(Y)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1.7 * Y.nbytes, peak / Y.nbytes
+
+
 # ---------------------------------------------------------------------------------------------
 # estimator
 # ---------------------------------------------------------------------------------------------
