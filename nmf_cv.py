@@ -2112,7 +2112,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
         stuck_restarts=stuck_restarts, warm_start=warm_start, fit_options=fit_kwargs)
     seeds = root.spawn(2)
     source = _cv_source(data, loo or warm_start, loss, method)
-    del data  # the source has what the fits read: a rule source frees the cell lists
+    del data  # the source has what the fits read (the mask and any cell lists can go)
     n_fold_count = n_cells if loo else n_folds
     max_splits = n_repeats if fixed else (1 if loo or warm_start else _AUTO_SPLITS)
     split_seeds = seeds[0].spawn(max_splits)
