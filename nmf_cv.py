@@ -71,10 +71,12 @@ INITS = ("nndsvda", "nndsvd", "random")
 @dataclass
 class _Data:
     """Validated input. Exactly one representation is set: ``dense``, ``sparse``, or when
-    cells are missing ``zeros`` (X with 0 in its missing cells) and ``observed`` (boolean).
-    The observed cells as lists (``rows``, ``cols``, ``values``, row-major order) are made
-    on first use: the paths that read X through its missing cells' pattern never need them
-    (three numbers per observed cell: 2.4x the data in float64)."""
+    cells are missing either ``zeros`` (X with 0 in its missing cells) and ``observed``
+    (boolean), where at least half the cells are observed, or else ``cells``, the observed
+    cells as lists (rows, cols, values; row-major order). Mostly observed data get their lists
+    on first use (``rows``, ``cols``, ``values``): the paths that read X through its missing
+    cells' pattern never need them (three numbers per observed cell: 2.4x the data in
+    float64), while mostly missing data would need a dense copy many times their lists."""
 
     shape: tuple
     dtype: np.dtype
@@ -82,17 +84,17 @@ class _Data:
     sparse: object = None
     zeros: np.ndarray = None
     observed: np.ndarray = None
-    _cells: tuple = field(default=None, repr=False)
+    cells: tuple = None
 
     @property
     def masked(self):
-        return self.observed is not None
+        return self.observed is not None or self.cells is not None
 
     @property
     def n_observed(self):
-        if not self.masked:
-            return self.shape[0] * self.shape[1]
-        return int(np.count_nonzero(self.observed))
+        if self.observed is not None:
+            return int(np.count_nonzero(self.observed))
+        return len(self.values) if self.masked else self.shape[0] * self.shape[1]
 
     @property
     def rows(self):
@@ -109,14 +111,32 @@ class _Data:
     def _cell_lists(self):
         if not self.masked:
             return None, None, None
-        if self._cells is None:
+        if self.cells is None:
             rows, cols = np.nonzero(self.observed)
-            self._cells = rows, cols, self.zeros[rows, cols]
-        return self._cells
+            self.cells = rows, cols, self.zeros[rows, cols]
+        return self.cells
+
+    def observed_mask(self):
+        """Boolean m x n of the observed cells (made from the lists for mostly missing data)."""
+        if self.observed is not None:
+            return self.observed
+        observed = np.zeros(self.shape, dtype=bool)
+        observed[self.rows, self.cols] = True
+        return observed
+
+    def zeros_filled(self):
+        """X with 0 in its missing cells (made from the lists for mostly missing data)."""
+        if self.zeros is not None:
+            return self.zeros
+        out = np.zeros(self.shape, dtype=self.dtype)
+        out[self.rows, self.cols] = self.values
+        return out
 
     def observed_mean(self):
-        if self.masked:
+        if self.zeros is not None:
             return float(np.sum(self.zeros, dtype=np.float64)) / self.n_observed
+        if self.masked:
+            return float(np.mean(self.values, dtype=np.float64))
         if self.sparse is not None:
             return float(self.sparse.sum(dtype=np.float64)) / (self.shape[0] * self.shape[1])
         return float(np.mean(self.dense, dtype=np.float64))
@@ -128,14 +148,23 @@ class _Data:
             return self.sparse
         if not self.masked:
             return self.dense
-        row_mean = self.zeros.sum(axis=1, dtype=np.float64) / self.observed.sum(axis=1)
-        col_mean = self.zeros.sum(axis=0, dtype=np.float64) / self.observed.sum(axis=0)
+        if self.zeros is None:
+            m, n = self.shape
+            rows, cols, values = self.cells
+            row_mean = np.bincount(rows, values, m) / np.bincount(rows, minlength=m)
+            col_mean = np.bincount(cols, values, n) / np.bincount(cols, minlength=n)
+        else:
+            row_mean = self.zeros.sum(axis=1, dtype=np.float64) / self.observed.sum(axis=1)
+            col_mean = self.zeros.sum(axis=0, dtype=np.float64) / self.observed.sum(axis=0)
         grand = self.observed_mean()
         scale = 1.0 / grand if grand > 0 else 0.0
         out = np.outer(row_mean, col_mean)
         out *= scale
         out = out.astype(self.dtype, copy=False)
-        np.copyto(out, self.zeros, where=self.observed)
+        if self.zeros is None:
+            out[self.rows, self.cols] = self.values
+        else:
+            np.copyto(out, self.zeros, where=self.observed)
         return out
 
 
@@ -156,11 +185,19 @@ def _validate_dense(X, mask, name):
     else:
         observed = np.array(_as_mask(mask, X.shape), copy=True)  # kept: not the caller's
     all_observed = bool(observed.all())
-    values = X if all_observed else np.where(observed, X, np.zeros((), dtype=X.dtype))
+    mostly_missing = 2 * np.count_nonzero(observed) < observed.size  # lists are then smaller
+    if all_observed:
+        values = X
+    elif mostly_missing:
+        values = X[observed]
+    else:
+        values = np.where(observed, X, np.zeros((), dtype=X.dtype))
     _check_finite_nonnegative(values, X, observed, all_observed, name)
     if all_observed:
         return _Data(X.shape, X.dtype, dense=np.ascontiguousarray(X))
     _check_no_empty_lines(observed, name)
+    if mostly_missing:
+        return _Data(X.shape, X.dtype, cells=(*np.nonzero(observed), values))
     return _Data(X.shape, X.dtype, zeros=values, observed=observed)
 
 
@@ -898,7 +935,7 @@ def _observed_sq_norm(data):
     if isinstance(data, _FoldTraining):
         return data.sq_norm()
     if data.masked:
-        return _sqnorm(data.zeros)
+        return _sqnorm(data.values if data.zeros is None else data.zeros)
     if data.sparse is not None:
         return _sqnorm(data.sparse.data)
     return _sqnorm(data.dense)
@@ -908,12 +945,14 @@ def _observed_rss(data, W, H):
     """Exact sum of squared residuals over observed cells, without an m x n temporary."""
     if isinstance(data, _FoldTraining):
         return data.rss(W, H)
-    if data.masked:  # a block of rows at a time: no m x n temporary, no cell lists
+    if data.zeros is not None:  # a block of rows at a time: no m x n temporary, no cell lists
         rows = max(1, 2 ** 20 // data.shape[1])
         return sum(_sqnorm(np.where(data.observed[a:a + rows], data.zeros[a:a + rows]
                                     - W[a:a + rows] @ H, 0.0))
                    for a in range(0, data.shape[0], rows))
     Ht = np.ascontiguousarray(H.T)
+    if data.masked:
+        return _masked_rss(W, Ht, _indptr(data.rows, data.shape[0]), data.cols, data.values)
     if data.sparse is not None:  # stored cells exactly, zeros as |WH|^2 - stored cells' part
         X = data.sparse
         indptr, idx = X.indptr.astype(np.int64), X.indices.astype(np.int64)
@@ -1354,13 +1393,12 @@ class _MaskLayout:
     (`_mask_lines`), its base being the full Gram matrix."""
 
     def __init__(self, data):
-        m, n = data.shape
-        self.xx = _sqnorm(data.zeros)
-        if 2 * data.n_observed >= m * n:
-            self.X = data.zeros
+        if data.zeros is not None:
+            self.X, self.xx = data.zeros, _sqnorm(data.zeros)
         else:
             self.X = sp.csr_matrix((data.values, (data.rows, data.cols)), shape=data.shape)
-        self.rows, self.cols = _mask_lines(data.observed)
+            self.xx = _sqnorm(data.values)
+        self.rows, self.cols = _mask_lines(data.observed_mask())
 
     def products_W(self, Ht):
         """(X H', the rows' bases) for the W update. Gram matrices are always float64: the
@@ -2460,12 +2498,12 @@ class _MissingRuleSource:
 
     @classmethod
     def of(cls, data):
+        observed, X = data.observed_mask(), data.zeros_filled()
         lines = []  # each side's (ptr, idx, sign), as `_mask_lines` has them (no patterns)
         for along_rows in (True, False):
-            direct = _direct_lines(data.observed, along_rows)
-            lines += [*_listed_cells(data.observed, direct, along_rows),
-                      np.where(direct, 1.0, -1.0)]
-        return cls(data.zeros, _sqnorm(data.zeros), *lines)
+            direct = _direct_lines(observed, along_rows)
+            lines += [*_listed_cells(observed, direct, along_rows), np.where(direct, 1.0, -1.0)]
+        return cls(X, _sqnorm(X), *lines)
 
     @property
     def shape(self):
@@ -2828,7 +2866,7 @@ def noise_level(X, *, mask=None):
 def _noise_level(data):
     if min(data.shape) < 3:
         return 0.0
-    return _noise_of(data.filled(), ~data.observed if data.masked else None)
+    return _noise_of(data.filled(), ~data.observed_mask() if data.masked else None)
 
 
 def _noise_of(X, missing):
@@ -3605,11 +3643,11 @@ def _split_arrays(obj):
     if sp.issparse(obj):
         obj = sp.csr_matrix(obj)
         return ("csr", obj.shape), [obj.data, obj.indices, obj.indptr]
+    if isinstance(obj, tuple) and obj and all(isinstance(a, np.ndarray) for a in obj):
+        return ("tuple", len(obj)), list(obj)  # `_Data.cells`
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         parts, arrays = [], []
         for f in dataclasses.fields(obj):
-            if f.name.startswith("_"):  # a cache (`_Data._cells`): made again where needed
-                continue
             template, more = _split_arrays(getattr(obj, f.name))
             parts.append((f.name, template))
             arrays += more
@@ -3624,6 +3662,8 @@ def _join_arrays(template, arrays):
     if kind == "csr":
         data, indices, indptr = next(arrays), next(arrays), next(arrays)
         return sp.csr_matrix((data, indices, indptr), shape=template[1], copy=False)
+    if kind == "tuple":
+        return tuple(next(arrays) for _ in range(template[1]))
     if kind == "dataclass":
         return template[1](**{name: _join_arrays(t, arrays) for name, t in template[2]})
     return template[1]

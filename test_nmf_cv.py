@@ -59,10 +59,13 @@ def random_mask(shape, missing, rng):
 
 
 def objective(X, M, W, H, loss):
-    """Independent objective over observed cells (no penalties)."""
+    """Independent objective over observed cells (no penalties). KL: predictions floored at
+    sqrt(smallest normal float64), as the module documents, so that a count under a
+    prediction of exactly 0 (both factors' entries 0, a fixed point) scores finitely."""
     WH = W @ H
     if loss == "frobenius":
         return 0.5 * np.sum(M * (np.where(M, X, 0) - WH) ** 2)
+    WH = np.maximum(WH, np.sqrt(np.finfo(np.float64).tiny))
     x = np.where(M, X, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         xlog = np.where(x > 0, x * np.log(x / WH), 0.0)
@@ -743,6 +746,35 @@ def test_validated_data_with_missing_cells_holds_its_own_copies_and_lists_cells_
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 1.7 * Y.nbytes, peak / Y.nbytes
+
+
+def test_mostly_missing_data_are_held_as_cell_lists():
+    """Below half observed (ratings, surveys) the lists of observed cells are smaller than a
+    dense copy: validation keeps them (measured 0.28x the data at its peak for 5% observed,
+    where X with zeros alone would be 1x), and everything reads them as before."""
+    import tracemalloc
+
+    rng = np.random.default_rng(4)
+    X = rng.random((400, 300))
+    observed = rng.random(X.shape) < 0.05
+    observed[np.arange(400), np.arange(400) % 300] = True
+    Y = np.where(observed, X, np.nan)
+    nmf_cv._validate_data(Y[:5, :5])
+    tracemalloc.start()
+    data = nmf_cv._validate_data(Y)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.6 * Y.nbytes, peak / Y.nbytes
+    assert data.zeros is None and data.masked
+    rows, cols = np.nonzero(observed)
+    assert_array_equal(data.rows, rows)
+    assert_array_equal(data.values, X[rows, cols])
+    assert data.n_observed == len(rows)
+    assert_array_equal(data.observed_mask(), observed)
+    assert_array_equal(data.filled()[observed], X[observed])
+    res = nmf_cv.fit_nmf(Y, 3, max_iter=50, random_state=0)
+    direct = np.sum((X - res.W @ res.H)[observed] ** 2) / np.sum(X[observed] ** 2)
+    assert res.relative_error == pytest.approx(np.sqrt(direct), rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
