@@ -748,6 +748,27 @@ def test_validated_data_with_missing_cells_holds_its_own_copies_and_lists_cells_
     assert peak < 1.7 * Y.nbytes, peak / Y.nbytes
 
 
+@pytest.mark.parametrize("observed_share", [0.05, 0.8])
+def test_validated_data_travel_to_shared_memory_and_back_whole(observed_share):
+    """Process pools carry the validated data through `_split_arrays` / `_join_arrays`: both
+    forms of data with missing cells (cell lists; X with zeros and a mask, cached lists
+    included) come back with the same arrays."""
+    rng = np.random.default_rng(5)
+    X = rng.random((60, 40))
+    observed = rng.random(X.shape) < observed_share
+    observed[np.arange(60), np.arange(60) % 40] = True
+    data = nmf_cv._validate_data(np.where(observed, X, np.nan))
+    assert len(data.rows) == observed.sum()  # the lists: made on first use if mostly observed
+    template, arrays = nmf_cv._split_arrays(data)
+    assert any(a is data.values for a in arrays)  # in shared memory, not pickled per task
+    back = nmf_cv._join_arrays(template, iter([a.copy() for a in arrays]))
+    assert back.masked and back.n_observed == data.n_observed
+    for name in ("rows", "cols", "values"):
+        assert_array_equal(getattr(back, name), getattr(data, name))
+    assert_array_equal(back.observed_mask(), observed)
+    assert_array_equal(back.zeros_filled(), np.where(observed, X, 0.0))
+
+
 def test_mostly_missing_data_are_held_as_cell_lists():
     """Below half observed (ratings, surveys) the lists of observed cells are smaller than a
     dense copy: validation keeps them (measured 0.28x the data at its peak for 5% observed,
