@@ -1335,20 +1335,21 @@ def _mask_lines(observed):
     """`_MaskedLines` of the rows and of the columns of a boolean m x n of observed cells:
     a line (row or column) is "direct" (sign +1) when fewer of its cells are observed than
     missing; its cells are then its observed cells, else its missing cells (-1)."""
-    lines = []
-    for along_rows in (True, False):
-        direct = _direct_lines(observed, along_rows)
-        ptr, idx = _listed_cells(observed, direct, along_rows)
-        lines.append(_MaskedLines(ptr, idx, np.where(direct, 1.0, -1.0),
-                                  pattern=_line_patterns(ptr, idx, direct)))
-    return tuple(lines)
+    return tuple(_MaskedLines(ptr, idx, np.where(direct, 1.0, -1.0),
+                              pattern=_line_patterns(ptr, idx, direct))
+                 for ptr, idx, direct in _line_cell_sets(observed))
 
 
-def _direct_lines(observed, along_rows):
-    """Which lines (rows, or columns) have fewer observed cells than missing ones: those list
-    their observed cells (`_mask_lines`)."""
-    axis, length = (1, observed.shape[1]) if along_rows else (0, observed.shape[0])
-    return 2 * observed.sum(axis=axis) < length
+def _line_cell_sets(observed):
+    """[(ptr, idx, direct) of the rows, then of the columns]: each line's listed cells as
+    CSR, ``direct`` where the line has fewer observed cells than missing ones and so lists
+    its observed cells (else its missing ones)."""
+    sets = []
+    for along_rows, axis, length in ((True, 1, observed.shape[1]),
+                                     (False, 0, observed.shape[0])):
+        direct = 2 * observed.sum(axis=axis) < length
+        sets.append((*_listed_cells(observed, direct, along_rows), direct))
+    return sets
 
 
 @njit(cache=True)
@@ -1393,11 +1394,11 @@ class _MaskLayout:
     (`_mask_lines`), its base being the full Gram matrix."""
 
     def __init__(self, data):
+        self.xx = _observed_sq_norm(data)
         if data.zeros is not None:
-            self.X, self.xx = data.zeros, _sqnorm(data.zeros)
+            self.X = data.zeros
         else:
             self.X = sp.csr_matrix((data.values, (data.rows, data.cols)), shape=data.shape)
-            self.xx = _sqnorm(data.values)
         self.rows, self.cols = _mask_lines(data.observed_mask())
 
     def products_W(self, Ht):
@@ -1598,13 +1599,15 @@ class _KLLines:
     ``P[i]``'s), None when nothing is left out, or "listed" when the cells are listed
     explicitly (data with missing cells) and the kernel sums the linear term over them.
     A `_MissingFoldTraining` adds ``missing``, its `_MaskedLines` (each line's missing or
-    observed cells, whose part the linear terms correct), and ``kept``, its kept cells as
-    CSR (ptr, idx, values), which the kernel adds to the rule's cells."""
+    observed cells, whose part the linear terms correct), and its kept cells: ``kept`` as
+    CSR (ptr, idx, values), which the kernel adds to the rule's cells, and ``kept_ones``, the
+    same cells with value 1 (a sparse matrix), for their part of the linear terms."""
 
     cells: tuple
     groups: object = None
     missing: _MaskedLines = None
     kept: tuple = None
+    kept_ones: object = None
 
     def args(self, B):
         """`_kl_cd_rows`' arguments after A and B, up to the penalties."""
@@ -1629,9 +1632,7 @@ class _KLLines:
         outside = _outside_sums(*L.kernel()[:5], B)  # negated for lines listing observed cells
         listed_missing = (L.sign < 0)[:, None]
         lin = np.where(listed_missing, total[None] - by_group[L.group], 0.0) - outside
-        kptr, kidx, kval = self.kept
-        return lin + sp.csr_matrix((np.ones(len(kidx)), kidx, kptr),
-                                   shape=(len(L.sign), B.shape[0])) @ B
+        return lin + self.kept_ones @ B
 
 
 def _kl_lines(data):
@@ -2498,11 +2499,10 @@ class _MissingRuleSource:
 
     @classmethod
     def of(cls, data):
-        observed, X = data.observed_mask(), data.zeros_filled()
+        X = data.zeros_filled()
         lines = []  # each side's (ptr, idx, sign), as `_mask_lines` has them (no patterns)
-        for along_rows in (True, False):
-            direct = _direct_lines(observed, along_rows)
-            lines += [*_listed_cells(observed, direct, along_rows), np.where(direct, 1.0, -1.0)]
+        for ptr, idx, direct in _line_cell_sets(data.observed_mask()):
+            lines += [ptr, idx, np.where(direct, 1.0, -1.0)]
         return cls(X, _sqnorm(X), *lines)
 
     @property
@@ -3254,11 +3254,12 @@ class _MissingFoldTraining(_FoldTraining):
         """(rows, columns) as `_KLLines` for KL coordinate descent: the rule's cells of X (its
         missing cells hold zeros, which the kernel leaves to the linear terms), the linear
         terms corrected by each line's missing cells and kept cells (`_KLLines.args`)."""
-        rows = _KLLines(self.cells(), self.col_groups, self.rows, _csr_arrays(self.kept))
+        rows = _KLLines(self.cells(), self.col_groups, self.rows, _csr_arrays(self.kept),
+                        self.kept_ones)
         if rows_only:
             return rows
         cols = _KLLines(self.transposed_cells(), self.row_groups, self.cols,
-                        _csr_arrays(self.kept.T.tocsr()))
+                        _csr_arrays(self.kept.T.tocsr()), self.kept_ones.T.tocsr())
         return rows, cols
 
     def products_W(self, Ht):
