@@ -525,7 +525,10 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
         ``"kl"`` (generalised Kullback-Leibler, Poisson) takes ``method="cd"`` or ``"mu"``.
     init : {"nndsvda", "nndsvd", "random"} or (W, H)
         SVD-based inits use a copy where missing cells hold the rank-1 fit of the observed
-        row and column means. ``"random"``: uniform, scaled so ``E[WH]`` is the data's mean.
+        row and column means. ``"nndsvda"`` fills the zeros of NNDSVD with ``sqrt(mean / k)``
+        (scikit-learn fills them with the mean, which is not at the factors' scale: on data
+        whose mean is far from 1 whole components then die in the first updates).
+        ``"random"``: uniform, scaled so ``E[WH]`` is the data's mean.
     max_iter : int
         Maximum number of iterations.
     tol : float
