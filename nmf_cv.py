@@ -1665,7 +1665,7 @@ class _KLCDSolver(_WHt):
 # random read per cell, which extra sweeps share (measured, from the same init to 1000 MU
 # iterations' objective: sparse 20000 x 2000 k = 10 in 64-76 iterations and 21-29 s with
 # 8 sweeps, 216 iterations and 43 s with 2; CV on dense-ish 300 x 200 counts took 1.2x as
-# long, on sparse 1500 x 968 counts 1.05x).
+# long, on sparse 1500 x 968 counts 1.05x; at 3c59c71, before `_kl_safe_down`).
 _KL_SWEEPS = 8
 _KL_SWEEP_TOL = 0.5
 
@@ -7232,11 +7232,13 @@ def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, 
     """Sweeps over row i's coordinates. For coordinate t, with b_q the gathered B[:, t] and
     v_q the row's predictions, f(s) = (lin_t + l1) s + l2/2 s^2 - sum x_q log(v_q + (s - a) b_q)
     - shape log s is convex (``shape``: a Gamma prior's shape less 1, a cell of count
-    ``shape`` with b = 1 and v = a); its Newton step from a, projected on s >= 0, is taken
-    when it cannot raise f:
-    a step up always (the curvature only falls along it), a step down when f' at its end is
-    still >= 0 or when it stops short of the majorizer's minimum (the Lee-Seung bound of f,
-    whose minimum never raises f; it stands in when the Newton step overshoots)."""
+    ``shape`` with b = 1 and v = a). Its Newton step from a, projected on s >= 0, is taken
+    when it cannot raise f: a step up always (f's curvature only falls along it, so the step
+    stops short of the minimum). A step down always overshoots the minimum (the curvature
+    grows along it), so it is taken only where it stops short of the majorizer's minimum
+    (the Lee-Seung bound of f, whose minimum never raises f); beyond that, the step goes to
+    the lower of that minimum and `_kl_safe_down`'s, both of which lie between the minimum
+    and a. No step needs a second pass over the cells."""
     k = A.shape[1]
     first = 0.0
     d_last, base_last = 0.0, 0  # the last step, applied to v by the next coordinate's pass
@@ -7245,12 +7247,14 @@ def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, 
         for t in range(k):
             base = t * c
             old = A[i, t]
-            num, curv = _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps)
+            num, curv, r_max = _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last,
+                                                   eps)
             d_last = 0.0
             if shape > 0.0:
                 inv = 1.0 / max(old, eps)
                 num += shape * inv
                 curv += shape * inv * inv
+                r_max = max(r_max, inv)
             linear = lin[t] + l1
             grad = linear + l2 * old - num
             hess = curv + l2
@@ -7262,9 +7266,8 @@ def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, 
                 continue
             if new < old:
                 bound = _kl_majorizer_min(old, num, linear, l2)
-                if new < bound and not _kl_still_falling(scratch, base, xs, v, c, old, new,
-                                                         linear + l2 * new, shape, eps):
-                    new = bound
+                if new < bound:
+                    new = min(bound, _kl_safe_down(old, grad, hess, r_max))
             d = new - old
             if d == 0.0:
                 continue
@@ -7280,30 +7283,44 @@ def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, 
             v[q] += d_last * scratch[base_last + q]
 
 
+@njit(cache=True, error_model="numpy")
+def _kl_safe_down(old, grad, hess, r_max):
+    """A step down from ``old`` (f'(old) = grad > 0, f''(old) = hess) that stops short of
+    f's minimum: old - grad / (hess + grad r_max), where r_max bounds b_q / v_q over the
+    cells. Why: f' = linear + l2 s - sum w_q / (1 + (s - old) r_q), with w_q = x_q b_q / v_q
+    and r_q = b_q / v_q; each 1 / (1 + d r) is convex in r in [0, r_max], so below its chord,
+    which bounds the sum by one term in r_max whose root has this closed form and where f'
+    is still >= 0. Never below 0 where a cell would reach v = 0 (then r_max >= 1 / old)."""
+    return max(old - grad / (hess + grad * r_max), 0.0)
+
+
 @njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps):
-    """(sum x_q b_q / v_q, sum x_q b_q^2 / v_q^2) over the cells for the coordinate whose b_q
-    start at ``base``, first adding the previous coordinate's step d_last to v (one pass
-    over the cells instead of two)."""
+    """(sum x_q b_q / v_q, sum x_q b_q^2 / v_q^2, max b_q / v_q) over the cells for the
+    coordinate whose b_q start at ``base``, first adding the previous coordinate's step
+    d_last to v (one pass over the cells instead of two)."""
     num = 0.0
     curv = 0.0
+    r_max = 0.0
     b = scratch[base:base + c]  # slices, not base + q: the loops then vectorize
     if d_last != 0.0:
         b_last = scratch[base_last:base_last + c]
         for q in range(c):
             vq = v[q] + d_last * b_last[q]
             v[q] = vq
-            inv = 1.0 / max(vq, eps)
-            r = xs[q] * b[q] * inv
-            num += r
-            curv += r * b[q] * inv
+            r = b[q] / max(vq, eps)
+            xr = xs[q] * r
+            num += xr
+            curv += xr * r
+            r_max = max(r_max, r)
     else:
         for q in range(c):
-            inv = 1.0 / max(v[q], eps)
-            r = xs[q] * b[q] * inv
-            num += r
-            curv += r * b[q] * inv
-    return num, curv
+            r = b[q] / max(v[q], eps)
+            xr = xs[q] * r
+            num += xr
+            curv += xr * r
+            r_max = max(r_max, r)
+    return num, curv, r_max
 
 
 @njit(cache=True, error_model="numpy")
@@ -7315,23 +7332,6 @@ def _kl_majorizer_min(old, num, linear, l2):
     if linear > 0.0:
         return old * num / linear
     return old
-
-
-@njit(cache=True, fastmath=_FAST, error_model="numpy")
-def _kl_still_falling(scratch, base, xs, v, c, old, new, slope, shape, eps):
-    """Whether the coordinate's derivative after a step from old down to new is >= 0: then,
-    f being convex, f fell all along the step. ``slope`` is its linear and ridge part."""
-    d = new - old
-    if shape > 0.0:
-        if new <= eps:
-            return False
-        slope -= shape / new
-    for q in range(c):
-        vq = v[q] + d * scratch[base + q]
-        if vq <= eps:
-            return False
-        slope -= xs[q] * scratch[base + q] / vq
-    return slope >= 0.0
 
 
 # =============================================================================================

@@ -3785,6 +3785,38 @@ def test_kl_cd_with_gamma_priors_never_increases_the_objective(problem, shape, r
     assert f[-1] == pytest.approx(objective(X, mask, W, H, "kl") + prior, rel=1e-7, abs=1e-9)
 
 
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), c=st.integers(1, 30), shape=st.sampled_from([0.0, 0.1, 2.0]),
+       l2=st.sampled_from([0.0, 0.5, 20.0]), spread=st.sampled_from([0.01, 1.0, 100.0]))
+def test_kl_safe_step_down_stops_short_of_the_minimum(seed, c, shape, l2, spread):
+    """`_kl_safe_down`: from a coordinate whose derivative is positive, the step moves down
+    and lands where the derivative (numpy, from its definition) is still >= 0, so between the
+    minimum and the start, where the convex objective is below its start."""
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(3.0, c) + 1.0
+    b = rng.gamma(0.5, 1.0, c) * rng.choice([1.0, spread], c)
+    old = rng.gamma(1.0, 1.0) + 0.01
+    rest = rng.gamma(0.5, 1.0, c) * rng.choice([0.0, 1.0], c)  # the other coordinates' part
+    v = rest + old * b
+    num_cells = np.sum(x * b / v)
+
+    def slope(s, linear):
+        out = linear + l2 * s - np.sum(x * b / (v + (s - old) * b))
+        return out - shape / s if shape else out
+
+    num = num_cells + (shape / old if shape else 0.0)
+    curv = np.sum(x * b * b / v ** 2) + (shape / old ** 2 if shape else 0.0)
+    r_max = max(np.max(b / v), 1.0 / old if shape else 0.0)
+    linear = num - l2 * old + rng.gamma(1.0, 1.0) * num  # f'(old) > 0
+    grad = linear + l2 * old - num
+    assert grad > 0 and slope(old, linear) == pytest.approx(grad)
+    new = nmf_cv._kl_safe_down(old, grad, curv + l2, r_max)
+    assert 0 <= new < old
+    if new == 0:  # projected: only without the prior's barrier, every prediction still > 0
+        assert shape == 0 and np.all(v - old * b > 0)
+    assert slope(new, linear) >= -1e-9 * (abs(linear) + num)
+
+
 def test_kl_cd_gets_further_in_50_iterations_than_mu_in_500():
     X = poisson_planted(200, 150, 5, seed=6)
     cd = fit(X, 5, loss="kl", method="cd", max_iter=50, tol=0, init="random")
