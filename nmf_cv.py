@@ -7238,7 +7238,8 @@ def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, 
     grows along it), so it is taken only where it stops short of the majorizer's minimum
     (the Lee-Seung bound of f, whose minimum never raises f); beyond that, the step goes to
     the lower of that minimum and `_kl_safe_down`'s, both of which lie between the minimum
-    and a. No step needs a second pass over the cells."""
+    and a. No step needs a second pass over the cells (`_kl_safe_down` takes any upper bound
+    of the cells' b_q / v_q for their maximum: a larger one only shortens the step)."""
     k = A.shape[1]
     first = 0.0
     d_last, base_last = 0.0, 0  # the last step, applied to v by the next coordinate's pass
@@ -7248,7 +7249,7 @@ def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, 
             base = t * c
             old = A[i, t]
             num, curv, r_max = _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last,
-                                                   eps)
+                                                   eps, old)
             d_last = 0.0
             if shape > 0.0:
                 inv = 1.0 / max(old, eps)
@@ -7295,13 +7296,16 @@ def _kl_safe_down(old, grad, hess, r_max):
 
 
 @njit(cache=True, fastmath=_FAST, error_model="numpy")
-def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps):
-    """(sum x_q b_q / v_q, sum x_q b_q^2 / v_q^2, max b_q / v_q) over the cells for the
-    coordinate whose b_q start at ``base``, first adding the previous coordinate's step
-    d_last to v (one pass over the cells instead of two)."""
+def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps, a):
+    """(sum x_q b_q / v_q, sum x_q b_q^2 / v_q^2, a bound on max b_q / v_q) over the cells for
+    the coordinate whose b_q start at ``base`` and whose value is ``a``, first adding the
+    previous coordinate's step d_last to v (one pass over the cells instead of two). The
+    bound is the 8-norm of the b_q / v_q, at most c^(1/8) times their maximum: a max in the
+    loop would keep it from vectorizing (measured: 0.67 against 0.30 ms a sweep). It is summed
+    over a b_q / v_q, which v_q >= a b_q keeps at most 1 (no overflow)."""
     num = 0.0
     curv = 0.0
-    r_max = 0.0
+    s8 = 0.0
     b = scratch[base:base + c]  # slices, not base + q: the loops then vectorize
     if d_last != 0.0:
         b_last = scratch[base_last:base_last + c]
@@ -7312,15 +7316,21 @@ def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps):
             xr = xs[q] * r
             num += xr
             curv += xr * r
-            r_max = max(r_max, r)
+            z = a * r
+            z *= z
+            z *= z
+            s8 += z * z
     else:
         for q in range(c):
             r = b[q] / max(v[q], eps)
             xr = xs[q] * r
             num += xr
             curv += xr * r
-            r_max = max(r_max, r)
-    return num, curv, r_max
+            z = a * r
+            z *= z
+            z *= z
+            s8 += z * z
+    return num, curv, s8 ** 0.125 / a if a > 0.0 else 0.0
 
 
 @njit(cache=True, error_model="numpy")

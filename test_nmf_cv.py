@@ -3817,6 +3817,28 @@ def test_kl_safe_step_down_stops_short_of_the_minimum(seed, c, shape, l2, spread
     assert slope(new, linear) >= -1e-9 * (abs(linear) + num)
 
 
+@pytest.mark.parametrize("d_last", [0.0, 0.3, -0.05])
+@pytest.mark.parametrize("seed", range(5))
+def test_kl_coordinate_sums_against_numpy(seed, d_last):
+    """One pass gives the coordinate's two sums and an upper bound of max b / v within
+    c^(1/8) of it (what `_kl_safe_down` needs), after applying the previous step to v."""
+    rng = np.random.default_rng(seed)
+    c, k = 37, 3
+    B = rng.gamma(0.5, 1.0, (k, c)) * rng.choice([1.0, 1e-3, 1e3], (k, c))
+    a = rng.gamma(1.0, 1.0, k)
+    x = rng.poisson(2.0, c) + 1.0
+    v = a @ B - d_last * B[0]  # the step d_last on coordinate 0 is not in v yet
+    scratch, vk = B.ravel().copy(), v.copy()
+    num, curv, r_bound = nmf_cv._kl_coordinate_sums(scratch, c, x, vk, c, d_last, 0, 1e-300,
+                                                    a[1])
+    v_now = v + d_last * B[0]
+    np.testing.assert_allclose(vk, v_now, rtol=1e-12)
+    r = B[1] / v_now
+    assert num == pytest.approx(np.sum(x * r), rel=1e-12)
+    assert curv == pytest.approx(np.sum(x * r * r), rel=1e-12)
+    assert r.max() <= r_bound <= c ** 0.125 * r.max() * (1 + 1e-12)
+
+
 def test_kl_cd_gets_further_in_50_iterations_than_mu_in_500():
     X = poisson_planted(200, 150, 5, seed=6)
     cd = fit(X, 5, loss="kl", method="cd", max_iter=50, tol=0, init="random")
