@@ -7307,29 +7307,18 @@ def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps, a):
     curv = 0.0
     s8 = 0.0
     b = scratch[base:base + c]  # slices, not base + q: the loops then vectorize
-    if d_last != 0.0:
-        b_last = scratch[base_last:base_last + c]
-        for q in range(c):
-            vq = v[q] + d_last * b_last[q]
-            v[q] = vq
-            r = b[q] / max(vq, eps)
-            xr = xs[q] * r
-            num += xr
-            curv += xr * r
-            z = a * r
-            z *= z
-            z *= z
-            s8 += z * z
-    else:
-        for q in range(c):
-            r = b[q] / max(v[q], eps)
-            xr = xs[q] * r
-            num += xr
-            curv += xr * r
-            z = a * r
-            z *= z
-            z *= z
-            s8 += z * z
+    b_last = scratch[base_last:base_last + c]  # d_last = 0: v stays as it is
+    for q in range(c):
+        vq = v[q] + d_last * b_last[q]
+        v[q] = vq
+        r = b[q] / max(vq, eps)
+        xr = xs[q] * r
+        num += xr
+        curv += xr * r
+        z = a * r
+        z *= z
+        z *= z
+        s8 += z * z
     return num, curv, s8 ** 0.125 / a if a > 0.0 else 0.0
 
 
