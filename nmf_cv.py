@@ -352,7 +352,7 @@ def _initialize(data, k, init, rng):
     mean = data.observed_mean()
     m, n = data.shape
     if init == "random":
-        scale = 2.0 * math.sqrt(max(mean, 0.0) / k)
+        scale = 2.0 * _entry_scale(mean, k)
         W = rng.uniform(0.0, scale, size=(m, k))
         H = rng.uniform(0.0, scale, size=(k, n))
     else:
@@ -364,10 +364,14 @@ def _initialize(data, k, init, rng):
             # whose mean is far from 1, and the first updates then zero whole components for
             # good (measured on expression data, mean 342, with CV's ridge: 5 of 8 components
             # dead at k = 8, whose fit was worse than k = 6's, 2.31e10 against 1.67e10).
-            fill = math.sqrt(max(mean, 0.0) / k)
-            W[W == 0] = fill
-            H[H == 0] = fill
+            W[W == 0] = _entry_scale(mean, k)
+            H[H == 0] = _entry_scale(mean, k)
     return np.ascontiguousarray(W, data.dtype), np.ascontiguousarray(H, data.dtype)
+
+
+def _entry_scale(mean, k):
+    """sqrt(mean / k): entries of W and H at this scale make WH's entries the data's mean."""
+    return math.sqrt(max(mean, 0.0) / k)
 
 
 def _check_user_init(init, shape, k, dtype):
@@ -739,7 +743,7 @@ def _solve_W(data, H, method="hals", loss="frobenius", penalty=None, max_iter=20
     k = H.shape[0]
     H = np.ascontiguousarray(H, dtype=data.dtype)
     mean = data.observed_mean()
-    W = np.full((data.shape[0], k), math.sqrt(max(mean, 1e-12) / k), dtype=data.dtype)
+    W = np.full((data.shape[0], k), _entry_scale(max(mean, 1e-12), k), dtype=data.dtype)
     penalty = penalty or _Penalty(0.0, 0.0, 0.0, 0.0)
     solver = _make_solver(data, W, H, method, loss, penalty, update_H=False)
     return _run(solver, data, method, loss, max_iter, tol, None, time.perf_counter()).W
@@ -955,8 +959,8 @@ class _Revival:
     """Dead components of a HALS fit brought back. A component whose W column or H row is
     all zero stays so under HALS (each factor's update of it is zero while the other is), and
     a ridge makes that easy to reach: the fit is then one of rank k - 1 that looks like one of
-    rank k. Such a component restarts as a flat W column at the random init's scale
-    (sqrt(mean / k)) and a zero H row; the next step fits the H row to the residual and the W
+    rank k. Such a component restarts as a flat W column at the inits' scale
+    (`_entry_scale`) and a zero H row; the next step fits the H row to the residual and the W
     column to that, a step of the non-negative power method. A plain fit keeps the step only if
     it did not raise the objective: otherwise it is undone (its factors and objective restored,
     the history showing a flat step) and the component stays dead for good, so the objective
@@ -964,9 +968,8 @@ class _Revival:
     restarts at most _REVIVALS times."""
 
     def __init__(self, data, solver):
-        k = solver.views()[1].shape[0]
-        self.left = np.full(k, _REVIVALS)
-        self.fill = math.sqrt(max(data.observed_mean(), 0.0) / k)
+        self.data = data
+        self.left = np.full(solver.views()[1].shape[0], _REVIVALS)
         self.plain = getattr(solver, "accel", None) is None
         self.saved = None
 
@@ -974,12 +977,16 @@ class _Revival:
         """Restart the dead components that have restarts left; whether there were any."""
         W, H = solver.views()
         dead = np.flatnonzero(((W.max(axis=0) == 0) | (H.max(axis=1) == 0)) & (self.left > 0))
-        if not dead.size or self.fill == 0:
+        if not dead.size:
+            return False
+        fill = _entry_scale(self.data.observed_mean(), len(self.left))  # rarely needed
+        if fill == 0:  # nothing to fit: no restarts
+            self.left[:] = 0
             return False
         self.left[dead] -= 1
         if self.plain:
             self.saved = (W.copy(), H.copy(), solver.objective, dead)
-        W[:, dead] = self.fill
+        W[:, dead] = fill
         H[dead, :] = 0
         solver.edited()
         return True
