@@ -803,11 +803,12 @@ def chosen_rank(cv, before):
 
 def worst_fold(ranks, per_fold):
     """Max over ranks of (max fold score / that rank's median), formatted with its rank;
-    ``per_fold`` is (ranks, folds)."""
+    ``per_fold`` is (ranks, folds); NaN where a rank was not fitted (cross_validate's
+    automatic splits fit only the ranks in contention on the later ones)."""
     if per_fold is None:
         return "no per-fold values returned"
     per_fold = np.asarray(per_fold, dtype=float).reshape(len(ranks), -1)
-    ratios = per_fold.max(axis=1) / np.median(per_fold, axis=1)
+    ratios = np.nanmax(per_fold, axis=1) / np.nanmedian(per_fold, axis=1)
     worst = int(np.argmax(ratios))
     return f"{ratios[worst]:.3g} (k={int(ranks[worst])})"
 
