@@ -358,15 +358,16 @@ def _initialize(data, k, init, rng):
     else:
         W, H = _nndsvd(data.filled(), k, rng)
         if init == "nndsvda":
-            # Zeros filled at the random init's scale, sqrt(mean / k) (k products of two such
-            # entries add up to the mean), not with the mean itself as Boutsidis & Gallopoulos
-            # (and scikit-learn) do: k products of two such entries add up to k * mean times
-            # the data's mean, far off wherever the mean is far from 1, and the first updates
-            # then zero whole components for good (measured on expression data, mean 342,
-            # with CV's ridge: 5 of 8 components dead at k = 8, whose fit was worse than
-            # k = 6's, 2.31e10 against 1.67e10).
-            W[W == 0] = _entry_scale(mean, k)
-            H[H == 0] = _entry_scale(mean, k)
+            # Zeros filled at the random init's scale, sqrt(mean / k): k products of two such
+            # entries add up to the mean. Filled with the mean itself, as Boutsidis &
+            # Gallopoulos (and scikit-learn) do, they add up to k * mean times the data's
+            # mean, far off wherever the mean is far from 1, and the first updates then zero
+            # whole components for good (measured on expression data, mean 342, with CV's
+            # ridge: 5 of 8 components dead at k = 8, whose fit was worse than k = 6's,
+            # 2.31e10 against 1.67e10).
+            fill = _entry_scale(mean, k)
+            W[W == 0] = fill
+            H[H == 0] = fill
     return np.ascontiguousarray(W, data.dtype), np.ascontiguousarray(H, data.dtype)
 
 
