@@ -994,15 +994,16 @@ def test_cv_press_matches_independent_computation():
     X = nmf_cv.make_planted(20, 15, 2, noise=0.1, random_state=22)
     cv = nmf_cv.cross_validate(X, [2], n_folds=3, random_state=1, progress=False,
                                return_factors=True, max_iter=30)
-    for f in range(3):
-        W, H = cv.factors[(2, 0, f)]
-        held = cv.folds[0] == f
+    assert cv.press.shape == (1, 2, 3)  # "auto": two splits for every rank
+    for r, f in itertools.product(range(2), range(3)):
+        W, H = cv.factors[(2, r, f)]
+        held = cv.folds[r] == f
         train = ~held
-        assert cv.press[0, 0, f] == pytest.approx(np.sum((X - W @ H)[held] ** 2), rel=1e-12)
-        assert cv.train_rss[0, 0, f] == pytest.approx(np.sum((X - W @ H)[train] ** 2),
+        assert cv.press[0, r, f] == pytest.approx(np.sum((X - W @ H)[held] ** 2), rel=1e-12)
+        assert cv.train_rss[0, r, f] == pytest.approx(np.sum((X - W @ H)[train] ** 2),
                                                       rel=1e-12)
-    assert cv.press_mean[0] == pytest.approx(cv.press[0, 0].mean())
-    assert cv.press_se[0] == pytest.approx(cv.press[0, 0].std(ddof=1) / np.sqrt(3))
+    assert cv.press_mean[0] == pytest.approx(cv.press[0].mean())
+    assert cv.press_se[0] == pytest.approx(cv.press[0].std(ddof=1) / np.sqrt(6))
 
 
 def poisson_planted(m, n, k, seed, mean=5.0):
@@ -2780,8 +2781,8 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(capsys):
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = [line for line in err.splitlines() if line.startswith("cross_validate: ")]
-    fits = [line for line in lines if "/20 fits" in line]  # 4 ranks x 5 folds
-    assert fits[0].startswith("cross_validate: 0/20 fits") and "20/20 fits" in fits[-1]
+    fits = [line for line in lines if "/40 fits" in line]  # 4 ranks x 2 splits x 5 folds
+    assert fits[0].startswith("cross_validate: 0/40 fits") and "40/40 fits" in fits[-1]
     assert 3 <= len(fits) <= 12
 
 
@@ -2882,11 +2883,11 @@ def test_cv_ridge_is_scaled_to_the_noise_and_can_be_turned_off():
     X = nmf_cv.make_planted(60, 40, 3, noise=0.1, random_state=0)
     kw = dict(n_folds=3, random_state=0, progress=False, max_iter=50, init="random")
     cv = nmf_cv.cross_validate(X, [3], **kw)
-    assert cv.alpha.shape == (1, 3)
-    for f in range(3):  # each fold's ridge from its training cells alone
-        train = np.where(cv.folds[0] == f, np.nan, X)
+    assert cv.alpha.shape == (2, 3)  # two splits ("auto")
+    for r, f in itertools.product(range(2), range(3)):  # each fold's ridge from its own cells
+        train = np.where(cv.folds[r] == f, np.nan, X)
         expected = 0.1 * nmf_cv.noise_level(train) * (math.sqrt(60) + math.sqrt(40))
-        assert cv.alpha[0, f] == pytest.approx(expected, rel=1e-12)
+        assert cv.alpha[r, f] == pytest.approx(expected, rel=1e-12)
     assert (cv.alpha > 0).all()
     scaled = nmf_cv.cross_validate(10 * X, [3], **kw)  # unit-free: PRESS scales as X^2
     assert_allclose(scaled.alpha, 10 * cv.alpha, rtol=1e-9)
@@ -2896,9 +2897,9 @@ def test_cv_ridge_is_scaled_to_the_noise_and_can_be_turned_off():
     assert (given.alpha == 0.5).all()
     assert (nmf_cv.cross_validate(X, [3], loss="kl", method="mu", **kw).alpha == 0.0).all()
     kl = nmf_cv.cross_validate(X, [3], loss="kl", **kw)  # Gamma priors' rate (1 + ridge) / sqrt
-    for f in range(3):
-        train = X[cv.folds[0] != f]
-        assert kl.alpha[0, f] == pytest.approx(1.1 / math.sqrt(train.mean()), rel=1e-12)
+    for r, f in itertools.product(range(2), range(3)):
+        train = X[cv.folds[r] != f]
+        assert kl.alpha[r, f] == pytest.approx(1.1 / math.sqrt(train.mean()), rel=1e-12)
     for bad in (-1.0, math.nan, "0.1", True):
         with pytest.raises(ValueError, match="ridge"):
             nmf_cv.cross_validate(X, [3], ridge=bad, **kw)
@@ -2941,7 +2942,7 @@ def record_fits(monkeypatch):
 def test_restarts_keep_the_fit_with_the_lowest_training_objective(monkeypatch):
     X = nmf_cv.make_planted(30, 20, 3, noise=0.2, random_state=5)
     seen = record_fits(monkeypatch)
-    cv = nmf_cv.cross_validate(X, [4], n_folds=2, n_restarts=3, random_state=0,
+    cv = nmf_cv.cross_validate(X, [4], n_folds=2, n_repeats=1, n_restarts=3, random_state=0,
                                progress=False, max_iter=40, return_factors=True,
                                stuck_restarts=0)
     assert [kw.get("init", "nndsvda") for kw, _ in seen] == ["nndsvda", "random", "random"] * 2
@@ -3008,7 +3009,7 @@ def test_cv_refits_folds_stuck_in_a_local_minimum():
 
     X = swimmer(0.05)
     assert np.linalg.matrix_rank(np.where(X > 0.5, 1.0, 0.0)) == 13
-    kw = dict(random_state=0, progress=False)
+    kw = dict(n_repeats=1, random_state=0, progress=False)
     plain = nmf_cv.cross_validate(X, [16], stuck_restarts=0, **kw)
     assert plain.n_outlier_folds[0] >= 1 and not plain.n_refitted.any()
     refit = nmf_cv.cross_validate(X, [16], **kw)
@@ -3107,50 +3108,53 @@ def test_best_cophenetic_rank_rejects_bad_rules():
 def test_contenders_and_the_pick_follow_the_paired_rule():
     """Against hand-made folds: a rank leaves contention when the median of its fold-by-fold
     relative excess over the best exceeds 2 robust standard errors (one wild fold cannot
-    keep it in); after one split the runner-up stays in; with two splits, their spread
-    widens the error and brings close ranks back; best_rank is the smallest rank within one
-    standard error."""
+    keep it in); with two splits, their spread widens the error and brings close ranks
+    back; best_rank is the smallest rank within one standard error."""
     best = np.array([10.0, 11.0, 9.0, 10.5, 9.5])
     rows = {2: best * 1.3,  # worse on every fold
             3: best,  # the best
             4: best * np.array([1.01, 0.99, 1.02, 0.995, 1.0]),  # a tie
             5: best * np.array([1.2, 1.25, 1.22, 1.18, 0.01]),  # far worse, one wild fold
-            6: best * np.array([1.08, 1.07, 1.09, 1.08, 1.075])}  # runner-up-to-be, clearly worse
+            6: best * np.array([1.08, 1.07, 1.09, 1.08, 1.075])}  # clearly worse
     press = np.array([rows[k] for k in range(2, 7)])[:, None, :]
     assert nmf_cv._contenders(press) == [1, 2]  # the best and the tie
     rows[4] = best * 1.05
     press = np.array([rows[k] for k in range(2, 7)])[:, None, :]
-    assert nmf_cv._contenders(press) == [1, 2]  # 4 is out by the rule, in as the runner-up
+    assert nmf_cv._contenders(press) == [1]  # 4 is out by the rule
     cv = nmf_cv.CVResult(np.arange(2, 7), press, press)
     assert (cv.best_rank, cv.min_rank) == (3, 3)
     # a second split where 4 beats 3 by as much: the split-to-split spread brings 6 back
     second = press.copy()
     second[2, 0], second[4, 0] = best * 0.95, best * 1.0
     two = np.concatenate([press, second], axis=1)
-    two[[0, 3], 1] = np.nan  # 2 and 5 were out
+    assert nmf_cv._contenders(two) == [1, 2, 4]
+    two[[0, 3], 1] = np.nan  # 2 and 5 not fitted on the second split: the same
     assert nmf_cv._contenders(two) == [1, 2, 4]
     cv = nmf_cv.CVResult(np.arange(2, 7), two, two)
     assert cv.best_rank == 3 and cv.repeat_best_ranks.tolist() == [3, 4]
 
 
 def test_auto_repeats_add_splits_only_where_ranks_are_close():
-    """n_repeats="auto": the first split is n_repeats=1's, bit for bit; when every other rank
-    is worse on every fold, that is all; otherwise later splits fit only the ranks still in
-    contention, and the result says how far the splits agree."""
+    """n_repeats="auto": every rank is fitted on two splits, the first being n_repeats=1's bit
+    for bit and both being n_repeats=2's splits; later splits fit only the ranks still in
+    contention (ranks far worse on every fold are out), and the result says how far the
+    splits agree."""
     X = nmf_cv.make_planted(80, 50, 3, noise=0.05, random_state=4)
     one = nmf_cv.cross_validate(X, range(1, 6), n_repeats=1, random_state=0, progress=False)
     auto = nmf_cv.cross_validate(X, range(1, 6), random_state=0, progress=False)
     assert_array_equal(auto.press[:, 0], one.press[:, 0])
-    # the runner-up's second split measures the spread between splits, and settles it
-    assert auto.press.shape[1] == 2 and auto.best_rank == 3
-    assert (~np.isnan(auto.press[:, 1, 0])).sum() == 2
-    assert auto.pick_text() == "3 (2 of 2 splits)"
+    assert not np.isnan(auto.press[:, :2]).any()
+    assert np.isnan(auto.press[:2, 2:]).all()  # ranks 1 and 2: 4 and 9 times rank 3's PRESS
+    assert auto.best_rank == 3 and set(auto.repeat_best_ranks) == {3}
+    fixed = nmf_cv.cross_validate(X, range(1, 6), n_repeats=2, random_state=0, progress=False)
+    assert_array_equal(auto.folds.row_class[:2], fixed.folds.row_class)  # the same splits
+    assert_array_equal(auto.folds.col_class[:2], fixed.folds.col_class)
     noisy = nmf_cv.make_planted(60, 40, 3, noise=0.5, random_state=2)  # 1 and 2 close
     cv = nmf_cv.cross_validate(noisy, range(1, 7), random_state=1, progress=False)
     fitted = ~np.isnan(cv.press[:, :, 0])  # (ranks, splits)
     assert 1 < cv.press.shape[1] <= 5
-    assert fitted[:, 0].all()
-    assert (fitted[:, 1:] <= fitted[:, :-1]).all()  # once out, out for good
+    assert fitted[:, :2].all()
+    assert (fitted[:, 2:] <= fitted[:, 1:-1]).all()  # once out, out for good
     assert fitted[:, -1].sum() >= 2  # the last split was run for the ranks still close
     assert len(cv.repeat_best_ranks) == cv.press.shape[1]
     assert cv.best_rank in cv.ranks[fitted[:, -1]]
@@ -3367,8 +3371,8 @@ def test_refits_continue_the_restart_seeds(monkeypatch):
     X = nmf_cv.make_planted(30, 20, 3, noise=0.2, random_state=5)
     monkeypatch.setattr(nmf_cv, "_STUCK_TRAINING", 0.0)  # every fold counts as stuck
     seen = record_fits(monkeypatch)
-    cv = nmf_cv.cross_validate(X, [4], n_folds=2, n_restarts=2, stuck_restarts=2,
-                               random_state=0, progress=False, max_iter=40)
+    cv = nmf_cv.cross_validate(X, [4], n_folds=2, n_repeats=1, n_restarts=2,
+                               stuck_restarts=2, random_state=0, progress=False, max_iter=40)
     assert cv.n_refitted.tolist() == [2]
     fit_seeds = np.random.SeedSequence(0).spawn(2)[1].spawn(2)
     keys = [kw["random_state"].spawn_key for kw, _ in seen]
@@ -3408,7 +3412,7 @@ def test_a_worse_refit_is_not_kept(monkeypatch):
     monkeypatch.setattr(nmf_cv, "_STUCK_TRAINING", 0.0)
     monkeypatch.setattr(nmf_cv, "_cv_refit_task", worse_refit)
     cv = nmf_cv.cross_validate(X, [3], **kw)
-    assert cv.n_refitted.tolist() == [3]
+    assert cv.n_refitted.tolist() == [6]  # 2 splits x 3 folds
     assert_array_equal(cv.press, plain.press)
     assert_array_equal(cv.train_rss, plain.train_rss)
 
@@ -3879,17 +3883,17 @@ def test_cv_fits_counts_with_gamma_priors_and_their_own_tolerance(monkeypatch):
     seen = record_fits(monkeypatch)
     cv = nmf_cv.cross_validate(X, [2], n_folds=3, loss="kl", random_state=0, progress=False,
                                stuck_restarts=0)
-    assert [kw["tol"] for kw, _ in seen] == [1e-5] * 3 and cv.loss == "kl"
-    assert [kw["gamma_prior"] for kw, _ in seen] == [(1.1, a) for a in cv.alpha[0]]
+    assert [kw["tol"] for kw, _ in seen] == [1e-5] * 6 and cv.loss == "kl"  # 2 splits
+    assert [kw["gamma_prior"] for kw, _ in seen] == [(1.1, a) for a in cv.alpha.ravel()]
     seen.clear()
     nmf_cv.cross_validate(X, [2], n_folds=3, loss="kl", method="mu", random_state=0,
                           progress=False, stuck_restarts=0)
-    assert [kw["tol"] for kw, _ in seen] == [1e-6] * 3
+    assert [kw["tol"] for kw, _ in seen] == [1e-6] * 6
     assert all("gamma_prior" not in kw for kw, _ in seen)
     seen.clear()
     nmf_cv.cross_validate(X, [2], n_folds=3, loss="kl", random_state=0, progress=False,
                           stuck_restarts=0, tol=1e-7, ridge=0)
-    assert [kw["tol"] for kw, _ in seen] == [1e-7] * 3
+    assert [kw["tol"] for kw, _ in seen] == [1e-7] * 6
     assert all("gamma_prior" not in kw for kw, _ in seen)
 
 
