@@ -2305,9 +2305,9 @@ def _first_fit_seeds(seed, tasks, ranks, fixed):
 
 
 def _split_seed(seed, split, k, f):
-    """The fit seed of rank k, fold f of a split added in contention (a path under seed,
-    by the rank's value, so the ranks offered do not change it; 10**6 + split keeps clear of
-    the children ``seed.spawn`` gave the first split's fits)."""
+    """The fit seed of rank k, fold f of ``n_repeats="auto"``'s splits after the first (a path
+    under seed, by the rank's value, so the ranks offered do not change it; 10**6 + split
+    keeps clear of the children ``seed.spawn`` gave the first split's fits)."""
     for j in (10 ** 6 + split, k, f):
         seed = _child_seed(seed, j)
     return seed
