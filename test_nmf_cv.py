@@ -4226,21 +4226,34 @@ def test_lines_with_the_same_cells_share_a_pattern(collide, monkeypatch):
     assert len(np.unique(solver.rows.pattern)) == (10 * 3 + 2 if collide else 5)
 
 
+@pytest.mark.parametrize("shared_lines", [2, 10 ** 9])  # patterns swept together, or not
 @pytest.mark.parametrize("mm_missing", [-1.0, 1.0])
-def test_hals_iterates_with_shared_patterns_match_numpy_reference(mm_missing, monkeypatch):
+def test_hals_iterates_with_shared_patterns_match_numpy_reference(mm_missing, shared_lines,
+                                                                  monkeypatch):
     """Lines sharing a pattern take one Gram matrix (formed once) and are solved exactly,
     whatever the majorizing threshold, as are the columns, whose Gram matrices come from
-    the row patterns' (units); iterates equal the numpy reference's."""
+    the row patterns' (units); a pattern's lines are swept together (given by their missing
+    cells, or by units) from _SHARED_LINES lines on. Iterates and objective equal the numpy
+    reference's."""
     monkeypatch.setattr(nmf_cv, "_majorized_fraction", lambda k: mm_missing)
+    monkeypatch.setattr(nmf_cv, "_SHARED_LINES", shared_lines)
     X, mask, W, H = _batch_problem(seed=1)
     solver = _solver(X, mask, W, H, "hals", "frobenius")
     assert solver.cols.units is not None  # columns' Gram matrices from the row batches'
     mm = []
     for lines, M in ((solver.rows, mask), (solver.cols, mask.T)):
-        alone = np.bincount(lines.pattern, minlength=len(M))[lines.pattern] == 1
+        size = np.bincount(lines.pattern, minlength=len(M))[lines.pattern]
         cells = lines.units is None  # by units (the other side's patterns): never majorized
-        mm.append(np.flatnonzero(alone & (lines.sign < 0) & (mm_missing > 0) & cells))
+        mm.append(np.flatnonzero((size == 1) & (lines.sign < 0) & (mm_missing > 0) & cells))
         assert_array_equal(lines.mm, mm[-1])
+        together = (size >= shared_lines) & ((lines.sign < 0) | (not cells))
+        assert_array_equal(np.sort(lines.shared), np.flatnonzero(together))
+        assert_array_equal(np.sort(np.r_[lines.exact, lines.shared, lines.mm]), np.arange(len(M)))
+        runs = [lines.shared[a:b] for a, b in zip(lines.shared_ptr, lines.shared_ptr[1:])]
+        assert lines.shared_ptr[0] == 0 and lines.shared_ptr[-1] == len(lines.shared)
+        assert all(len(np.unique(lines.pattern[r])) == 1 for r in runs)
+        assert len(np.unique([lines.pattern[r[0]] for r in runs])) == len(runs)
+    assert len(solver.rows.shared) > 0 and len(solver.cols.shared) > 0 or shared_lines > 2
     Wr, Hr = W.copy(), H.copy()
     for _ in range(4):
         solver.step()
@@ -4248,6 +4261,69 @@ def test_hals_iterates_with_shared_patterns_match_numpy_reference(mm_missing, mo
         Ws, Hs = solver.factors()
         np.testing.assert_allclose(Ws, Wr, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(Hs, Hr, rtol=1e-10, atol=1e-12)
+        assert solver.objective == pytest.approx(objective(X, mask, Wr, Hr, "frobenius"),
+                                                 rel=1e-10)
+
+
+def _two_batches(seed, m=64, n=20, k=3):
+    """Two batches of 32 rows, each missing its own 6 columns: each batch one pattern of 32
+    rows (at least _SHARED_LINES), given by its missing cells."""
+    rng = np.random.default_rng(seed)
+    X = rng.random((m, k)) @ rng.random((k, n)) + 0.05 * rng.random((m, n))
+    mask = np.ones((m, n), dtype=bool)
+    mask[:32, :6] = False
+    mask[32:, 6:12] = False
+    return X, mask, rng.random((m, k)) + 0.1, rng.random((k, n)) + 0.1
+
+
+@pytest.mark.parametrize("penalties", [(0.0, 0.0), (0.05, 0.3)])
+def test_shared_patterns_solve_nnls_like_scipy(penalties):
+    """Run to convergence, rows swept together by pattern solve each row's ridge-regularised
+    NNLS over its observed cells exactly (scipy.optimize.nnls, l1 folded into the target),
+    and the model term is the sum over observed cells of (WH)^2."""
+    l1, l2 = penalties
+    X, mask, W, H = _two_batches(0)
+    solver = _solver(X, mask, W, H, "gdcls", "frobenius")
+    rows = solver.rows
+    assert len(rows.shared) == 64 and len(rows.shared_ptr) == 3 and not len(rows.exact)
+    XHt, bases = solver.lay.products_W(solver.Ht)
+    A = W.copy()
+    model = nmf_cv._cd_lines(A, solver.Ht, bases, XHt, rows, l1, l2, 5000, 0.0,
+                             solver.scratch, True)
+    Bt = H.T
+    k = W.shape[1]
+    for i in range(X.shape[0]):
+        seen = mask[i]
+        G = Bt[seen].T @ Bt[seen] + l2 * np.eye(k)
+        L = np.linalg.cholesky(G)  # min 1/2 a'G a - (y - l1) . a  ==  nnls(L', L^-1 (y - l1))
+        y = Bt[seen].T @ X[i, seen] - l1
+        expected = nnls(L.T, np.linalg.solve(L, y))[0]
+        np.testing.assert_allclose(A[i], expected, rtol=1e-7, atol=1e-9)
+    assert model == pytest.approx(np.sum(np.where(mask, A @ H, 0.0) ** 2), rel=1e-10)
+
+
+@pytest.mark.parametrize("sweeps", [1, 5])
+def test_shared_pattern_with_an_unseen_component_matches_the_one_by_one_kernel(sweeps,
+                                                                                monkeypatch):
+    """A pattern's lines whose missing cells hold nearly all of a component (G0 - S is then
+    mostly rounding noise there): swept together, they move exactly as _masked_cd_rows
+    moves them one by one (the same sums, the same curvature rule)."""
+    results = []
+    for shared_lines in (16, 10 ** 9):
+        monkeypatch.setattr(nmf_cv, "_SHARED_LINES", shared_lines)
+        X, mask, W, H = _two_batches(1)
+        H[1] = 0.0
+        H[1, :6] = 1.0  # batch 0's missing columns
+        H[1, 6] = 2.0 ** -30
+        solver = _solver(X, mask, W, H, "hals", "frobenius")
+        assert len(solver.rows.shared) == (64 if shared_lines == 16 else 0)
+        XHt, bases = solver.lay.products_W(solver.Ht)
+        A = W.copy()
+        model = nmf_cv._cd_lines(A, solver.Ht, bases, XHt, solver.rows, 0.0, 0.0, sweeps, 0.0,
+                                 solver.scratch, True)
+        results.append((A, model))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-9)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-9)
 
 
 def ref_keep_coverage(fold, rows, cols, shape, n_folds, rng):
