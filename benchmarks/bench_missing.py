@@ -11,11 +11,11 @@ the repository root, the earlier revision checked out beside it::
 
 What is measured (one BLAS thread; numba compiled before anything is timed)
 --------------------------------------------------------------------------
-1. Masked / dense time per HALS iteration at HEAD: ``fit_nmf(tol=0)`` from the same init,
-   the median ``time_history`` difference after the first two iterations, the dense and
-   masked fits alternating. Planted data (``make_planted(..., noise=0.05)``); missing cells
-   at random, or in blocks (the rows dealt into 10 batches, each missing its own random set
-   of columns, as in proteomics).
+1. Masked / dense time per HALS iteration, at each revision: ``fit_nmf(tol=0)`` from the
+   same init, the median ``time_history`` difference after the first two iterations, the
+   dense and masked fits (and the revisions) alternating. Planted data
+   (``make_planted(..., noise=0.05)``); missing cells at random, or in blocks (the rows
+   dealt into 10 batches, each missing its own random set of columns, as in proteomics).
 2. ``cross_validate`` on planted 1000 x 500 (rank 5, noise 0.1), ranks 1..10, 5 folds,
    ``n_repeats=1`` (one split: the same work at both revisions), serial: fully observed and
    with 20% of cells missing at random. The two revisions alternate, twice.
@@ -77,7 +77,15 @@ def per_iteration(nmf_cv, X, init, n_iter):
     return float(np.median(np.diff(res.time_history)[2:]))
 
 
-def iteration_rows(nmf_cv, shapes):
+def iteration_rows(modules, shapes):
+    """One row per case: each revision's dense and masked ms and their ratio, the
+    revisions' fits alternating."""
+    nmf_cv = modules[-1][1]
+    for _, module in modules:  # compile, dense and masked (patterns swept together too)
+        Z = module.make_planted(200, 100, 3, random_state=0)
+        for pattern in ("random", "blocks"):
+            module.fit_nmf(with_missing(Z, 0.2, pattern), 3, max_iter=3)
+        module.fit_nmf(Z, 3, max_iter=3)
     rows = []
     for m, n in shapes:
         for k in KS:
@@ -88,14 +96,18 @@ def iteration_rows(nmf_cv, shapes):
             for pattern in ("random", "blocks"):
                 for fraction in FRACTIONS:
                     Y = with_missing(X, fraction, pattern)
-                    dense, masked = [], []
+                    row = [f"{m}x{n}", k, pattern, f"{fraction:.0%}"]
+                    times = {}
                     for _ in range(2):
-                        dense.append(per_iteration(nmf_cv, X, init, n_iter))
-                        masked.append(per_iteration(nmf_cv, Y, init, n_iter))
-                    d, t = float(np.median(dense)), float(np.median(masked))
-                    rows.append([f"{m}x{n}", k, pattern, f"{fraction:.0%}", f"{1e3 * d:.2f}",
-                                 f"{1e3 * t:.2f}", f"{t / d:.2f}"])
-                    log(" ".join(str(c) for c in rows[-1]))
+                        for label, module in modules:
+                            times.setdefault(label, ([], []))
+                            times[label][0].append(per_iteration(module, X, init, n_iter))
+                            times[label][1].append(per_iteration(module, Y, init, n_iter))
+                    for label, _ in modules:
+                        d, t = (float(np.median(v)) for v in times[label])
+                        row += [f"{1e3 * d:.2f}", f"{1e3 * t:.2f}", f"{t / d:.2f}"]
+                    rows.append(row)
+                    log(" ".join(str(c) for c in row))
     return rows
 
 
@@ -178,12 +190,14 @@ def main(argv=None):
           f"; {cpu_model()}; BLAS {blas_description()}; load average at start {load_start}")
     if "1" in args.sections:
         log("1. masked / dense per iteration")
-        rows = iteration_rows(head, QUICK_SHAPES if args.quick else SHAPES)
+        rows = iteration_rows(modules, QUICK_SHAPES if args.quick else SHAPES)
         print()
-        print("## 1. Masked / dense time per HALS iteration (HEAD)")
+        print("## 1. Masked / dense time per HALS iteration")
         print()
-        print(markdown_table(["shape", "k", "missing", "fraction", "dense ms", "masked ms",
-                              "masked / dense"], rows))
+        headers = ["shape", "k", "missing", "fraction"]
+        for label, _ in modules:
+            headers += [f"{label} dense ms", f"{label} masked ms", f"{label} masked / dense"]
+        print(markdown_table(headers, rows))
     if "2" in args.sections:
         log("2. cross-validation")
         print()
