@@ -1370,6 +1370,8 @@ class _MaskedLines:
             self.kptr, self.kidx = np.zeros(p + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
         if self.pattern is None:
             self.pattern = np.arange(p, dtype=np.int64)
+        if self.shared is None:  # none swept together
+            self.shared, self.shared_ptr = np.zeros(0, np.int64), np.zeros(1, np.int64)
 
     def kernel(self):
         """The kernels' tuple (ptr, idx, sign, group, cell_group, kptr, kidx, pattern)."""
