@@ -6340,19 +6340,24 @@ def _hals_update(A, G, B, l1, l2, max_sweeps, tol):
     curvature = np.empty(G.shape[0], dtype=np.float64)
     for t in range(G.shape[0]):
         curvature[t] = G[t, t]
-    return _hals_sweeps(A, G, curvature, B, l1, l2, max_sweeps, tol)
+    return _hals_sweeps(A, G, curvature, B, l1, l2, max_sweeps, tol, False)
 
 
 @njit(cache=True, fastmath=_FAST)
-def _hals_sweeps(A, G, curvature, B, l1, l2, max_sweeps, tol):
+def _hals_sweeps(A, G, curvature, B, l1, l2, max_sweeps, tol, each):
     """_hals_update with the coordinates' curvatures given (``curvature[t] + l2``; a
     coordinate whose curvature is not positive stays): G[t, t] there, or G[t, t] floored
-    where G carries rounding noise (`_pattern_cd_rows`)."""
+    where G carries rounding noise (`_pattern_cd_rows`). ``each``: stop when the columns'
+    moves, each relative to its own first sweep's, average below ``tol``^2 (as _cd_block),
+    rather than on their total."""
     k, p = A.shape
     acc = np.empty(p, dtype=np.float64)
+    moved_each = np.zeros(p if each else 0, dtype=np.float64)
+    first_each = np.zeros(p if each else 0, dtype=np.float64)
     first = 0.0
     for sweep in range(max_sweeps):
         moved = 0.0
+        moved_each[:] = 0.0
         for t in range(k):
             hess = curvature[t] + l2
             if hess <= 0.0:
@@ -6371,18 +6376,39 @@ def _hals_sweeps(A, G, curvature, B, l1, l2, max_sweeps, tol):
                 for j in range(p):
                     acc[j] += g * A[r, j]
                 r += 1
+            if each:
+                for j in range(p):
+                    moved_each[j] += _coordinate_step(A, t, j, acc[j], B[t, j], l1, l2, hess)
+            else:
+                for j in range(p):
+                    moved += _coordinate_step(A, t, j, acc[j], B[t, j], l1, l2, hess)
+        if each:
+            if sweep == 0:
+                first_each[:] = moved_each
+                continue
+            ratio = 0.0
             for j in range(p):
-                old = A[t, j]
-                new = old - (acc[j] + l2 * old + l1 - B[t, j]) / hess
-                if new < 0.0:
-                    new = 0.0
-                A[t, j] = new
-                moved += (new - old) * (new - old)
-        if sweep == 0:
+                if first_each[j] > 0.0:
+                    ratio += moved_each[j] / first_each[j]
+            if ratio <= tol * tol * p:
+                return sweep + 1
+        elif sweep == 0:
             first = moved
         elif moved <= tol * tol * first:
             return sweep + 1
     return max_sweeps
+
+
+@njit(cache=True, fastmath=_FAST)
+def _coordinate_step(A, t, j, grad_part, b, l1, l2, hess):
+    """A[t, j] moved to the minimum along its coordinate, kept >= 0 (``grad_part``: the
+    Gram term of the gradient, ``b``: the linear term); returns the squared move."""
+    old = A[t, j]
+    new = old - (grad_part + l2 * old + l1 - b) / hess
+    if new < 0.0:
+        new = 0.0
+    A[t, j] = new
+    return (new - old) * (new - old)
 
 
 @njit(cache=True)
@@ -6719,7 +6745,11 @@ def _pattern_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, pair
     """Exact coordinate descent, as _masked_cd_rows, on lines that share a pattern: the
     lines rows[starts[s]:starts[s + 1]] have the same cells, group and sign, so one Gram
     matrix, formed once from the first line's cells, and they are swept together by the
-    dense kernel (_hals_sweeps), at its speed. The curvatures are floored as in _gram_block.
+    dense kernel (_hals_sweeps), at its speed. The curvatures are floored as in _gram_block,
+    and the sweeps stop on each line's relative move, as there: a stop on the total move
+    leaves the lines that move little under-solved (measured: cross-validation on 1000 x 500
+    with 20% missing in blocks, 4 seeds, took 2-12% more iterations than one by one; 1-8%
+    fewer to 8% more stopping line by line).
     Returns the sum over their observed cells of (b . a)^2 = a'G a after the update if
     ``want`` (lines given by their observed cells come here only by units, where a'G a is
     exact)."""
@@ -6732,6 +6762,11 @@ def _pattern_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, pair
     use_pairs = pairs.shape[0] > 0
     G = np.empty((k, k), dtype=np.float64)
     curvature = np.empty(k, dtype=np.float64)
+    longest = 0
+    for s in range(len(starts) - 1):
+        longest = max(longest, starts[s + 1] - starts[s])
+    A_buf = np.empty(k * longest, dtype=np.float64)  # a group's lines, k x lines, C order
+    Y_buf = np.empty(k * longest, dtype=np.float64)
     total = 0.0
     for s in range(len(starts) - 1):
         lines = rows[starts[s]:starts[s + 1]]
@@ -6756,13 +6791,13 @@ def _pattern_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, pair
             for r in range(t):
                 G[r, t] = G[t, r]
             curvature[t] = max(G[t, t], keep * _CURVATURE_NOISE * base[t, t])
-        At = np.empty((k, len(lines)), dtype=np.float64)
-        Yt = np.empty((k, len(lines)), dtype=np.float64)
+        At = A_buf[:k * len(lines)].reshape((k, len(lines)))
+        Yt = Y_buf[:k * len(lines)].reshape((k, len(lines)))
         for j in range(len(lines)):
             for t in range(k):
                 At[t, j] = A[lines[j], t]
                 Yt[t, j] = XB[lines[j], t]
-        _hals_sweeps(At, G, curvature, Yt, l1, l2, sweeps, tol)
+        _hals_sweeps(At, G, curvature, Yt, l1, l2, sweeps, tol, True)
         for j in range(len(lines)):
             for t in range(k):
                 A[lines[j], t] = At[t, j]
