@@ -4294,6 +4294,36 @@ def _two_batches(seed, m=64, n=20, k=3):
     return X, mask, rng.random((m, k)) + 0.1, rng.random((k, n)) + 0.1
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("method,alphas", [("hals", (0.0, 0.0)), ("hals", (0.3, 0.1)),
+                                           ("gdcls", (0.0, 0.2))])
+def test_fits_with_patterns_swept_together_descend_and_ignore_masked_values(method, alphas,
+                                                                            dtype):
+    """Fits whose rows go through the pattern kernel (two batches of 32 rows): the masked,
+    penalised objective never increases, the last one is the exact one, and the values under
+    the mask change nothing (bit for bit)."""
+    X, mask, _, _ = _two_batches(3)
+    X = X.astype(dtype)
+    kw = dict(method=method, alpha_W=alphas[0], alpha_H=alphas[1], l1_ratio=0.5, tol=0,
+              max_iter=40, random_state=0)
+    res = nmf_cv.fit_nmf(np.where(mask, X, np.nan), 3, **kw)
+    solver = nmf_cv._setup_fit(np.where(mask, X, np.nan), 3, **kw)[1]
+    assert len(solver.rows.shared) == 64
+    f = np.asarray(res.loss_history)
+    assert np.all(np.diff(f) <= 1e-9 * f[0]) if method == "hals" else f[-1] < f[0]
+    other = np.where(mask, X, dtype(1e6))
+    again = nmf_cv.fit_nmf(other, 3, mask=mask, **kw)
+    assert np.array_equal(res.W, again.W) and np.array_equal(res.H, again.H)
+    W, H = res.W.astype(np.float64), res.H.astype(np.float64)
+    exact = 0.5 * np.sum((mask * (X - W @ H)) ** 2)  # l1_ratio 0.5: half l1, half ridge
+    for alpha, A in zip(alphas, (W, H), strict=True):
+        exact += alpha * (0.5 * A.sum() + 0.25 * np.sum(A ** 2))
+    # float32: the objective comes from float32 products, |X|^2 - 2 <W, X H'> + ..., which
+    # cancel down to the residual: rounding of |X|^2 times float32's precision
+    slack = 1e-6 * np.sum(mask * X.astype(np.float64) ** 2) if dtype == np.float32 else 0.0
+    assert f[-1] == pytest.approx(exact, rel=1e-9, abs=slack)
+
+
 @pytest.mark.parametrize("penalties", [(0.0, 0.0), (0.05, 0.3)])
 def test_shared_patterns_solve_nnls_like_scipy(penalties):
     """Run to convergence, rows swept together by pattern solve each row's ridge-regularised
