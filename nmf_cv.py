@@ -6593,7 +6593,7 @@ def _cells_sq_prediction(A, B, indptr, idx):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FAST)
 def _masked_model(A, B, bases, L, rows):
     """Sum over the listed rows' observed (training) cells of (A B')^2, each row through its
     own cell set (`_line_cells`, as in _masked_cd_rows): a' G a less the sum over its missing
