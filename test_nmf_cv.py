@@ -395,22 +395,24 @@ def test_dense_hals_update_solves_nnls_like_scipy(k):
         np.testing.assert_allclose(H[:, j], nnls(W, X[:, j])[0], atol=1e-8)
 
 
-def test_hals_sweeps_stop_line_by_line_when_asked():
+def test_hals_lines_stop_line_by_line():
     """Column 0 (scale 1e3) is solved in one sweep, column 1 (scale 1e-3, two coupled
     coordinates) converges slowly: the dense kernel's stop on the total move ends after the
-    second sweep with column 1 far off, the line-by-line stop (each column relative to its
-    own first sweep, as _cd_block) goes on until column 1 too has settled."""
+    second sweep with column 1 far off; _hals_lines, stopping line by line (each column
+    relative to its own first sweep, as _cd_block), goes on until column 1 too has settled,
+    and otherwise takes the same steps."""
     G = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.9], [0.0, 0.9, 1.0]])
     solution = np.array([[1e3, 0.0], [0.0, 1e-3], [0.0, 2e-3]])
-    runs = []
-    for each in (False, True):
-        A = np.zeros((3, 2))
-        sweeps = nmf_cv._hals_sweeps(A, G, np.diag(G).copy(), G @ solution, 0.0, 0.0, 100, 0.01,
-                                     each)
-        runs.append((sweeps, np.abs(A[:, 1] - solution[:, 1]).max() / 2e-3))
-        np.testing.assert_allclose(A[:, 0], solution[:, 0])
-    assert runs[0][0] == 2 and runs[0][1] > 0.5
-    assert runs[1][0] > 10 and runs[1][1] < 0.1
+    Y = G @ solution
+    dense, lines = np.zeros((3, 2)), np.zeros((3, 2))
+    n_dense = nmf_cv._hals_update(dense, G, Y, 0.0, 0.0, 100, 0.01)
+    n_lines = nmf_cv._hals_lines(lines, G, np.diag(G).copy(), Y, 0.0, 0.0, 100, 0.01)
+    assert n_dense == 2 and np.abs(dense[:, 1] - solution[:, 1]).max() > 0.5 * 2e-3
+    assert n_lines > 10 and np.abs(lines[:, 1] - solution[:, 1]).max() < 0.1 * 2e-3
+    np.testing.assert_allclose(lines[:, 0], solution[:, 0])
+    again = np.zeros((3, 2))
+    nmf_cv._hals_lines(again, G, np.diag(G).copy(), Y, 0.0, 0.0, 2, 0.01)
+    np.testing.assert_allclose(again, dense, rtol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------
