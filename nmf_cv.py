@@ -1580,7 +1580,7 @@ def _gram64(A):
 # Lines of a pattern swept together, at least: the dense kernel's loops run across a
 # pattern's lines, too short below this to beat the one-by-one kernel, whose loops run across
 # 64 lines (measured on the rows of planted batches, k = 2..32: patterns of 8 lines took
-# 0.84-1.92x the one-by-one time together, of 16 lines 0.63-1.01x, of 32 lines 0.48-0.73x).
+# 0.69-1.19x the one-by-one time together, of 16 lines 0.56-1.00x, of 32 lines 0.40-0.77x).
 _SHARED_LINES = 16
 _NO_TABLE = np.empty((0, 0), dtype=np.float64)  # kernels gather B's rows instead
 _PAIRS_BYTES = 2 ** 21
