@@ -1239,7 +1239,9 @@ class _MaskedSolver(_WHt):
     the same way for the H update. Beyond the two BLAS or sparse products of a dense
     iteration, an iteration costs O(min(missing, observed) * k^2) for these Gram matrices;
     the sweeps then cost (m + n) k^2 each, as dense ones do, but read a Gram matrix per row
-    (measured 1.6-2x the dense time per sweep), and at most as many are run.
+    (measured 1.6-2x the dense time per sweep), and at most as many are run; lines that share
+    their missing cells, from _SHARED_LINES of them on (a batch of samples missing the same
+    features), share one Gram matrix in their sweeps too, at the dense kernel's speed.
 
     HALS fits take a cheaper step on mostly observed lines with few missing cells (at most
     _majorized_fraction(k) of the line): a majorize-minimize step. The row's problem
