@@ -6388,17 +6388,25 @@ def _hals_lines(A, G, curvature, B, l1, l2, max_sweeps, tol):
                 new = max(old - (acc[j] + l2 * old + l1 - B[t, j]) / hess, 0.0)
                 A[t, j] = new
                 moved[j] += (new - old) * (new - old)
-        if sweep == 0:
-            for j in range(p):
-                first[j] = moved[j]
-            continue
-        ratio = 0.0
-        for j in range(p):
-            if first[j] > 0.0:
-                ratio += moved[j] / first[j]
-        if ratio <= tol * tol * p:
+        if _lines_settled(sweep, moved, first, p, tol):
             return sweep + 1
     return max_sweeps
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _lines_settled(sweep, moved, first, p, tol):
+    """Whether the p lines' moves in this sweep, each relative to its own first sweep's,
+    average below ``tol``^2 (lines in different units count alike: a sum of moves would stop
+    on the largest ones). The first sweep's moves are kept in ``first``."""
+    if sweep == 0:
+        for j in range(p):
+            first[j] = moved[j]
+        return False
+    ratio = 0.0
+    for j in range(p):
+        if first[j] > 0.0:
+            ratio += moved[j] / first[j]
+    return ratio <= tol * tol * p
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
@@ -6720,21 +6728,11 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, pairs, scratc
         nb = min(size, p - a0)
         for j in range(nb):
             a = rows[a0 + j]
-            if pattern[a] == last:  # the same cells as the line before: the same sums
-                for e in range(n_packed):
-                    packed[e, j] = saved[e]
-            else:
-                c1, c2 = _line_cells(a, L, sel)
-                _cells_packed(B, pairs, sel[:c1], use_pairs, acc, scratch, S)
-                for e in range(n_packed):
-                    packed[e, j] = acc[e]
-                if c2 > 0:  # kept cells count as observed: G0 - (S - K), or S + K
-                    _cells_packed(B, pairs, sel[c1:c1 + c2], use_pairs, acc, scratch, S)
-                    for e in range(n_packed):
-                        packed[e, j] += signs[a] * acc[e]
-                for e in range(n_packed):
-                    saved[e] = packed[e, j]
+            if pattern[a] != last:  # else the same cells as the line before: the same sums
+                _line_sums(a, L, B, pairs, use_pairs, sel, acc, scratch, S, saved)
                 last = pattern[a]
+            for e in range(n_packed):
+                packed[e, j] = saved[e]
             keep[j] = 1.0 if signs[a] < 0.0 else 0.0
             block_group[j] = group[a]
             for t in range(k):
@@ -6771,6 +6769,7 @@ def _pattern_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, pair
     acc = np.empty(max(pairs.shape[1], n_packed), dtype=np.float64)
     sel = np.empty(B.shape[0], dtype=np.int64)
     use_pairs = pairs.shape[0] > 0
+    sums = np.empty(n_packed, dtype=np.float64)
     G = np.empty((k, k), dtype=np.float64)
     curvature = np.empty(k, dtype=np.float64)
     longest = 0
@@ -6784,20 +6783,12 @@ def _pattern_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, pair
         a = lines[0]
         base = bases[group[a]]
         keep = 1.0 if signs[a] < 0.0 else 0.0
-        c1, c2 = _line_cells(a, L, sel)
-        _cells_packed(B, pairs, sel[:c1], use_pairs, acc, scratch, S)
+        _line_sums(a, L, B, pairs, use_pairs, sel, acc, scratch, S, sums)
         e = 0
         for t in range(k):
             for r in range(t + 1):
-                G[t, r] = keep * base[t, r] + (1.0 - 2.0 * keep) * acc[e]
+                G[t, r] = keep * base[t, r] + (1.0 - 2.0 * keep) * sums[e]
                 e += 1
-        if c2 > 0:  # kept cells count as observed
-            _cells_packed(B, pairs, sel[c1:c1 + c2], use_pairs, acc, scratch, S)
-            e = 0
-            for t in range(k):
-                for r in range(t + 1):
-                    G[t, r] += acc[e]
-                    e += 1
         for t in range(k):
             for r in range(t):
                 G[r, t] = G[t, r]
@@ -6907,6 +6898,23 @@ def _line_cells(a, L, sel):
         sel[c + c2] = kidx[q]
         c2 += 1
     return c, c2
+
+
+@njit(cache=True, fastmath=_FAST)
+def _line_sums(a, L, B, pairs, use_pairs, sel, acc, scratch, S, out):
+    """out[:k(k+1)/2] = line a's packed sums (`_cells_packed`) over its listed cells, plus
+    its sign times their sum over its kept cells: kept cells count as observed, so that the
+    line's Gram matrix is G0 - out (G0 - (S - K)) where it is given by its missing cells and
+    out (S + K) where by its observed ones."""
+    n_packed = B.shape[1] * (B.shape[1] + 1) // 2
+    c1, c2 = _line_cells(a, L, sel)
+    _cells_packed(B, pairs, sel[:c1], use_pairs, acc, scratch, S)
+    for e in range(n_packed):
+        out[e] = acc[e]
+    if c2 > 0:
+        _cells_packed(B, pairs, sel[c1:c1 + c2], use_pairs, acc, scratch, S)
+        for e in range(n_packed):
+            out[e] += L[2][a] * acc[e]
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -7155,16 +7163,8 @@ def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
                 new = max(old - (acc[j] + l2 * old - Yb[t, j]) * inv_hess[t, j], 0.0)
                 Ab[t, j] = new
                 moved[j] += (new - old) * (new - old)
-        if sweep == 0:
-            for j in range(nb):
-                first[j] = moved[j]
-        else:
-            ratio = 0.0
-            for j in range(nb):
-                if first[j] > 0.0:
-                    ratio += moved[j] / first[j]
-            if ratio <= tol * tol * nb:
-                break
+        if _lines_settled(sweep, moved, first, nb, tol):
+            break
 
 
 @njit(cache=True, fastmath=_FAST)
