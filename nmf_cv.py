@@ -40,6 +40,7 @@ import time
 import warnings
 import weakref
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -5171,9 +5172,6 @@ def _pair_covariance(counts, sums, squares):
 # One report
 # =============================================================================================
 
-CRITERIA = ("prior", "cv", "cophenetic", "randomized", "bicv", "stability")
-
-
 @dataclass
 class RankReport:
     """Every criterion's evidence on the rank, side by side (made by `choose_rank`).
@@ -5186,13 +5184,14 @@ class RankReport:
         `ConsensusResult`, `RandomizedRSSResult`, `CVResult` for ``"bicv"``,
         `StabilityResult`).
     suggestions : dict
-        criterion -> suggested rank (``"prior"``: its rounded estimate, absent when the data
-        do not identify it or its likelihood does not fit them; the reason is in
-        ``results["prior"].reason`` or ``.misfit``).
+        suggestion -> suggested rank: one per criterion, and ``"cv_1se"`` (cross-validation's
+        one-standard-error rule). ``"prior"`` is absent when the data do not identify it or
+        its likelihood does not fit them (the reason is in ``results["prior"].reason`` or
+        ``.misfit``).
     edges : dict
-        criterion -> ``">="`` when its suggestion is the largest rank tried and its curve was
-        still improving there, ``"<="`` for the smallest rank tried (above 1); such a
-        suggestion is a bound, not an answer: widen ``ranks``.
+        suggestion -> ``">="`` when it is the largest rank tried and its curve was still
+        improving there, ``"<="`` for the smallest rank tried (above 1); such a suggestion
+        is a bound, not an answer: widen ``ranks``.
     agreement : str
         One line: whether the criteria agree, and if not, which ones pick what (and which
         ranks cross-validation cannot tell apart).
@@ -5206,38 +5205,16 @@ class RankReport:
     edges: dict = field(default_factory=dict)
     agreement: str = ""
 
+    def criteria(self):
+        """The registered criteria present in ``results``, in the registry's order."""
+        return [c for c in _CRITERIA.values() if c.name in self.results]
+
     def columns(self):
         """Column name -> {rank: value} for every number in the table."""
         cols = {}
-        if "cv" in self.results:
-            cv = self.results["cv"]
-            cols["PRESS"] = dict(zip(cv.ranks.tolist(), cv.press_median.tolist(), strict=True))
-            cols["PRESS se"] = dict(zip(cv.ranks.tolist(), cv.press_mad_se.tolist(),
-                                        strict=True))
-            if cv.n_outlier_folds.any():
-                cols["outlier folds"] = dict(zip(cv.ranks.tolist(),
-                                                 cv.n_outlier_folds.tolist(), strict=True))
-        if "bicv" in self.results:
-            bi = self.results["bicv"]
-            cols["BCV PRESS"] = dict(zip(bi.ranks.tolist(), bi.press_median.tolist(),
-                                         strict=True))
-        if "cophenetic" in self.results:
-            co = self.results["cophenetic"]
-            cols["cophenetic"] = dict(zip(co.ranks.tolist(), co.cophenetic.tolist(),
-                                          strict=True))
-            cols["dispersion"] = dict(zip(co.ranks.tolist(), co.dispersion.tolist(),
-                                          strict=True))
-            if co.pac is not None:
-                cols["PAC"] = dict(zip(co.ranks.tolist(), co.pac.tolist(), strict=True))
-        if "randomized" in self.results:
-            ra = self.results["randomized"]
-            cols["RSS"] = dict(zip(ra.ranks.tolist(), ra.rss.tolist(), strict=True))
-            cols["RSS randomized"] = dict(zip(ra.ranks.tolist(),
-                                              ra.rss_randomized_mean.tolist(), strict=True))
-        if "stability" in self.results:
-            st = self.results["stability"]
-            cols["stability"] = dict(zip(st.ranks.tolist(), st.min_silhouette.tolist(),
-                                         strict=True))
+        for criterion in self.criteria():
+            if criterion.columns is not None:
+                cols.update(criterion.columns(self.results[criterion.name]))
         return cols
 
     def table(self):
@@ -5254,20 +5231,11 @@ class RankReport:
         out += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
                 for row in lines]
         out.append("")
-        prior = self.results.get("prior")
-        for c in self.suggestions:
-            detail = f" (estimate {prior.rank:.2f}, no fits)" if c == "prior" else ""
-            text = _edge_text(self, c)
-            if c == "cv" and c not in self.edges:
-                text = self.results["cv"].pick_text()
-            out.append(f"suggested k by {_CRITERION_NAMES[c]}: {text}{detail}")
-        if prior is not None and not prior.identifiable:
-            out.append(f"prior predictive matching: not identifiable ({prior.reason})")
-        elif prior is not None and prior.misfit:
-            out.append(f"prior predictive matching: no suggestion, {prior.misfit}")
-        if self.cv_outliers():
-            out.append(f"CV outlier folds (> {_OUTLIER_FOLD:g}x their rank's median PRESS): "
-                       + ", ".join(f"k = {k}: {n}" for k, n in self.cv_outliers().items()))
+        for key in self.suggestions:
+            out.append(f"suggested k by {_pick_of(key).label}: {_edge_text(self, key)}")
+        for criterion in self.criteria():
+            if criterion.notes is not None:
+                out += criterion.notes(self.results[criterion.name])
         if self.agreement:
             out.append(self.agreement)
         return "\n".join(out)
@@ -5275,9 +5243,7 @@ class RankReport:
     def cv_outliers(self):
         """rank -> number of CV folds above 3x their rank's median PRESS (ranks with any)."""
         cv = self.results.get("cv")
-        if cv is None:
-            return {}
-        return {int(k): int(n) for k, n in zip(cv.ranks, cv.n_outlier_folds, strict=True) if n}
+        return {} if cv is None else _cv_outliers(cv)
 
     def __str__(self):
         return self.table()
@@ -5288,29 +5254,15 @@ class RankReport:
                "edges": dict(self.edges), "agreement": self.agreement,
                "columns": {name: {str(k): v for k, v in col.items()}
                            for name, col in self.columns().items()}}
-        prior = self.results.get("prior")
-        if prior is not None:
-            out["prior"] = {"rank": prior.rank, "identifiable": prior.identifiable,
-                            "reason": prior.reason, "mean": prior.mean, "var": prior.var,
-                            "rho_row": prior.rho_row, "rho_col": prior.rho_col,
-                            "tau": prior.tau, "likelihood": prior.likelihood,
-                            "misfit": prior.misfit}
+        for criterion in self.criteria():
+            if criterion.details is not None:
+                out[criterion.name] = criterion.details(self.results[criterion.name])
         return out
 
 
-_CRITERION_NAMES = {"prior": "prior predictive matching (rounded)",
-                    "cv": "cross-validated PRESS (smallest rank within 1 SE of the best)",
-                    "cv_1se": "PRESS, one-SE rule",
-                    "cophenetic": "cophenetic correlation (Brunet)",
-                    "randomized": "RSS vs randomized data",
-                    "bicv": "bi-cross-validation (smallest rank within 1 SE of the best)",
-                    "stability": "component stability (largest k whose components reproduce)"}
-
-
-def choose_rank(X, ranks, criteria=CRITERIA, *, mask=None, n_restarts=_N_RESTARTS,
+def choose_rank(X, ranks, criteria=None, *, mask=None, n_restarts=_N_RESTARTS,
                 random_state=None, executor=None, progress=None, checkpoint=None,
-                prior_kwargs=None, cv_kwargs=None, consensus_kwargs=None, randomized_kwargs=None,
-                bicv_kwargs=None, stability_kwargs=None):
+                **criterion_kwargs):
     """Run several rank-selection criteria and put them side by side.
 
     Parameters
@@ -5318,24 +5270,25 @@ def choose_rank(X, ranks, criteria=CRITERIA, *, mask=None, n_restarts=_N_RESTART
     X : array-like (m, n)
         Non-negative data, NaN = missing.
     ranks : iterable of int
-    criteria : tuple of str
+    criteria : tuple of str, optional
         Any of ``"prior"`` (`prior_predictive_rank`, instant, Poisson likelihood unless
-        ``prior_kwargs`` says otherwise), ``"cv"`` (`cross_validate`; suggests the minimum of
-        mean PRESS, and reports the
-        one-standard-error rule as ``"cv_1se"``), ``"cophenetic"`` (`consensus`, ranks >= 2),
-        ``"randomized"`` (`randomized_rss`), ``"bicv"`` (`bicross_validate`),
-        ``"stability"`` (`stability`, ranks >= 2).
+        ``prior_kwargs`` says otherwise), ``"cv"`` (`cross_validate`; suggests its
+        ``best_rank``, and reports the one-standard-error rule as ``"cv_1se"``),
+        ``"bicv"`` (`bicross_validate`), ``"randomized"`` (`randomized_rss`),
+        ``"cophenetic"`` (`consensus`, ranks >= 2), ``"stability"`` (`stability`, ranks
+        >= 2). Default: all (`CRITERIA`).
     mask, random_state, executor, progress
-        Shared by all criteria (each criterion gets its own spawned seed).
+        Shared by all criteria (each criterion draws from its own seed stream).
     checkpoint : str or os.PathLike, optional
         A directory for the criteria's checkpoints (a subdirectory each; see
         `cross_validate`): calling again with the same arguments resumes where a run stopped.
     n_restarts : int
         Fits per rank (and fold) for ``"cv"``, ``"randomized"`` and ``"bicv"`` (see
         `cross_validate`); a criterion's own kwargs override it.
-    prior_kwargs, cv_kwargs, consensus_kwargs, randomized_kwargs, bicv_kwargs, \
-stability_kwargs : dict, optional
-        Extra arguments for each criterion's function.
+    **criterion_kwargs : dict
+        Extra arguments for each criterion's function: ``prior_kwargs``, ``cv_kwargs``,
+        ``bicv_kwargs``, ``randomized_kwargs``, ``consensus_kwargs`` (for ``"cophenetic"``),
+        ``stability_kwargs``.
 
     Returns
     -------
@@ -5352,115 +5305,95 @@ stability_kwargs : dict, optional
     >>> report.table().splitlines()[0].split()   # then one line per rank, then suggestions
     ['k', 'PRESS', 'PRESS', 'se', 'BCV', 'PRESS']
     """
-    criteria = tuple(criteria)
-    for c in criteria:
-        _check_choice(c, CRITERIA, "criterion")
+    chosen = _chosen_criteria(criteria, criterion_kwargs)
     data = _validate_data(X, mask, signal=True)
     ranks = _check_ranks(ranks, data.shape)
-    seeded = CRITERIA[1:]  # each fitting criterion gets its own stream; "prior" needs none
     if checkpoint is not None and random_state is None:
         random_state = _persistent_seed(checkpoint)
-    seeds = dict(zip(seeded, _seed_sequence(random_state).spawn(len(seeded)), strict=True))
-    common = {"executor": executor, "progress": progress, "checkpoint": checkpoint}
+    streams = [c.stream for c in _CRITERIA.values() if c.stream is not None]
+    seeds = _seed_sequence(random_state).spawn(max(streams) + 1 if streams else 0)
     _check_positive_int(n_restarts, "n_restarts")
-    restarts = {"n_restarts": n_restarts}
     Xc = _nan_copy(data)
     results, suggestions = {}, {}
-    if "prior" in criteria:
-        prior = prior_predictive_rank(Xc, strict=False, **(prior_kwargs or {}))
-        results["prior"] = prior
-        if prior.identifiable and not prior.misfit:
-            suggestions["prior"] = prior.rank_int
-    if "cv" in criteria:
-        cv = cross_validate(Xc, ranks, random_state=seeds["cv"], **common,
-                            **{**restarts, **(cv_kwargs or {})})
-        results["cv"] = cv
-        suggestions["cv"] = cv.best_rank
-        suggestions["cv_1se"] = cv.best_rank_1se
-    if "cophenetic" in criteria and np.any(ranks >= 2):
-        co = consensus(Xc, ranks[ranks >= 2], random_state=seeds["cophenetic"], **common,
-                       **(consensus_kwargs or {}))
-        results["cophenetic"] = co
-        suggestions["cophenetic"] = co.best_rank
-    if "randomized" in criteria:
-        ra = randomized_rss(Xc, ranks, random_state=seeds["randomized"], **common,
-                            **{**restarts, **(randomized_kwargs or {})})
-        results["randomized"] = ra
-        suggestions["randomized"] = ra.best_rank
-    if "bicv" in criteria:
-        bi = bicross_validate(Xc, ranks, random_state=seeds["bicv"], **common,
-                              **{**restarts, **(bicv_kwargs or {})})
-        results["bicv"] = bi
-        suggestions["bicv"] = bi.best_rank
-    if "stability" in criteria and np.any(ranks >= 2):
-        st = stability(Xc, ranks[ranks >= 2], random_state=seeds["stability"], **common,
-                       **(stability_kwargs or {}))
-        results["stability"] = st
-        suggestions["stability"] = st.best_rank
+    for criterion in chosen:
+        tried = ranks[ranks >= criterion.min_rank]
+        if len(tried) == 0:
+            continue
+        kwargs = criterion_kwargs.get(criterion.options or f"{criterion.name}_kwargs") or {}
+        if criterion.restarts:
+            kwargs = {"n_restarts": n_restarts, **kwargs}
+        seed = None if criterion.stream is None else seeds[criterion.stream]
+        result = criterion.run(Xc, tried, random_state=seed, executor=executor,
+                               progress=progress, checkpoint=checkpoint, **kwargs)
+        results[criterion.name] = result
+        for pick in criterion.picks:
+            k = pick.read(result)
+            if k is not None:
+                suggestions[pick.key] = k
     edges = _edges(ranks, results, suggestions)
     return RankReport(ranks, results, suggestions, edges,
                       _agreement(results, suggestions, edges))
 
 
+def _chosen_criteria(criteria, criterion_kwargs):
+    """The registered criteria named (all by default), in the registry's order; unknown
+    names and unknown ``*_kwargs`` raise."""
+    names = tuple(_CRITERIA) if criteria is None else tuple(criteria)
+    for c in names:
+        _check_choice(c, tuple(_CRITERIA), "criterion")
+    known = {c.options or f"{c.name}_kwargs" for c in _CRITERIA.values()}
+    for key in criterion_kwargs:
+        if key not in known:
+            raise TypeError(f"choose_rank() got an unexpected keyword argument {key!r}; "
+                            f"criteria take {', '.join(sorted(known))}")
+    return [c for c in _CRITERIA.values() if c.name in names]
+
+
 def _edges(ranks, results, suggestions):
-    """criterion -> ">=" / "<=" where its pick is the range's edge and its curve says the
+    """suggestion -> ">=" / "<=" where its pick is the range's edge and its curve says the
     answer may lie beyond it (see `RankReport`)."""
     edges = {}
-    top, bottom = int(ranks[-1]), int(ranks[0])
-    for c, k in suggestions.items():
-        if c == "prior":
-            if k > top or k < bottom:
-                edges[c] = ">=" if k > top else "<="
+    for key, k in suggestions.items():
+        pick = _pick_of(key)
+        if k is None or pick.edge is None:
             continue
-        result = results["cv" if c == "cv_1se" else c]
-        if c == "stability":
-            edges.update(_stability_edge(result))
-            continue
-        if c != "cophenetic" and len(result.ranks) < 2:
-            continue
-        if k == int(result.ranks[-1]) and c in ("cv", "bicv", "randomized", "cophenetic"):
-            edges[c] = ">="
-        elif k == int(result.ranks[0]) and k > 1 and c in ("cv", "cv_1se", "bicv"):
-            edges[c] = "<="
+        edge = pick.edge(results[_criterion_of(key).name], k, ranks)
+        if edge is not None:
+            edges[key] = edge
     return edges
 
 
-def _stability_edge(st):
-    """The stability pick is a bound when the largest rank tried still reproduces, or when
-    no rank does."""
-    if st.min_silhouette[-1] >= st.threshold and len(st.ranks) > 1:
-        return {"stability": ">="}
-    if st.min_silhouette.max() < st.threshold:
-        return {"stability": "<="}
-    return {}
-
-
-def _edge_text(report, criterion):
-    k = report.suggestions[criterion]
-    edge = report.edges.get(criterion)
+def _edge_text(report, key):
+    """The table's text for a suggestion: the rank, or the bound and why."""
+    k, edge = report.suggestions[key], report.edges.get(key)
+    pick, result = _pick_of(key), report.results.get(_criterion_of(key).name)
     if edge is None:
-        return str(k)
-    if criterion == "prior":
-        return f"{k} (outside the ranks tried)"
-    if criterion == "stability" and edge == "<=":
-        return (f"none (no rank tried has every component reproducing: worst silhouette "
-                f"below {report.results['stability'].threshold:g})")
+        return str(k) if pick.text is None else pick.text(result, k)
+    bound = pick.bound(result, k, edge) if pick.bound is not None else None
+    if bound is not None:
+        return bound[0]
     where = "largest" if edge == ">=" else "smallest"
-    still = {"cv": "PRESS still falling", "bicv": "BCV PRESS still falling",
-             "randomized": "RSS still falling faster than on randomized data",
-             "cophenetic": "coefficient highest", "cv_1se": "PRESS within 1 SE",
-             "stability": "components still reproduce"}[criterion]
-    return f"{'≥' if edge == '>=' else '≤'} {k} ({still} at the {where} rank tried)"
+    return f"{'≥' if edge == '>=' else '≤'} {k} ({pick.still} at the {where} rank tried)"
+
+
+def _edge_text_short(result, key, k, edge):
+    """A bound in a few characters: ``"≥ 6"``, or the pick's own short text."""
+    pick = _pick_of(key)
+    bound = pick.bound(result, k, edge) if pick.bound is not None else None
+    if bound is not None and bound[1] is not None:
+        return bound[1]
+    return f"{'≥' if edge == '>=' else '≤'} {k}"
 
 
 def _agreement(results, suggestions, edges):
     """One line saying whether the criteria agree (see `RankReport`)."""
     answers = {c: k for c, k in suggestions.items() if c not in edges}
-    bounds = [f"{_SHORT_NAMES[c]} ({_edge_text_short(k, edges[c], c)})"
+    bounds = [f"{_pick_of(c).short} "
+              f"({_edge_text_short(results[_criterion_of(c).name], c, k, edges[c])})"
               for c, k in suggestions.items() if c in edges]
     picks = {}
     for c, k in answers.items():
-        picks.setdefault(k, []).append(_SHORT_NAMES[c])
+        picks.setdefault(k, []).append(_pick_of(c).short)
     if not picks:
         head = "no criterion has an answer inside the ranks tried"
     elif len(picks) == 1:
@@ -5470,12 +5403,191 @@ def _agreement(results, suggestions, edges):
         head = "criteria disagree: " + "; ".join(
             f"k = {k} by {', '.join(names)}" for k, names in sorted(picks.items()))
     parts = [head]
-    cv = results.get("cv")
-    if cv is not None and len(cv.pick_counts()) > 1:
-        parts.append(f"CV's splits disagree: {cv.pick_text()}")
     if bounds:
         parts.append("no answer inside the ranks tried by " + ", ".join(bounds))
-    if cv is not None and len(cv.ranks) > 1:
+    for criterion in _CRITERIA.values():
+        if criterion.name in results and criterion.agreement is not None:
+            parts += criterion.agreement(results[criterion.name])
+    return "; ".join(parts) + "."
+
+
+# The rank criteria, each declared once. `choose_rank` runs them in this order, the report's
+# table, JSON and dashboard show them in it, and the command line's --criteria names them.
+# A new criterion is its own section (a function returning a result with ``ranks``) plus one
+# `_register` call below.
+
+
+@dataclass(frozen=True)
+class _Pick:
+    """One rank a criterion suggests (cross-validation suggests two).
+
+    ``key`` names it in `RankReport.suggestions` and ``edges``; ``label`` in the table's
+    "suggested k by ..." line; ``short`` in the agreement line and the dashboard's title.
+    ``read(result)`` is the suggested rank, or None for no answer. ``edge(result, k,
+    ranks)`` returns ``">="``/``"<="`` when the pick is a bound at the range's edge (None:
+    never), ``still`` says why in the table. ``text(result, k)`` writes a pick inside the
+    range (default ``str(k)``), ``brief(result, k, edge)`` its entry in the dashboard's title
+    (None: none), ``bound(result, k, edge)`` a bound's (long, short) text where it is not the
+    usual ``"≥ k (still ...)"``."""
+
+    key: str
+    label: str
+    short: str
+    read: Callable
+    edge: Callable = None
+    still: str = ""
+    text: Callable = None
+    brief: Callable = None
+    bound: Callable = None
+
+
+@dataclass(frozen=True)
+class _Criterion:
+    """A rank-selection criterion as `choose_rank` and its report use it.
+
+    ``run(X, ranks, random_state=, executor=, progress=, checkpoint=, **kwargs)`` makes its
+    result (X dense with NaN, or CSR); ``stream`` is its seed stream (each criterion draws
+    from its own, so adding one moves no other; None: it draws none); ``min_rank`` drops
+    smaller ranks (skipped when none is left); ``restarts``: it takes ``n_restarts``;
+    ``options``: `choose_rank`'s keyword for its own arguments (default ``NAME_kwargs``).
+    ``columns(result)`` gives its table columns (name -> {rank: value}), ``notes(result)``
+    lines under the table, ``agreement(result)`` clauses after the agreement line,
+    ``details(result)`` its own entry in ``to_dict()``; ``panel(ax, result, suggestions)``
+    draws its dashboard panel titled ``title``, and ``mark(ax, result, ranks)`` draws on
+    every panel."""
+
+    name: str
+    run: Callable
+    picks: tuple
+    stream: int = None
+    min_rank: int = 1
+    restarts: bool = False
+    options: str = ""
+    columns: Callable = None
+    notes: Callable = None
+    agreement: Callable = None
+    details: Callable = None
+    panel: Callable = None
+    title: str = ""
+    mark: Callable = None
+
+
+_CRITERIA = {}
+
+
+def _register(criterion):
+    """Add a criterion to the registry (replacing one of the same name)."""
+    _CRITERIA[criterion.name] = criterion
+    return criterion
+
+
+def _criterion_of(key):
+    """The criterion that makes the suggestion ``key`` (``"cv_1se"`` -> cv's)."""
+    for criterion in _CRITERIA.values():
+        if any(pick.key == key for pick in criterion.picks):
+            return criterion
+    raise KeyError(key)
+
+
+def _pick_of(key):
+    return next(p for p in _criterion_of(key).picks if p.key == key)
+
+
+def _by_rank(ranks, values):
+    return dict(zip(np.asarray(ranks).tolist(), np.asarray(values).tolist(), strict=True))
+
+
+def _edge_of_range(top=True, bottom=True, single=False):
+    """Edge rule of a curve: its pick at the largest rank tried is a lower bound (``top``),
+    at the smallest (above 1) an upper bound (``bottom``); ``single``: even when only one
+    rank was tried."""
+    def edge(result, k, ranks):
+        tried = result.ranks
+        if len(tried) < 2 and not single:
+            return None
+        if top and k == int(tried[-1]):
+            return ">="
+        if bottom and k == int(tried[0]) and k > 1:
+            return "<="
+        return None
+    return edge
+
+
+# prior predictive matching: instant, no fits, no seed ----------------------------------------
+
+def _prior_run(X, ranks, *, random_state, executor, progress, checkpoint, **kwargs):
+    return prior_predictive_rank(X, strict=False, **kwargs)
+
+
+def _prior_read(prior):
+    return prior.rank_int if prior.identifiable and not prior.misfit else None
+
+
+def _prior_detail(prior):
+    return f" (estimate {prior.rank:.2f}, no fits)"
+
+
+def _prior_brief(prior, k, edge):
+    rank = _prior_rank(prior)
+    if getattr(prior, "misfit", ""):
+        return "likelihood does not fit"
+    return "not identifiable" if rank is None else f"{rank:.1f}"
+
+
+def _prior_notes(prior):
+    if not prior.identifiable:
+        return [f"prior predictive matching: not identifiable ({prior.reason})"]
+    if prior.misfit:
+        return [f"prior predictive matching: no suggestion, {prior.misfit}"]
+    return []
+
+
+def _prior_details(prior):
+    return {"rank": prior.rank, "identifiable": prior.identifiable, "reason": prior.reason,
+            "mean": prior.mean, "var": prior.var, "rho_row": prior.rho_row,
+            "rho_col": prior.rho_col, "tau": prior.tau, "likelihood": prior.likelihood,
+            "misfit": prior.misfit}
+
+
+_register(_Criterion(
+    "prior", _prior_run, (_Pick(
+        "prior", "prior predictive matching (rounded)", "prior predictive", _prior_read,
+        edge=lambda prior, k, ranks: ">=" if k > ranks[-1] else "<=" if k < ranks[0] else None,
+        text=lambda prior, k: f"{k}{_prior_detail(prior)}", brief=_prior_brief,
+        bound=lambda prior, k, edge: (f"{k} (outside the ranks tried){_prior_detail(prior)}",
+                                      None)),),
+    notes=_prior_notes, details=_prior_details, title="Prior predictive",
+    mark=lambda ax, prior, ranks: _mark_prior(ax, prior, np.asarray(ranks))))
+
+
+# cross-validation: its pick and the one-standard-error rule ----------------------------------
+
+def _cv_columns(cv):
+    cols = {"PRESS": _by_rank(cv.ranks, cv.press_median),
+            "PRESS se": _by_rank(cv.ranks, cv.press_mad_se)}
+    if cv.n_outlier_folds.any():
+        cols["outlier folds"] = _by_rank(cv.ranks, cv.n_outlier_folds)
+    return cols
+
+
+def _cv_notes(cv):
+    outliers = _cv_outliers(cv)
+    if not outliers:
+        return []
+    return [f"CV outlier folds (> {_OUTLIER_FOLD:g}x their rank's median PRESS): "
+            + ", ".join(f"k = {k}: {n}" for k, n in outliers.items())]
+
+
+def _cv_outliers(cv):
+    return {int(k): int(n) for k, n in zip(cv.ranks, cv.n_outlier_folds, strict=True) if n}
+
+
+def _cv_agreement(cv):
+    """Whether the splits agree, and which ranks PRESS cannot tell apart."""
+    parts = []
+    if len(cv.pick_counts()) > 1:
+        parts.append(f"CV's splits disagree: {cv.pick_text()}")
+    if len(cv.ranks) > 1:
         best = int(np.flatnonzero(cv.ranks == cv.best_rank)[0])
         final = ~np.isnan(np.asarray(cv.press)[:, -1, 0])  # ranks fitted on every split
         close = cv.ranks[final & (cv.press_median <= cv.press_median[best]
@@ -5485,13 +5597,102 @@ def _agreement(results, suggestions, edges):
                          "resolve the rank by cross-validation")
         elif len(close) > 1:
             parts.append(f"PRESS at {', '.join(str(int(k)) for k in close)} within 1 SE")
-    return "; ".join(parts) + "."
+    return parts
 
 
-def _edge_text_short(k, edge, criterion=None):
-    if criterion == "stability" and edge == "<=":
-        return "none"
-    return f"{'≥' if edge == '>=' else '≤'} {k}"
+def _cv_brief(cv, k, edge):
+    if edge is None and len(cv.pick_counts()) > 1:
+        return cv.pick_text()  # the splits disagree: never one number
+    return None
+
+
+_register(_Criterion(
+    "cv", cross_validate, (
+        _Pick("cv", "cross-validated PRESS (smallest rank within 1 SE of the best)", "CV",
+             lambda cv: cv.best_rank, edge=_edge_of_range(), still="PRESS still falling",
+             text=lambda cv, k: cv.pick_text(), brief=_cv_brief),
+        _Pick("cv_1se", "PRESS, one-SE rule", "CV one-SE rule", lambda cv: cv.best_rank_1se,
+             edge=_edge_of_range(top=False), still="PRESS within 1 SE")),
+    stream=0, restarts=True, columns=_cv_columns, notes=_cv_notes, agreement=_cv_agreement,
+    panel=lambda ax, cv, picks: _draw_cv(ax, cv, picks.get("cv"), picks.get("cv_1se")),
+    title="Cross-validation (held-out cells)"))
+
+
+# bi-cross-validation ------------------------------------------------------------------------
+
+_register(_Criterion(
+    "bicv", bicross_validate, (_Pick(
+        "bicv", "bi-cross-validation (smallest rank within 1 SE of the best)", "BCV",
+        lambda bi: bi.best_rank, edge=_edge_of_range(), still="BCV PRESS still falling"),),
+    stream=3, restarts=True,
+    columns=lambda bi: {"BCV PRESS": _by_rank(bi.ranks, bi.press_median)},
+    panel=lambda ax, bi, picks: _draw_cv(ax, bi, picks.get("bicv"), None, bicv=True),
+    title="Bi-cross-validation (held-out blocks)"))
+
+
+# RSS against randomized data ----------------------------------------------------------------
+
+_register(_Criterion(
+    "randomized", randomized_rss, (_Pick(
+        "randomized", "RSS vs randomized data", "RSS vs randomized", lambda ra: ra.best_rank,
+        edge=_edge_of_range(bottom=False),
+        still="RSS still falling faster than on randomized data"),),
+    stream=2, restarts=True,
+    columns=lambda ra: {"RSS": _by_rank(ra.ranks, ra.rss),
+                        "RSS randomized": _by_rank(ra.ranks, ra.rss_randomized_mean)},
+    panel=lambda ax, ra, picks: _draw_randomized(ax, ra, picks.get("randomized")),
+    title="RSS against randomized data"))
+
+
+# consensus clustering -----------------------------------------------------------------------
+
+def _cophenetic_columns(co):
+    cols = {"cophenetic": _by_rank(co.ranks, co.cophenetic),
+            "dispersion": _by_rank(co.ranks, co.dispersion)}
+    if co.pac is not None:
+        cols["PAC"] = _by_rank(co.ranks, co.pac)
+    return cols
+
+
+_register(_Criterion(
+    "cophenetic", consensus, (_Pick(
+        "cophenetic", "cophenetic correlation (Brunet)", "cophenetic (Brunet)",
+        lambda co: co.best_rank, edge=_edge_of_range(bottom=False, single=True),
+        still="coefficient highest"),),
+    stream=1, min_rank=2, options="consensus_kwargs", columns=_cophenetic_columns,
+    panel=lambda ax, co, picks: _draw_cophenetic(ax, co, picks.get("cophenetic")),
+    title="Consensus stability"))
+
+
+# component stability ------------------------------------------------------------------------
+
+def _stability_edge(st, k, ranks):
+    """A bound when the largest rank tried still reproduces, or when no rank does."""
+    if st.min_silhouette[-1] >= st.threshold and len(st.ranks) > 1:
+        return ">="
+    if st.min_silhouette.max() < st.threshold:
+        return "<="
+    return None
+
+
+def _stability_bound(st, k, edge):
+    if edge == "<=":
+        return (f"none (no rank tried has every component reproducing: worst silhouette "
+                f"below {st.threshold:g})", "none")
+    return None
+
+
+_register(_Criterion(
+    "stability", stability, (_Pick(
+        "stability", "component stability (largest k whose components reproduce)",
+        "component stability", lambda st: st.best_rank, edge=_stability_edge,
+        still="components still reproduce", bound=_stability_bound),),
+    stream=4, min_rank=2,
+    columns=lambda st: {"stability": _by_rank(st.ranks, st.min_silhouette)},
+    panel=lambda ax, st, picks: _draw_stability(ax, st, picks.get("stability")),
+    title="Component stability across runs"))
+
+CRITERIA = tuple(_CRITERIA)
 
 
 def _format_number(value):
@@ -5552,10 +5753,6 @@ def _sq_sum(X):
 _MARK_STYLES = {"best_rank": {"color": "C3", "linestyle": "--"},
                 "best_rank_1se": {"color": "C1", "linestyle": ":"},
                 "prior": {"color": "0.35", "linestyle": "-."}}
-_PANELS = ("cv", "bicv", "randomized", "cophenetic", "stability")
-_SHORT_NAMES = {"cv": "CV", "cv_1se": "CV one-SE rule", "bicv": "BCV",
-                "randomized": "RSS vs randomized", "cophenetic": "cophenetic (Brunet)",
-                "prior": "prior predictive", "stability": "component stability"}
 
 
 def plot_loss(results, *, x="iteration", normalize=False, labels=None, ax=None):
@@ -5938,22 +6135,29 @@ def plot_rank_report(report, *, fig=None):
     >>> fig.savefig("rank_report.png")  # doctest: +SKIP
     >>> plt.close("all")
     """
-    prior = report.results.get("prior")
-    panels = [c for c in _PANELS if c in report.results] or ["prior"]
-    if prior is None and panels == ["prior"]:
+    present = report.criteria()
+    panels = [c for c in present if c.panel is not None]
+    marks = [c for c in present if c.mark is not None]
+    if not panels and not marks:
         raise ValueError(f"the report holds no criterion to plot: {list(report.results)}")
-    ncols = len(panels) if len(panels) <= 3 else 2
-    nrows = math.ceil(len(panels) / ncols)
+    ncols = max(1, len(panels)) if len(panels) <= 3 else 2
+    nrows = max(1, math.ceil(len(panels) / ncols))
     fig = _new_figure(fig, (4.8 * ncols, 3.6 * nrows + 0.7))
     grid = fig.add_gridspec(nrows, ncols)
-    for i, criterion in enumerate(panels):
-        ax = fig.add_subplot(grid[i // ncols, i % ncols], label=criterion)
-        _draw_panel(ax, criterion, report.results.get(criterion), report.suggestions)
-        if prior is not None:
-            _mark_prior(ax, prior, np.asarray(report.ranks))
+    for i, criterion in enumerate(panels or [None]):
+        if criterion is None:  # a report holding only marks (a prior) still gets an axes
+            ax = fig.add_subplot(grid[0, 0], label=marks[0].name)
+            ax.set_title(marks[0].title)
+            ax.set_yticks([])
+        else:
+            ax = fig.add_subplot(grid[i // ncols, i % ncols], label=criterion.name)
+            criterion.panel(ax, report.results[criterion.name], report.suggestions)
+            ax.set_title(criterion.title)
+        for marker in marks:
+            marker.mark(ax, report.results[marker.name], report.ranks)
         _rank_axis(ax, report.ranks)
         _legend(ax)
-    fig.suptitle(_summary(report, prior, fig.bbox.width / fig.dpi))
+    fig.suptitle(_summary(report, fig.bbox.width / fig.dpi))
     return fig
 
 
@@ -6108,46 +6312,18 @@ def _draw_stability(ax, st, best):
     ax.plot([], [], "^:", color="C3", label="relative error, mean (right)")
 
 
-def _draw_panel(ax, criterion, result, suggestions):
-    """One rank-report panel, marking the report's own suggestions."""
-    if criterion == "cv":
-        _draw_cv(ax, result, suggestions.get("cv"), suggestions.get("cv_1se"))
-        ax.set_title("Cross-validation (held-out cells)")
-    elif criterion == "bicv":
-        _draw_cv(ax, result, suggestions.get("bicv"), None, bicv=True)
-        ax.set_title("Bi-cross-validation (held-out blocks)")
-    elif criterion == "randomized":
-        _draw_randomized(ax, result, suggestions.get("randomized"))
-        ax.set_title("RSS against randomized data")
-    elif criterion == "cophenetic":
-        _draw_cophenetic(ax, result, suggestions.get("cophenetic"))
-        ax.set_title("Consensus stability")
-    elif criterion == "stability":
-        _draw_stability(ax, result, suggestions.get("stability"))
-        ax.set_title("Component stability across runs")
-    else:  # a report holding only a prior still gets an axes for its line
-        ax.set_title("Prior predictive")
-        ax.set_yticks([])
-
-
-def _summary(report, prior, width):
+def _summary(report, width):
     """Title text: every suggestion, wrapped to the figure's width (in inches)."""
     items = []
-    for key, k in report.suggestions.items():
-        if key == "prior" and prior is not None:
-            continue  # written below with its float estimate
-        edge = report.edges.get(key)
-        if key == "cv" and edge is None and len(report.results["cv"].pick_counts()) > 1:
-            k = report.results["cv"].pick_text()  # the splits disagree: never one number
-        items.append(f"{_SHORT_NAMES.get(key, key)}: "
-                     f"{k if edge is None else _edge_text_short(k, edge, key)}")
-    if prior is not None:
-        rank = _prior_rank(prior)
-        if getattr(prior, "misfit", ""):
-            text = "likelihood does not fit"
-        else:
-            text = "not identifiable" if rank is None else f"{rank:.1f}"
-        items.append("prior predictive: " + text)
+    for criterion in report.criteria():
+        result = report.results[criterion.name]
+        for pick in criterion.picks:
+            k, edge = report.suggestions.get(pick.key), report.edges.get(pick.key)
+            text = pick.brief(result, k, edge) if pick.brief is not None else None
+            if text is None and k is not None:
+                text = str(k) if edge is None else _edge_text_short(result, pick.key, k, edge)
+            if text is not None:
+                items.append(f"{pick.short}: {text}")
     lines = [""]
     for item in items:
         if lines[-1] and len(lines[-1]) + 3 + len(item) > 9 * width:  # ~9 characters an inch
@@ -7600,7 +7776,7 @@ def _parser():
     demo.add_argument("--no-ranks", dest="ranks", action="store_false",
                       help="skip rank selection (fits only)")
     demo.add_argument("--out", default=".", help="directory for demo_rank.png/.json")
-    _add_rank_options(demo, criteria=CRITERIA)
+    _add_rank_options(demo)
     demo.set_defaults(run=_demo)
     return parser
 
@@ -7613,9 +7789,9 @@ def _add_input(parser):
     parser.add_argument("--out", help="output prefix (default: the input's name, here)")
 
 
-def _add_rank_options(parser, criteria=CRITERIA):
-    parser.add_argument("--criteria", type=_parse_criteria, default=criteria,
-                        help=f"comma-separated, any of {','.join(CRITERIA)} "
+def _add_rank_options(parser):
+    parser.add_argument("--criteria", type=_parse_criteria, default=tuple(_CRITERIA),
+                        help=f"comma-separated, any of {','.join(_CRITERIA)} "
                         "(default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="random_state (default: 0)")
@@ -7645,10 +7821,10 @@ def _parse_repeats(text):
 
 def _parse_criteria(text):
     names = tuple(c.strip() for c in text.split(",") if c.strip())
-    unknown = [c for c in names if c not in CRITERIA]
+    unknown = [c for c in names if c not in _CRITERIA]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown criteria {unknown}; choose from "
-                                         f"{','.join(CRITERIA)}")
+                                         f"{','.join(_CRITERIA)}")
     return names
 
 
