@@ -2284,22 +2284,20 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     first = n_repeats if fixed else min(_FIRST_SPLITS, max_splits)
     tasks = [(ki, r, f) for ki in range(len(ranks)) for r in range(first)
              for f in range(n_fold_count)]
-    rounds = [(tasks, _first_fit_seeds(seeds[1], tasks, ranks, fixed), "")]
+    rounds = [_CVRound(tasks, _first_fit_seeds(seeds[1], tasks, ranks, fixed))]
+    fits = _FoldFits(method, loss, n_restarts, ridge, fit_kwargs)
     with _shipped(source, executor) as carried:
-        shared = (carried, method, loss, n_restarts, ridge, fit_kwargs)
+        cv = _CVCall(source, carried, fits, ranks, splits, alpha, _Run(executor, progress, ckpt))
         while rounds:
-            tasks, fit_seeds, label = rounds.pop()
+            round_ = rounds.pop()
+            tasks = round_.tasks
             new = sorted({r for _, r, _ in tasks} - set(range(len(splits))))
             splits += [source.split(n_folds, np.random.default_rng(split_seeds[r]))
                        for r in new]
-            alpha[new] = _fold_alphas(shared, [splits[r] for r in new], n_fold_count,
-                                      (m, n), executor, progress, ckpt, label)
-            outputs = _cv_outputs(shared, splits, ranks, tasks, fit_seeds, alpha, warm_start,
-                                  executor, progress, ckpt, label)
+            alpha[new] = _fold_alphas(cv, [splits[r] for r in new], (m, n), round_.label)
+            outputs = _cv_outputs(cv, round_, warm_start)
             if stuck_restarts and not loo:
-                _refit_stuck(shared, source, splits, ranks, tasks, fit_seeds, alpha, outputs,
-                             per_cell, refitted, stuck_restarts, executor, progress, ckpt,
-                             label)
+                _refit_stuck(cv, round_, outputs, per_cell, refitted, stuck_restarts)
             for (ki, r, f), (p, t, W, H, _) in zip(tasks, outputs, strict=True):
                 press[ki, r, f], train[ki, r, f] = p, t
                 if return_factors:
@@ -2311,8 +2309,8 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
                     tasks = [(ki, q, f) for ki in contenders for q in range(1, r + 1)
                              if q == r or np.isnan(press[ki, q, 0])
                              for f in range(n_fold_count)]
-                    rounds.append((tasks, [_split_seed(seeds[1], q, int(ranks[ki]), f)
-                                           for ki, q, f in tasks], f" (split {r + 1})"))
+                    rounds.append(_CVRound(tasks, [_split_seed(seeds[1], q, int(ranks[ki]), f)
+                                                   for ki, q, f in tasks], f" (split {r + 1})"))
     r = len(splits)
     press, train, alpha = press[:, :r], train[:, :r], alpha[:r]
     folds = source.folds(splits, n_fold_count)
@@ -2342,12 +2340,37 @@ def _split_seed(seed, split, k, f):
     return seed
 
 
-def _refit_stuck(shared, source, splits, ranks, tasks, fit_seeds, alpha, outputs, per_cell,
-                 refitted, stuck_restarts, executor, progress, checkpoint, label):
+@dataclass
+class _CVCall:
+    """What one `cross_validate` call's stages share: the fold source (and ``carried``, what
+    its tasks carry of it: see `_shipped`), how folds are fitted, the ranks, the splits and
+    every training set's ridge so far, and how tasks run."""
+
+    source: object
+    carried: object
+    fits: "_FoldFits"
+    ranks: np.ndarray
+    splits: list
+    alpha: np.ndarray
+    run: "_Run"
+
+
+@dataclass
+class _CVRound:
+    """One round of fits: its (rank index, split, fold) tasks, their seeds, and the label
+    its progress line carries (" (split 3)" for splits added in contention)."""
+
+    tasks: list
+    seeds: list
+    label: str = ""
+
+
+def _refit_stuck(cv, round_, outputs, per_cell, refitted, stuck_restarts):
     """Refit the round's stuck tasks (see `cross_validate`), in place in ``outputs``; a
     task is judged against every fit of its rank so far (``per_cell``: (rank index, split,
-    fold) -> training error per training cell)."""
-    n_train = {(r, f): source.n_train(splits[r], f) for _, r, f in tasks}
+    fold) -> training error per training cell); ``refitted`` counts refits per rank."""
+    tasks, splits = round_.tasks, cv.splits
+    n_train = {(r, f): cv.source.n_train(splits[r], f) for _, r, f in tasks}
     for task, out in zip(tasks, outputs, strict=True):
         per_cell[task] = out[1] / n_train[task[1:]]
     best = {}
@@ -2357,10 +2380,10 @@ def _refit_stuck(shared, source, splits, ranks, tasks, fit_seeds, alpha, outputs
              if per_cell[task] > _STUCK_TRAINING * best[task[0]]]
     if not stuck:
         return
-    args = [(shared, splits[tasks[i][1]], tasks[i][2], int(ranks[tasks[i][0]]), fit_seeds[i],
-             alpha[tasks[i][1], tasks[i][2]], shared[3], stuck_restarts) for i in stuck]
-    again = _map_tasks(_cv_refit_task, args, executor, progress,
-                       "cross_validate: refitting stuck folds" + label, checkpoint)
+    args = [(cv.carried, cv.fits, splits[r], f, int(cv.ranks[ki]), round_.seeds[i],
+             cv.alpha[r, f], stuck_restarts) for i in stuck for ki, r, f in [tasks[i]]]
+    again = _map_tasks(_cv_refit_task, args, cv.run,
+                       "cross_validate: refitting stuck folds" + round_.label)
     for i, out in zip(stuck, again, strict=True):
         refitted[tasks[i][0]] += 1
         if out[-1] < outputs[i][-1]:
@@ -2442,23 +2465,21 @@ def _paired_excess(press):
     return best, excess, se
 
 
-def _cv_outputs(shared, splits, ranks, tasks, fit_seeds, alpha, warm_start, executor,
-                progress, checkpoint, label=""):
+def _cv_outputs(cv, round_, warm_start):
     """Every task's (held-out score, training score, W, H, objective), in task order."""
+    splits, tasks = cv.splits, round_.tasks
     if not warm_start:
-        args = [(shared, splits[r], f, int(ranks[ki]), fit_seeds[i], alpha[r, f])
-                for i, (ki, r, f) in enumerate(tasks)]
-        return _map_tasks(_cv_task, args, executor, progress, "cross_validate" + label,
-                          checkpoint)
+        args = [(cv.carried, cv.fits, splits[r], f, int(cv.ranks[ki]), round_.seeds[i],
+                 cv.alpha[r, f]) for i, (ki, r, f) in enumerate(tasks)]
+        return _map_tasks(_cv_task, args, cv.run, "cross_validate" + round_.label)
     # one chain of ranks per (repeat, fold); tasks are ordered rank-major
-    n_repeats, n_folds = alpha.shape
+    n_repeats, n_folds = cv.alpha.shape
     per_rank = n_repeats * n_folds
-    chains = [(shared, splits[r], f, [int(k) for k in ranks], fit_seeds[j::per_rank],
-               alpha[r, f])
+    chains = [(cv.carried, cv.fits, splits[r], f, [int(k) for k in cv.ranks],
+               round_.seeds[j::per_rank], cv.alpha[r, f])
               for j, (r, f) in enumerate((r, f) for r in range(n_repeats)
                                          for f in range(n_folds))]
-    chained = _map_tasks(_cv_chain_task, chains, executor, progress, "cross_validate",
-                         checkpoint)
+    chained = _map_tasks(_cv_chain_task, chains, cv.run, "cross_validate")
     return [chained[i % per_rank][i // per_rank] for i in range(len(tasks))]
 
 
@@ -2865,40 +2886,61 @@ def _cv_ridge(ridge, method, loss, fit_kwargs):
     return float(ridge)
 
 
-def _fold_alphas(shared, splits, n_folds, shape, executor, progress, checkpoint, label=""):
-    """The ridge of every (repeat, fold)'s training fits (see `cross_validate`), from each
-    training set's own noise level, so that no held-out value reaches the fit; one task per
-    training set."""
-    ridge, fit_kwargs = shared[4:]
+def _fold_alphas(cv, splits, shape, label=""):
+    """The ridge of the training fits of every fold of ``splits`` (see `cross_validate`),
+    from each training set's own noise level, so that no held-out value reaches the fit; one
+    task per training set."""
+    ridge, fit_kwargs, n_folds = cv.fits.ridge, cv.fits.fit_kwargs, cv.alpha.shape[1]
     if not ridge:
         alpha = max(fit_kwargs.get("alpha_W", 0.0), fit_kwargs.get("alpha_H", 0.0))
         return np.full((len(splits), n_folds), float(alpha))
-    args = [(shared, split, f) for split in splits for f in range(n_folds)]
-    if shared[2] == "kl":  # the Gamma priors' rate, from each training set's mean count
-        means = _map_tasks(_mean_task, args, executor, progress,
-                           "cross_validate: means" + label, checkpoint)
+    args = [(cv.carried, split, f) for split in splits for f in range(n_folds)]
+    if cv.fits.loss == "kl":  # the Gamma priors' rate, from each training set's mean count
+        means = _map_tasks(_mean_task, args, cv.run, "cross_validate: means" + label)
         return (1.0 + ridge) / np.sqrt(np.maximum(means, 1e-300)).reshape(len(splits), n_folds)
-    sigma = _map_tasks(_noise_task, args, executor, progress,
-                       "cross_validate: noise levels" + label, checkpoint)
+    sigma = _map_tasks(_noise_task, args, cv.run, "cross_validate: noise levels" + label)
     scale = ridge * (math.sqrt(shape[0]) + math.sqrt(shape[1]))
     return scale * np.array(sigma).reshape(len(splits), n_folds)
 
 
-def _noise_task(shared, split, f):
-    return shared[0].training(split, f).noise()
+def _noise_task(source, split, f):
+    return source.training(split, f).noise()
 
 
-def _mean_task(shared, split, f):
-    return shared[0].training(split, f).observed_mean()
+def _mean_task(source, split, f):
+    return source.training(split, f).observed_mean()
 
 
-def _with_alpha(shared, alpha):
-    ridge, fit_kwargs = shared[4:]
-    if not ridge:
-        return fit_kwargs
-    if shared[2] == "kl":
-        return {**fit_kwargs, "gamma_prior": (1.0 + ridge, alpha)}
-    return {**fit_kwargs, "alpha_W": alpha, "alpha_H": alpha}
+@dataclass
+class _FoldFits:
+    """How cross-validation fits a training set: what each fit task carries besides the
+    data (``ridge``: relative, see `cross_validate`; ``fit_kwargs``: `fit_nmf`'s)."""
+
+    method: str
+    loss: str
+    n_restarts: int
+    ridge: float
+    fit_kwargs: dict
+
+    def options(self, alpha):
+        """`fit_nmf`'s keywords for a training set whose ridge is ``alpha``."""
+        if not self.ridge:
+            return self.fit_kwargs
+        if self.loss == "kl":
+            return {**self.fit_kwargs, "gamma_prior": (1.0 + self.ridge, alpha)}
+        return {**self.fit_kwargs, "alpha_W": alpha, "alpha_H": alpha}
+
+    def fit(self, train, k, seed, alpha, n_restarts, first_child=None, init=None):
+        """(held-out score, training score, W, H, objective) of the best of ``n_restarts``
+        fits of rank k to one training set."""
+        kw = self.options(alpha)
+        if _resolve_method(self.method, self.loss) in ("hals", "cd"):
+            kw = {"extrapolate": True, **kw}
+        if init is not None:
+            kw = {**kw, "init": init}
+        res = _best_fit(train.fit_X, k, seed, n_restarts, kw, first_child=first_child,
+                        mask=train.mask, method=self.method, loss=self.loss)
+        return train.scores(res.W, res.H, self.loss) + (res.W, res.H, res.loss_history[-1])
 
 
 def _best_fit(X, k, seed, n_restarts, fit_kwargs, first_child=None, **kwargs):
@@ -2928,40 +2970,26 @@ def _child_seed(seed, j):
                                   pool_size=seed.pool_size)
 
 
-def _cv_task(shared, split, f, k, seed, alpha):
-    return _cv_fit(shared, shared[0].training(split, f), k, seed, alpha, shared[3])
+def _cv_task(source, fits, split, f, k, seed, alpha):
+    return fits.fit(source.training(split, f), k, seed, alpha, fits.n_restarts)
 
 
-def _cv_refit_task(shared, split, f, k, seed, alpha, done, extra):
-    """``extra`` more random restarts of a stuck fold's fit, after its ``done`` restarts
-    (which used ``seed`` and its children up to ``done - 2``)."""
-    return _cv_fit(shared, shared[0].training(split, f), k, seed, alpha, extra,
-                   first_child=done - 1)
+def _cv_refit_task(source, fits, split, f, k, seed, alpha, extra):
+    """``extra`` more random restarts of a stuck fold's fit, after its ``fits.n_restarts``
+    (which used ``seed`` and its children up to ``n_restarts - 2``)."""
+    return fits.fit(source.training(split, f), k, seed, alpha, extra,
+                    first_child=fits.n_restarts - 1)
 
 
-def _cv_chain_task(shared, split, f, ranks, seeds, alpha):
+def _cv_chain_task(source, fits, split, f, ranks, seeds, alpha):
     """warm_start: one fold's ranks in increasing order (see `cross_validate`)."""
-    train = shared[0].training(split, f)
+    train = source.training(split, f)
     out, W, H = [], None, None
     for k, seed in zip(ranks, seeds, strict=True):
         init = None if W is None else _grow_factors(train.X, train.mask, W, H, k, seed)
-        out.append(_cv_fit(shared, train, k, seed, alpha, shared[3], init=init))
+        out.append(fits.fit(train, k, seed, alpha, fits.n_restarts, init=init))
         W, H = out[-1][2:4]
     return out
-
-
-def _cv_fit(shared, train, k, seed, alpha, n_restarts, first_child=None, init=None):
-    """(held-out score, training score, W, H, objective) of the best of ``n_restarts`` fits
-    of rank k to one training set."""
-    method, loss = shared[1:3]
-    kw = _with_alpha(shared, alpha)
-    if _resolve_method(method, loss) in ("hals", "cd"):
-        kw = {"extrapolate": True, **kw}
-    if init is not None:
-        kw = {**kw, "init": init}
-    res = _best_fit(train.fit_X, k, seed, n_restarts, kw, first_child=first_child,
-                    mask=train.mask, method=method, loss=loss)
-    return train.scores(res.W, res.H, loss) + (res.W, res.H, res.loss_history[-1])
 
 
 def noise_level(X, *, mask=None):
@@ -3811,8 +3839,19 @@ _POOL_RESTARTS = 3  # new process pools one call may start after workers died
 _REPLACEMENTS = weakref.WeakKeyDictionary()  # a broken ProcessPoolExecutor -> its replacement
 
 
-def _map_tasks(function, args, executor, progress, label, checkpoint=None):
-    """function(*a) for a in args, results in order, on ``executor`` when given.
+@dataclass
+class _Run:
+    """How a call's tasks run: on ``executor`` (None: here, one after another), with a
+    progress line (``progress``: True, False, or None for "when stderr is a terminal"), kept
+    in ``checkpoint`` (a `_Checkpoint`, or None)."""
+
+    executor: object = None
+    progress: object = None
+    checkpoint: object = None
+
+
+def _map_tasks(function, args, run, label):
+    """function(*a) for a in args, results in order, as ``run`` (a `_Run`) says.
 
     With a `_Checkpoint`, tasks it holds are read back instead of run and every finished task
     is recorded as it arrives. When a ProcessPoolExecutor's worker dies (the pool breaks),
@@ -3822,6 +3861,7 @@ def _map_tasks(function, args, executor, progress, label, checkpoint=None):
     ``progress=None`` shows it only when stderr is a terminal."""
     from concurrent.futures.process import BrokenProcessPool
 
+    executor, progress, checkpoint = run.executor, run.progress, run.checkpoint
     show = sys.stderr.isatty() if progress is None else bool(progress)
     name = re.sub(r"[^A-Za-z0-9]+", "_", label)
     results = [None] * len(args)
@@ -4124,7 +4164,8 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
     with _shipped(Xc, executor) as carried:
         args = [(carried, int(k), seeds[i * n_runs + r], axis, method, loss, rule, fit_kwargs)
                 for i, k in enumerate(ranks) for r in range(n_runs)]
-        labels_flat = _map_tasks(_consensus_task, args, executor, progress, "consensus", ckpt)
+        labels_flat = _map_tasks(_consensus_task, args, _Run(executor, progress, ckpt),
+                                 "consensus")
     matrices, labels, coph, disp = {}, {}, [], []
     for i, k in enumerate(ranks):
         runs = np.array(labels_flat[i * n_runs:(i + 1) * n_runs])
@@ -4475,8 +4516,8 @@ def stability(X, ranks, *, n_runs=20, threshold=_STABLE_SILHOUETTE, axis="column
         for i, k in enumerate(ranks):  # rank by rank: only one rank's components at a time
             args = [(carried, int(k), seeds[i * n_runs + r], axis, bootstrap, method, loss,
                      fit_kwargs) for r in range(n_runs)]
-            runs = _map_tasks(_stability_task, args, executor, progress,
-                              f"stability k={k}", ckpt)
+            runs = _map_tasks(_stability_task, args, _Run(executor, progress, ckpt),
+                              f"stability k={k}")
             groups.append(_stability_of([c for c, _ in runs], [e for _, e in runs]))
     sil = [g[0] for g in groups]
     min_sil = np.array([s.min() for s in sil])
@@ -4706,7 +4747,8 @@ def randomized_rss(X, ranks, *, n_permutations=3, margin=1.5, mask=None, method=
         carried = [stack.enter_context(_shipped(copy, executor)) for copy in copies]
         args = [(carried[c], int(k), method, fit_seeds[c * len(ranks) + i], n_restarts,
                  fit_kwargs) for c in range(len(copies)) for i, k in enumerate(ranks)]
-        rss = np.array(_map_tasks(_rss_task, args, executor, progress, "randomized_rss", ckpt))
+        rss = np.array(_map_tasks(_rss_task, args, _Run(executor, progress, ckpt),
+                                  "randomized_rss"))
     rss = rss.reshape(len(copies), len(ranks))
     data_rss, rand_rss = rss[0], rss[1:].T
     data_gain = -np.diff(data_rss) / np.maximum(data_rss[:-1], 1e-300)
@@ -4821,7 +4863,8 @@ def bicross_validate(X, ranks, *, n_row_folds=2, n_col_folds=2, n_repeats=1, mas
     with _shipped(Xc, executor) as carried:
         args = [(carried, splits[r][b], int(ranks[i]), method, block_solver, fit_seeds[t],
                  n_restarts, fit_kwargs) for t, (i, r, b) in enumerate(tasks)]
-        outputs = _map_tasks(_bicv_task, args, executor, progress, "bicross_validate", ckpt)
+        outputs = _map_tasks(_bicv_task, args, _Run(executor, progress, ckpt),
+                             "bicross_validate")
     press = np.zeros((len(ranks), n_repeats, n_blocks))
     train = np.zeros_like(press)
     for (i, r, b), (p, t) in zip(tasks, outputs, strict=True):
