@@ -42,6 +42,7 @@ import weakref
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -1334,6 +1335,19 @@ class _MaskedSolver(_WHt):
         return self.objective
 
 
+class _LineArrays(NamedTuple):
+    """`_MaskedLines` as the numba kernels take it (a named tuple compiles to a struct)."""
+
+    ptr: np.ndarray
+    idx: np.ndarray
+    sign: np.ndarray
+    group: np.ndarray
+    cell_group: np.ndarray
+    kptr: np.ndarray
+    kidx: np.ndarray
+    pattern: np.ndarray
+
+
 @dataclass
 class _MaskedLines:
     """One side's lines (X's rows, or its columns) as the masked kernels read them: each
@@ -1377,9 +1391,9 @@ class _MaskedLines:
             self.shared, self.shared_ptr = np.zeros(0, np.int64), np.zeros(1, np.int64)
 
     def kernel(self):
-        """The kernels' tuple (ptr, idx, sign, group, cell_group, kptr, kidx, pattern)."""
-        return (self.ptr, self.idx, self.sign, self.group, self.cell_group, self.kptr,
-                self.kidx, self.pattern)
+        """The arrays the numba kernels read, as a `_LineArrays`."""
+        return _LineArrays(self.ptr, self.idx, self.sign, self.group, self.cell_group,
+                           self.kptr, self.kidx, self.pattern)
 
     def majorized(self, length, max_missing):
         """These lines with ``mm``, ``exact`` and ``shared`` set. Lines sharing their
@@ -1746,7 +1760,8 @@ class _KLLines:
         """Each line's linear term: the sum of B's rows over its observed cells outside its
         held-out block, then over its kept cells."""
         L = self.missing
-        outside = _outside_sums(*L.kernel()[:5], B)  # negated for lines listing observed cells
+        # negated for lines listing observed cells
+        outside = _outside_sums(L.ptr, L.idx, L.sign, L.group, L.cell_group, B)
         listed_missing = (L.sign < 0)[:, None]
         lin = np.where(listed_missing, total[None] - by_group[L.group], 0.0) - outside
         return lin + self.kept_ones @ B
@@ -3449,7 +3464,9 @@ class _MissingFoldTraining(_FoldTraining):
             wV = weights[:, None] * V
             S = np.array([wV[g].sum(axis=0) for g in groups])[lines.group]
             direct = (lines.sign > 0)[:, None]
-            outside = _outside_sums(*lines.kernel()[:5], wV) + direct * (wV.sum(axis=0) - S)
+            outside = (_outside_sums(lines.ptr, lines.idx, lines.sign, lines.group,
+                                     lines.cell_group, wV)
+                       + direct * (wV.sum(axis=0) - S))
             return S + outside - kept @ wV
 
         def matmat(V):
@@ -6836,7 +6853,7 @@ def _masked_model(A, B, bases, L, rows):
     own cell set (`_line_cells`, as in _masked_cd_rows): a' G a less the sum over its missing
     cells, G = bases[group[a]], or the sum over its observed cells; plus its kept cells."""
     k = A.shape[1]
-    signs, group = L[2], L[3]
+    signs, group = L.sign, L.group
     sel = np.empty(B.shape[0], dtype=np.int64)
     total = 0.0
     for a in rows:
@@ -6910,7 +6927,7 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, pairs, scratc
     """Exact coordinate descent on each row a of A >= 0 for the masked least-squares problem
     1/2 a'G_a a - XB_a . a + l1 sum a + l2/2 |a|^2, G_a being the Gram matrix of B over the
     row's observed (training) cells. G_a is formed from the row's cell set (`_line_cells` of
-    the lines L = `_MaskedLines.kernel()`): its base bases[group[a]] (the full Gram matrix,
+    the lines L, a `_LineArrays`): its base bases[group[a]] (the full Gram matrix,
     or a fold's training part of it) minus the sum of b b' over its cells (its missing
     cells) with sign -1, the sum over its cells (its observed cells) with sign +1; plus its
     kept cells' sum. Rows are then swept in blocks, transposed so that the k^2 work of a
@@ -6923,7 +6940,7 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, pairs, scratc
     least (k + 4) times the longest cell set. Only the rows listed in ``rows`` are updated.
     Returns the sum over their observed cells of (b . a)^2 = a'G_a a after the update if
     ``want``."""
-    signs, group = L[2], L[3]
+    signs, group = L.sign, L.group
     p = rows.shape[0]
     k = A.shape[1]
     size = max(8, min(64, 65536 // (k * k)))  # rows per block
@@ -6939,7 +6956,7 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, pairs, scratc
     use_pairs = pairs.shape[0] > 0
     acc = np.empty(max(pairs.shape[1], n_packed), dtype=np.float64)
     sel = np.empty(B.shape[0], dtype=np.int64)
-    pattern = L[7]
+    pattern = L.pattern
     saved = np.empty(n_packed, dtype=np.float64)  # the last pattern's sums
     last = -1
     total = 0.0
@@ -6980,7 +6997,7 @@ def _pattern_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, pair
     Returns the sum over their observed cells of (b . a)^2 = a'G a after the update if
     ``want`` (lines given by their observed cells come here only by units, where a'G a is
     exact)."""
-    signs, group = L[2], L[3]
+    signs, group = L.sign, L.group
     k = A.shape[1]
     n_packed = k * (k + 1) // 2
     S = np.empty((k + 4, k + 4), dtype=np.float64)
@@ -7099,12 +7116,11 @@ def _outside_sums(ptr, idx, sign, group, cell_group, V):
 
 @njit(cache=True)
 def _line_cells(a, L, sel):
-    """Line a's cells, from the lines L = (ptr, idx, sign, group, cell_group, kptr, kidx,
-    pattern) (`_MaskedLines.kernel`), into ``sel``: first its listed cells but those in its held-out
-    block (cell_group[j] == group[a]: its base has taken them out already), then its kept
-    cells. Returns the two counts."""
-    ptr, idx, cell_group, kptr, kidx = L[0], L[1], L[4], L[5], L[6]
-    g = L[3][a]
+    """Line a's cells, from the lines L (`_LineArrays`), into ``sel``: first its listed cells
+    but those in its held-out block (cell_group[j] == group[a]: its base has taken them out
+    already), then its kept cells. Returns the two counts."""
+    ptr, idx, cell_group, kptr, kidx = L.ptr, L.idx, L.cell_group, L.kptr, L.kidx
+    g = L.group[a]
     c = 0
     for q in range(ptr[a], ptr[a + 1]):
         j = idx[q]
@@ -7132,7 +7148,7 @@ def _line_sums(a, L, B, pairs, use_pairs, sel, acc, scratch, S, out):
     if c2 > 0:
         _cells_packed(B, pairs, sel[c1:c1 + c2], use_pairs, acc, scratch, S)
         for e in range(n_packed):
-            out[e] += L[2][a] * acc[e]
+            out[e] += L.sign[a] * acc[e]
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -7227,7 +7243,7 @@ def _block_model(A, block_rows, B, L, Ab, Gb, sel, units):
     those cells do not see (an underdetermined row), where a'G_a a would cancel; a'G_a a
     for every row where the cells are ``units`` (G_a is then their sum, exactly)."""
     k = A.shape[1]
-    signs = L[2]
+    signs = L.sign
     nb = block_rows.shape[0]
     total = 0.0
     complement = np.empty(nb, dtype=np.float64)
@@ -7397,7 +7413,7 @@ def _masked_mu_rows(A, B, bases, L, XB, l1, l2, scratch, u, want):
     A_a *= XB_a / (G a + l1 + l2 A_a), with the row's Gram matrix G given implicitly as in
     _masked_cd_rows. Returns the sum over observed cells of (b . a)^2 after the update if
     ``want``."""
-    signs, group = L[2], L[3]
+    signs, group = L.sign, L.group
     p, k = A.shape
     den = np.empty(k, dtype=np.float64)
     sel = np.empty(B.shape[0], dtype=np.int64)
