@@ -118,6 +118,18 @@ class _Data:
             self.cells = rows, cols, self.zeros[rows, cols]
         return self.cells
 
+    def solver(self, W, H, method, loss, penalty, update_H=True):
+        return _make_solver(self, W, H, method, loss, penalty, update_H)
+
+    def sq_norm(self):
+        return _observed_sq_norm(self)
+
+    def rss(self, W, H):
+        return _observed_rss(self, W, H)
+
+    def mask_layout(self):
+        return _MaskLayout(self)
+
     def observed_mask(self):
         """Boolean m x n of the observed cells (made from the lists for mostly missing data)."""
         if self.observed is not None:
@@ -580,34 +592,59 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
     start = time.perf_counter()
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
-    data, solver = _setup_fit(X, n_components, mask=mask, method=method, loss=loss, init=init,
-                              max_iter=max_iter, tol=tol, random_state=random_state,
-                              alpha_W=alpha_W, alpha_H=alpha_H, l1_ratio=l1_ratio,
-                              gamma_prior=gamma_prior, extrapolate=extrapolate)
-    return _run(solver, data, _resolve_method(method, loss), loss, max_iter, tol, callback,
-                start)
+    options = _FitOptions(method, loss, init, max_iter, tol, random_state, alpha_W, alpha_H,
+                          l1_ratio, gamma_prior, extrapolate)
+    return _fit(_validate_data(X, mask), n_components, options, callback, start)
 
 
-def _setup_fit(X, n_components, *, mask=None, method=None, loss="frobenius", init="nndsvda",
-               max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0,
-               l1_ratio=0.0, gamma_prior=None, extrapolate=False):
-    """Validated data and a solver at the initial point (`fit_nmf`'s arguments)."""
-    data = X if isinstance(X, _FoldTraining) else _validate_data(X, mask)
+@dataclass
+class _FitOptions:
+    """`fit_nmf`'s options, as they travel to `_fit` (cross-validation's and the criteria's
+    fits build them from their ``fit_kwargs``)."""
+
+    method: str = None
+    loss: str = "frobenius"
+    init: object = "nndsvda"
+    max_iter: int = 500
+    tol: float = 1e-4
+    random_state: object = None
+    alpha_W: float = 0.0
+    alpha_H: float = 0.0
+    l1_ratio: float = 0.0
+    gamma_prior: tuple = None
+    extrapolate: bool = False
+
+
+def _fit(data, n_components, options, callback=None, start=None):
+    """`fit_nmf` on validated data: a `_Data`, or a cross-validation training set (which
+    makes its own solver)."""
+    start = time.perf_counter() if start is None else start
+    solver = _setup_fit(data, n_components, options)
+    o = options
+    return _run(solver, data, _resolve_method(o.method, o.loss), o.loss, o.max_iter, o.tol,
+                callback, start)
+
+
+def _setup_fit(data, n_components, options):
+    """A solver at the initial point: options checked, factors initialised, the solver the
+    data's kind calls for (``data.solver``: `_make_solver` for a `_Data`)."""
+    o = options
     k = _check_n_components(n_components, data.shape)
-    method = _check_options(method, loss, max_iter, tol, alpha_W, alpha_H, l1_ratio)
-    shape, rate = _check_gamma_prior(gamma_prior, method, loss)
-    rng = np.random.default_rng(random_state)
-    W, H = _initialize(data, k, init, rng)
-    penalty = _Penalty(alpha_W * l1_ratio + rate, alpha_W * (1 - l1_ratio),
-                       alpha_H * l1_ratio + rate, alpha_H * (1 - l1_ratio), shape - 1.0,
-                       shape - 1.0)
-    solver = _make_solver(data, W, H, method, loss, penalty)
-    if extrapolate:
+    method = _check_options(o.method, o.loss, o.max_iter, o.tol, o.alpha_W, o.alpha_H,
+                            o.l1_ratio)
+    shape, rate = _check_gamma_prior(o.gamma_prior, method, o.loss)
+    rng = np.random.default_rng(o.random_state)
+    W, H = _initialize(data, k, o.init, rng)
+    penalty = _Penalty(o.alpha_W * o.l1_ratio + rate, o.alpha_W * (1 - o.l1_ratio),
+                       o.alpha_H * o.l1_ratio + rate, o.alpha_H * (1 - o.l1_ratio),
+                       shape - 1.0, shape - 1.0)
+    solver = data.solver(W, H, method, o.loss, penalty)
+    if o.extrapolate:
         if method not in ("hals", "cd"):
             raise ValueError("extrapolate=True needs method='hals', or 'cd' with loss='kl'; "
                              f"got method={method!r}")
-        solver.accel = _Extrapolation(_KL_PUSH_FLOOR if loss == "kl" else 0.0)
-    return data, solver
+        solver.accel = _Extrapolation(_KL_PUSH_FLOOR if o.loss == "kl" else 0.0)
+    return solver
 
 
 def make_planted(n_rows, n_cols, rank, *, noise=0.0, missing=0.0, random_state=None,
@@ -950,7 +987,7 @@ def _run(solver, data, method, loss, max_iter, tol, callback, start):
         if callback is not None and callback(n_iter, *solver.views(), f):
             break
     W, H = solver.factors() if accel is None else accel.best_factors()
-    rel = math.sqrt(_observed_rss(data, W, H) / max(_observed_sq_norm(data), 1e-300))
+    rel = math.sqrt(data.rss(W, H) / max(data.sq_norm(), 1e-300))
     return NMFResult(W, H, n_iter, converged, np.array(losses), np.array(times), rel,
                      time.perf_counter() - start, method, loss)
 
@@ -1013,8 +1050,7 @@ class _Revival:
 
 
 def _observed_sq_norm(data):
-    if isinstance(data, _FoldTraining):
-        return data.sq_norm()
+    """Sum of squares of a `_Data`'s observed cells."""
     if data.masked:
         return _sqnorm(data.values if data.zeros is None else data.zeros)
     if data.sparse is not None:
@@ -1023,9 +1059,8 @@ def _observed_sq_norm(data):
 
 
 def _observed_rss(data, W, H):
-    """Exact sum of squared residuals over observed cells, without an m x n temporary."""
-    if isinstance(data, _FoldTraining):
-        return data.rss(W, H)
+    """Exact sum of squared residuals over a `_Data`'s observed cells, without an m x n
+    temporary."""
     if data.zeros is not None:  # a block of rows at a time: no m x n temporary, no cell lists
         rows = max(1, 2 ** 20 // data.shape[1])
         return sum(_sqnorm(np.where(data.observed[a:a + rows], data.zeros[a:a + rows]
@@ -1048,14 +1083,12 @@ def _observed_rss(data, W, H):
 
 
 def _make_solver(data, W, H, method, loss, penalty, update_H=True):
+    """The solver for a `_Data`, by loss, method and the data's kind: KL coordinate descent
+    on anything; KL multiplicative updates on cells (missing or sparse) or a dense X;
+    Frobenius on data with missing cells, or on a dense or sparse X. (Cross-validation's
+    training sets make their own: `_FoldTraining.solver`.)"""
     if loss == "kl" and method == "cd":
         return _KLCDSolver(*_kl_lines(data), W, H, penalty, update_H)
-    if isinstance(data, _MissingFoldTraining):  # Frobenius only (see _cv_source)
-        return _MaskedSolver(data, W, H, method, penalty, update_H)
-    if isinstance(data, _FoldTraining):  # cross_validate's training sets (update_H=True)
-        if loss == "kl":
-            return _FoldKLSolver(data, W, H, penalty)
-        return _FoldSolver(data, W, H, method, penalty)
     if loss == "kl" and (data.masked or data.sparse is not None):
         return _CellsKLSolver(data, W, H, penalty, update_H)
     if data.masked:
@@ -1268,7 +1301,7 @@ class _MaskedSolver(_WHt):
         self.W, self.Ht = W, np.ascontiguousarray(H.T)
         # Where X, its cell sets and the Gram matrices' bases come from: data with missing
         # cells, or a cross-validation training set of such data read through the fold rule.
-        self.lay = data.mask_layout() if isinstance(data, _FoldTraining) else _MaskLayout(data)
+        self.lay = data.mask_layout()
         self.xx = self.lay.xx
         # GDCLS and transform solve exactly
         mm_missing = _majorized_fraction(k) if method == "hals" and update_H else -1.0
@@ -1768,14 +1801,8 @@ class _KLLines:
 
 
 def _kl_lines(data):
-    """(rows, columns) of X as `_KLLines`: a `_FoldTraining` through its rule, a fully
-    observed X as a rule holding nothing out, cells of data with missing values listed."""
-    if isinstance(data, _MissingFoldTraining):
-        return data.kl_lines()
-    if isinstance(data, _FoldTraining):
-        rows = _KLLines(data.cells(), data.col_groups)
-        cols = _KLLines(data.transposed_cells(), data.row_groups)
-        return rows, cols
+    """(rows, columns) of a `_Data` as `_KLLines`: a fully observed X as a rule holding
+    nothing out, cells of data with missing values listed."""
     m, n = data.shape
     if data.masked:
         r_ptr, r_idx, c_ptr, c_idx, order = _cells(data.rows, data.cols, data.shape)
@@ -2953,24 +2980,25 @@ class _FoldFits:
             kw = {"extrapolate": True, **kw}
         if init is not None:
             kw = {**kw, "init": init}
-        res = _best_fit(train.fit_X, k, seed, n_restarts, kw, first_child=first_child,
-                        mask=train.mask, method=self.method, loss=self.loss)
+        res = _best_fit(train.fit_data(), k, seed, n_restarts, kw, first_child=first_child,
+                        method=self.method, loss=self.loss)
         return train.scores(res.W, res.H, self.loss) + (res.W, res.H, res.loss_history[-1])
 
 
-def _best_fit(X, k, seed, n_restarts, fit_kwargs, first_child=None, **kwargs):
-    """The fit with the lowest final objective of ``n_restarts`` `fit_nmf` runs: the first
+def _best_fit(data, k, seed, n_restarts, fit_kwargs, first_child=None, **kwargs):
+    """The fit with the lowest final objective of ``n_restarts`` `_fit` runs on ``data`` (a
+    `_Data` or a training set): the first
     from ``fit_kwargs["init"]`` with ``seed``, the others from random inits with ``seed``'s
     children 0, 1, ...; with ``first_child=c`` (more restarts of the same fit), all from
     random inits with children c, c + 1, ..."""
     best = None
     for r in range(n_restarts):
         if first_child is None and r == 0:
-            res = fit_nmf(X, k, random_state=seed, **fit_kwargs, **kwargs)
+            res = _fit(data, k, _FitOptions(random_state=seed, **fit_kwargs, **kwargs))
         else:
             child = r - 1 if first_child is None else first_child + r
-            res = fit_nmf(X, k, random_state=_child_seed(seed, child),
-                          **{**fit_kwargs, "init": "random"}, **kwargs)
+            res = _fit(data, k, _FitOptions(random_state=_child_seed(seed, child),
+                                            **{**fit_kwargs, "init": "random"}, **kwargs))
         if best is None or res.loss_history[-1] < best.loss_history[-1]:
             best = res
     return best
@@ -3133,7 +3161,10 @@ class _CellTraining:
         self.mask[rows, cols] = True
         self.X = np.zeros(source.shape, dtype=source.values.dtype)
         self.X[rows, cols] = source.values[self.train]
-        self.fit_X = self.X  # what fit_nmf is given, with the mask
+
+    def fit_data(self):
+        """What the fits fit: X with the training cells as its mask."""
+        return _validate_data(self.X, self.mask)
 
     def noise(self):
         return _noise_level(_validate_data(self.X, self.mask))
@@ -3200,12 +3231,25 @@ class _FoldTraining:
         self.x_sum = every[3] - held[3]
         self.xx = every[4] - held[4]
 
-    @property
-    def fit_X(self):
-        """What `fit_nmf` fits: the training cells, read through the rule (a property, not
-        an attribute: a reference to itself would keep every fold's copy of its held-out
-        values alive until the garbage collector's next full pass)."""
+    def fit_data(self):
+        """What the fits fit: the training cells, read through the rule (a method, not an
+        attribute: a reference to itself would keep every fold's copy of its held-out values
+        alive until the garbage collector's next full pass)."""
         return self
+
+    def solver(self, W, H, method, loss, penalty, update_H=True):
+        """The training set's solver: through the fold rule (`_FoldSolver`, `_FoldKLSolver`,
+        or KL coordinate descent on its lines)."""
+        if loss == "kl" and method == "cd":
+            return _KLCDSolver(*self.kl_lines(), W, H, penalty, update_H)
+        if loss == "kl":
+            return _FoldKLSolver(self, W, H, penalty)
+        return _FoldSolver(self, W, H, method, penalty)
+
+    def kl_lines(self):
+        """(rows, columns) as `_KLLines` read through the rule."""
+        return (_KLLines(self.cells(), self.col_groups),
+                _KLLines(self.transposed_cells(), self.row_groups))
 
     def cells(self):
         """The kernels' view of X: (dense X or an empty one, CSR arrays or empty ones, the
@@ -3420,6 +3464,13 @@ class _MissingFoldTraining(_FoldTraining):
     def mask_layout(self):
         """This training set as `_MaskedSolver` reads it: itself."""
         return self
+
+    def solver(self, W, H, method, loss, penalty, update_H=True):
+        """KL coordinate descent on its lines, else the masked solver (Frobenius: see
+        `_cv_source`)."""
+        if loss == "kl" and method == "cd":
+            return _KLCDSolver(*self.kl_lines(), W, H, penalty, update_H)
+        return _MaskedSolver(self, W, H, method, penalty, update_H)
 
     def kl_lines(self, rows_only=False):
         """(rows, columns) as `_KLLines` for KL coordinate descent: the rule's cells of X (its
@@ -4361,8 +4412,8 @@ def _consensus_task(X, k, seed, axis, method, loss, stable_iter, fit_kwargs):
     if stable_iter is None:
         res = fit_nmf(X, k, method=method, loss=loss, random_state=seed, **fit_kwargs)
         return _clusters(res.W, res.H, axis)
-    _, solver = _setup_fit(X, k, method=method, loss=loss, random_state=seed,
-                           **{**fit_kwargs, "tol": 0.0})
+    solver = _setup_fit(_validate_data(X), k, _FitOptions(
+        method=method, loss=loss, random_state=seed, **{**fit_kwargs, "tol": 0.0}))
     labels, unchanged = None, 0
     for n_iter in range(1, fit_kwargs["max_iter"] + 1):
         solver.step(want_loss=False)
@@ -4793,7 +4844,7 @@ def _permute_columns(X, rng):
 
 
 def _rss_task(X, k, method, seed, n_restarts, fit_kwargs):
-    res = _best_fit(X, k, seed, n_restarts, fit_kwargs, method=method)
+    res = _best_fit(_validate_data(X), k, seed, n_restarts, fit_kwargs, method=method)
     return res.relative_error ** 2 * _sq_sum(X)
 
 
@@ -4894,7 +4945,7 @@ def _bicv_task(X, block, k, method, block_solver, seed, n_restarts, fit_kwargs):
     keep_rows = np.setdiff1d(np.arange(X.shape[0]), held_rows)
     keep_cols = np.setdiff1d(np.arange(X.shape[1]), held_cols)
     D = X[keep_rows][:, keep_cols]
-    res = _best_fit(D, k, seed, n_restarts, fit_kwargs, method=method)
+    res = _best_fit(_validate_data(D), k, seed, n_restarts, fit_kwargs, method=method)
     B = X[keep_rows][:, held_cols]
     C = X[held_rows][:, keep_cols]
     try:
