@@ -3785,8 +3785,8 @@ def _shipped(obj, executor):
 
     - ProcessPoolExecutor: its arrays are copied once into shared memory; the tasks carry the
       blocks' names, and each worker maps them once (`_Shared`);
-    - dask.distributed (``client.get_executor()``): scattered to every worker once; the tasks
-      carry a future, which dask resolves;
+    - dask.distributed (a ``Client``, or its ``get_executor()``): scattered to every worker
+      once; the tasks carry a future, which dask resolves;
     - anything else as is (threads share the object; other executors pickle it per task).
     """
     from concurrent.futures import ProcessPoolExecutor
@@ -3797,8 +3797,8 @@ def _shipped(obj, executor):
             yield shared
         finally:
             shared.release()
-    elif type(executor).__name__ == "ClientExecutor" and hasattr(executor, "_client"):
-        future = executor._client.scatter(obj, broadcast=True, hash=False)
+    elif _dask_client(executor) is not None:
+        future = _dask_client(executor).scatter(obj, broadcast=True, hash=False)
         try:
             yield future
         finally:
@@ -3966,6 +3966,8 @@ def _run_tasks(function, args, todo, executor):
         for i in todo:
             yield i, function(*args[i])
         return
+    if _dask_client(executor) is executor:  # a Client: its concurrent.futures face
+        executor = executor.get_executor()
     caller = os.getpid()
     pending, restarts = set(todo), 0
     while pending:
@@ -4002,11 +4004,46 @@ def _replace_pool(executor, broken):
     shut down when ``executor`` goes away."""
     from concurrent.futures import ProcessPoolExecutor
 
-    fresh = ProcessPoolExecutor(broken._max_workers, mp_context=broken._mp_context)
+    fresh = ProcessPoolExecutor(*_pool_size_and_context(broken))
     if broken is not executor:
         broken.shutdown(wait=False, cancel_futures=True)
     _REPLACEMENTS[executor] = fresh
     weakref.finalize(executor, fresh.shutdown, False)
+
+
+# Other libraries' internals, each read here only, with a fallback where it is missing.
+
+def _pool_size_and_context(pool):
+    """A ProcessPoolExecutor's worker count and multiprocessing context (private attributes:
+    the pool has no public ones), else the CPU count and the default context."""
+    return (getattr(pool, "_max_workers", None) or os.cpu_count() or 1,
+            getattr(pool, "_mp_context", None))
+
+
+def _terminate_workers(pool):
+    """Stop a ProcessPoolExecutor's running tasks now: ``terminate_workers()`` (Python >=
+    3.14), else each worker process (private ``_processes``); without either, they finish."""
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+
+
+def _dask_client(executor):
+    """The dask.distributed Client behind ``executor`` (a Client, or its ``get_executor()``,
+    which keeps its client private: ``_client``, else the current ``get_client()``), or
+    None for any other executor."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None or executor is None:
+        return None
+    if isinstance(executor, distributed.Client):
+        return executor
+    cfexecutor = sys.modules.get("distributed.cfexecutor")
+    if cfexecutor is None or not isinstance(executor, cfexecutor.ClientExecutor):
+        return None
+    client = getattr(executor, "_client", None)
+    return client if client is not None else distributed.get_client()
 
 
 def _stopped(label, what, bar, checkpoint):
@@ -7994,8 +8031,7 @@ def _rank_report(X, ranks, args, **kwargs):
                 report = choose_rank(X, ranks, args.criteria, random_state=args.seed,
                                      executor=pool, **kwargs)
             except KeyboardInterrupt:  # our own pool: stop its running fits too
-                for process in list(pool._processes.values()):
-                    process.terminate()
+                _terminate_workers(pool)
                 raise
     else:
         report = choose_rank(X, ranks, args.criteria, random_state=args.seed, **kwargs)
