@@ -21,9 +21,41 @@ Objective (what ``loss_history`` records, over observed cells ``M`` only)::
     kl:         sum_M (X log(X / WH) - X + WH)                + penalties
     penalties:  alpha_W * (l1_ratio * |W|_1 + (1 - l1_ratio) / 2 * |W|_F^2)  (and the same for H)
 
-Sections, in reading order: validation, initialization, fitting (public API, then solvers),
-rank selection (cross-validation, consensus, randomized RSS, bi-cross-validation, prior
-predictive matching, the report), plots, numba kernels, command line.
+Map (the sections, in reading order; each public function first, its helpers and numba
+kernels after it):
+
+- Validation: `_validate_data` turns X (dense with NaN, a mask, or scipy.sparse) into `_Data`.
+- Initialization: NNDSVD(a) or random factors, from observed cells only.
+- Fitting, public API: `fit_nmf`, `NMFResult`, the `NMF` estimator, `make_planted`.
+- Fitting, the driver: `_fit` makes the solver (`_setup_fit`) and `_run` steps it to
+  convergence (extrapolation, dead components revived). Each solver is a class with one
+  ``step()``; `_make_solver` picks one by loss, method and the data's kind:
+
+  - `_DenseSolver`: Frobenius on a fully observed X, dense or sparse (BLAS products);
+    `_DenseKLSolver`: KL multiplicative updates on a dense X. (Section: a fully observed X.)
+  - `_MaskedSolver`: Frobenius on X with missing cells, exact masked steps. (Section: data
+    with missing cells.)
+  - `_CellsKLSolver`: KL multiplicative updates on listed cells (missing or sparse);
+    `_KLCDSolver`: KL coordinate descent on any X. (Section: KL on listed cells.)
+  - `_FoldSolver`, `_FoldKLSolver`: a fully observed training set read through the fold
+    rule, built by cross-validation. (Section: cross-validation's training sets.)
+
+- Cross-validation: `cross_validate` splits the observed cells into folds (`Folds`) from a
+  source, fits every (rank, split, fold) training set and scores the held-out cells.
+  Sources and their training sets: `_RuleSource` / `_FoldTraining` for fully observed X
+  (the fold rule read from X itself); `_MissingRuleSource` / `_MissingFoldTraining` for
+  mostly observed X with missing cells (Frobenius, or KL coordinate descent);
+  `_CellSource` / `_CellTraining` (a dense copy and mask per fit) for everything else:
+  leave-one-out, warm starts, mostly missing data, KL multiplicative updates on missing
+  cells. `_FoldFits` says how a training set is fitted; `CVResult` holds PRESS and the pick.
+- Running tasks: `_map_tasks` runs a call's tasks as its `_Run` says (executor, progress,
+  checkpoint); data is shipped once per worker (`_shipped`); `_Checkpoint` keeps finished
+  tasks.
+- The other criteria: consensus clustering, component stability, RSS against randomized
+  data, bi-cross-validation, prior predictive matching.
+- Rank selection: `choose_rank` runs the registered criteria (`_CRITERIA`: one `_Criterion`
+  entry each) into a `RankReport`.
+- Plotting (matplotlib imported on first use), then the command line (`main`, `read_matrix`).
 """
 
 import argparse
@@ -798,7 +830,7 @@ def _reconstruction_err(res, X, mask):
 
 
 # =============================================================================================
-# Fitting: driver and solvers
+# Fitting: the driver, and which solver fits which data
 # =============================================================================================
 
 @dataclass(frozen=True)
@@ -1099,7 +1131,7 @@ def _make_solver(data, W, H, method, loss, penalty, update_H=True):
                         penalty, update_H)
 
 
-class _WtH:
+class _TransposedW:
     """Solvers holding W transposed (Wt, k x m) and H (k x n)."""
 
     def views(self):
@@ -1114,7 +1146,7 @@ class _WtH:
         return np.ascontiguousarray(self.Wt.T), self.H
 
 
-class _WHt:
+class _TransposedH:
     """Solvers holding W (m x k) and H transposed (Ht, n x k)."""
 
     def views(self):
@@ -1139,7 +1171,7 @@ def _inner_sweeps(p, q, k):
 # Fitting: a fully observed X, dense or sparse
 # =============================================================================================
 
-class _DenseSolver(_WtH):
+class _DenseSolver(_TransposedW):
     """Frobenius loss on a fully observed X (ndarray or sparse), BLAS products. W is held
     transposed (k x m) so both factor updates run the same row-major kernels."""
 
@@ -1218,7 +1250,7 @@ class _DenseSolver(_WtH):
         return self.objective
 
 
-class _DenseKLSolver(_WtH):
+class _DenseKLSolver(_TransposedW):
     """KL multiplicative updates on a dense, fully observed X. One m x n buffer, allocated
     once, holds WH and then X / WH."""
 
@@ -1392,7 +1424,7 @@ def _cells(rows, cols, shape):
             _indptr(cols[order], n), np.ascontiguousarray(rows[order], dtype=np.int64), order)
 
 
-class _MaskedSolver(_WHt):
+class _MaskedSolver(_TransposedH):
     """Frobenius loss with missing cells, exactly. Each row's Gram matrix over its observed
     cells is built from whichever of the row's cell sets is smaller: the full Gram matrix G0
     minus the row's *missing* cells' part (a mostly observed row) or the sum over its
@@ -2457,7 +2489,7 @@ def _cells_sq_prediction(A, B, indptr, idx):
 # Fitting: KL on listed cells, and KL coordinate descent
 # =============================================================================================
 
-class _CellsKLSolver(_WHt):
+class _CellsKLSolver(_TransposedH):
     """KL multiplicative updates streaming over the observed cells (missing values), or over
     the stored entries of a sparse X (whose zeros then count in the denominators only).
     Holds W (m x k) and H transposed (n x k) so a cell's two factor rows are contiguous."""
@@ -2564,7 +2596,7 @@ def _masked_kl_loss(A, B, indptr, idx, x, eps):
     return s_log, s_wh
 
 
-class _KLCDSolver(_WHt):
+class _KLCDSolver(_TransposedH):
     """KL coordinate descent (Hsieh & Dhillon 2011): H's rows, then W's, each updated by
     Newton steps on one coordinate at a time over its line's positive cells (`_kl_cd_rows`).
     Every step is one that cannot raise the objective (extrapolated fits aside, which undo
@@ -2899,7 +2931,7 @@ def _dot_rows(A, i, B, j):
 # Fitting: cross-validation's training sets, through the fold rule
 # =============================================================================================
 
-class _FoldSolver(_WtH):
+class _FoldSolver(_TransposedW):
     """Frobenius loss over a `_FoldTraining`'s training cells, exactly, at about a dense
     fit's cost: a row group's Gram matrix is the full one minus its held-out column group's
     (a k x k subtraction), and the products with X are the full (BLAS or sparse) ones minus
@@ -3053,7 +3085,7 @@ def _rule_sums(which, X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, eps
     return sq, wh2, log_part, x_sum, xx
 
 
-class _FoldKLSolver(_WHt):
+class _FoldKLSolver(_TransposedH):
     """KL multiplicative updates over a `_FoldTraining`'s training cells, exactly: the
     numerators stream over the training cells with a value (stored entries of a sparse X),
     and the denominators and the sum of WH over the training cells come from the factors'
@@ -6518,7 +6550,7 @@ def _pair_covariance(counts, sums, squares):
 
 
 # =============================================================================================
-# One report
+# Rank selection: choose_rank, its report, and the registry of criteria
 # =============================================================================================
 
 @dataclass
