@@ -1119,7 +1119,8 @@ def test_fits_with_patterns_swept_together_descend_and_ignore_masked_values(meth
     kw = dict(method=method, alpha_W=alphas[0], alpha_H=alphas[1], l1_ratio=0.5, tol=0,
               max_iter=40, random_state=0)
     res = nmf_cv.fit_nmf(np.where(mask, X, np.nan), 3, **kw)
-    solver = nmf_cv._setup_fit(np.where(mask, X, np.nan), 3, **kw)[1]
+    solver = nmf_cv._setup_fit(nmf_cv._validate_data(np.where(mask, X, np.nan)), 3,
+                               nmf_cv._FitOptions(**kw))
     assert len(solver.rows.shared) == 64
     f = np.asarray(res.loss_history)
     assert np.all(np.diff(f) <= 1e-9 * f[0]) if method == "hals" else f[-1] < f[0]
@@ -1284,6 +1285,12 @@ def test_kl_cd_gets_further_in_50_iterations_than_mu_in_500():
 # =============================================================================================
 # Cross-validation: leave-cells-out PRESS
 # =============================================================================================
+
+def fit_training(train, k, **kw):
+    """A fit of a cross-validation training set, as cross_validate's tasks make it (fit_nmf
+    takes public inputs only)."""
+    return nmf_cv._fit(train, k, nmf_cv._FitOptions(**kw))
+
 
 def _rule_training(X, n_folds=4, f=1, seed=0):
     split = nmf_cv._fold_rule(X.shape, n_folds, np.random.default_rng(seed)) + (n_folds,)
@@ -2174,14 +2181,14 @@ def test_rule_training_fits_match_the_masked_fit(method, loss):
         rng = np.random.default_rng(0)
         init = (rng.random((60, 4)), rng.random((4, 40)))
         kw = dict(init=init, method=method, loss=loss, alpha_W=0.1, alpha_H=0.1)
-        a = nmf_cv.fit_nmf(train, 4, max_iter=30, tol=0, **kw)
+        a = fit_training(train, 4, max_iter=30, tol=0, **kw)
         b = nmf_cv.fit_nmf(np.where(held, np.nan, X), 4, max_iter=30, tol=0, **kw)
         assert np.all(np.diff(a.loss_history) <= 1e-12 * a.loss_history[0])
         if method == "mu" or loss == "kl":
             assert_allclose(a.loss_history, b.loss_history, rtol=1e-10)
             assert_allclose(a.W @ a.H, b.W @ b.H, rtol=1e-8)
         else:
-            a = nmf_cv.fit_nmf(train, 4, max_iter=3000, tol=1e-12, **kw)
+            a = fit_training(train, 4, max_iter=3000, tol=1e-12, **kw)
             b = nmf_cv.fit_nmf(np.where(held, np.nan, X), 4, max_iter=3000, tol=1e-12, **kw)
             assert a.loss_history[-1] == pytest.approx(b.loss_history[-1], rel=1e-4)
 
@@ -2245,7 +2252,7 @@ def test_missing_rule_kl_scores_and_fits_match_numpy_and_the_masked_fit(pattern)
     assert train_dev == pytest.approx(deviance(tr), rel=1e-10)
     init = (rng.random((60, 4)), rng.random((4, 40)))
     kw = dict(init=init, loss="kl", gamma_prior=(1.1, 0.2), max_iter=30, tol=0)
-    a = nmf_cv.fit_nmf(train, 4, **kw)
+    a = fit_training(train, 4, **kw)
     b = nmf_cv.fit_nmf(np.where(tr, X, np.nan), 4, **kw)
     assert_allclose(a.loss_history, b.loss_history, rtol=1e-10)
     assert_allclose(a.W @ a.H, b.W @ b.H, rtol=1e-8)
@@ -2253,7 +2260,7 @@ def test_missing_rule_kl_scores_and_fits_match_numpy_and_the_masked_fit(pattern)
     other = nmf_cv._MissingFoldTraining(
         nmf_cv._MissingRuleSource(np.where(np.isnan(X), 0.0, Y), *list(vars(source).values())[1:]),
         split, 2)
-    assert_allclose(nmf_cv.fit_nmf(other, 4, **kw).W, a.W, rtol=1e-9, atol=1e-12)
+    assert_allclose(fit_training(other, 4, **kw).W, a.W, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["mu", "hals", "gdcls"])
@@ -2268,14 +2275,14 @@ def test_missing_rule_fits_match_the_masked_fit(method):
     rng = np.random.default_rng(0)
     init = (rng.random((60, 4)), rng.random((4, 40)))
     kw = dict(init=init, method=method, alpha_W=0.1, alpha_H=0.1)
-    a = nmf_cv.fit_nmf(train, 4, max_iter=30, tol=0, **kw)
+    a = fit_training(train, 4, max_iter=30, tol=0, **kw)
     b = nmf_cv.fit_nmf(np.where(tr, X, np.nan), 4, max_iter=30, tol=0, **kw)
     assert np.all(np.diff(a.loss_history) <= 1e-12 * a.loss_history[0])
     if method == "mu":
         assert_allclose(a.loss_history, b.loss_history, rtol=1e-10)
         assert_allclose(a.W @ a.H, b.W @ b.H, rtol=1e-8)
     else:
-        a = nmf_cv.fit_nmf(train, 4, max_iter=3000, tol=1e-12, **kw)
+        a = fit_training(train, 4, max_iter=3000, tol=1e-12, **kw)
         b = nmf_cv.fit_nmf(np.where(tr, X, np.nan), 4, max_iter=3000, tol=1e-12, **kw)
         assert a.loss_history[-1] == pytest.approx(b.loss_history[-1], rel=1e-6)
     # other values in the missing and held-out cells: the same source arrays but for them
@@ -2283,8 +2290,8 @@ def test_missing_rule_fits_match_the_masked_fit(method):
     other = nmf_cv._MissingFoldTraining(
         nmf_cv._MissingRuleSource(np.where(np.isnan(X), 0.0, Y), *list(vars(source).values())[1:]),
         split, 2)
-    c = nmf_cv.fit_nmf(other, 4, max_iter=30, tol=0, **kw)
-    d = nmf_cv.fit_nmf(train, 4, max_iter=30, tol=0, **kw)
+    c = fit_training(other, 4, max_iter=30, tol=0, **kw)
+    d = fit_training(train, 4, max_iter=30, tol=0, **kw)
     assert_allclose(c.W, d.W, rtol=1e-9, atol=1e-12)
 
 
@@ -2302,7 +2309,7 @@ def test_missing_rule_training_allocates_no_matrix_sized_array():
 
     def fold_fit():
         train = source.training(split, 0)
-        res = nmf_cv.fit_nmf(train, 4, max_iter=5)
+        res = fit_training(train, 4, max_iter=5)
         return train.scores(res.W, res.H, "frobenius")
 
     fold_fit()  # numba compiles first (which allocates)
