@@ -109,7 +109,7 @@ class _Data:
     (boolean), where at least half the cells are observed, or else ``cells``, the observed
     cells as lists (rows, cols, values; row-major order). Mostly observed data get their lists
     on first use (``rows``, ``cols``, ``values``): the paths that read X through its missing
-    cells' pattern never need them (three numbers per observed cell: 2.4x the data in
+    cells' pattern never need them (three numbers per observed cell: up to 3x the data in
     float64), while mostly missing data would need a dense copy many times their lists."""
 
     shape: tuple
@@ -405,12 +405,9 @@ def _initialize(data, k, init, rng):
         W, H = _nndsvd(data.filled(), k, rng)
         if init == "nndsvda":
             # Zeros filled at the random init's scale, sqrt(mean / k): k products of two such
-            # entries add up to the mean. Filled with the mean itself, as Boutsidis &
-            # Gallopoulos (and scikit-learn) do, they add up to k * mean times the data's
-            # mean, far off wherever the mean is far from 1, and the first updates then zero
-            # whole components for good (measured on expression data, mean 342, with CV's
-            # ridge: 5 of 8 components dead at k = 8, whose fit was worse than k = 6's,
-            # 2.31e10 against 1.67e10).
+            # entries add up to the mean. Filled with the mean itself (Boutsidis & Gallopoulos,
+            # scikit-learn) they are off by a factor of the mean, and on data whose mean is far
+            # from 1 the first updates zero whole components for good.
             fill = _entry_scale(mean, k)
             W[W == 0] = fill
             H[H == 0] = fill
@@ -576,15 +573,16 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
     loss : {"frobenius", "kl"}
         ``"kl"`` (generalised Kullback-Leibler, Poisson) takes ``method="cd"`` or ``"mu"``.
     init : {"nndsvda", "nndsvd", "random"} or (W, H)
-        SVD-based inits use a copy where missing cells hold the rank-1 fit of the observed
-        row and column means. ``"nndsvda"`` fills the zeros of NNDSVD with ``sqrt(mean / k)``
-        (scikit-learn fills them with the mean, which is not at the factors' scale: on data
-        whose mean is far from 1 whole components then die in the first updates).
+        Default ``"nndsvda"``: NNDSVD with its zeros filled at the factors' scale,
+        ``sqrt(mean / k)`` (filled with the mean, as in scikit-learn, components die early
+        on data whose mean is far from 1). SVD-based inits read a copy whose missing cells
+        hold the rank-1 fit of the observed row and column means.
         ``"random"``: uniform, scaled so ``E[WH]`` is the data's mean.
     max_iter : int
-        Maximum number of iterations.
+        Maximum number of iterations (default 500).
     tol : float
-        Stop when the objective's relative decrease in one iteration falls below ``tol``.
+        Stop when the objective's relative decrease in one iteration falls below ``tol``
+        (default 1e-4).
         ``tol=0`` runs ``max_iter`` iterations (unless the objective reaches 0).
     random_state : None, int, numpy Generator or SeedSequence
         Seeds the random init and the randomized SVD.
@@ -598,13 +596,12 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
         count under a prediction of 0 has infinite deviance); ``rate > 0`` keeps the scales
         of W and H bounded. `cross_validate` fits counts with such priors (see ``ridge``).
     extrapolate : bool
-        HALS, or KL coordinate descent: extrapolation (Ang & Gillis 2019), each update
-        starting from the last iterate pushed further along its last move (for KL, by at
-        most half of each entry), undone where the objective rises. It
-        reaches a given objective in several times fewer iterations (measured 4-12x on
-        planted 1000 x 500, k = 3..8; KL on Poisson counts about 2x), but the objective is
-        not monotone from one iteration to the next: the best iterate is returned, and
-        ``tol`` applies to the best objective's decrease. `cross_validate` fits this way.
+        Default False. HALS, or KL coordinate descent: extrapolation (Ang & Gillis 2019), each
+        update starting from the last iterate pushed further along its last move (for KL,
+        never below half of each entry), undone where the objective rises. Fewer iterations
+        to a given objective (for KL, little or none: benchmarks/README.md, "bench_fit.py"), but
+        the objective is not monotone: the best iterate is returned, and ``tol`` applies to
+        the best objective's decrease. `cross_validate` fits this way.
     callback : callable, optional
         ``callback(n_iter, W, H, objective)`` after every iteration; return True to stop.
         W and H are the live arrays: read them, do not modify them.
@@ -861,8 +858,7 @@ def _balancing_scales(w_sq, h_sq, penalty):
     factors, ``l2_W/2 s^2 |w|^2 + l2_H/2 |h|^2 / s^2``, at fixed WH; None when there is no
     such ridge. WH, hence the data term, is unchanged, so the objective can only fall: this
     removes the slow drift along the scaling valley (W D, D^-1 H) that a ridge otherwise
-    leaves to the factor updates (measured: 230 -> 691 iterations at the true rank of a
-    planted 1000 x 500 fit with the CV ridge, 212 with balancing)."""
+    leaves to the factor updates, which can multiply the iterations to convergence."""
     if not (penalty.l2_W > 0 and penalty.l2_H > 0 and penalty.l1_W == penalty.l1_H == 0):
         return None
     w_sq = np.asarray(w_sq, dtype=np.float64)
@@ -878,8 +874,7 @@ def _gamma_balancing_scales(w_sum, h_sum, m, n, penalty):
     factors at fixed WH: ``l1_W d |w|_1 + l1_H |h|_1 / d - (shape_W m - shape_H n) log d``
     (m rows of W, n columns of H), the positive root of ``l1_W |w|_1 d^2 - C d -
     l1_H |h|_1 = 0``; None when there are no such priors. Without it, coordinate descent
-    drifts slowly along the scaling valley (measured: 131 against 45 iterations to tol=1e-6
-    at rank 7 on single-cell-like counts)."""
+    drifts slowly along the scaling valley and needs several times the iterations."""
     if not (penalty.l1_W > 0 and penalty.l1_H > 0 and penalty.l2_W == penalty.l2_H == 0
             and (penalty.shape_W > 0 or penalty.shape_H > 0)):
         return None
@@ -894,8 +889,8 @@ def _gamma_balancing_scales(w_sum, h_sum, m, n, penalty):
 
 # Extrapolated KL coordinate descent keeps at least this share of each entry: projected onto
 # >= 0, a push from a big first move zeroes entries that the Gamma priors' log barrier then
-# lets Newton steps regrow only by doubling from eps (measured: a fit stuck at 4.5x its
-# plain objective); floored at half, extrapolation took 0.5x the iterations of plain fits.
+# lets Newton steps regrow only by doubling from eps, and the fit stalls far above the plain
+# one's objective.
 _KL_PUSH_FLOOR = 0.5
 _STALLED = 10  # steps without a new best after which an extrapolated fit stops
 
@@ -1400,8 +1395,8 @@ def _kl_ratio(X, buf, eps):
 
 
 def _kl_ratio_only(X, buf, eps):
-    """buf holds WH on entry and X / WH on exit (numpy's vectorized divide: measured 0.26 ms
-    against 0.42 ms for a scalar loop on 5893 x 34)."""
+    """buf holds WH on entry and X / WH on exit (numpy's vectorized divide, faster than a
+    scalar loop)."""
     np.maximum(buf, eps, out=buf)
     np.divide(X, buf, out=buf)
 
@@ -1432,7 +1427,7 @@ class _MaskedSolver(_TransposedH):
     the same way for the H update. Beyond the two BLAS or sparse products of a dense
     iteration, an iteration costs O(min(missing, observed) * k^2) for these Gram matrices;
     the sweeps then cost (m + n) k^2 each, as dense ones do, but read a Gram matrix per row
-    (measured 1.6-2x the dense time per sweep), and at most as many are run; lines that share
+    (so they run slower than dense sweeps), and at most as many are run; lines that share
     their missing cells, from _SHARED_LINES of them on (a batch of samples missing the same
     features), share one Gram matrix in their sweeps too, at the dense kernel's speed.
 
@@ -1754,12 +1749,10 @@ def _cd_lines(A, B, bases, XB, lines, l1, l2, sweeps, tol, scratch, want):
 
 def _majorized_fraction(k):
     """Largest fraction of a line's cells missing for which HALS majorizes rather than
-    solves exactly. A majorize-minimize step costs about 3k per missing cell against
-    k(k+1)/2 for the exact Gram matrix (no saving up to k = 5), but needs more iterations
-    as more is missing. Time to a dense fit's error, majorized / exact, on planted data
-    (benchmarks/bench_majorize_results.md): 0.67-0.87 at k = 10 and 20 with up to 0.015 k
-    missing; 1.3-1.7 at k = 10 with 20-30% missing, 0.9-2.8 at k = 20 with 30%; 1.06-1.75 at
-    k = 5 with 5-30%. Negative: no line is majorized."""
+    solves exactly: ``min(0.2, 0.015 k)`` for k > 5; negative (no line is majorized) up to
+    k = 5. A majorize-minimize step costs about 3k per missing cell against k(k+1)/2 for the
+    exact Gram matrix (no saving up to k = 5), but needs more iterations as more is missing.
+    Thresholds: see benchmarks/README.md, "bench_majorize.py" (benchmarks/bench_majorize.py)."""
     return min(0.2, 0.015 * k) if k > 5 else -1.0
 
 
@@ -1773,8 +1766,7 @@ def _majorized_lines(signs, n_cells, length, max_missing):
 
 def _times_factor(X, B):
     """X @ B (p x k) for a dense or sparse X, contiguous. Dense: computed as (B' X')', which
-    BLAS runs about twice as fast for a thin B (measured 9 ms against 15-18 ms at
-    20000 x 500, k = 8)."""
+    BLAS runs faster than X @ B for a thin B."""
     if sp.issparse(X):
         return np.ascontiguousarray(X @ B)
     return np.ascontiguousarray((B.T @ X.T).T)
@@ -1786,9 +1778,8 @@ def _gram64(A):
 
 
 # Lines of a pattern swept together, at least: the dense kernel's loops run across a
-# pattern's lines, too short below this to beat the one-by-one kernel, whose loops run across
-# 64 lines (measured on the rows of planted batches, k = 2..32: patterns of 8 lines took
-# 0.69-1.19x the one-by-one time together, of 16 lines 0.56-1.00x, of 32 lines 0.40-0.77x).
+# pattern's lines, too short below this to beat reliably the one-by-one kernel, whose loops run
+# across 64 lines.
 _SHARED_LINES = 16
 
 
@@ -1804,7 +1795,7 @@ _CURVATURE_NOISE = 1e-14  # relative rounding noise of G0 - S in _masked_cd_rows
 def _use_pairs(B):
     """Whether _masked_cd_rows should form Gram matrices from a table of every b b' (reading
     k(k+1)/2 numbers per cell) rather than from gathered cells (k numbers, then k(k+1)/2
-    multiply-adds): faster while the table stays in cache, measured up to 2 MiB here."""
+    multiply-adds): faster while the table stays in cache (_PAIRS_BYTES)."""
     return B.shape[0] * _pairs_width(B.shape[1]) * 8 <= _PAIRS_BYTES
 
 
@@ -1980,9 +1971,7 @@ def _pattern_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, pair
     lines rows[starts[s]:starts[s + 1]] have the same cells, group and sign, so one Gram
     matrix, formed once from the first line's cells, and they are swept together by the
     dense kernel's loops (_hals_lines), at its speed. Curvatures are floored and sweeps stop
-    line by line, as one by one (a stop on the total move, measured: cross-validation on
-    1000 x 500 with 20% missing in blocks, 4 seeds, took 2-12% more iterations than one by
-    one; stopping line by line, between 1.5% fewer and 8% more).
+    line by line, as one by one (a stop on the lines' total move took more iterations).
     Returns the sum over their observed cells of (b . a)^2 = a'G a after the update if
     ``want`` (lines given by their observed cells come here only by units, where a'G a is
     exact)."""
@@ -2248,8 +2237,8 @@ def _cells_packed(B, pairs, cells, use_pairs, acc, scratch, S):
 
 @njit(cache=True, fastmath=_FAST)
 def _sum_pairs(pairs, cell_idx, acc):
-    """acc = sum of pairs[b] over the cells b (a packed lower triangle), eight cells per pass (fewer
-    passes over the accumulator: measured 15-30% faster than four)."""
+    """acc = sum of pairs[b] over the cells b (a packed lower triangle), eight cells per pass
+    (fewer passes over the accumulator than four per pass)."""
     width = pairs.shape[1]
     acc[:] = 0.0
     c = cell_idx.shape[0]
@@ -2301,8 +2290,8 @@ def _cells_gram(cells, k, S):
 @njit(cache=True)
 def _gather_cells(B, cell_idx, cells):
     """cells[t, q] = B[cell_idx[q], t] for t < k; rows k.. of ``cells`` are zeroed. Four
-    cells at a time, so each store fills four adjacent entries of a row of ``cells``
-    (measured 1.6-1.9x faster than one cell at a time)."""
+    cells at a time, so each store fills four adjacent entries of a row of ``cells`` (faster
+    than one cell at a time)."""
     k = B.shape[1]
     c = cell_idx.shape[0]
     q = 0
@@ -2326,7 +2315,7 @@ def _gather_cells(B, cell_idx, cells):
 def _unit_pairs(B, units, n_units):
     """_pair_products summed over each unit's rows: row u is the packed lower triangle of
     the sum of b b' over the rows b of B with units[b] == u. Each triangle row is one
-    contiguous loop (it vectorizes: 1.4-1.8x faster at k = 32 than counting entries)."""
+    contiguous loop (it vectorizes, unlike counting entries)."""
     n, k = B.shape
     pairs = np.zeros((n_units, _pairs_width(k)), dtype=np.float64)
     for b in range(n):
@@ -2649,10 +2638,8 @@ class _KLCDSolver(_TransposedH):
 
 # Newton sweeps over a line's coordinates per factor update, at most, stopping once a sweep
 # moves the line less than _KL_SWEEP_TOL times the first. Gathering a line's cells costs a
-# random read per cell, which extra sweeps share (measured, from the same init to 1000 MU
-# iterations' objective: sparse 20000 x 2000 k = 10 in 64-76 iterations and 21-29 s with
-# 8 sweeps, 216 iterations and 43 s with 2; CV on dense-ish 300 x 200 counts took 1.2x as
-# long, on sparse 1500 x 968 counts 1.05x; at 3c59c71, before `_kl_safe_down`).
+# random read per cell, which extra sweeps share: on sparse counts 8 sweeps need far fewer
+# iterations, and less time, than 2.
 _KL_SWEEPS = 8
 
 
@@ -2872,7 +2859,7 @@ def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps, a):
     the coordinate whose b_q start at ``base`` and whose value is ``a``, first adding the
     previous coordinate's step d_last to v (one pass over the cells instead of two). The
     bound is the 8-norm of the b_q / v_q, at most c^(1/8) times their maximum: a max in the
-    loop would keep it from vectorizing (measured: 0.67 against 0.30 ms a sweep). It is summed
+    loop would keep it from vectorizing (about twice as slow a sweep). It is summed
     over a b_q / v_q, which v_q >= a b_q keeps at most 1 (no overflow)."""
     num = 0.0
     curv = 0.0
@@ -3181,17 +3168,15 @@ def _rule_kl_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, h_all, 
 # =============================================================================================
 
 # Rank selection compares fits across ranks, so each fit must be close to converged: an
-# under-converged fit at the true rank looks worse than it is (measured: bi-cross-validation
-# PRESS at the true rank fell from 2.67 to 1.72 going from tol=1e-4 to 1e-9).
+# under-converged fit at the true rank looks worse than it is (tighter than fit_nmf's 1e-4).
 _RANK_FIT_DEFAULTS = {"max_iter": 2000, "tol": 1e-6}
 # KL coordinate descent takes steps many times larger than multiplicative updates, so its
-# per-iteration tolerance is reached closer to the optimum: on single-cell-like counts (90% and
-# 97% zeros, 3 seeds each) CV curves at tol=1e-5 matched tol=1e-6's within 0.003 of their
-# minimum (one near-tie of a flat curve moved) at 0.3-0.6x the time.
+# per-iteration tolerance is reached closer to the optimum: 1e-5 gives nearly the curves of
+# 1e-6 in a fraction of the time.
 _KL_RANK_TOL = 1e-5
-_RIDGE = 0.1  # cross_validate's ridge, relative to the noise (see its docstring)
+_RIDGE = 0.1  # relative to the noise; see benchmarks/README.md, "bench_rank.py", parts-based
 _N_RESTARTS = 1  # fits per rank and fold in rank selection (see cross_validate)
-_STUCK_RESTARTS = 2  # extra fits for a stuck fold (see cross_validate)
+_STUCK_RESTARTS = 2  # extra fits for a stuck fold; see benchmarks/README.md, "bench_rank.py"
 
 @dataclass
 class CVResult:
@@ -3216,20 +3201,20 @@ class CVResult:
     n_outlier_folds : ndarray of int (r,)
         Folds whose PRESS exceeds ``3 x`` their rank's median (a fit that blew up or stuck).
     best_rank : int
-        The smallest rank that the folds do not show worse than the best (``min_rank``): its
-        PRESS exceeds the best's, fold by fold on the same held-out cells, by at most one
-        standard error, which includes the spread from split to split when there are
-        several (`cross_validate`'s ``n_repeats``). Where ranks are equally good, the
-        simplest: a curve that is flat past its true rank has a minimum wherever the noise
-        puts it, and so had the former pick (measured: medulloblastoma, 5 seeds, the minimum
-        was 6, 6, 6, 5, 7; this rule with ``n_repeats="auto"``: 3, 3, 3, 3, 3). Equal to
-        ``min_rank`` where the curve rises past it.
+        The paired one-standard-error rule: the smallest rank not shown worse than
+        ``min_rank`` on the same held-out cells. On each fold both were fitted on, ``d =
+        PRESS_k / PRESS_min - 1``; rank k qualifies when ``median(d)`` is at most one standard
+        error, that of the median (from the MAD of d, as ``press_mad_se``) combined with the
+        variance from split to split of the ranks' per-split median ratios (`_paired_excess`).
+        Where ranks are equally good this picks the simplest: a curve flat past its true
+        rank has its minimum wherever the noise puts it. Equal to ``min_rank`` where the
+        curve rises past it.
     min_rank : int
         The rank with the smallest median PRESS over folds (among the ranks fitted on every
         split). A median over folds, not the mean, so that one bad fold cannot decide it.
     best_rank_1se : int
-        The smallest rank whose median PRESS is within one robust standard error
-        (``press_mad_se``) of that minimum.
+        The smallest rank (among those fitted on every split) whose median PRESS is within
+        one robust standard error of that minimum (``min_rank``'s ``press_mad_se``); unpaired.
     n_kept : int
         Observed cells never held out, because holding them out would leave a row or column of
         a training set without any observed cell.
@@ -3357,17 +3342,17 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     values: a held-out zero is scored like any other cell. Fully observed input, dense or
     sparse, is read through the fold rule: a training fit reads X itself (no per-fold copy,
     and the same folds whether X is dense or sparse), holding only its factors and the
-    held-out cells' values (``1 / n_folds`` of X) beside it; an iteration costs about 1.5x a
-    dense one. Held-out values enter the fit only through products with X minus their own
-    part, so they change it by rounding alone. Mostly observed input with missing cells
-    (at least half of them observed; Frobenius loss, or KL by coordinate descent) is read
-    the same way, X with zeros in its missing cells and each row's and column's missing
-    cells shared by every fit (the Frobenius fits are then `fit_nmf`'s masked ones; no
-    m x n copy per fit). Other input with missing cells, KL multiplicative updates on it,
-    ``n_folds="loo"`` and ``warm_start`` use lists of cells and a dense m x n copy per fit.
+    held-out cells' values (``1 / n_folds`` of X) beside it, at some cost per iteration
+    over a dense fit (bench_rank.py, section ``scale``). Held-out values enter the fit only
+    through products with X minus their own part, so they change it by rounding alone.
+    Mostly observed input with missing cells (at least half of them observed; Frobenius
+    loss, or KL by coordinate descent) is read the same way, X with zeros in its missing
+    cells and each row's and column's missing cells shared by every fit (the Frobenius fits
+    are then `fit_nmf`'s masked ones; no m x n copy per fit). Other input with missing
+    cells, KL multiplicative updates on it, ``n_folds="loo"`` and ``warm_start`` use lists
+    of cells and a dense m x n copy per fit.
     HALS and KL coordinate-descent training fits are extrapolated (``extrapolate=True``, see
-    `fit_nmf`): on planted 1000 x 500 HALS fits reach their tolerance in about a fifth of
-    the iterations, KL fits of Poisson counts in about half.
+    `fit_nmf`), which cuts the iterations to their tolerance.
 
     For counts (genes, words, spikes) use ``loss="kl"``: the folds are fitted by KL
     coordinate descent (Poisson likelihood, with weak Gamma priors: see ``ridge``) and scored
@@ -3384,21 +3369,18 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
         E(k) = sum of the held-out squared errors. Refused above 2000 observed cells unless
         ``allow_large_loo=True``.
     n_repeats : int or "auto"
-        Independent splits into folds. ``"auto"`` (default): every rank on two splits, then
-        further splits, up to 5 in all, for the ranks still in contention: the best so far
-        and every rank within 2 standard errors of it (fold by fold on the same cells, the
-        spread from split to split included: see `CVResult.best_rank`). A rank back in
-        contention is fitted on the splits it missed. Every rank gets two splits because one
-        split's folds understate the error: ranks left contention too early and the pick
-        followed the seed (ALL_AML, seeds 0..9: the pick agreed on 7 of 10 seeds when only the
-        runner-up got a second split, on 9 of 10 now; scikit-learn's digits: 5 and 7 of 10).
-        Where the curve is decided, that second split is all the extra work; where ranks are
-        close, their picks are pooled over more splits and fits, and
-        ``CVResult.repeat_best_ranks`` / ``pick_text()`` say how far the splits agree. Ranks
-        out of contention keep the PRESS of the splits they were fitted on (NaN for the
-        others in ``press``). Which ranks get more splits depends on the held-out errors of
-        the earlier ones (as the refits of ``stuck_restarts`` do); each fit still
-        sees its training cells only. An int fits every rank on that many splits.
+        Independent splits into folds; an int fits every rank on that many splits.
+        ``"auto"`` (default): every rank on two splits, then further splits, up to 5 in all,
+        for the ranks still in contention: the best so far and every rank within 2 standard
+        errors of it (the paired comparison of `CVResult.best_rank`); a rank back in
+        contention is fitted on the splits it missed. One split with ``n_folds="loo"`` or
+        ``warm_start``. Two splits for every rank because one split's folds understate the
+        spread from split to split, so ranks would leave contention too early and the pick
+        would follow the seed (benchmarks/README.md, "bench_seeds.py"). Ranks out of
+        contention keep the PRESS of the splits they were fitted on (NaN for the others in
+        ``press``); ``CVResult.repeat_best_ranks`` / ``pick_text()`` say how far the splits
+        agree. Which ranks get more splits depends on the earlier splits' held-out errors
+        (as the refits of ``stuck_restarts`` do); each fit still sees its training cells only.
     mask : array-like of bool, optional
         True = observed (as in `fit_nmf`).
     method : str, optional
@@ -3412,51 +3394,39 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
         * sigma * (sqrt(m) + sqrt(n))``, where ``sigma`` is the noise level estimated from the
         median singular value of each training set (`noise_level`; held-out cells are not
         read) and ``sigma (sqrt(m) + sqrt(n))`` is the largest singular value of pure noise of
-        that level. Why: without it, a component
-        whose support barely touches a row's training cells is almost free on that row, and
-        the fit can send it far out on the row's held-out cells (measured on the bars data:
-        folds up to 10^4 x their rank's median PRESS). The ridge ``alpha/2 (|W|^2 + |H|^2)``
-        equals ``alpha * sum_c |w_c| |h_c|`` at its optimum, so it shrinks every component by
-        about ``alpha`` in norm whatever its scale, and does not reward splitting a component
-        in two (a penalty on each component's energy does, which moved low-noise planted data
-        to higher ranks); components at the noise's own level are held back, strong ones
-        barely move. 0.1 by measurement (ranks past the truth, seeds of each): on the bars
-        data 16 was chosen 5/5 times with every fold within 1.25x its median (unridged:
-        folds up to 10^4x); on medulloblastoma 0.02 left folds at 3.4x (k = 6), 0.05 at
-        1.8x, 0.1 within 1.44x; at about 1 PRESS is flat past the true rank on bars (ties
-        decide) and on planted data with 1% noise the picks moved up (4, 5, 6 for rank 3).
+        that level. Default 0.1. Why: without it, a component whose support barely touches a
+        row's training cells is almost free on that row, and the fit can send it far out on
+        the row's held-out cells (wild folds). The ridge ``alpha/2 (|W|^2 + |H|^2)`` equals
+        ``alpha * sum_c |w_c| |h_c|`` at its optimum, so it shrinks every component by about
+        ``alpha`` in norm whatever its scale and does not reward splitting one in two: noise-level
+        components are held back, strong ones barely move. Smaller values leave wild folds;
+        near 1 the curve flattens past the true rank and picks drift up. 0.1: see
+        benchmarks/README.md, "bench_rank.py", parts-based data (``--sections hard``).
         For ``loss="kl"`` (coordinate descent) the ridge sets Gamma priors on every entry
         of W and H instead (`fit_nmf`'s ``gamma_prior``): shape ``1 + ridge`` and rate
         ``(1 + ridge) / sqrt(mean count of the training set)`` (``CVResult.alpha`` holds the
         rate). Why: unpenalised Poisson fits put exact zeros in W and H, so some held-out
-        cells are predicted to be exactly 0, and a count there costs about 700 in deviance;
-        the curve then climbs with k (on single-cell-like counts, planted 7, 5 seeds: at 90%
-        zeros the pick was 7 in 3 of 5, at 97% 2 in 5 of 5; with the priors 7 in 5 of 5, and
-        6, 6, 5, 7, 7; `benchmarks/bench_counts.py`). ``method="mu"`` fits are not
-        penalised. Explicit ``alpha_W`` / ``alpha_H`` or ``gamma_prior`` in ``fit_kwargs``
-        replace it.
+        cells are predicted to be exactly 0, a count there costs about 700 in deviance, and
+        the curve climbs with k, picking too low a rank on sparse counts (with the priors:
+        benchmarks/README.md, "bench_counts.py"). ``method="mu"`` fits are not penalised.
+        Explicit ``alpha_W`` / ``alpha_H`` or ``gamma_prior`` in ``fit_kwargs`` replace it.
     n_restarts : int >= 1
         Fits per rank and fold: the first from ``init``, the others from random inits (each
         with its own seed spawned from the fit's), keeping the lowest *training* objective.
-        1 by default, because ``stuck_restarts`` spends the extra fits only where needed.
-        The first fit keeps ``init`` (default ``"nndsvda"``): on swimmer-like parts data it
-        reached exact fits at the true rank where 3 of 4 random inits stuck, while on other
-        parts data random inits do better; the refits from random inits cover both.
+        Default 1: ``stuck_restarts`` spends extra fits only where they are needed. Whether
+        ``init`` (default ``"nndsvda"``) or random inits fit better depends on the data, so
+        the first fit keeps ``init`` and the refits of stuck folds try random ones.
     stuck_restarts : int >= 0
         Extra fits from random inits for a fold stuck in a poor local minimum, keeping the
-        lowest training objective. A fold is stuck when its training error per training cell
-        exceeds 1.1x the best fold's at the same rank: the training sets hold the same
-        cells but one fold's, so their errors per cell agree within a few percent unless a
-        fit is stuck (measured on swimmer-like parts data: stuck folds at 1.5-16x, the others
-        0.97-1.04x, and their PRESS 1.5-14x the median). The default 2 costs 3 fits for
-        such folds only: measured on swimmer-like data (17 parts, |N(0, 0.05^2)| noise,
-        6 seeds), 3 restarts everywhere brought every fold within 1.15x its median at 3x
-        the time, 1 left folds at 4.7x and picked 16 on 1/6 seeds; with the default, every
-        fold within 1.15x and 16 on 6/6. The refits see only the fold's training cells and
-        the kept fit is chosen by its training objective, but *whether* a fold is refitted
-        depends on the other folds' training errors, so on its held-out cells at one remove
-        (``stuck_restarts=0`` makes every fold's fit a function of its training cells
-        alone). Not for ``n_folds="loo"``.
+        lowest training objective. Default 2: three fits for stuck folds only, rather than
+        ``n_restarts=3`` tripling every fold's cost. A fold is stuck when its training error
+        per training cell exceeds 1.1x the best of its rank's folds so far: the training sets
+        share all but a fold's cells, so their errors per cell agree within a few percent
+        unless a fit is stuck. 2: see benchmarks/README.md, "bench_rank.py", parts-based data.
+        Refits see only the fold's training cells, but *whether* a fold is refitted depends on
+        the other folds' training errors, so on its held-out cells at one remove
+        (``stuck_restarts=0`` makes every fold's fit a function of its training cells alone).
+        Not for ``n_folds="loo"``.
     warm_start : bool
         Fit each fold's ranks in increasing order, every rank starting from the previous
         rank's factors plus new components initialised (``"nndsvda"``) from the positive part
@@ -3659,7 +3629,7 @@ def _refit_stuck(cv, round_, outputs, per_cell, refitted, stuck_restarts):
 _STUCK_TRAINING = 1.1  # training error per cell over the rank's best fold's: a stuck fit
 _AUTO_SPLITS = 5  # n_repeats="auto": most splits, the later ones for the ranks in contention
 # n_repeats="auto": splits every rank is fitted on, so that the spread from split to split is
-# measured before any rank leaves contention (one split's folds alone understate it)
+# estimated before any rank leaves contention (one split's folds alone understate it)
 _FIRST_SPLITS = 2
 _CONTENTION_Z = 2.0  # standard errors of the paired differences that show a rank worse
 _PICK_Z = 1.0  # best_rank: the smallest rank within this many standard errors of the best
@@ -3698,14 +3668,13 @@ def _paired_excess(press):
     The best is the smallest pooled median among ranks fitted on every split. Each rank is
     compared with it on the folds both were fitted on (the same held-out cells):
     ``d = PRESS_k / PRESS_best - 1`` per fold, excess = median(d), and its standard error is
-    ``sqrt(se_fold^2 + s^2 / splits)`` with ``se_fold`` the robust standard error of that
+    ``sqrt(se_fold^2 + s^2 / splits)``: ``se_fold`` is the robust standard error of that
     median (from the median absolute deviation, as ``press_mad_se``), so that one wild fold
-    of either rank cannot decide it. Folds of one split share that split's luck (which
-    samples are held out together, which fits land where), so ``s^2``, the variance from
-    split to split of the relative difference of the ranks' per-split medians (pooled over
-    the ranks fitted on two splits or more), is added: measured on medulloblastoma, one
-    split's folds put every other rank 2 standard errors above the best while other splits
-    picked 3 and 5 instead of 6."""
+    of either rank cannot decide it; ``splits`` is the number of splits the two share; ``s^2``
+    is the variance from split to split of the ratio of the two ranks' per-split medians,
+    averaged over the ranks sharing two splits or more with the best. Folds of one split
+    share that split's luck (which cells are held out together), which ``se_fold`` alone
+    understates. ``excess`` is inf for ranks sharing no split with the best, 0 for the best."""
     R, S, F = press.shape
     fitted = ~np.isnan(press[:, :, 0])
     best = int(np.argmin(_pooled_medians(press)))
@@ -4033,7 +4002,7 @@ def _keep_coverage(fold, rows, cols, shape, n_folds, rng):
     row or column of a training set without an observed cell: a line's only cell, then,
     where a fold holds all of a line's cells, the first of them in a random order of the
     cells. Rows first, then columns. Memory: the order and the folds, O(lines x folds)
-    counts (a numpy version sorting keys of every cell peaked at 11.8x the data)."""
+    counts (sorting a key per cell would take many times the data's memory)."""
     fold = np.array(fold, dtype=np.int64)
     order = rng.permutation(len(rows))
     for index, size in ((rows, shape[0]), (cols, shape[1])):
@@ -4275,14 +4244,14 @@ def noise_level(X, *, mask=None):
     For ``X = low rank + noise`` whose rank is small against ``min(m, n)``, the median
     singular value belongs to the noise, whose singular values follow the Marchenko-Pastur
     law: ``sigma = s_median / sqrt(max(m, n) * mu_beta)``, ``mu_beta`` being that law's median
-    for aspect ratio ``beta = min(m, n) / max(m, n)``. Above 1000 lines on the smaller side,
-    1000 of them (chosen with a fixed seed) are used. Missing cells are filled by the rank-1
-    fit of the row and column means (as for the SVD inits), then three times by the
-    projection on the singular vectors above the noise's edge ``sigma (sqrt(m) + sqrt(n))``;
-    filled cells carry no noise, so the estimate is divided by the square root of the
-    observed fraction. Biased up when the
-    signal's rank approaches half of ``min(m, n)``; 0 when the smaller side has fewer than 3
-    lines (the median singular value is then the signal's).
+    for aspect ratio ``beta = min(m, n) / max(m, n)``. At most 1000 lines of the smaller side
+    and 10000 of the longer (drawn with a fixed seed) are used. Missing cells are filled by
+    the rank-1 fit of the row and column means (as for the SVD inits), then three times by
+    the projection on the singular vectors above the noise's edge ``sigma (sqrt(m) +
+    sqrt(n))``; filled cells carry no noise, so the estimate is divided by the square root of
+    the observed fraction. Biased up when the signal's rank approaches half of ``min(m, n)``;
+    0 when the smaller side has fewer than 3 lines (the median singular value is then the
+    signal's).
 
     Examples
     --------
@@ -4321,8 +4290,8 @@ def _noise_of(X, missing):
     X = np.asarray(X, dtype=np.float64)
     for _ in range(_NOISE_REFILLS if missing is not None else 0):
         # The mean fill of the missing cells misses the data's structure, and that error
-        # would count as noise (measured on the bars with 20% held out: 6.5x the noise of
-        # the complete data): refill them from the components above the noise's edge.
+        # would count as noise (several times the complete data's): refill them from the
+        # components above the noise's edge.
         eig, V = np.linalg.eigh(X.T @ X)
         sigma = _median_noise(eig, m, n)
         V = V[:, np.sqrt(np.maximum(eig, 0.0)) > sigma * (math.sqrt(m) + math.sqrt(n))]
@@ -4449,8 +4418,7 @@ class _FoldTraining:
         # The held-out cells' values, read once: each row group's block of its held-out
         # columns (dense X), or the held-out stored entries (CSR). 1 / n_folds of X; the
         # products with them are then BLAS or sparse calls on contiguous data, where reading
-        # them through X on every iteration would cost a full pass over X's memory (measured
-        # at 20000 x 500: 10 ms per product against 1.5 ms from the blocks).
+        # them through X on every iteration would cost a full pass over X's memory.
         if self.sparse:
             rows = np.repeat(np.arange(m), np.diff(X.indptr))
             held = self.b[X.indices] == self.P[rows]
@@ -5014,7 +4982,7 @@ def _record_digest(structure, arrays):
 @contextlib.contextmanager
 def _shipped(obj, executor):
     """``obj`` as the tasks should carry it, so that workers receive its data once per call
-    rather than once per task (at 10^8 cells, 0.8 GB pickled for every fit):
+    rather than once per task (pickled per task, a 10^8-cell X would cost 0.8 GB per fit):
 
     - ProcessPoolExecutor: its arrays are copied once into shared memory; the tasks carry the
       blocks' names, and each worker maps them once (`_Shared`);
@@ -5081,7 +5049,7 @@ def _attached(shared):
                 with contextlib.suppress(BufferError):  # still referenced: closes with it
                     block.close()
         # Python >= 3.13: do not let this process's resource tracker unlink the caller's
-        # blocks; before, a forked worker shares the caller's tracker, which does not.
+        # blocks; on older Pythons a forked worker shares the caller's tracker, which does not.
         untracked = {"track": False} if sys.version_info >= (3, 13) else {}
         blocks = [shared_memory.SharedMemory(name=name, **untracked)
                   for name, _, _ in shared.specs]
@@ -5344,11 +5312,9 @@ def _worker_task(function, args, caller_pid):
     """Run one task; in a worker process, first limit BLAS to one thread (once per process).
 
     Each worker runs one fit at a time, so BLAS threads in every worker only fight each other
-    for the cores: measured with ProcessPoolExecutor(2) on 2 cores, cross_validate ran 2.3x
-    slower than with one BLAS thread per worker, and got slower with every task (the CLI's
-    ``rank --jobs 2 --criteria cophenetic`` on medulloblastoma: 309 s against 78 s). The limit
-    uses threadpoolctl, a dependency. Tasks run as threads of the caller's own process are left
-    alone: a process-wide limit set from one thread would change the others'."""
+    for the cores and a pool runs several times slower. The limit uses threadpoolctl, a
+    dependency. Tasks run as threads of the caller's own process are left alone: a
+    process-wide limit set from one thread would change the others'."""
     if os.getpid() != caller_pid:
         _limit_blas_threads()
     return function(*_resolve(args))
@@ -5441,14 +5407,12 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
         Non-negative data, NaN = missing.
     ranks : iterable of int, each >= 2
     n_runs : int
-        Restarts per rank.
+        Restarts per rank (default 50).
     method, loss : str
-        Passed to `fit_nmf`; Brunet's choice (KL multiplicative updates) by default.
+        Passed to `fit_nmf`; by default Brunet's choice, KL multiplicative updates.
         ``method="cd"`` fits the KL loss by coordinate descent instead (the CLI's choice with
-        ``--loss kl``): on medulloblastoma (k = 2..5, 50 runs) its cophenetic coefficients
-        were 0.988, 0.994, 0.977, 0.993 against MU's 0.991, 0.996, 0.971, 0.993 (both pick
-        3), but on planted clusters (200 x 60, 3 groups, two seeds) k = 2 differed by 0.012
-        and 0.017 and small data took 3-4x as long, so MU stays the default.
+        ``--loss kl``): similar coefficients on real data, but they can differ on small data,
+        where it is also slower, so MU stays the default.
     axis : {"columns", "rows"}
         What is clustered.
     stop : {"connectivity", "objective", "max_iter"}, optional
@@ -5459,10 +5423,11 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
         not changed for ``stable_iter`` iterations, checked every 10 iterations.
         ``"objective"``: `fit_nmf`'s rule (relative decrease below ``tol``). ``"max_iter"``:
         after exactly ``max_iter`` iterations. Only ``"objective"`` evaluates the objective,
-        which for the KL loss costs a logarithm per cell and iteration (about half the
-        iteration's time); the clustering is all that consensus keeps.
+        which for the KL loss costs a logarithm per cell and iteration (a large share of the
+        iteration's time: bench_rank.py, section ``iteration``); the clustering is all that
+        consensus keeps.
     stable_iter : int
-        See ``stop``; a multiple of 10. Brunet et al. used 400.
+        See ``stop``; a multiple of 10. Default 400, as Brunet et al.
     pac_interval : (float, float)
         The interval of ambiguous consensus values for ``pac`` (`proportion_ambiguous`).
     random_state, executor, progress, checkpoint
@@ -5601,8 +5566,7 @@ def best_cophenetic_rank(ranks, cophenetic, rule="first_drop", min_drop=None, pa
     usually does (more ranks, more local minima), this keeps the smallest stable rank.
 
     ``rule="largest_drop"``: the rank just before the largest drop between consecutive ranks
-    (``min_drop`` default 0.01), the rule of earlier versions; it lands on the larger rank
-    of a steadily decaying curve.
+    (``min_drop`` default 0.01); it lands on the larger rank of a steadily decaying curve.
 
     ``rule="pac"``: the rank with the lowest ``pac`` (`proportion_ambiguous`; Senbabaoglu et
     al. 2014), the smallest on ties.
@@ -5794,14 +5758,12 @@ def stability(X, ranks, *, n_runs=20, threshold=_STABLE_SILHOUETTE, axis="column
         Non-negative data, NaN = missing.
     ranks : iterable of int, each >= 2
     n_runs : int >= 2
-        Fits per rank.
+        Fits per rank (default 20).
     threshold : float
-        The rule's bound on the worst group's mean silhouette. 0.7 by measurement, with
-        bootstrap (planted ranks 3..6 on 150 x 60, 300 x 100 and 100 x 300, noise 10%, 3
-        seeds each, 12 runs): past the true rank the worst silhouette stayed below 0.1; at
-        it, 0.77-0.99 on the two larger shapes (on 150 x 60 at ranks 5 and 6, 0.35-0.75:
-        too few samples to resample, and the pick falls short of the truth there, never
-        above it); on bars 1.0 at 16; on uniform noise below 0.3 at every rank.
+        The rule's bound on the worst group's mean silhouette (default 0.7). With bootstrap
+        on planted data the worst silhouette falls far below it past the true rank and stays
+        above it at the true rank, unless there are too few samples to resample: the pick
+        then falls short of the truth, not above it.
     axis : {"columns", "rows"}
         Where the samples are, as in `consensus`: ``"columns"`` (genes x samples) compares
         the columns of W, profiles over X's rows; ``"rows"`` (samples x features, as in
@@ -5810,9 +5772,8 @@ def stability(X, ranks, *, n_runs=20, threshold=_STABLE_SILHOUETTE, axis="column
         Fit each run to a resample (with replacement) of the samples, so that the
         components must reproduce across data as well as across inits. On by default
         because fixed data often have one optimum per rank whatever the rank: from random
-        inits alone, uniform noise (60 x 40) reproduced at ranks 4, 5 and 6 (worst
-        silhouettes 0.996, 0.999, 0.965), and medulloblastoma at every rank up to 7
-        (``False`` is what cNMF measures; expect it to read high).
+        inits alone even uniform noise reproduces at several ranks (``False`` is what cNMF
+        measures; expect it to read high).
     method, loss, mask
         As in `fit_nmf`.
     random_state, executor, progress, checkpoint
@@ -5821,9 +5782,7 @@ def stability(X, ranks, *, n_runs=20, threshold=_STABLE_SILHOUETTE, axis="column
     **fit_kwargs
         Passed to `fit_nmf`: ``init`` defaults to ``"random"``, ``max_iter`` to 2000, ``tol``
         to 1e-6. Runs stopped short of convergence differ for that reason alone and lower
-        the silhouette: on planted 60 x 30 data of rank 3, six runs at ``tol=1e-5`` ended
-        with errors up to 1% apart and a worst silhouette of 0.71 at the true rank, at
-        ``tol=1e-6`` 0.1% apart and 0.89, at ``tol=1e-8`` equal and 0.96.
+        the silhouette, hence the tight tolerance (looser ones lower it at the true rank).
 
     Returns
     -------
@@ -6048,9 +6007,8 @@ def randomized_rss(X, ranks, *, n_permutations=3, margin=1.5, mask=None, method=
     absolute decreases mislead, since the randomized data's RSS is on a much larger scale.
     Past the true rank the data's residual is noise, which loses about the same fraction as
     structureless data, so the rule stops at the first rank whose fraction falls below
-    ``margin`` times the randomized one. Measured on planted data (ranks 2..6, shapes
-    60 x 40 to 150 x 100, noise 5..20%, 60 cases): the ratio was at most 1.24 past the true
-    rank and at least 1.75 before it, hence the default 1.5.
+    ``margin`` times the randomized one (default 1.5: on planted data the ratio stays well
+    below it past the true rank and well above it below).
 
     Parameters
     ----------
@@ -6058,6 +6016,7 @@ def randomized_rss(X, ranks, *, n_permutations=3, margin=1.5, mask=None, method=
         Non-negative data, NaN = missing.
     ranks : iterable of int, increasing
     n_permutations : int
+        Randomized copies (default 3).
     margin : float
         See above.
     mask, method, n_restarts, random_state, executor, progress, checkpoint
@@ -6138,8 +6097,7 @@ def bicross_validate(X, ranks, *, n_row_folds=2, n_col_folds=2, n_repeats=1, mas
     makes the prediction Owen & Perry's ``C (W_D H_D)^+ B`` with D's rank-k NMF in place of
     its truncated SVD. ``"nnls"`` constrains them to be non-negative; because an NMF of D is
     not unique, W_D H_B >= 0 often cannot follow B, and the PRESS curve then keeps falling
-    past the true rank (measured on planted rank-3 60 x 40 data, 5% noise, six seeds: the
-    minimum was at the true rank 6/6 times with "lstsq", 2/6 with "nnls").
+    past the true rank, hence the default.
 
     Parameters
     ----------
@@ -6373,10 +6331,9 @@ def prior_predictive_rank(X, *, likelihood="poisson", noise_var=None, mask=None,
     (falling like ``1 / c_i^2``). Pooling every pair equally (weight ``c_i (c_i - 1)``) lets
     dense rows dominate although each holds one factor draw; equal weights let a row with two
     cells count as much as a full one. ``c_i - 1`` lies between, gives a one-cell row weight
-    0, and is the same as pooling pairs when all rows have equal counts (complete data).
-    Measured on Poisson data from the model (1000 x 800, K = 3..20, rows keeping 2..100% and
-    columns 10..100% of cells, 30 seeds): the spread of the estimate of K was 0.06..0.09 K
-    against 0.11 K pooling pairs, with the same mean. Time and memory are O(observed
+    0, and is the same as pooling pairs when all rows have equal counts (complete data); on
+    Poisson data from the model with uneven missingness it gives the same mean estimate of K
+    with a smaller spread than pooling pairs. Time and memory are O(observed
     cells) (no pair tensor); sparse input stays sparse (its unstored zeros enter the line
     sums as counts), except that a sparse X with a ``mask`` is densified by validation, as
     in `fit_nmf`. Centring at ``ybar`` biases every second moment down by ``Var(ybar)``,
