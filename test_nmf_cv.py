@@ -36,6 +36,10 @@ import nmf_cv  # noqa: E402
 # Shared helpers
 # =============================================================================================
 
+# =============================================================================================
+# Shared helpers
+# =============================================================================================
+
 COMBOS = [("hals", "frobenius"), ("mu", "frobenius"), ("mu", "kl"), ("cd", "kl"),
           ("gdcls", "frobenius")]
 
@@ -479,7 +483,7 @@ def test_nmf_estimator_with_gamma_priors_transforms_to_its_fitted_w():
 
 
 # =============================================================================================
-# Fitting: driver and solvers
+# Fitting: the driver, and which solver fits which data
 # =============================================================================================
 
 def ref_hals_step(X, M, W, H, mm_rows=(), mm_cols=()):
@@ -544,40 +548,6 @@ def _check_monotone(res, X, mask, loss, penalised):
                                       abs=max(1e-12 * scale, rounding))
 
 
-def kl_gradients(X, M, W, H, rate=0.0, shape=1.0):
-    """Gradients in W and H of the KL objective over observed cells M, plus Gamma(shape, rate)
-    priors on every entry (plain numpy)."""
-    ratio = np.divide(X, W @ H, out=np.zeros(X.shape), where=M & (X > 0))
-    R = np.where(M, 1.0 - ratio, 0.0)
-    gW, gH = R @ H.T + rate, W.T @ R + rate
-    if shape > 1:
-        gW, gH = gW - (shape - 1) / W, gH - (shape - 1) / H
-    return gW, gH
-
-
-def _batch_problem(seed=0, m=40, n=24, k=4):
-    """Batches of rows missing their own sets of columns (as in proteomics): rows of a
-    batch share their missing cells, and so do some columns; one row differs by a cell."""
-    rng = np.random.default_rng(seed)
-    X = rng.random((m, k)) @ rng.random((k, n)) + 0.05 * rng.random((m, n))
-    mask = np.ones((m, n), dtype=bool)
-    for batch in np.array_split(np.arange(m), 4):
-        mask[np.ix_(batch, rng.choice(n, 5, replace=False))] = False
-    mask[3, np.flatnonzero(mask[3])[0]] = False
-    return X, mask, rng.random((m, k)) + 0.1, rng.random((k, n)) + 0.1
-
-
-def _two_batches(seed, m=64, n=20, k=3):
-    """Two batches of 32 rows, each missing its own 6 columns: each batch one pattern of 32
-    rows (at least _SHARED_LINES), given by its missing cells."""
-    rng = np.random.default_rng(seed)
-    X = rng.random((m, k)) @ rng.random((k, n)) + 0.05 * rng.random((m, n))
-    mask = np.ones((m, n), dtype=bool)
-    mask[:32, :6] = False
-    mask[32:, 6:12] = False
-    return X, mask, rng.random((m, k)) + 0.1, rng.random((k, n)) + 0.1
-
-
 @pytest.mark.parametrize("method,loss", COMBOS)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), init=st.sampled_from(["nndsvda", "random", "nndsvd"]),
@@ -590,19 +560,6 @@ def test_objective_never_increases(method, loss, problem, init, penalised):
     res = nmf_cv.fit_nmf(X, k, mask=mask, method=method, loss=loss, init=init, tol=0,
                          max_iter=30, random_state=seed, **pen)
     _check_monotone(res, X, mask, loss, penalised)
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problem=problems(), majorized=st.sampled_from([0.1, 0.3, 1.0]), penalised=st.booleans())
-def test_majorized_hals_objective_never_increases(problem, majorized, penalised):
-    """HALS with majorize-minimize steps on every mostly observed line, not only on those
-    with few missing cells as fits choose by default."""
-    X, mask, k, seed = problem
-    pen = dict(alpha_W=0.05, alpha_H=0.1, l1_ratio=0.3) if penalised else {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nmf_cv, "_majorized_fraction", lambda k: majorized)
-        res = nmf_cv.fit_nmf(X, k, mask=mask, tol=0, max_iter=30, random_state=seed, **pen)
-    _check_monotone(res, X, mask, "frobenius", penalised)
 
 
 @pytest.mark.parametrize("method,loss", COMBOS)
@@ -630,93 +587,6 @@ def test_planted_rank5_mu_gdcls(method, seed):
 
 
 @pytest.mark.parametrize("method,loss", COMBOS)
-@pytest.mark.parametrize("init", ["nndsvda", "random"])
-@pytest.mark.parametrize("missing", [0.15, 0.7])
-def test_values_under_mask_change_nothing(method, loss, init, missing):
-    X, mask, _, _ = _problem(missing, seed=4)
-    results = []
-    for fill in [None, np.nan, np.inf, 1e300, -5.0]:
-        Xf = X.copy()
-        if fill is not None:
-            Xf[~mask] = fill
-        res = fit(Xf, 3, mask=mask, method=method, loss=loss, init=init, max_iter=25, tol=0)
-        results.append(res)
-    for res in results[1:]:
-        assert np.array_equal(res.W, results[0].W) and np.array_equal(res.H, results[0].H)
-        assert np.array_equal(res.loss_history, results[0].loss_history)
-
-
-@pytest.mark.parametrize("majorized", [-1.0, 1.0])  # exact steps, majorize-minimize steps
-def test_masked_hals_solves_the_masked_problem(majorized, monkeypatch):
-    """Both kinds of HALS step converge to a stationary point of the masked objective: the
-    projected gradient over observed cells vanishes (KKT). Filling the missing cells with
-    the observed mean and fitting densely, the imputation a masked fit must not be, does not
-    get there (projected gradient 0.03), nor to the masked objective's value."""
-    monkeypatch.setattr(nmf_cv, "_majorized_fraction", lambda k: majorized)
-    rng = np.random.default_rng(11)
-    m, n, k = 60, 40, 3
-    X = rng.random((m, k)) @ rng.random((k, n)) + 0.05 * rng.random((m, n))
-    mask = rng.random((m, n)) >= 0.1
-    res = fit(np.where(mask, X, np.nan), k, max_iter=400, tol=0)
-    R = np.where(mask, X - res.W @ res.H, 0.0)
-    grad_W, grad_H = -R @ res.H.T, -res.W.T @ R
-    projected = [np.where(A > 0, g, np.minimum(g, 0.0))
-                 for A, g in ((res.W, grad_W), (res.H, grad_H))]
-    X0 = np.where(mask, X, 0.0)
-    scale = np.linalg.norm(X0 @ res.H.T) + np.linalg.norm(res.W.T @ X0)
-    assert sum(np.linalg.norm(p) for p in projected) < 1e-4 * scale
-    assert objective(X, mask, res.W, res.H, "frobenius") < 0.2013
-
-
-@pytest.mark.parametrize("method", ["hals", "mu", "gdcls"])
-def test_held_out_cells_predicted_to_noise_level(method):
-    rng = np.random.default_rng(8)
-    m, n, k = 200, 120, 4
-    clean = rng.random((m, k)) @ rng.random((k, n))
-    noise = 0.01 * clean.mean() * rng.standard_normal((m, n))
-    X = clean + noise
-    hidden = ~random_mask((m, n), 0.2, rng)
-    max_iter = 10000 if method == "mu" else 3000  # MU converges slowly (known)
-    res = fit(np.where(hidden, np.nan, X), k, method=method, max_iter=max_iter, tol=1e-9)
-    pred = (res.W @ res.H)[hidden]
-    held_out_error = np.linalg.norm(pred - X[hidden]) / np.linalg.norm(X[hidden])
-    noise_level = np.linalg.norm(noise[hidden]) / np.linalg.norm(X[hidden])
-    assert held_out_error < 1.5 * noise_level, (held_out_error, noise_level)
-    # and the truth behind the noise is recovered better than the noise itself
-    assert np.linalg.norm(pred - clean[hidden]) < np.linalg.norm(noise[hidden])
-
-
-def test_masked_hals_rows_in_small_units_converge():
-    """Rows that observe only features in small units (1e-3 against 1e3) still converge:
-    neither their tiny curvature nor the large rows' stopping may starve them."""
-    rng = np.random.default_rng(0)
-    m, n, k = 40, 20, 3
-    X = rng.random((m, k)) @ rng.random((k, n)) * np.r_[np.full(10, 1e-3), np.full(10, 1e3)]
-    mask = np.ones((m, n), bool)
-    mask[:5, 10:] = False
-    res = fit(X, k, mask=mask, max_iter=1000, tol=0)
-    R = np.where(mask, X - res.W @ res.H, 0.0)
-    X0 = np.where(mask, X, 0.0)
-    assert np.linalg.norm(R[:5]) < 0.05 * np.linalg.norm(X0[:5])
-    assert np.linalg.norm(R[5:]) < 1e-6 * np.linalg.norm(X0[5:])
-
-
-def test_underdetermined_rows_stay_accurate():
-    """Regression (found by hypothesis): k = n with rows of 1-2 observed cells. Curvatures of
-    mostly missing rows must not come from cancellation (full Gram minus missing part)."""
-    rng = np.random.default_rng(26)
-    X = rng.random((13, 4)) + 1.0
-    mask = random_mask((13, 4), 0.45, rng)
-    mask[6] = [True, False, False, False]
-    mask[11] = [True, False, False, False]
-    res = nmf_cv.fit_nmf(X, 4, mask=mask, init="nndsvd", tol=0, max_iter=60, random_state=4)
-    f = res.loss_history
-    assert np.all(np.diff(f) <= 1e-12 * f[0])
-    truth = objective(X, mask, res.W, res.H, "frobenius")
-    assert f[-1] == pytest.approx(truth, rel=1e-6, abs=1e-12 * np.sum(X[mask] ** 2))
-
-
-@pytest.mark.parametrize("method,loss", COMBOS)
 @pytest.mark.parametrize("kind", ["dense", "masked", "sparse"])
 def test_float32_stays_float32(method, loss, kind):
     X = nmf_cv.make_planted(60, 40, 3, noise=0.01, random_state=10, dtype=np.float32)
@@ -730,28 +600,6 @@ def test_float32_stays_float32(method, loss, kind):
     assert res.relative_error < 0.3
     f = res.loss_history
     assert np.all(np.diff(f) <= 1e-5 * f[0])  # float32 rounding only
-
-
-@pytest.mark.parametrize("method,loss", COMBOS)
-@pytest.mark.parametrize("fmt", ["csr", "csc"])
-def test_sparse_matches_dense(method, loss, fmt, monkeypatch):
-    rng = np.random.default_rng(12)
-    D = rng.random((50, 35)) @ rng.random((35, 35))
-    D[rng.random(D.shape) < 0.5] = 0
-    S = sp.csr_matrix(D) if fmt == "csr" else sp.csc_matrix(D)
-    dense = fit(D, 4, method=method, loss=loss, init="random", max_iter=40, tol=0)
-
-    def no_densify(*args, **kwargs):
-        raise AssertionError("sparse X was densified")
-
-    for cls in (sp.csr_matrix, sp.csc_matrix, sp.coo_matrix):
-        monkeypatch.setattr(cls, "toarray", no_densify)
-        monkeypatch.setattr(cls, "todense", no_densify)
-    sparse = fit(S, 4, method=method, loss=loss, init="random", max_iter=40, tol=0)
-    np.testing.assert_allclose(sparse.W @ sparse.H, dense.W @ dense.H, rtol=1e-6, atol=1e-9)
-    assert sparse.relative_error == pytest.approx(dense.relative_error, rel=1e-6)
-    svd_init = fit(S, 4, method=method, loss=loss, max_iter=40, tol=0)  # randomized SVD
-    assert svd_init.relative_error < 1.1 * dense.relative_error
 
 
 @pytest.mark.parametrize("method", ["hals", "mu", "gdcls"])
@@ -859,46 +707,6 @@ def test_extrapolated_hals_returns_its_best_iterate_and_gets_there_sooner(missin
     assert fast.converged and fast.W.dtype == dtype
 
 
-def test_extrapolated_hals_on_missing_cells_never_reads_them():
-    X = nmf_cv.make_planted(60, 40, 3, noise=0.1, missing=0.2, random_state=5)
-    filled = np.where(np.isnan(X), 1e3, X)
-    kw = dict(random_state=1, max_iter=300, extrapolate=True)
-    a = nmf_cv.fit_nmf(X, 3, **kw)
-    b = nmf_cv.fit_nmf(filled, 3, mask=~np.isnan(X), **kw)
-    assert_array_equal(a.W, b.W)
-    assert_array_equal(a.loss_history, b.loss_history)
-
-
-@pytest.mark.parametrize("storage", ["dense", "missing", "sparse"])
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_extrapolated_kl_cd_returns_its_best_iterate_and_gets_there_sooner(storage, dtype):
-    """extrapolate=True with KL coordinate descent: the returned factors are the iterate with
-    the lowest objective in the history (an independent numpy objective with the Gamma
-    priors), at or below the plain fit's final objective at the same tol, reached in at most
-    0.7 times as many iterations."""
-    X = poisson_planted(150, 90, 5, 3)
-    M = np.ones(X.shape, dtype=bool)
-    if storage == "missing":
-        M = np.random.default_rng(0).random(X.shape) > 0.2
-        X[~M] = np.nan
-    data = sp.csr_matrix(X.astype(dtype)) if storage == "sparse" else X.astype(dtype)
-    shape, rate = 1.1, 0.3
-    kw = dict(random_state=0, max_iter=3000, tol=1e-7, loss="kl", gamma_prior=(shape, rate))
-    plain = nmf_cv.fit_nmf(data, 5, **kw)
-    fast = nmf_cv.fit_nmf(data, 5, extrapolate=True, **kw)
-    W, H = fast.W.astype(np.float64), fast.H.astype(np.float64)
-    direct = objective(X, M, W, H, "kl") + rate * (W.sum() + H.sum()) - (shape - 1) * (
-        np.log(W).sum() + np.log(H).sum())
-    assert fast.loss_history.min() == pytest.approx(
-        direct, rel=1e-9 if dtype == np.float64 else 1e-4)
-    # both stop within tol of the same minimum: count iterations to a level both reach
-    assert fast.loss_history.min() <= plain.loss_history[-1] * (1 + 1e-5)
-    target = max(fast.loss_history.min(), plain.loss_history[-1]) * (1 + 1e-6)
-    reached = [np.flatnonzero(res.loss_history <= target)[0] for res in (fast, plain)]
-    assert reached[0] <= 0.7 * reached[1], reached
-    assert fast.converged and fast.W.dtype == dtype
-
-
 def test_tolerance_stops_and_reports_convergence():
     X = lkr(0)
     res = fit(X, 5, tol=1e-3, max_iter=1000)
@@ -950,6 +758,21 @@ def test_revival_that_raises_the_objective_is_undone(alpha):
     assert np.all(np.diff(f) <= 0) and np.any(np.diff(f) == 0)
     assert res.W[:, 2].max() == 0 and res.H[2].max() == 0
     assert f[-1] <= two.loss_history[-1]
+
+
+# =============================================================================================
+# Fitting: a fully observed X, dense or sparse
+# =============================================================================================
+
+@pytest.mark.parametrize("k", [3, 4, 7])  # four Gram entries per pass, and the rest
+def test_dense_hals_update_solves_nnls_like_scipy(k):
+    rng = np.random.default_rng(5)
+    W = rng.random((25, k))
+    X = rng.random((25, 7))
+    H = np.full((k, 7), 0.5)
+    nmf_cv._hals_update(H, W.T @ W, W.T @ X, 0.0, 0.0, 5000, 0.0)
+    for j in range(7):
+        np.testing.assert_allclose(H[:, j], nnls(W, X[:, j])[0], atol=1e-8)
 
 
 @pytest.mark.parametrize("mm_missing", [-1.0, 0.2, 1.0])  # exact, mixed, all majorized
@@ -1028,6 +851,158 @@ def test_penalised_kl_mu_moves_to_the_bound_minimum_and_never_raises_the_objecti
     assert_allclose(one.W, W1, rtol=1e-10)
 
 
+@pytest.mark.parametrize("method,loss", COMBOS)
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_sparse_matches_dense(method, loss, fmt, monkeypatch):
+    rng = np.random.default_rng(12)
+    D = rng.random((50, 35)) @ rng.random((35, 35))
+    D[rng.random(D.shape) < 0.5] = 0
+    S = sp.csr_matrix(D) if fmt == "csr" else sp.csc_matrix(D)
+    dense = fit(D, 4, method=method, loss=loss, init="random", max_iter=40, tol=0)
+
+    def no_densify(*args, **kwargs):
+        raise AssertionError("sparse X was densified")
+
+    for cls in (sp.csr_matrix, sp.csc_matrix, sp.coo_matrix):
+        monkeypatch.setattr(cls, "toarray", no_densify)
+        monkeypatch.setattr(cls, "todense", no_densify)
+    sparse = fit(S, 4, method=method, loss=loss, init="random", max_iter=40, tol=0)
+    np.testing.assert_allclose(sparse.W @ sparse.H, dense.W @ dense.H, rtol=1e-6, atol=1e-9)
+    assert sparse.relative_error == pytest.approx(dense.relative_error, rel=1e-6)
+    svd_init = fit(S, 4, method=method, loss=loss, max_iter=40, tol=0)  # randomized SVD
+    assert svd_init.relative_error < 1.1 * dense.relative_error
+
+
+# =============================================================================================
+# Fitting: data with missing cells (exact masked steps)
+# =============================================================================================
+
+NO_PAIRS = np.empty((0, 0))  # _masked_cd_rows: gather cells rather than sum a table
+
+
+def _batch_problem(seed=0, m=40, n=24, k=4):
+    """Batches of rows missing their own sets of columns (as in proteomics): rows of a
+    batch share their missing cells, and so do some columns; one row differs by a cell."""
+    rng = np.random.default_rng(seed)
+    X = rng.random((m, k)) @ rng.random((k, n)) + 0.05 * rng.random((m, n))
+    mask = np.ones((m, n), dtype=bool)
+    for batch in np.array_split(np.arange(m), 4):
+        mask[np.ix_(batch, rng.choice(n, 5, replace=False))] = False
+    mask[3, np.flatnonzero(mask[3])[0]] = False
+    return X, mask, rng.random((m, k)) + 0.1, rng.random((k, n)) + 0.1
+
+
+def _two_batches(seed, m=64, n=20, k=3):
+    """Two batches of 32 rows, each missing its own 6 columns: each batch one pattern of 32
+    rows (at least _SHARED_LINES), given by its missing cells."""
+    rng = np.random.default_rng(seed)
+    X = rng.random((m, k)) @ rng.random((k, n)) + 0.05 * rng.random((m, n))
+    mask = np.ones((m, n), dtype=bool)
+    mask[:32, :6] = False
+    mask[32:, 6:12] = False
+    return X, mask, rng.random((m, k)) + 0.1, rng.random((k, n)) + 0.1
+
+
+@pytest.mark.parametrize("method,loss", COMBOS)
+@pytest.mark.parametrize("init", ["nndsvda", "random"])
+@pytest.mark.parametrize("missing", [0.15, 0.7])
+def test_values_under_mask_change_nothing(method, loss, init, missing):
+    X, mask, _, _ = _problem(missing, seed=4)
+    results = []
+    for fill in [None, np.nan, np.inf, 1e300, -5.0]:
+        Xf = X.copy()
+        if fill is not None:
+            Xf[~mask] = fill
+        res = fit(Xf, 3, mask=mask, method=method, loss=loss, init=init, max_iter=25, tol=0)
+        results.append(res)
+    for res in results[1:]:
+        assert np.array_equal(res.W, results[0].W) and np.array_equal(res.H, results[0].H)
+        assert np.array_equal(res.loss_history, results[0].loss_history)
+
+
+@pytest.mark.parametrize("majorized", [-1.0, 1.0])  # exact steps, majorize-minimize steps
+def test_masked_hals_solves_the_masked_problem(majorized, monkeypatch):
+    """Both kinds of HALS step converge to a stationary point of the masked objective: the
+    projected gradient over observed cells vanishes (KKT). Filling the missing cells with
+    the observed mean and fitting densely, the imputation a masked fit must not be, does not
+    get there (projected gradient 0.03), nor to the masked objective's value."""
+    monkeypatch.setattr(nmf_cv, "_majorized_fraction", lambda k: majorized)
+    rng = np.random.default_rng(11)
+    m, n, k = 60, 40, 3
+    X = rng.random((m, k)) @ rng.random((k, n)) + 0.05 * rng.random((m, n))
+    mask = rng.random((m, n)) >= 0.1
+    res = fit(np.where(mask, X, np.nan), k, max_iter=400, tol=0)
+    R = np.where(mask, X - res.W @ res.H, 0.0)
+    grad_W, grad_H = -R @ res.H.T, -res.W.T @ R
+    projected = [np.where(A > 0, g, np.minimum(g, 0.0))
+                 for A, g in ((res.W, grad_W), (res.H, grad_H))]
+    X0 = np.where(mask, X, 0.0)
+    scale = np.linalg.norm(X0 @ res.H.T) + np.linalg.norm(res.W.T @ X0)
+    assert sum(np.linalg.norm(p) for p in projected) < 1e-4 * scale
+    assert objective(X, mask, res.W, res.H, "frobenius") < 0.2013
+
+
+@pytest.mark.parametrize("method", ["hals", "mu", "gdcls"])
+def test_held_out_cells_predicted_to_noise_level(method):
+    rng = np.random.default_rng(8)
+    m, n, k = 200, 120, 4
+    clean = rng.random((m, k)) @ rng.random((k, n))
+    noise = 0.01 * clean.mean() * rng.standard_normal((m, n))
+    X = clean + noise
+    hidden = ~random_mask((m, n), 0.2, rng)
+    max_iter = 10000 if method == "mu" else 3000  # MU converges slowly (known)
+    res = fit(np.where(hidden, np.nan, X), k, method=method, max_iter=max_iter, tol=1e-9)
+    pred = (res.W @ res.H)[hidden]
+    held_out_error = np.linalg.norm(pred - X[hidden]) / np.linalg.norm(X[hidden])
+    noise_level = np.linalg.norm(noise[hidden]) / np.linalg.norm(X[hidden])
+    assert held_out_error < 1.5 * noise_level, (held_out_error, noise_level)
+    # and the truth behind the noise is recovered better than the noise itself
+    assert np.linalg.norm(pred - clean[hidden]) < np.linalg.norm(noise[hidden])
+
+
+def test_masked_hals_rows_in_small_units_converge():
+    """Rows that observe only features in small units (1e-3 against 1e3) still converge:
+    neither their tiny curvature nor the large rows' stopping may starve them."""
+    rng = np.random.default_rng(0)
+    m, n, k = 40, 20, 3
+    X = rng.random((m, k)) @ rng.random((k, n)) * np.r_[np.full(10, 1e-3), np.full(10, 1e3)]
+    mask = np.ones((m, n), bool)
+    mask[:5, 10:] = False
+    res = fit(X, k, mask=mask, max_iter=1000, tol=0)
+    R = np.where(mask, X - res.W @ res.H, 0.0)
+    X0 = np.where(mask, X, 0.0)
+    assert np.linalg.norm(R[:5]) < 0.05 * np.linalg.norm(X0[:5])
+    assert np.linalg.norm(R[5:]) < 1e-6 * np.linalg.norm(X0[5:])
+
+
+def test_underdetermined_rows_stay_accurate():
+    """Regression (found by hypothesis): k = n with rows of 1-2 observed cells. Curvatures of
+    mostly missing rows must not come from cancellation (full Gram minus missing part)."""
+    rng = np.random.default_rng(26)
+    X = rng.random((13, 4)) + 1.0
+    mask = random_mask((13, 4), 0.45, rng)
+    mask[6] = [True, False, False, False]
+    mask[11] = [True, False, False, False]
+    res = nmf_cv.fit_nmf(X, 4, mask=mask, init="nndsvd", tol=0, max_iter=60, random_state=4)
+    f = res.loss_history
+    assert np.all(np.diff(f) <= 1e-12 * f[0])
+    truth = objective(X, mask, res.W, res.H, "frobenius")
+    assert f[-1] == pytest.approx(truth, rel=1e-6, abs=1e-12 * np.sum(X[mask] ** 2))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), majorized=st.sampled_from([0.1, 0.3, 1.0]), penalised=st.booleans())
+def test_majorized_hals_objective_never_increases(problem, majorized, penalised):
+    """HALS with majorize-minimize steps on every mostly observed line, not only on those
+    with few missing cells as fits choose by default."""
+    X, mask, k, seed = problem
+    pen = dict(alpha_W=0.05, alpha_H=0.1, l1_ratio=0.3) if penalised else {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nmf_cv, "_majorized_fraction", lambda k: majorized)
+        res = nmf_cv.fit_nmf(X, k, mask=mask, tol=0, max_iter=30, random_state=seed, **pen)
+    _check_monotone(res, X, mask, "frobenius", penalised)
+
+
 def test_only_hals_fits_majorize():
     """GDCLS's H step and transform's W step are exact least-squares solves: no majorized
     lines there, nor at k <= 5 (no saving). A HALS fit at k = 10 majorizes mostly observed
@@ -1046,6 +1021,39 @@ def test_only_hals_fits_majorize():
         expected = np.flatnonzero((~mask).sum(axis=axis) <= 0.15 * X.shape[axis])
         assert 0 < len(expected) < X.shape[1 - axis]
         np.testing.assert_array_equal(found, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_majorized_rows_match_filled_dense_reference(dtype):
+    """A majorize-minimize step with penalties equals exact penalised coordinate descent on
+    the row with its missing cells filled by the current predictions and counted as
+    observed (numpy reference), over several sweeps; the model term is the sum
+    over observed cells of the new predictions squared."""
+    rng = np.random.default_rng(12)
+    m, n, k = 150, 40, 7
+    B = rng.random((n, k)) + 0.05
+    M = rng.random((m, n)) >= 0.1
+    M[:2] = True  # no missing cell: a plain dense step
+    X = rng.random((m, n)) * 2
+    A = (rng.random((m, k)) + 0.05).astype(dtype)
+    rows, cols = np.nonzero(~M)
+    indptr = nmf_cv._indptr(rows, m)
+    signs = np.full(m, -1.0)
+    Bd = B.astype(dtype)
+    B64 = Bd.astype(np.float64)
+    filled = np.where(M, X, A.astype(np.float64) @ B64.T)
+    expected = ref_penalised_cd_rows(A.astype(np.float64), B64, filled @ B64,
+                                     np.ones((m, n), bool), 0.05, 0.3, 3)
+    XB = np.ascontiguousarray(np.where(M, X, 0.0) @ B64)
+    lines = nmf_cv._MaskedLines(indptr, cols.astype(np.int64), signs, mm=np.arange(m),
+                                exact=np.arange(0))
+    model = nmf_cv._cd_lines(A, Bd, nmf_cv._gram64(Bd)[None], XB, lines, 0.05, 0.3, 3, 0.0,
+                             np.empty(n * (k + 4)), True)
+    assert A.dtype == dtype
+    tol = 1e-10 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(A, expected, rtol=tol, atol=tol)
+    A64 = A.astype(np.float64)
+    assert model == pytest.approx(np.sum(np.where(M, A64 @ B64.T, 0.0) ** 2), rel=tol)
 
 
 @pytest.mark.parametrize("collide", [False, True])
@@ -1137,39 +1145,6 @@ def test_fits_with_patterns_swept_together_descend_and_ignore_masked_values(meth
     assert f[-1] == pytest.approx(exact, rel=1e-9, abs=slack)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_majorized_rows_match_filled_dense_reference(dtype):
-    """A majorize-minimize step with penalties equals exact penalised coordinate descent on
-    the row with its missing cells filled by the current predictions and counted as
-    observed (numpy reference), over several sweeps; the model term is the sum
-    over observed cells of the new predictions squared."""
-    rng = np.random.default_rng(12)
-    m, n, k = 150, 40, 7
-    B = rng.random((n, k)) + 0.05
-    M = rng.random((m, n)) >= 0.1
-    M[:2] = True  # no missing cell: a plain dense step
-    X = rng.random((m, n)) * 2
-    A = (rng.random((m, k)) + 0.05).astype(dtype)
-    rows, cols = np.nonzero(~M)
-    indptr = nmf_cv._indptr(rows, m)
-    signs = np.full(m, -1.0)
-    Bd = B.astype(dtype)
-    B64 = Bd.astype(np.float64)
-    filled = np.where(M, X, A.astype(np.float64) @ B64.T)
-    expected = ref_penalised_cd_rows(A.astype(np.float64), B64, filled @ B64,
-                                     np.ones((m, n), bool), 0.05, 0.3, 3)
-    XB = np.ascontiguousarray(np.where(M, X, 0.0) @ B64)
-    lines = nmf_cv._MaskedLines(indptr, cols.astype(np.int64), signs, mm=np.arange(m),
-                                exact=np.arange(0))
-    model = nmf_cv._cd_lines(A, Bd, nmf_cv._gram64(Bd)[None], XB, lines, 0.05, 0.3, 3, 0.0,
-                             np.empty(n * (k + 4)), True)
-    assert A.dtype == dtype
-    tol = 1e-10 if dtype == np.float64 else 1e-6
-    np.testing.assert_allclose(A, expected, rtol=tol, atol=tol)
-    A64 = A.astype(np.float64)
-    assert model == pytest.approx(np.sum(np.where(M, A64 @ B64.T, 0.0) ** 2), rel=tol)
-
-
 @pytest.mark.parametrize("penalties", [(0.0, 0.0), (0.05, 0.3)])
 def test_shared_patterns_solve_nnls_like_scipy(penalties):
     """Run to convergence, rows swept together by pattern solve each row's ridge-regularised
@@ -1218,6 +1193,132 @@ def test_shared_pattern_with_an_unseen_component_matches_the_one_by_one_kernel(s
         results.append((A, model))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-9)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-9)
+
+
+def test_extrapolated_hals_on_missing_cells_never_reads_them():
+    X = nmf_cv.make_planted(60, 40, 3, noise=0.1, missing=0.2, random_state=5)
+    filled = np.where(np.isnan(X), 1e3, X)
+    kw = dict(random_state=1, max_iter=300, extrapolate=True)
+    a = nmf_cv.fit_nmf(X, 3, **kw)
+    b = nmf_cv.fit_nmf(filled, 3, mask=~np.isnan(X), **kw)
+    assert_array_equal(a.W, b.W)
+    assert_array_equal(a.loss_history, b.loss_history)
+
+
+def test_hals_lines_stop_line_by_line():
+    """Column 0 (scale 1e3) is solved in one sweep, column 1 (scale 1e-3, two coupled
+    coordinates) converges slowly: the dense kernel's stop on the total move ends after the
+    second sweep with column 1 far off; _hals_lines, stopping line by line (each column
+    relative to its own first sweep, as _cd_block), goes on until column 1 too has settled,
+    and otherwise takes the same steps."""
+    G = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.9], [0.0, 0.9, 1.0]])
+    solution = np.array([[1e3, 0.0], [0.0, 1e-3], [0.0, 2e-3]])
+    Y = G @ solution
+    dense, lines = np.zeros((3, 2)), np.zeros((3, 2))
+    n_dense = nmf_cv._hals_update(dense, G, Y, 0.0, 0.0, 100, 0.01)
+    n_lines = nmf_cv._hals_lines(lines, G, np.diag(G).copy(), Y, 0.0, 0.0, 100, 0.01)
+    assert n_dense == 2 and np.abs(dense[:, 1] - solution[:, 1]).max() > 0.5 * 2e-3
+    assert n_lines > 10 and np.abs(lines[:, 1] - solution[:, 1]).max() < 0.1 * 2e-3
+    np.testing.assert_allclose(lines[:, 0], solution[:, 0])
+    again = np.zeros((3, 2))
+    nmf_cv._hals_lines(again, G, np.diag(G).copy(), Y, 0.0, 0.0, 2, 0.01)
+    np.testing.assert_allclose(again, dense, rtol=1e-14)
+
+
+@pytest.mark.parametrize("use_pairs", [True, False])  # the two ways to form Gram matrices
+@pytest.mark.parametrize("missing", [0.2, 0.7])
+def test_masked_cd_solves_nnls_like_scipy(missing, use_pairs):
+    """Run to convergence, the masked coordinate-descent kernel (GDCLS's H step) is exact
+    ridge-regularised NNLS per column: compare with scipy.optimize.nnls."""
+    X, mask, W, H = _problem(missing, seed=2)
+    lam = 0.3
+    solver = _solver(X, mask, W, H, "gdcls", "frobenius")
+    XtW, bases = solver.lay.products_H(solver.W)
+    Ht = np.ascontiguousarray(H.T)
+    c = solver.cols
+    pairs = nmf_cv._pair_products(solver.W) if use_pairs else NO_PAIRS
+    nmf_cv._masked_cd_rows(Ht, solver.W, bases, c.kernel(), XtW, np.arange(Ht.shape[0]),
+                           0.0, lam, 5000, 0.0, pairs, solver.scratch, False)
+    k = W.shape[1]
+    for j in range(X.shape[1]):
+        rows = mask[:, j]
+        A = np.vstack([W[rows], math.sqrt(lam) * np.eye(k)])
+        b = np.concatenate([X[rows, j], np.zeros(k)])
+        np.testing.assert_allclose(Ht[j], nnls(A, b)[0], atol=1e-8)
+
+
+@pytest.mark.parametrize("use_pairs", [True, False])
+@pytest.mark.parametrize("k", [1, 3, 4, 7])  # odd k: the 2 x 4 tiles' padding
+def test_masked_cd_rows_match_numpy_with_penalties(k, use_pairs):
+    """Several 64-row blocks, direct and complement rows, empty cell sets, penalties and
+    several sweeps (tol=0), against a per-row numpy reference."""
+    rng = np.random.default_rng(k)
+    m, n = 150, 23
+    B = rng.random((n, k)) + 0.05
+    M = rng.random((m, n)) >= rng.choice([0.1, 0.8], size=(m, 1))  # mostly seen / mostly missing
+    M[:3] = True  # rows with no missing cell: an empty cell set in complement mode
+    X = rng.random((m, n)) * 2
+    XB = np.where(M, X, 0.0) @ B
+    A = rng.random((m, k)) + 0.05
+    direct = 2 * M.sum(axis=1) < n
+    rows, cols = np.nonzero(M == direct[:, None])
+    indptr = nmf_cv._indptr(rows, m)
+    scratch = np.empty(n * (k + 4))
+    ours = A.copy()
+    lines = nmf_cv._MaskedLines(indptr, cols.astype(np.int64), np.where(direct, 1.0, -1.0))
+    pairs = nmf_cv._pair_products(B) if use_pairs else NO_PAIRS
+    model = nmf_cv._masked_cd_rows(ours, B, (B.T @ B)[None], lines.kernel(), XB, np.arange(m),
+                                   0.05, 0.3, 3, 0.0, pairs, scratch, True)
+    expected = ref_penalised_cd_rows(A, B, XB, M, 0.05, 0.3, 3)
+    np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-12)
+    assert model == pytest.approx(np.sum(np.where(M, ours @ B.T, 0.0) ** 2), rel=1e-10)
+
+
+def test_masked_cd_rows_small_curvature_never_overshoots():
+    """A row that sees a component only through one tiny value: with a tiny ridge the step
+    must use the true curvature (1e-6 + l2), not the ridge alone."""
+    B = np.array([[1e-3], [1e3], [1e3]])
+    A = np.zeros((1, 1))
+    XB = np.array([[1e-3]])  # the row observes cell 0 only, where x = 1
+    lines = nmf_cv._MaskedLines(np.array([0, 1]), np.array([0]), np.array([1.0]))
+    nmf_cv._masked_cd_rows(A, B, (B.T @ B)[None], lines.kernel(), XB, np.array([0]), 0.0, 1e-8,
+                           1, 0.0, NO_PAIRS, np.empty(5), False)
+
+    def row_objective(a):
+        return 0.5 * (1.0 - 1e-3 * a) ** 2 + 0.5e-8 * a ** 2
+    assert row_objective(A[0, 0]) <= row_objective(0.0)
+    assert A[0, 0] == pytest.approx(1e-3 / (1e-6 + 1e-8), rel=1e-9)
+
+
+def test_masked_cd_rows_float32_component_unseen_stays():
+    """float32 factors: a row whose observed cells all have b_t = 0 leaves a_t alone (the
+    Gram matrix is float64, so G0 - S is not float32 rounding noise)."""
+    rng = np.random.default_rng(3)
+    B = (rng.random((12, 2)) + 0.1).astype(np.float32)
+    B[4:, 1] = 0.0  # component 1 only in the row's four missing cells
+    XB = (rng.random(12) * (np.arange(12) >= 4)) @ B.astype(np.float64)
+    A = np.array([[0.5, 0.5]], dtype=np.float32)
+    lines = nmf_cv._MaskedLines(np.array([0, 4]), np.arange(4), np.array([-1.0]))
+    nmf_cv._masked_cd_rows(A, B, nmf_cv._gram64(B)[None], lines.kernel(),
+                           XB[None, :].astype(np.float32), np.array([0]), 0.0,
+                           0.0, 1, 0.0,
+                           NO_PAIRS, np.empty(4 * 6), False)
+    assert A[0, 1] == pytest.approx(0.5, rel=1e-6)
+
+
+# =============================================================================================
+# Fitting: KL on listed cells, and KL coordinate descent
+# =============================================================================================
+
+def kl_gradients(X, M, W, H, rate=0.0, shape=1.0):
+    """Gradients in W and H of the KL objective over observed cells M, plus Gamma(shape, rate)
+    priors on every entry (plain numpy)."""
+    ratio = np.divide(X, W @ H, out=np.zeros(X.shape), where=M & (X > 0))
+    R = np.where(M, 1.0 - ratio, 0.0)
+    gW, gH = R @ H.T + rate, W.T @ R + rate
+    if shape > 1:
+        gW, gH = gW - (shape - 1) / W, gH - (shape - 1) / H
+    return gW, gH
 
 
 @pytest.mark.parametrize("kind", ["dense", "masked", "sparse"])
@@ -1280,6 +1381,154 @@ def test_kl_cd_gets_further_in_50_iterations_than_mu_in_500():
     mu = fit(X, 5, loss="kl", method="mu", max_iter=500, tol=0, init="random")
     assert cd.loss_history[0] == pytest.approx(mu.loss_history[0], rel=1e-12)  # same init
     assert cd.loss_history[-1] < mu.loss_history[-1]
+
+
+@pytest.mark.parametrize("storage", ["dense", "missing", "sparse"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_extrapolated_kl_cd_returns_its_best_iterate_and_gets_there_sooner(storage, dtype):
+    """extrapolate=True with KL coordinate descent: the returned factors are the iterate with
+    the lowest objective in the history (an independent numpy objective with the Gamma
+    priors), at or below the plain fit's final objective at the same tol, reached in at most
+    0.7 times as many iterations."""
+    X = poisson_planted(150, 90, 5, 3)
+    M = np.ones(X.shape, dtype=bool)
+    if storage == "missing":
+        M = np.random.default_rng(0).random(X.shape) > 0.2
+        X[~M] = np.nan
+    data = sp.csr_matrix(X.astype(dtype)) if storage == "sparse" else X.astype(dtype)
+    shape, rate = 1.1, 0.3
+    kw = dict(random_state=0, max_iter=3000, tol=1e-7, loss="kl", gamma_prior=(shape, rate))
+    plain = nmf_cv.fit_nmf(data, 5, **kw)
+    fast = nmf_cv.fit_nmf(data, 5, extrapolate=True, **kw)
+    W, H = fast.W.astype(np.float64), fast.H.astype(np.float64)
+    direct = objective(X, M, W, H, "kl") + rate * (W.sum() + H.sum()) - (shape - 1) * (
+        np.log(W).sum() + np.log(H).sum())
+    assert fast.loss_history.min() == pytest.approx(
+        direct, rel=1e-9 if dtype == np.float64 else 1e-4)
+    # both stop within tol of the same minimum: count iterations to a level both reach
+    assert fast.loss_history.min() <= plain.loss_history[-1] * (1 + 1e-5)
+    target = max(fast.loss_history.min(), plain.loss_history[-1]) * (1 + 1e-6)
+    reached = [np.flatnonzero(res.loss_history <= target)[0] for res in (fast, plain)]
+    assert reached[0] <= 0.7 * reached[1], reached
+    assert fast.converged and fast.W.dtype == dtype
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), c=st.integers(1, 30), shape=st.sampled_from([0.0, 0.1, 2.0]),
+       l2=st.sampled_from([0.0, 0.5, 20.0]), spread=st.sampled_from([0.01, 1.0, 100.0]))
+def test_kl_safe_step_down_stops_short_of_the_minimum(seed, c, shape, l2, spread):
+    """`_kl_safe_down`: from a coordinate whose derivative is positive, the step moves down
+    and lands where the derivative (numpy, from its definition) is still >= 0, so between the
+    minimum and the start, where the convex objective is below its start."""
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(3.0, c) + 1.0
+    b = rng.gamma(0.5, 1.0, c) * rng.choice([1.0, spread], c)
+    old = rng.gamma(1.0, 1.0) + 0.01
+    rest = rng.gamma(0.5, 1.0, c) * rng.choice([0.0, 1.0], c)  # the other coordinates' part
+    v = rest + old * b
+    num_cells = np.sum(x * b / v)
+
+    def slope(s, linear):
+        out = linear + l2 * s - np.sum(x * b / (v + (s - old) * b))
+        return out - shape / s if shape else out
+
+    num = num_cells + (shape / old if shape else 0.0)
+    curv = np.sum(x * b * b / v ** 2) + (shape / old ** 2 if shape else 0.0)
+    r_max = max(np.max(b / v), 1.0 / old if shape else 0.0)
+    linear = num - l2 * old + rng.gamma(1.0, 1.0) * num  # f'(old) > 0
+    grad = linear + l2 * old - num
+    assert grad > 0 and slope(old, linear) == pytest.approx(grad)
+    new = nmf_cv._kl_safe_down(old, grad, curv + l2, r_max)
+    assert 0 <= new < old
+    if new == 0:  # projected: only without the prior's barrier, every prediction still > 0
+        assert shape == 0 and np.all(v - old * b > 0)
+    assert slope(new, linear) >= -1e-9 * (abs(linear) + num)
+
+
+@pytest.mark.parametrize("d_last", [0.0, 0.3, -0.05])
+@pytest.mark.parametrize("seed", range(5))
+def test_kl_coordinate_sums_against_numpy(seed, d_last):
+    """One pass gives the coordinate's two sums and an upper bound of max b / v within
+    c^(1/8) of it (what `_kl_safe_down` needs), after applying the previous step to v."""
+    rng = np.random.default_rng(seed)
+    c, k = 37, 3
+    B = rng.gamma(0.5, 1.0, (k, c)) * rng.choice([1.0, 1e-3, 1e3], (k, c))
+    a = rng.gamma(1.0, 1.0, k)
+    x = rng.poisson(2.0, c) + 1.0
+    v = a @ B - d_last * B[0]  # the step d_last on coordinate 0 is not in v yet
+    scratch, vk = B.ravel().copy(), v.copy()
+    num, curv, r_bound = nmf_cv._kl_coordinate_sums(scratch, c, x, vk, c, d_last, 0, 1e-300,
+                                                    a[1])
+    v_now = v + d_last * B[0]
+    np.testing.assert_allclose(vk, v_now, rtol=1e-12)
+    r = B[1] / v_now
+    assert num == pytest.approx(np.sum(x * r), rel=1e-12)
+    assert curv == pytest.approx(np.sum(x * r * r), rel=1e-12)
+    assert r.max() <= r_bound <= c ** 0.125 * r.max() * (1 + 1e-12)
+
+
+# =============================================================================================
+# Fitting: cross-validation's training sets, through the fold rule
+# =============================================================================================
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_rule_training_objectives_equal_direct_sums_over_training_cells(storage):
+    """The KL objective's sum of WH over training cells comes from the factors' sums (all
+    cells' minus the held-out groups'), the squared error's model term from group Gram
+    matrices; both against numpy sums over the training cells of a densified copy."""
+    X = sparse_counts(50, 30, 3, 2)
+    S = X if storage == "dense" else sp.csr_matrix(X)
+    train, held = _rule_training(S)
+    rng = np.random.default_rng(1)
+    W, H = rng.random((50, 3)), rng.random((3, 30))
+    pen = nmf_cv._Penalty(0.0, 0.3, 0.0, 0.2)
+    WH = W @ H
+    tr = ~held
+    kl = nmf_cv._FoldKLSolver(train, W.copy(), H.copy(), pen)
+    pos = tr & (X > 0)
+    direct_kl = (np.sum(X[pos] * np.log(X[pos] / WH[pos])) - X[tr].sum() + WH[tr].sum()
+                 + 0.15 * (W ** 2).sum() + 0.1 * (H ** 2).sum())
+    assert kl.objective == pytest.approx(direct_kl, rel=1e-12)
+    fro = nmf_cv._FoldSolver(train, W.copy(), H.copy(), "hals", pen)
+    direct_fro = (0.5 * np.sum((X - WH)[tr] ** 2) + 0.15 * (W ** 2).sum()
+                  + 0.1 * (H ** 2).sum())
+    assert fro.objective == pytest.approx(direct_fro, rel=1e-10)
+    press, train_err = train.scores(W, H, "frobenius")
+    assert press == pytest.approx(np.sum((X - WH)[held] ** 2), rel=1e-12)
+    assert train_err == pytest.approx(np.sum((X - WH)[tr] ** 2), rel=1e-12)
+    press, train_dev = train.scores(W, H, "kl")
+    assert press == pytest.approx(nmf_cv._poisson_deviance(X[held], WH[held]), rel=1e-12)
+    assert train_dev == pytest.approx(nmf_cv._poisson_deviance(X[tr], WH[tr]), rel=1e-12)
+    assert train.observed_mean() == pytest.approx(X[tr].mean(), rel=1e-12)
+    # the init's fill equals the masked data's (rank-1 fit of the training means)
+    filled = nmf_cv._validate_data(np.where(tr, X, np.nan)).filled()
+    op = train.filled()
+    assert_allclose(op @ np.eye(30), filled, atol=1e-12)
+    assert_allclose((op.T @ np.eye(50)).T, filled, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,loss", COMBOS)
+def test_rule_training_fits_match_the_masked_fit(method, loss):
+    """From the same init, a fit through the fold rule and fit_nmf with the training cells
+    as its mask: MU (Frobenius and KL) and KL coordinate descent take identical steps; HALS
+    and GDCLS reach the same objective (their sweeps stop per group rather than per line)
+    and never go up."""
+    X = sparse_counts(60, 40, 3, 3) + nmf_cv.make_planted(60, 40, 3, random_state=3)
+    for S in (X, sp.csr_matrix(X)):
+        train, held = _rule_training(S, n_folds=5, f=2)
+        rng = np.random.default_rng(0)
+        init = (rng.random((60, 4)), rng.random((4, 40)))
+        kw = dict(init=init, method=method, loss=loss, alpha_W=0.1, alpha_H=0.1)
+        a = fit_training(train, 4, max_iter=30, tol=0, **kw)
+        b = nmf_cv.fit_nmf(np.where(held, np.nan, X), 4, max_iter=30, tol=0, **kw)
+        assert np.all(np.diff(a.loss_history) <= 1e-12 * a.loss_history[0])
+        if method == "mu" or loss == "kl":
+            assert_allclose(a.loss_history, b.loss_history, rtol=1e-10)
+            assert_allclose(a.W @ a.H, b.W @ b.H, rtol=1e-8)
+        else:
+            a = fit_training(train, 4, max_iter=3000, tol=1e-12, **kw)
+            b = nmf_cv.fit_nmf(np.where(held, np.nan, X), 4, max_iter=3000, tol=1e-12, **kw)
+            assert a.loss_history[-1] == pytest.approx(b.loss_history[-1], rel=1e-4)
 
 
 # =============================================================================================
@@ -2131,66 +2380,6 @@ def test_marchenko_pastur_median_against_sampled_eigenvalues():
         eig = np.linalg.eigvalsh(Z.T @ Z / m)
         assert nmf_cv._marchenko_pastur_median(n / m) == pytest.approx(np.median(eig),
                                                                        rel=0.01)
-
-
-@pytest.mark.parametrize("storage", ["dense", "sparse"])
-def test_rule_training_objectives_equal_direct_sums_over_training_cells(storage):
-    """The KL objective's sum of WH over training cells comes from the factors' sums (all
-    cells' minus the held-out groups'), the squared error's model term from group Gram
-    matrices; both against numpy sums over the training cells of a densified copy."""
-    X = sparse_counts(50, 30, 3, 2)
-    S = X if storage == "dense" else sp.csr_matrix(X)
-    train, held = _rule_training(S)
-    rng = np.random.default_rng(1)
-    W, H = rng.random((50, 3)), rng.random((3, 30))
-    pen = nmf_cv._Penalty(0.0, 0.3, 0.0, 0.2)
-    WH = W @ H
-    tr = ~held
-    kl = nmf_cv._FoldKLSolver(train, W.copy(), H.copy(), pen)
-    pos = tr & (X > 0)
-    direct_kl = (np.sum(X[pos] * np.log(X[pos] / WH[pos])) - X[tr].sum() + WH[tr].sum()
-                 + 0.15 * (W ** 2).sum() + 0.1 * (H ** 2).sum())
-    assert kl.objective == pytest.approx(direct_kl, rel=1e-12)
-    fro = nmf_cv._FoldSolver(train, W.copy(), H.copy(), "hals", pen)
-    direct_fro = (0.5 * np.sum((X - WH)[tr] ** 2) + 0.15 * (W ** 2).sum()
-                  + 0.1 * (H ** 2).sum())
-    assert fro.objective == pytest.approx(direct_fro, rel=1e-10)
-    press, train_err = train.scores(W, H, "frobenius")
-    assert press == pytest.approx(np.sum((X - WH)[held] ** 2), rel=1e-12)
-    assert train_err == pytest.approx(np.sum((X - WH)[tr] ** 2), rel=1e-12)
-    press, train_dev = train.scores(W, H, "kl")
-    assert press == pytest.approx(nmf_cv._poisson_deviance(X[held], WH[held]), rel=1e-12)
-    assert train_dev == pytest.approx(nmf_cv._poisson_deviance(X[tr], WH[tr]), rel=1e-12)
-    assert train.observed_mean() == pytest.approx(X[tr].mean(), rel=1e-12)
-    # the init's fill equals the masked data's (rank-1 fit of the training means)
-    filled = nmf_cv._validate_data(np.where(tr, X, np.nan)).filled()
-    op = train.filled()
-    assert_allclose(op @ np.eye(30), filled, atol=1e-12)
-    assert_allclose((op.T @ np.eye(50)).T, filled, atol=1e-12)
-
-
-@pytest.mark.parametrize("method,loss", COMBOS)
-def test_rule_training_fits_match_the_masked_fit(method, loss):
-    """From the same init, a fit through the fold rule and fit_nmf with the training cells
-    as its mask: MU (Frobenius and KL) and KL coordinate descent take identical steps; HALS
-    and GDCLS reach the same objective (their sweeps stop per group rather than per line)
-    and never go up."""
-    X = sparse_counts(60, 40, 3, 3) + nmf_cv.make_planted(60, 40, 3, random_state=3)
-    for S in (X, sp.csr_matrix(X)):
-        train, held = _rule_training(S, n_folds=5, f=2)
-        rng = np.random.default_rng(0)
-        init = (rng.random((60, 4)), rng.random((4, 40)))
-        kw = dict(init=init, method=method, loss=loss, alpha_W=0.1, alpha_H=0.1)
-        a = fit_training(train, 4, max_iter=30, tol=0, **kw)
-        b = nmf_cv.fit_nmf(np.where(held, np.nan, X), 4, max_iter=30, tol=0, **kw)
-        assert np.all(np.diff(a.loss_history) <= 1e-12 * a.loss_history[0])
-        if method == "mu" or loss == "kl":
-            assert_allclose(a.loss_history, b.loss_history, rtol=1e-10)
-            assert_allclose(a.W @ a.H, b.W @ b.H, rtol=1e-8)
-        else:
-            a = fit_training(train, 4, max_iter=3000, tol=1e-12, **kw)
-            b = nmf_cv.fit_nmf(np.where(held, np.nan, X), 4, max_iter=3000, tol=1e-12, **kw)
-            assert a.loss_history[-1] == pytest.approx(b.loss_history[-1], rel=1e-4)
 
 
 @pytest.mark.parametrize("pattern", ["random", "blocks"])
@@ -3364,7 +3553,7 @@ def test_invalid_data_is_refused_as_everywhere_in_nmf_cv():
 
 
 # =============================================================================================
-# One report
+# Rank selection: choose_rank, its report, and the registry of criteria
 # =============================================================================================
 
 def _report(suggestions, ranks=(2, 3, 4, 5, 6), cv_press=None):
@@ -3918,179 +4107,6 @@ def test_importing_the_module_does_not_import_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
-
-
-# =============================================================================================
-# Numba kernels
-# =============================================================================================
-
-NO_PAIRS = np.empty((0, 0))  # _masked_cd_rows: gather cells rather than sum a table
-
-
-@pytest.mark.parametrize("k", [3, 4, 7])  # four Gram entries per pass, and the rest
-def test_dense_hals_update_solves_nnls_like_scipy(k):
-    rng = np.random.default_rng(5)
-    W = rng.random((25, k))
-    X = rng.random((25, 7))
-    H = np.full((k, 7), 0.5)
-    nmf_cv._hals_update(H, W.T @ W, W.T @ X, 0.0, 0.0, 5000, 0.0)
-    for j in range(7):
-        np.testing.assert_allclose(H[:, j], nnls(W, X[:, j])[0], atol=1e-8)
-
-
-def test_hals_lines_stop_line_by_line():
-    """Column 0 (scale 1e3) is solved in one sweep, column 1 (scale 1e-3, two coupled
-    coordinates) converges slowly: the dense kernel's stop on the total move ends after the
-    second sweep with column 1 far off; _hals_lines, stopping line by line (each column
-    relative to its own first sweep, as _cd_block), goes on until column 1 too has settled,
-    and otherwise takes the same steps."""
-    G = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.9], [0.0, 0.9, 1.0]])
-    solution = np.array([[1e3, 0.0], [0.0, 1e-3], [0.0, 2e-3]])
-    Y = G @ solution
-    dense, lines = np.zeros((3, 2)), np.zeros((3, 2))
-    n_dense = nmf_cv._hals_update(dense, G, Y, 0.0, 0.0, 100, 0.01)
-    n_lines = nmf_cv._hals_lines(lines, G, np.diag(G).copy(), Y, 0.0, 0.0, 100, 0.01)
-    assert n_dense == 2 and np.abs(dense[:, 1] - solution[:, 1]).max() > 0.5 * 2e-3
-    assert n_lines > 10 and np.abs(lines[:, 1] - solution[:, 1]).max() < 0.1 * 2e-3
-    np.testing.assert_allclose(lines[:, 0], solution[:, 0])
-    again = np.zeros((3, 2))
-    nmf_cv._hals_lines(again, G, np.diag(G).copy(), Y, 0.0, 0.0, 2, 0.01)
-    np.testing.assert_allclose(again, dense, rtol=1e-14)
-
-
-@pytest.mark.parametrize("use_pairs", [True, False])  # the two ways to form Gram matrices
-@pytest.mark.parametrize("missing", [0.2, 0.7])
-def test_masked_cd_solves_nnls_like_scipy(missing, use_pairs):
-    """Run to convergence, the masked coordinate-descent kernel (GDCLS's H step) is exact
-    ridge-regularised NNLS per column: compare with scipy.optimize.nnls."""
-    X, mask, W, H = _problem(missing, seed=2)
-    lam = 0.3
-    solver = _solver(X, mask, W, H, "gdcls", "frobenius")
-    XtW, bases = solver.lay.products_H(solver.W)
-    Ht = np.ascontiguousarray(H.T)
-    c = solver.cols
-    pairs = nmf_cv._pair_products(solver.W) if use_pairs else NO_PAIRS
-    nmf_cv._masked_cd_rows(Ht, solver.W, bases, c.kernel(), XtW, np.arange(Ht.shape[0]),
-                           0.0, lam, 5000, 0.0, pairs, solver.scratch, False)
-    k = W.shape[1]
-    for j in range(X.shape[1]):
-        rows = mask[:, j]
-        A = np.vstack([W[rows], math.sqrt(lam) * np.eye(k)])
-        b = np.concatenate([X[rows, j], np.zeros(k)])
-        np.testing.assert_allclose(Ht[j], nnls(A, b)[0], atol=1e-8)
-
-
-@pytest.mark.parametrize("use_pairs", [True, False])
-@pytest.mark.parametrize("k", [1, 3, 4, 7])  # odd k: the 2 x 4 tiles' padding
-def test_masked_cd_rows_match_numpy_with_penalties(k, use_pairs):
-    """Several 64-row blocks, direct and complement rows, empty cell sets, penalties and
-    several sweeps (tol=0), against a per-row numpy reference."""
-    rng = np.random.default_rng(k)
-    m, n = 150, 23
-    B = rng.random((n, k)) + 0.05
-    M = rng.random((m, n)) >= rng.choice([0.1, 0.8], size=(m, 1))  # mostly seen / mostly missing
-    M[:3] = True  # rows with no missing cell: an empty cell set in complement mode
-    X = rng.random((m, n)) * 2
-    XB = np.where(M, X, 0.0) @ B
-    A = rng.random((m, k)) + 0.05
-    direct = 2 * M.sum(axis=1) < n
-    rows, cols = np.nonzero(M == direct[:, None])
-    indptr = nmf_cv._indptr(rows, m)
-    scratch = np.empty(n * (k + 4))
-    ours = A.copy()
-    lines = nmf_cv._MaskedLines(indptr, cols.astype(np.int64), np.where(direct, 1.0, -1.0))
-    pairs = nmf_cv._pair_products(B) if use_pairs else NO_PAIRS
-    model = nmf_cv._masked_cd_rows(ours, B, (B.T @ B)[None], lines.kernel(), XB, np.arange(m),
-                                   0.05, 0.3, 3, 0.0, pairs, scratch, True)
-    expected = ref_penalised_cd_rows(A, B, XB, M, 0.05, 0.3, 3)
-    np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-12)
-    assert model == pytest.approx(np.sum(np.where(M, ours @ B.T, 0.0) ** 2), rel=1e-10)
-
-
-def test_masked_cd_rows_small_curvature_never_overshoots():
-    """A row that sees a component only through one tiny value: with a tiny ridge the step
-    must use the true curvature (1e-6 + l2), not the ridge alone."""
-    B = np.array([[1e-3], [1e3], [1e3]])
-    A = np.zeros((1, 1))
-    XB = np.array([[1e-3]])  # the row observes cell 0 only, where x = 1
-    lines = nmf_cv._MaskedLines(np.array([0, 1]), np.array([0]), np.array([1.0]))
-    nmf_cv._masked_cd_rows(A, B, (B.T @ B)[None], lines.kernel(), XB, np.array([0]), 0.0, 1e-8,
-                           1, 0.0, NO_PAIRS, np.empty(5), False)
-
-    def row_objective(a):
-        return 0.5 * (1.0 - 1e-3 * a) ** 2 + 0.5e-8 * a ** 2
-    assert row_objective(A[0, 0]) <= row_objective(0.0)
-    assert A[0, 0] == pytest.approx(1e-3 / (1e-6 + 1e-8), rel=1e-9)
-
-
-def test_masked_cd_rows_float32_component_unseen_stays():
-    """float32 factors: a row whose observed cells all have b_t = 0 leaves a_t alone (the
-    Gram matrix is float64, so G0 - S is not float32 rounding noise)."""
-    rng = np.random.default_rng(3)
-    B = (rng.random((12, 2)) + 0.1).astype(np.float32)
-    B[4:, 1] = 0.0  # component 1 only in the row's four missing cells
-    XB = (rng.random(12) * (np.arange(12) >= 4)) @ B.astype(np.float64)
-    A = np.array([[0.5, 0.5]], dtype=np.float32)
-    lines = nmf_cv._MaskedLines(np.array([0, 4]), np.arange(4), np.array([-1.0]))
-    nmf_cv._masked_cd_rows(A, B, nmf_cv._gram64(B)[None], lines.kernel(),
-                           XB[None, :].astype(np.float32), np.array([0]), 0.0,
-                           0.0, 1, 0.0,
-                           NO_PAIRS, np.empty(4 * 6), False)
-    assert A[0, 1] == pytest.approx(0.5, rel=1e-6)
-
-
-@settings(max_examples=200, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), c=st.integers(1, 30), shape=st.sampled_from([0.0, 0.1, 2.0]),
-       l2=st.sampled_from([0.0, 0.5, 20.0]), spread=st.sampled_from([0.01, 1.0, 100.0]))
-def test_kl_safe_step_down_stops_short_of_the_minimum(seed, c, shape, l2, spread):
-    """`_kl_safe_down`: from a coordinate whose derivative is positive, the step moves down
-    and lands where the derivative (numpy, from its definition) is still >= 0, so between the
-    minimum and the start, where the convex objective is below its start."""
-    rng = np.random.default_rng(seed)
-    x = rng.poisson(3.0, c) + 1.0
-    b = rng.gamma(0.5, 1.0, c) * rng.choice([1.0, spread], c)
-    old = rng.gamma(1.0, 1.0) + 0.01
-    rest = rng.gamma(0.5, 1.0, c) * rng.choice([0.0, 1.0], c)  # the other coordinates' part
-    v = rest + old * b
-    num_cells = np.sum(x * b / v)
-
-    def slope(s, linear):
-        out = linear + l2 * s - np.sum(x * b / (v + (s - old) * b))
-        return out - shape / s if shape else out
-
-    num = num_cells + (shape / old if shape else 0.0)
-    curv = np.sum(x * b * b / v ** 2) + (shape / old ** 2 if shape else 0.0)
-    r_max = max(np.max(b / v), 1.0 / old if shape else 0.0)
-    linear = num - l2 * old + rng.gamma(1.0, 1.0) * num  # f'(old) > 0
-    grad = linear + l2 * old - num
-    assert grad > 0 and slope(old, linear) == pytest.approx(grad)
-    new = nmf_cv._kl_safe_down(old, grad, curv + l2, r_max)
-    assert 0 <= new < old
-    if new == 0:  # projected: only without the prior's barrier, every prediction still > 0
-        assert shape == 0 and np.all(v - old * b > 0)
-    assert slope(new, linear) >= -1e-9 * (abs(linear) + num)
-
-
-@pytest.mark.parametrize("d_last", [0.0, 0.3, -0.05])
-@pytest.mark.parametrize("seed", range(5))
-def test_kl_coordinate_sums_against_numpy(seed, d_last):
-    """One pass gives the coordinate's two sums and an upper bound of max b / v within
-    c^(1/8) of it (what `_kl_safe_down` needs), after applying the previous step to v."""
-    rng = np.random.default_rng(seed)
-    c, k = 37, 3
-    B = rng.gamma(0.5, 1.0, (k, c)) * rng.choice([1.0, 1e-3, 1e3], (k, c))
-    a = rng.gamma(1.0, 1.0, k)
-    x = rng.poisson(2.0, c) + 1.0
-    v = a @ B - d_last * B[0]  # the step d_last on coordinate 0 is not in v yet
-    scratch, vk = B.ravel().copy(), v.copy()
-    num, curv, r_bound = nmf_cv._kl_coordinate_sums(scratch, c, x, vk, c, d_last, 0, 1e-300,
-                                                    a[1])
-    v_now = v + d_last * B[0]
-    np.testing.assert_allclose(vk, v_now, rtol=1e-12)
-    r = B[1] / v_now
-    assert num == pytest.approx(np.sum(x * r), rel=1e-12)
-    assert curv == pytest.approx(np.sum(x * r * r), rel=1e-12)
-    assert r.max() <= r_bound <= c ** 0.125 * r.max() * (1 + 1e-12)
 
 
 # =============================================================================================
