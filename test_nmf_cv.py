@@ -482,6 +482,15 @@ def test_nmf_estimator_with_gamma_priors_transforms_to_its_fitted_w():
     assert not np.allclose(bare.transform(X), W, rtol=1e-2)  # the prior changes the answer
 
 
+def test_fit_nmf_takes_public_inputs_only():
+    """A cross-validation training set is fitted through _fit; fit_nmf refuses it in one
+    line, as any other non-numeric X."""
+    X = nmf_cv.make_planted(20, 10, 2, random_state=0)
+    split = nmf_cv._fold_rule(X.shape, 3, np.random.default_rng(0)) + (3,)
+    with pytest.raises(TypeError, match="X must hold numbers"):
+        nmf_cv.fit_nmf(nmf_cv._FoldTraining(X, split, 1), 2)
+
+
 # =============================================================================================
 # Fitting: the driver, and which solver fits which data
 # =============================================================================================
@@ -2743,6 +2752,12 @@ def test_choose_rank_with_dask_matches_serial():
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         remote = nmf_cv.choose_rank(X, [1, 2, 3], executor=client.get_executor(), **kw)
+        direct = nmf_cv.choose_rank(X, [1, 2, 3], executor=client, **kw)  # the Client itself
+        hidden = client.get_executor()
+        assert nmf_cv._dask_client(hidden) is client and nmf_cv._dask_client(client) is client
+        hidden._client = None  # a ClientExecutor without its private attribute
+        assert nmf_cv._dask_client(hidden) is client  # the current client instead
+    np.testing.assert_array_equal(serial.results["cv"].press, direct.results["cv"].press)
     np.testing.assert_array_equal(serial.results["cv"].press, remote.results["cv"].press)
     np.testing.assert_array_equal(serial.results["bicv"].press, remote.results["bicv"].press)
 
@@ -2823,6 +2838,26 @@ def test_pool_workers_run_blas_single_threaded_in_a_plain_install():
     assert after and all(t == 1 for t in after)
     if os.cpu_count() > 1:  # the limit is what set it
         assert max(before) > 1
+
+
+def test_other_libraries_internals_are_read_in_one_place_with_fallbacks():
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    with ProcessPoolExecutor(2) as pool:
+        size, context = nmf_cv._pool_size_and_context(pool)
+        assert size == 2 and context is not None
+    bare = SimpleNamespace()  # a pool without the private attributes
+    assert nmf_cv._pool_size_and_context(bare) == (os.cpu_count() or 1, None)
+    nmf_cv._terminate_workers(bare)  # nothing to stop: no error
+    stopped = []
+    old = SimpleNamespace(_processes={7: SimpleNamespace(terminate=lambda: stopped.append(7))})
+    nmf_cv._terminate_workers(old)
+    new = SimpleNamespace(terminate_workers=lambda: stopped.append("all"), _processes={})
+    nmf_cv._terminate_workers(new)
+    assert stopped == [7, "all"]
+    with ThreadPoolExecutor(1) as threads:
+        assert nmf_cv._dask_client(threads) is None
+    assert nmf_cv._dask_client(None) is None
 
 
 # =============================================================================================
@@ -3735,6 +3770,64 @@ def test_report_never_shows_a_split_dependent_pick_as_one_number():
     assert "CV: 6 or 5 (3 and 2 of 5 splits)" in fig.get_suptitle()
     import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+def _toy_criterion():
+    """A criterion of our own: the distance of each rank from a target, smallest at it."""
+
+    @dataclasses.dataclass
+    class ToyResult:
+        ranks: np.ndarray
+        score: np.ndarray
+
+    def run(X, ranks, *, random_state, executor, progress, checkpoint, target=2):
+        draw = np.random.default_rng(random_state).random()  # draws from its own stream
+        return ToyResult(np.asarray(ranks), np.abs(np.asarray(ranks) - target) + draw)
+
+    def panel(ax, result, picks):
+        ax.plot(result.ranks, result.score, "o-", gid="toy_score", label="toy score")
+
+    pick = nmf_cv._Pick("toy", "the toy rule (closest to its target)", "toy",
+                        lambda r: int(r.ranks[np.argmin(r.score)]),
+                        edge=nmf_cv._edge_of_range(), still="toy score still falling")
+    return nmf_cv._Criterion(
+        "toy", run, (pick,), stream=7,
+        columns=lambda r: {"toy score": nmf_cv._by_rank(r.ranks, r.score)},
+        panel=panel, title="A toy criterion")
+
+
+def test_a_registered_criterion_reaches_the_table_agreement_json_and_dashboard(monkeypatch):
+    X = nmf_cv.make_planted(40, 30, 2, noise=0.05, random_state=0)
+    kw = dict(random_state=0, progress=False, cv_kwargs={"n_folds": 3, "max_iter": 200})
+    alone = nmf_cv.choose_rank(X, [1, 2, 3, 4], criteria=("cv",), **kw)
+    monkeypatch.setitem(nmf_cv._CRITERIA, "toy", _toy_criterion())
+    report = nmf_cv.choose_rank(X, [1, 2, 3, 4], criteria=("cv", "toy"),
+                                toy_kwargs={"target": 3}, **kw)
+    assert report.suggestions["toy"] == 3
+    # its own seed stream: cross-validation's fits are those of a run without it
+    assert_array_equal(report.results["cv"].press, alone.results["cv"].press)
+    table = report.table()
+    assert "toy score" in table.splitlines()[0]
+    assert "suggested k by the toy rule (closest to its target): 3" in table
+    assert "toy" in report.agreement and "k = 3 by" in report.agreement
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["suggestions"]["toy"] == 3
+    assert set(data["columns"]["toy score"]) == {"1", "2", "3", "4"}
+    fig = nmf_cv.plot_rank_report(report)
+    panels = {ax.get_label(): ax for ax in fig.axes}
+    assert list(panels) == ["cv", "toy"]
+    assert panels["toy"].get_title() == "A toy criterion"
+    assert [ln.get_gid() for ln in panels["toy"].lines].count("toy_score") == 1
+    assert "toy: 3" in fig.get_suptitle()
+    plt.close(fig)
+    # at the range's edge its pick is a bound, said in its own words
+    edge = nmf_cv.choose_rank(X, [1, 2], criteria=("toy",), toy_kwargs={"target": 5}, **kw)
+    assert edge.edges == {"toy": ">="}
+    assert "≥ 2 (toy score still falling at the largest rank tried)" in edge.table()
+    with pytest.raises(TypeError, match="toy_kwarg"):
+        nmf_cv.choose_rank(X, [1, 2], criteria=("toy",), toy_kwarg={}, **kw)
+    with pytest.raises(ValueError, match="criterion"):
+        nmf_cv.choose_rank(X, [1, 2], criteria=("nope",), **kw)
 
 
 # =============================================================================================
