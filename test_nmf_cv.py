@@ -146,16 +146,17 @@ def bars(seed, n=400, size=8, p=0.2, noise=0.05):
 
 
 def record_fits(monkeypatch):
-    """Make nmf_cv.fit_nmf record every call: returns the list of (kwargs, result)."""
+    """Make nmf_cv._fit, which every fit goes through, record its calls: returns the list of
+    (the fit's options as a dict, result)."""
     seen = []
-    real_fit = nmf_cv.fit_nmf
+    real_fit = nmf_cv._fit
 
-    def recording_fit(*args, **kwargs):
-        res = real_fit(*args, **kwargs)
-        seen.append((kwargs, res))
+    def recording_fit(data, k, options, *args, **kwargs):
+        res = real_fit(data, k, options, *args, **kwargs)
+        seen.append((dataclasses.asdict(options), res))
         return res
 
-    monkeypatch.setattr(nmf_cv, "fit_nmf", recording_fit)
+    monkeypatch.setattr(nmf_cv, "_fit", recording_fit)
     return seen
 
 
@@ -2339,22 +2340,22 @@ def test_cv_fits_counts_with_gamma_priors_and_their_own_tolerance(monkeypatch):
     nmf_cv.cross_validate(X, [2], n_folds=3, loss="kl", method="mu", random_state=0,
                           progress=False, stuck_restarts=0)
     assert [kw["tol"] for kw, _ in seen] == [1e-6] * 6
-    assert all("gamma_prior" not in kw for kw, _ in seen)
+    assert all(kw["gamma_prior"] is None for kw, _ in seen)  # no prior given
     seen.clear()
     nmf_cv.cross_validate(X, [2], n_folds=3, loss="kl", random_state=0, progress=False,
                           stuck_restarts=0, tol=1e-7, ridge=0)
     assert [kw["tol"] for kw, _ in seen] == [1e-7] * 6
-    assert all("gamma_prior" not in kw for kw, _ in seen)
+    assert all(kw["gamma_prior"] is None for kw, _ in seen)  # no prior given
 
 
 # restart seeds are a function of the seed, not of how often it was spawned from
 def test_best_fit_seeds_do_not_depend_on_the_seed_objects_history(monkeypatch):
-    X = nmf_cv.make_planted(20, 15, 2, noise=0.1, random_state=0)
+    data = nmf_cv._validate_data(nmf_cv.make_planted(20, 15, 2, noise=0.1, random_state=0))
     seen = record_fits(monkeypatch)
     seed = np.random.SeedSequence(3)
     for _ in range(2):  # a serial run reuses the caller's object; a pool gets fresh copies
-        nmf_cv._best_fit(X, 2, seed, 3, {"max_iter": 5})
-        nmf_cv._best_fit(X, 2, seed, 2, {"max_iter": 5}, first_child=2)
+        nmf_cv._best_fit(data, 2, seed, 3, {"max_iter": 5})
+        nmf_cv._best_fit(data, 2, seed, 2, {"max_iter": 5}, first_child=2)
     keys = [kw["random_state"].spawn_key for kw, _ in seen]
     assert keys == [(), (0,), (1,), (2,), (3,)] * 2
     kids = np.random.SeedSequence(3).spawn(4)
