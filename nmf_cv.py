@@ -2658,27 +2658,29 @@ class _KLLines:
     CSR (ptr, idx, values), which the kernel adds to the rule's cells, and ``kept_ones``, the
     same cells with value 1 (a sparse matrix), for their part of the linear terms."""
 
-    cells: tuple
+    cells: "_RuleArrays"
     groups: object = None
     missing: _MaskedLines = None
     kept: tuple = None
     kept_ones: object = None
 
     def args(self, B):
-        """`_kl_cd_rows`' arguments after A and B, up to the penalties."""
+        """`_kl_cd_rows`' arguments after A and B, up to the penalties: (`_RuleArrays`,
+        `_KLLinear`, `_KeptCells`)."""
         k = B.shape[1]
         none = np.zeros((0, k))
-        kept = self.kept or (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        kept = _KeptCells(*(self.kept or (np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                          np.zeros(0))))
         if isinstance(self.groups, str):
-            return *self.cells, np.zeros(0), none, none, *kept
+            return self.cells, _KLLinear(np.zeros(0), none, none), kept
         B = B.astype(np.float64, copy=False)
         total = B.sum(axis=0)
         if self.groups is None:
-            return *self.cells, total, np.zeros((1, k)), none, *kept
+            return self.cells, _KLLinear(total, np.zeros((1, k)), none), kept
         by_group = np.array([B[g].sum(axis=0) for g in self.groups]).reshape(-1, k)
         if self.missing is None:
-            return *self.cells, total, by_group, none, *kept
-        return *self.cells, total, by_group, self._per_line(B, total, by_group), *kept
+            return self.cells, _KLLinear(total, by_group, none), kept
+        return self.cells, _KLLinear(total, by_group, self._per_line(B, total, by_group)), kept
 
     def _per_line(self, B, total, by_group):
         """Each line's linear term: the sum of B's rows over its observed cells outside its
@@ -2706,14 +2708,46 @@ def _kl_lines(data):
             _KLLines(_all_cells(np.ascontiguousarray(data.dense.T))))
 
 
+class _RuleArrays(NamedTuple):
+    """X read through a fold rule, as the kernels take it: X dense (or empty, 0 x 0), its CSR
+    arrays (or empty ones), each row's held-out column class ``P``, each column's class
+    ``b``, and the columns ordered by class (``col_ptr``, ``col_order``)."""
+
+    X: np.ndarray
+    indptr: np.ndarray
+    idx: np.ndarray
+    vals: np.ndarray
+    P: np.ndarray
+    b: np.ndarray
+    col_ptr: np.ndarray
+    col_order: np.ndarray
+
+
+class _KLLinear(NamedTuple):
+    """`_kl_cd_rows`' linear terms: per line ``rows[i]`` when given, else ``total -
+    groups[P[i]]``; an empty ``total`` says to sum them over each line's listed cells."""
+
+    total: np.ndarray
+    groups: np.ndarray
+    rows: np.ndarray
+
+
+class _KeptCells(NamedTuple):
+    """Cells added to each line's rule cells, CSR (``ptr``, ``idx``, ``values``)."""
+
+    ptr: np.ndarray
+    idx: np.ndarray
+    values: np.ndarray
+
+
 def _rule_view(X, P, b, col_ptr, col_order):
-    """`_rule_cells`' arguments for X (dense, or CSR) under the rule (P, b): a dense X, or an
-    empty one and the CSR arrays."""
+    """`_RuleArrays` of X (dense, or CSR) under the rule (P, b): a dense X, or an empty one
+    and the CSR arrays."""
     if sp.issparse(X):
-        return np.zeros((0, 0), dtype=X.dtype), X.indptr, X.indices, X.data, P, b, col_ptr, \
-            col_order
+        return _RuleArrays(np.zeros((0, 0), dtype=X.dtype), X.indptr, X.indices, X.data, P, b,
+                           col_ptr, col_order)
     empty = np.zeros(0, dtype=np.int32)
-    return X, empty, empty, np.zeros(0, dtype=X.dtype), P, b, col_ptr, col_order
+    return _RuleArrays(X, empty, empty, np.zeros(0, dtype=X.dtype), P, b, col_ptr, col_order)
 
 
 def _all_cells(X):
@@ -2730,17 +2764,19 @@ def _all_cells(X):
 # (Python's ZeroDivisionError), which keeps its loops from vectorizing; every divisor here is
 # guarded (floored at eps, or tested > 0) instead.
 @njit(cache=True, fastmath=_FAST, error_model="numpy")
-def _kl_cd_rows(A, B, X, indptr, idx, vals, P, b, col_ptr, col_order, lin_all, lin_groups,
-                lin_rows, kptr, kidx, kval, l1, l2, shape, sweeps, tol, eps, want_loss):
+def _kl_cd_rows(A, B, R, linear, kept, l1, l2, shape, sweeps, tol, eps, want_loss):
     """Coordinate descent on each row of A (p x k) for the KL objective over its cells, read
-    through the fold rule (`_rule_cells`, training cells) and followed by its kept cells (CSR
-    ``kptr``, ``kidx``, ``kval``, or empty arrays; zero-valued cells, missing ones among them,
-    enter the linear term alone). Row i's
-    linear term (the sum of B's rows over its cells) is ``lin_rows[i]`` when given, else
-    ``lin_all - lin_groups[P[i]]``, or is summed over the row's cells when ``lin_all`` is
-    empty (cells listed explicitly, zeros among them). Returns the objective's data part
-    over the cells after the update when asked (sweeps=0: no update)."""
-    q_max = b.shape[0]
+    through the fold rule (R: `_RuleArrays`; `_rule_cells`, training cells) and followed by
+    its kept cells (`_KeptCells`, empty for none; zero-valued cells, missing ones among them,
+    enter the linear term alone). Row i's linear term (the sum of B's rows over its cells) is
+    `_KLLinear`'s ``rows[i]`` when given, else ``total - groups[P[i]]``, or is summed over
+    the row's cells when ``total`` is empty (cells listed explicitly, zeros among them).
+    Returns the objective's data part over the cells after the update when asked (sweeps=0:
+    no update)."""
+    q_max = R.b.shape[0]
+    lin_all, lin_groups, lin_rows = linear.total, linear.groups, linear.rows
+    kptr, kidx, kval = kept.ptr, kept.idx, kept.values
+    P = R.P
     k = A.shape[1]
     js = np.empty(q_max, dtype=np.int64)
     xs = np.empty(q_max, dtype=np.float64)
@@ -2750,7 +2786,7 @@ def _kl_cd_rows(A, B, X, indptr, idx, vals, P, b, col_ptr, col_order, lin_all, l
     listed = lin_all.shape[0] == 0
     total = 0.0
     for i in range(A.shape[0]):
-        count = _rule_cells(i, 1, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
+        count = _rule_cells(i, 1, R, js, xs)
         if kptr.shape[0] > 0:
             for q in range(kptr[i], kptr[i + 1]):
                 js[count] = kidx[q]
@@ -2884,9 +2920,10 @@ def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps, a):
 # holding nothing out): X is dense, or empty with the CSR arrays (indptr, idx, vals) holding
 # it; row i's held-out cells are the columns j with b[j] == P[i].
 @njit(cache=True)
-def _rule_cells(i, which, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs):
+def _rule_cells(i, which, R, js, xs):
     """Row i's cells of one kind into js, xs; returns their number. which > 0: training
-    cells, 0: all. Dense X: every cell; CSR: the stored entries."""
+    cells, 0: all. Dense X: every cell; CSR: the stored entries (R: `_RuleArrays`)."""
+    X, indptr, idx, vals, P, b = R.X, R.indptr, R.idx, R.vals, R.P, R.b
     c = P[i]
     count = 0
     if X.shape[0] > 0:
@@ -2960,8 +2997,11 @@ class _FoldSolver(_TransposedW):
         half_rss = 0.5 * self.t.xx - _fdot(self.Wt, HXt) + 0.5 * model
         return max(half_rss, 0.0) + self.pen.value(self.Wt, self.H)
 
-    def _update(self, A, labels, groups, G, grams, B, l1, l2, exact, sweeps):
-        """Each group's columns of A (k x p) for the Gram matrix G - its group's part."""
+    def _update(self, A, side, G, grams, B, penalty, exact, sweeps):
+        """Each group's columns of A (k x p; X's ``side``, "rows" or "columns") for the Gram
+        matrix G - its group's part (``grams``); ``penalty``: (l1, l2)."""
+        t, (l1, l2) = self.t, penalty
+        labels, groups = (t.P, t.row_groups) if side == "rows" else (t.b, t.col_groups)
         if exact:
             _hals_groups(A, G, grams, labels, B, l1, l2, sweeps,
                          0.1 if self.method == "hals" else 1e-3)
@@ -2986,13 +3026,13 @@ class _FoldSolver(_TransposedW):
                 x.rescale(s[:, None])
         # column group c's held-out rows are row group c (and row group c's columns group c)
         WtW, w_grams = t.group_grams(self.Wt.T, t.P)
-        self._update(self.H, t.b, t.col_groups, WtW, w_grams, self._WtX(), p.l1_H, p.l2_H,
+        self._update(self.H, "columns", WtW, w_grams, self._WtX(), (p.l1_H, p.l2_H),
                      self.method != "mu", self.sweeps_H)
         if x is not None:
             self.H = x.middle(self.H)
         HHt, h_grams = t.group_grams(self.H.T, t.b)
         HXt = self._HXt()
-        self._update(self.Wt, t.P, t.row_groups, HHt, h_grams, HXt, p.l1_W, p.l2_W,
+        self._update(self.Wt, "rows", HHt, h_grams, HXt, (p.l1_W, p.l2_W),
                      self.method == "hals", self.sweeps_W)
         self.objective = self._objective(HXt, HHt, h_grams) if want_loss else math.nan
         if x is not None:
@@ -3046,16 +3086,16 @@ def _group_grams(A, labels, n_groups):
 
 
 @njit(cache=True)
-def _rule_sums(which, X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, eps):
+def _rule_sums(which, R, W, Ht, eps):
     """Over the cells of one kind (see _rule_cells), with wh = W[i] . Ht[j]: (sum (x - wh)^2,
     sum wh^2, sum [x log(x / max(wh, eps)) - x], sum x, sum x^2). W, Ht with no columns give
     the data's sums."""
-    js = np.empty(b.shape[0], dtype=np.int64)
-    xs = np.empty(b.shape[0], dtype=np.float64)
+    js = np.empty(R.b.shape[0], dtype=np.int64)
+    xs = np.empty(R.b.shape[0], dtype=np.float64)
     k = W.shape[1]
     sq = wh2 = log_part = x_sum = xx = 0.0
-    for i in range(P.shape[0]):
-        count = _rule_cells(i, which, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
+    for i in range(R.P.shape[0]):
+        count = _rule_cells(i, which, R, js, xs)
         for q in range(count):
             j = js[q]
             x = xs[q]
@@ -3083,7 +3123,7 @@ class _FoldKLSolver(_TransposedH):
         self.t, self.pen = train, penalty
         self.W, self.Ht = W, np.ascontiguousarray(H.T)
         self.eps = _kl_floor(train.dtype)
-        s_log = _rule_kl_rows(*train.cells(), self.W, self.Ht, np.zeros(0), np.zeros((0, 0)),
+        s_log = _rule_kl_rows(train.cells(), self.W, self.Ht, np.zeros(0), np.zeros((0, 0)),
                               0.0, 0.0, self.eps, True)
         self.objective = self._total(s_log)
 
@@ -3100,25 +3140,25 @@ class _FoldKLSolver(_TransposedH):
     def step(self, want_loss=True):
         p, t = self.pen, self.t
         num = np.zeros(self.Ht.shape)
-        _rule_kl_cols(*t.cells(), self.W, self.Ht, self.eps, num)
+        _rule_kl_cols(t.cells(), self.W, self.Ht, self.eps, num)
         w_all, w_groups = self._group_sums(self.W, t.row_groups)
         den = w_all[None, :] - w_groups[t.b]  # column j's held-out rows: row group b[j]
         _kl_mu_apply(self.Ht, num, den, p.l1_H, p.l2_H)
         h_all, h_groups = self._group_sums(self.Ht, t.col_groups)
-        s_log = _rule_kl_rows(*t.cells(), self.W, self.Ht, h_all, h_groups, p.l1_W, p.l2_W,
+        s_log = _rule_kl_rows(t.cells(), self.W, self.Ht, h_all, h_groups, p.l1_W, p.l2_W,
                               self.eps, want_loss)
         self.objective = self._total(s_log) if want_loss else math.nan
         return self.objective
 
 
 @njit(cache=True, fastmath=_FAST)
-def _rule_kl_cols(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, eps, num):
+def _rule_kl_cols(R, W, Ht, eps, num):
     """num[j] += sum over column j's training cells of x / wh * W[i] (KL numerator of H)."""
-    js = np.empty(b.shape[0], dtype=np.int64)
-    xs = np.empty(b.shape[0], dtype=np.float64)
+    js = np.empty(R.b.shape[0], dtype=np.int64)
+    xs = np.empty(R.b.shape[0], dtype=np.float64)
     k = W.shape[1]
     for i in range(W.shape[0]):
-        count = _rule_cells(i, 1, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
+        count = _rule_cells(i, 1, R, js, xs)
         for q in range(count):
             x = xs[q]
             if x > 0.0:
@@ -3129,19 +3169,18 @@ def _rule_kl_cols(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, eps, nu
 
 
 @njit(cache=True, fastmath=_FAST)
-def _rule_kl_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, h_all, h_groups, l1,
-                  l2, eps, want_loss):
+def _rule_kl_rows(R, W, Ht, h_all, h_groups, l1, l2, eps, want_loss):
     """KL multiplicative update of W's rows over their training cells, the denominator of
     row i being h_all - h_groups[P[i]] (no update when h_all is empty). Returns the sum over
     the training cells of x log(x / wh) - x after it if asked."""
-    js = np.empty(b.shape[0], dtype=np.int64)
-    xs = np.empty(b.shape[0], dtype=np.float64)
+    js = np.empty(R.b.shape[0], dtype=np.int64)
+    xs = np.empty(R.b.shape[0], dtype=np.float64)
     k = W.shape[1]
     num = np.empty(k, dtype=np.float64)
     update = h_all.shape[0] > 0
     s_log = 0.0
     for i in range(W.shape[0]):
-        count = _rule_cells(i, 1, X, indptr, idx, vals, P, b, col_ptr, col_order, js, xs)
+        count = _rule_cells(i, 1, R, js, xs)
         if update:
             for t in range(k):
                 num[t] = 0.0
@@ -3153,7 +3192,7 @@ def _rule_kl_rows(X, indptr, idx, vals, P, b, col_ptr, col_order, W, Ht, h_all, 
                     for t in range(k):
                         num[t] += r * Ht[j, t]
             for t in range(k):
-                W[i, t] = _kl_majorizer_min(W[i, t], num[t], h_all[t] - h_groups[P[i], t] + l1,
+                W[i, t] = _kl_majorizer_min(W[i, t], num[t], h_all[t] - h_groups[R.P[i], t] + l1,
                                             l2)
         if want_loss:
             for q in range(count):
@@ -4428,7 +4467,7 @@ class _FoldTraining:
             self.blocks = [X[np.ix_(r, c)] for r, c in zip(self.row_groups, self.col_groups,
                                                            strict=True)]
         none = np.zeros((m, 0)), np.zeros((n, 0))
-        held, every = self.held_sums(*none, 1.0), _rule_sums(0, *self.cells(), *none, 1.0)
+        held, every = self.held_sums(*none, 1.0), _rule_sums(0, self.cells(), *none, 1.0)
         self.x_sum = every[3] - held[3]
         self.xx = every[4] - held[4]
 
@@ -4491,15 +4530,18 @@ class _FoldTraining:
         """`_rule_sums` over the held-out cells with a value (all of them for dense X)."""
         if self.sparse:
             h = self.held
-            return _rule_sums(0, np.zeros((0, 0), dtype=self.dtype), h.indptr, h.indices,
-                              h.data, *self.cells()[4:], W, Ht, eps)
+            held = self.cells()._replace(X=np.zeros((0, 0), dtype=self.dtype),
+                                         indptr=h.indptr, idx=h.indices, vals=h.data)
+            return _rule_sums(0, held, W, Ht, eps)
         empty_i, total = np.zeros(0, dtype=np.int32), np.zeros(5)
         for rows, cols, block in zip(self.row_groups, self.col_groups, self.blocks,
                                      strict=True):
             if block.size:
-                total += _rule_sums(0, block, empty_i, empty_i, np.zeros(0, self.dtype),
-                                    np.zeros(len(rows), np.int64), np.zeros(len(cols), np.int64),
-                                    self.col_ptr, self.col_order, W[rows], Ht[cols], eps)
+                every_cell = _RuleArrays(block, empty_i, empty_i, np.zeros(0, self.dtype),
+                                         np.zeros(len(rows), np.int64),
+                                         np.zeros(len(cols), np.int64), self.col_ptr,
+                                         self.col_order)
+                total += _rule_sums(0, every_cell, W[rows], Ht[cols], eps)
         return tuple(total)
 
     def group_grams(self, A, labels):
@@ -4577,7 +4619,7 @@ class _FoldTraining:
         Ht = np.ascontiguousarray(H.T, dtype=np.float64)
         eps = _kl_floor(np.float64)
         held = self.held_sums(W, Ht, eps)
-        every = _rule_sums(0, *self.cells(), W, Ht, eps)
+        every = _rule_sums(0, self.cells(), W, Ht, eps)
         if loss == "kl":
             w_sums = [W[g].sum(axis=0) for g in self.row_groups]
             h_sums = [Ht[g].sum(axis=0) for g in self.col_groups]
