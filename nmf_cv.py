@@ -252,14 +252,12 @@ def _validate_sparse(X, mask, name):
         return _validate_data(X.toarray(), mask, name)
     if X.ndim != 2:
         raise ValueError(f"{name} must be 2-D; got {X.ndim} dimensions")
-    if X.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold numbers; got dtype {X.dtype}")
+    _check_real(X.dtype, name)
     dtype = np.float32 if X.dtype == np.float32 else np.float64
     X = sp.csr_matrix(X, dtype=dtype, copy=True)
     X.sum_duplicates()
     X.sort_indices()
-    if 0 in X.shape:
-        raise ValueError(f"{name} is empty: shape {X.shape}")
+    _check_not_empty(X.shape, name)
     bad = ~np.isfinite(X.data)
     if bad.any():
         raise ValueError(f"{name} has {int(bad.sum())} non-finite stored entries; sparse input "
@@ -268,8 +266,8 @@ def _validate_sparse(X, mask, name):
         neg = X.data < 0
         r = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))[neg][0]
         c = X.indices[neg][0]
-        raise ValueError(f"{name} has {int(neg.sum())} negative entries; NMF needs X >= 0 "
-                         f"(first at [{r}, {c}] = {X[r, c]:g})")
+        raise ValueError(f"Negative values in data: {name} has {int(neg.sum())} negative "
+                         f"entries; NMF needs X >= 0 (first at [{r}, {c}] = {X[r, c]:g})")
     return _Data(X.shape, X.dtype, sparse=X)
 
 
@@ -283,15 +281,37 @@ def _as_float_array(X, name):
             arr = arr.astype(np.float64)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must hold numbers; got non-numeric objects ({exc})") from None
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold numbers; got dtype {arr.dtype}")
+    _check_real(arr.dtype, name)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (rows x columns); got {arr.ndim} dimensions, "
-                         f"shape {arr.shape}")
-    if 0 in arr.shape:
-        raise ValueError(f"{name} is empty: shape {arr.shape}")
+                         f"shape {arr.shape}. Reshape your data: X.reshape(-1, 1) for one "
+                         "column, X.reshape(1, -1) for one row")
+    _check_not_empty(arr.shape, name)
     dtype = np.float32 if arr.dtype in (np.float32, np.float16) else np.float64
     return np.asarray(arr, dtype=dtype)
+
+
+class _ComplexDataError(TypeError, ValueError):
+    """Complex X: a wrong type (a TypeError, as for text), and the ValueError scikit-learn's
+    estimator checks expect."""
+
+
+def _check_real(dtype, name):
+    if dtype.kind == "c":
+        raise _ComplexDataError(f"{name} must hold real numbers; got dtype {dtype} (Complex "
+                                "data not supported)")
+    if dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold numbers; got dtype {dtype}")
+
+
+def _check_not_empty(shape, name):
+    """One line naming the empty side, worded as scikit-learn's own check."""
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty: 0 sample(s) (shape={tuple(shape)}) while a "
+                         "minimum of 1 is required.")
+    if shape[1] == 0:
+        raise ValueError(f"{name} is empty: 0 feature(s) (shape={tuple(shape)}) while a "
+                         "minimum of 1 is required.")
 
 
 def _as_mask(mask, shape):
@@ -316,8 +336,8 @@ def _check_finite_nonnegative(values, X, observed, all_observed, name):
     if negative.any():
         where = np.argwhere(observed & (np.where(observed, X, 0) < 0))
         first = where[0].tolist()
-        raise ValueError(f"{name} has {len(where)} negative entries; NMF needs X >= 0 "
-                         f"(first at {first} = {X[tuple(first)]:g})")
+        raise ValueError(f"Negative values in data: {name} has {len(where)} negative entries; "
+                         f"NMF needs X >= 0 (first at {first} = {X[tuple(first)]:g})")
 
 
 def _check_no_empty_lines(observed, name):
@@ -761,20 +781,30 @@ class NMF:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"NMF({args})"
 
+    def __sklearn_tags__(self):
+        """scikit-learn's tags (scikit-learn >= 1.6 asks for them; built only then, so
+        scikit-learn stays optional): a transformer of non-negative 2-d input, dense or
+        sparse, in which NaN marks a missing cell rather than an error."""
+        from sklearn.utils import InputTags, Tags, TargetTags, TransformerTags
+
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False),
+                    transformer_tags=TransformerTags(preserves_dtype=["float64", "float32"]),
+                    input_tags=InputTags(sparse=True, positive_only=True, allow_nan=True))
+
     def fit_transform(self, X, y=None, *, mask=None, W=None, H=None):
         """Fit to X and return W (m, k). ``W`` and ``H`` together give a custom init."""
-        k = self.n_components if self.n_components is not None else min(np.shape(X))
+        data = _validate_data(X, mask)
+        k = self.n_components if self.n_components is not None else min(data.shape)
         init = (W, H) if W is not None and H is not None else self.init
-        res = fit_nmf(X, k, mask=mask, method=self.method, loss=self.loss, init=init,
-                      max_iter=self.max_iter, tol=self.tol, random_state=self.random_state,
-                      alpha_W=self.alpha_W, alpha_H=self.alpha_H, l1_ratio=self.l1_ratio,
-                      gamma_prior=self.gamma_prior)
+        res = _fit(data, k, _FitOptions(self.method, self.loss, init, self.max_iter, self.tol,
+                                        self.random_state, self.alpha_W, self.alpha_H,
+                                        self.l1_ratio, self.gamma_prior))
         self.result_ = res
         self.components_ = res.H
         self.n_components_ = res.n_components
         self.n_iter_ = res.n_iter
         self.n_features_in_ = res.H.shape[1]
-        self.reconstruction_err_ = _reconstruction_err(res, X, mask)
+        self.reconstruction_err_ = _reconstruction_err(res, data)
         return res.W
 
     def fit(self, X, y=None, *, mask=None):
@@ -792,8 +822,8 @@ class NMF:
         data = _validate_data(X, mask)
         H = self.components_
         if data.shape[1] != H.shape[1]:
-            raise ValueError(f"X has {data.shape[1]} columns; the model was fitted with "
-                             f"{H.shape[1]}")
+            raise ValueError(f"X has {data.shape[1]} features, but NMF is expecting "
+                             f"{H.shape[1]} features as input (the columns it was fitted on)")
         method = _resolve_method(self.method, self.loss)
         shape, rate = _check_gamma_prior(self.gamma_prior, method, self.loss)
         penalty = _Penalty(self.alpha_W * self.l1_ratio + rate,
@@ -819,11 +849,10 @@ def _solve_W(data, H, method="hals", loss="frobenius", penalty=None, max_iter=20
     return _run(solver, data, method, loss, max_iter, tol, None, time.perf_counter()).W
 
 
-def _reconstruction_err(res, X, mask):
+def _reconstruction_err(res, data):
     if res.loss == "kl":
         return math.sqrt(2.0 * max(res.loss_history[-1], 0.0))
-    data = _validate_data(X, mask)
-    return res.relative_error * math.sqrt(_observed_sq_norm(data))
+    return res.relative_error * math.sqrt(data.sq_norm())
 
 
 # =============================================================================================

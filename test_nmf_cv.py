@@ -459,6 +459,33 @@ def test_estimator_api():
         nmf_cv.NMF(2).transform(X)
 
 
+def test_nmf_passes_scikit_learns_estimator_checks():
+    """scikit-learn >= 1.6 asks estimators for __sklearn_tags__: every check of
+    check_estimator passes (it raises on the first that fails), and GridSearchCV searches
+    n_components."""
+    sklearn = pytest.importorskip("sklearn")
+    if tuple(int(p) for p in sklearn.__version__.split(".")[:2]) < (1, 6):
+        pytest.skip("estimator tags are scikit-learn >= 1.6")
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_estimator(nmf_cv.NMF())
+    tags = nmf_cv.NMF().__sklearn_tags__()
+    assert tags.input_tags.allow_nan and tags.input_tags.sparse and tags.input_tags.positive_only
+
+    def held_error(model, X, y=None):
+        return -float(np.sum((X - model.inverse_transform(model.transform(X))) ** 2))
+
+    X = nmf_cv.make_planted(40, 30, 3, noise=0.02, random_state=0)
+    search = GridSearchCV(nmf_cv.NMF(random_state=0), {"n_components": [1, 3]},
+                          scoring=held_error, cv=3).fit(X)
+    assert search.best_params_ == {"n_components": 3}
+    with pytest.raises(ValueError, match="X has 29 features, but NMF is expecting 30"):
+        search.best_estimator_.transform(X[:, 1:])
+
+
 @pytest.mark.parametrize("method,loss", COMBOS)
 def test_transform_with_missing_cells_uses_observed_only(method, loss):
     X = nmf_cv.make_planted(100, 30, 3, random_state=18)
