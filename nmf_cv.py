@@ -6728,7 +6728,7 @@ def choose_rank(X, ranks, criteria=None, *, mask=None, n_restarts=_N_RESTARTS,
         tried = ranks[ranks >= criterion.min_rank]
         if len(tried) == 0:
             continue
-        kwargs = criterion_kwargs.get(criterion.options or f"{criterion.name}_kwargs") or {}
+        kwargs = criterion_kwargs.get(criterion.keyword) or {}
         if criterion.restarts:
             kwargs = {"n_restarts": n_restarts, **kwargs}
         seed = None if criterion.stream is None else seeds[criterion.stream]
@@ -6750,7 +6750,7 @@ def _chosen_criteria(criteria, criterion_kwargs):
     names = tuple(_CRITERIA) if criteria is None else tuple(criteria)
     for c in names:
         _check_choice(c, tuple(_CRITERIA), "criterion")
-    known = {c.options or f"{c.name}_kwargs" for c in _CRITERIA.values()}
+    known = {c.keyword for c in _CRITERIA.values()}
     for key in criterion_kwargs:
         if key not in known:
             raise TypeError(f"choose_rank() got an unexpected keyword argument {key!r}; "
@@ -6879,6 +6879,11 @@ class _Criterion:
     panel: Callable = None
     title: str = ""
     mark: Callable = None
+
+    @property
+    def keyword(self):
+        """`choose_rank`'s keyword for this criterion's own arguments."""
+        return self.options or f"{self.name}_kwargs"
 
 
 _CRITERIA = {}
