@@ -4272,6 +4272,29 @@ def test_cli_help_for_every_subcommand():
     assert script.returncode == 0 and "fit" in script.stdout and "rank" in script.stdout
 
 
+def test_cli_compiles_once_says_so_and_reports_compile_time_apart(tmp_path):
+    """With an empty numba cache, the first `python -m nmf_cv fit` compiles its kernels,
+    says so once on stderr and reports the compile time apart from the fit's; the second
+    run loads them from the cache (run as a module, the kernels are still the imported
+    module's, which numba caches)."""
+    np.savetxt(tmp_path / "x.csv", nmf_cv.make_planted(30, 20, 2, random_state=0),
+               delimiter=",")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+
+    def fit(out):
+        run = subprocess.run([sys.executable, "-m", "nmf_cv", "fit", str(tmp_path / "x.csv"),
+                              "-k", "2", "--out", str(tmp_path / out)], env=env, text=True,
+                             capture_output=True, cwd=os.path.dirname(nmf_cv.__file__))
+        assert run.returncode == 0, run.stderr
+        return run.stdout, run.stderr, json.loads((tmp_path / f"{out}_fit.json").read_text())
+
+    out, err, first = fit("one")
+    assert err.count("compiling numba kernels") == 1
+    assert first["compile_time_s"] > 0 and "compiling" in out
+    out, err, second = fit("two")
+    assert "compiling" not in err + out and second["compile_time_s"] == 0.0
+
+
 def test_cli_fit_writes_labelled_factors_and_summary(tmp_path):
     import csv
     import json
