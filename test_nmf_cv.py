@@ -169,6 +169,13 @@ def ckpt_data(what="cv"):
     return nmf_cv.make_planted(*CKPT_SHAPES[what], 4, noise=0.1, random_state=3)
 
 
+@functools.lru_cache(maxsize=1)
+def ckpt_reference():
+    """The uninterrupted serial run that interrupted and resumed ones must equal (made once,
+    read by several tests)."""
+    return nmf_cv.cross_validate(ckpt_data(), range(1, 8), random_state=0, progress=False)
+
+
 def records(path):
     return sorted(str(p) for p in path.rglob("*.npz"))
 
@@ -2607,7 +2614,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, what, capsys)
     path = tmp_path / "ck"
     kept, _, _, _ = start_then_stop(tmp_path, what, path, 6, signal.SIGKILL)
     if what == "cv":
-        ref = nmf_cv.cross_validate(ckpt_data(), range(1, 8), random_state=0, progress=False)
+        ref = ckpt_reference()
         cv = nmf_cv.cross_validate(ckpt_data(), range(1, 8), random_state=0, checkpoint=path,
                                    progress=True)
         assert_array_equal(cv.press, ref.press)
@@ -2702,7 +2709,7 @@ def test_ctrl_c_stops_a_pooled_run_promptly_and_it_resumes_exactly(tmp_path):
     kept, err, seconds, code = start_then_stop(tmp_path, "cv_pool", path, 6, signal.SIGINT)
     assert code != 0 and "resume" in err and str(path) in err, err
     assert seconds < 15
-    ref = nmf_cv.cross_validate(ckpt_data(), range(1, 8), random_state=0, progress=False)
+    ref = ckpt_reference()
     cv = nmf_cv.cross_validate(ckpt_data(), range(1, 8), random_state=0, checkpoint=path,
                                progress=False)
     assert_allclose(cv.press, ref.press, rtol=1e-9)  # pooled fits: one BLAS thread
