@@ -1575,15 +1575,15 @@ class _MaskedSolver(_TransposedH):
                                 p.l2_H, self.scratch, self.u, False)
             else:
                 tol = 0.1 if self.method == "hals" else 1e-3
-                _cd_lines(self.Ht, self.W, bases, XtW, self.cols, p.l1_H, p.l2_H,
-                          self.sweeps_H, tol, self.scratch, False)
+                _cd_lines(self.Ht, self.W, (XtW, bases), self.cols, (p.l1_H, p.l2_H),
+                          (self.sweeps_H, tol), self.scratch, False)
         if x is not None:
             self.Ht = x.middle(self.Ht)
         XHt, bases = self.lay.products_W(self.Ht)
         if self.method == "hals" or not self.update_H:  # transform: W by exact NNLS
             sweeps, tol = (self.sweeps_W, 0.1) if self.update_H else (100, 1e-3)
-            model = _cd_lines(self.W, self.Ht, bases, XHt, self.rows, p.l1_W, p.l2_W, sweeps,
-                              tol, self.scratch, want_loss)
+            model = _cd_lines(self.W, self.Ht, (XHt, bases), self.rows, (p.l1_W, p.l2_W),
+                              (sweeps, tol), self.scratch, want_loss)
         else:
             model = _masked_mu_rows(self.W, self.Ht, bases, self.rows.kernel(), XHt, p.l1_W,
                                     p.l2_W, self.scratch, self.u, want_loss)
@@ -1789,11 +1789,14 @@ class _MaskLayout:
         return _times_factor(self.X.T, W), _gram64(W)[None]
 
 
-def _cd_lines(A, B, bases, XB, lines, l1, l2, sweeps, tol, scratch, want):
+def _cd_lines(A, B, products, lines, penalty, stop, scratch, want):
     """Coordinate descent on the rows of A: exactly (_masked_cd_rows) or by a
     majorize-minimize step (_mm_targets, then the dense kernel with each group's base), as
-    the `_MaskedLines` say. Returns the sum over observed cells of (b . a)^2 after the
-    update if ``want``."""
+    the `_MaskedLines` say. ``products``: (X B, the Gram matrices' bases), as
+    `_MaskLayout.products_W` gives them; ``penalty``: (l1, l2); ``stop``: (most sweeps, the
+    relative move that ends them). Returns the sum over observed cells of (b . a)^2 after
+    the update if ``want``."""
+    (XB, bases), (l1, l2), (sweeps, tol) = products, penalty, stop
     L, mm = lines.kernel(), lines.mm
     model = 0.0
     table = _NO_TABLE

@@ -1091,8 +1091,8 @@ def test_majorized_rows_match_filled_dense_reference(dtype):
     XB = np.ascontiguousarray(np.where(M, X, 0.0) @ B64)
     lines = nmf_cv._MaskedLines(indptr, cols.astype(np.int64), signs, mm=np.arange(m),
                                 exact=np.arange(0))
-    model = nmf_cv._cd_lines(A, Bd, nmf_cv._gram64(Bd)[None], XB, lines, 0.05, 0.3, 3, 0.0,
-                             np.empty(n * (k + 4)), True)
+    model = nmf_cv._cd_lines(A, Bd, (XB, nmf_cv._gram64(Bd)[None]), lines, (0.05, 0.3),
+                             (3, 0.0), np.empty(n * (k + 4)), True)
     assert A.dtype == dtype
     tol = 1e-10 if dtype == np.float64 else 1e-6
     np.testing.assert_allclose(A, expected, rtol=tol, atol=tol)
@@ -1201,7 +1201,7 @@ def test_shared_patterns_solve_nnls_like_scipy(penalties):
     assert len(rows.shared) == 64 and len(rows.shared_ptr) == 3 and not len(rows.exact)
     XHt, bases = solver.lay.products_W(solver.Ht)
     A = W.copy()
-    model = nmf_cv._cd_lines(A, solver.Ht, bases, XHt, rows, l1, l2, 5000, 0.0,
+    model = nmf_cv._cd_lines(A, solver.Ht, (XHt, bases), rows, (l1, l2), (5000, 0.0),
                              solver.scratch, True)
     Bt = H.T
     k = W.shape[1]
@@ -1232,8 +1232,8 @@ def test_shared_pattern_with_an_unseen_component_matches_the_one_by_one_kernel(s
         assert len(solver.rows.shared) == (64 if shared_lines == 16 else 0)
         XHt, bases = solver.lay.products_W(solver.Ht)
         A = W.copy()
-        model = nmf_cv._cd_lines(A, solver.Ht, bases, XHt, solver.rows, 0.0, 0.0, sweeps, 0.0,
-                                 solver.scratch, True)
+        model = nmf_cv._cd_lines(A, solver.Ht, (XHt, bases), solver.rows, (0.0, 0.0),
+                                 (sweeps, 0.0), solver.scratch, True)
         results.append((A, model))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-9)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-9)
