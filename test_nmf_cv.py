@@ -169,6 +169,15 @@ def ckpt_data(what="cv"):
     return nmf_cv.make_planted(*CKPT_SHAPES[what], 4, noise=0.1, random_state=3)
 
 
+def interruptible():
+    """In a child before it starts: Ctrl-C (SIGINT) back to its default, so that Python
+    raises KeyboardInterrupt on it even when the tests run as a background job (whose
+    shell ignores SIGINT, and children inherit that)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @functools.lru_cache(maxsize=1)
 def ckpt_reference():
     """The uninterrupted serial run that interrupted and resumed ones must equal (made once,
@@ -2584,7 +2593,7 @@ def start_then_stop(tmp_path, what, path, n_records, sig):
     script.write_text(CKPT_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), what, str(path)], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=os.path.dirname(nmf_cv.__file__))
+                            cwd=os.path.dirname(nmf_cv.__file__), preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while len(records(path)) < n_records and proc.poll() is None:
         assert time.monotonic() < deadline, "no progress"
@@ -4411,7 +4420,7 @@ def test_cli_rank_checkpoint_interrupted_and_rerun_gives_the_same_json(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "nmf_cv", *map(str, argv), "--out",
                              tmp_path / "two", "--checkpoint", tmp_path / "ck"],
                             cwd=os.path.dirname(nmf_cv.__file__), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while len(records(tmp_path / "ck")) < 8:
         assert proc.poll() is None and time.monotonic() < deadline
