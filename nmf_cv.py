@@ -5109,14 +5109,15 @@ def _shipped(obj, executor):
     """
     from concurrent.futures import ProcessPoolExecutor
 
+    client = _dask_client(executor)
     if isinstance(executor, ProcessPoolExecutor):
         shared = _Shared(obj)
         try:
             yield shared
         finally:
             shared.release()
-    elif _dask_client(executor) is not None:
-        future = _dask_client(executor).scatter(obj, broadcast=True, hash=False)
+    elif client is not None:
+        future = client.scatter(obj, broadcast=True, hash=False)
         try:
             yield future
         finally:
