@@ -535,6 +535,12 @@ class NMFResult:
     compile_time : float
         Seconds of ``time`` that numba spent compiling kernels in this process: first use
         only (they are cached on disk afterwards), 0 once they are.
+    component_stability : ndarray (k,) or None
+        Consensus fits (``n_runs > 1``): each component's silhouette over the runs kept,
+        near 1 when every run finds it (`stability` reads the worst one against 0.7).
+        ``n_iter``, ``converged`` and the histories are then those of W's refit.
+    n_runs, n_runs_kept : int
+        Runs fitted, and kept for the consensus (1 and 1 for a single fit).
 
     Examples
     --------
@@ -555,6 +561,9 @@ class NMFResult:
     method: str = "hals"
     loss: str = "frobenius"
     compile_time: float = 0.0
+    component_stability: np.ndarray = None
+    n_runs: int = 1
+    n_runs_kept: int = 1
     n_components: int = field(init=False)
 
     def __post_init__(self):
@@ -562,15 +571,23 @@ class NMFResult:
 
     def __repr__(self):
         state = "converged" if self.converged else "stopped at max_iter"
+        runs = ""
+        if self.component_stability is not None:
+            runs = (f"consensus of {self.n_runs_kept}/{self.n_runs} runs, stability "
+                    f"{self.component_stability.min():.3f} (worst component), ")
         return (f"NMFResult(k={self.n_components}, method={self.method!r}, loss={self.loss!r}, "
-                f"n_iter={self.n_iter} ({state}), relative_error={self.relative_error:.4g}, "
+                f"{runs}n_iter={self.n_iter} ({state}), "
+                f"relative_error={self.relative_error:.4g}, "
                 f"time={self.time:.3g}s{_compiling_note(self.compile_time)})")
 
 
 def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="nndsvda",
             max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0, l1_ratio=0.0,
-            gamma_prior=None, extrapolate=False, callback=None):
+            gamma_prior=None, extrapolate=False, callback=None, n_runs=1, executor=None,
+            progress=None, checkpoint=None):
     """Fit ``X ~ W @ H`` with ``W, H >= 0``, leaving missing cells out of the objective.
+
+    With ``n_runs > 1``, the consensus of that many runs (as cNMF's): see `n_runs`.
 
     Parameters
     ----------
@@ -631,6 +648,19 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
     callback : callable, optional
         ``callback(n_iter, W, H, objective)`` after every iteration; return True to stop.
         W and H are the live arrays: read them, do not modify them.
+    n_runs : int
+        Default 1: one fit. Above 1, consensus components, as cNMF makes them: ``n_runs``
+        fits, each from its own random init, have their components (rows of H, unit norm)
+        matched one to one; runs that match the others poorly (another local optimum) are
+        dropped; each consensus component is the median of its matched components, scaled
+        to sum to 1; and W is refitted with H fixed (same loss, missing cells and sparse
+        input), its columns in decreasing order of total usage. The result's
+        ``component_stability`` says how well each component reproduces (the silhouette
+        `stability` reads) and ``n_runs_kept`` how many runs made it. ``init`` applies to
+        single fits only.
+    executor, progress, checkpoint
+        For ``n_runs > 1``, as in `cross_validate`: where the runs go, a progress line, and
+        a directory keeping finished runs across interruptions.
 
     Returns
     -------
@@ -649,7 +679,13 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
         raise TypeError("callback must be callable")
     options = _FitOptions(method, loss, init, max_iter, tol, random_state, alpha_W, alpha_H,
                           l1_ratio, gamma_prior, extrapolate)
-    return _fit(_validate_data(X, mask), n_components, options, callback, start)
+    _check_positive_int(n_runs, "n_runs")
+    if n_runs == 1:
+        return _fit(_validate_data(X, mask), n_components, options, callback, start)
+    if callback is not None:
+        raise ValueError("callback is for single fits; with n_runs > 1 use progress=True")
+    return _consensus_fit(_validate_data(X, mask), n_components, options, n_runs,
+                          _Run(executor, progress, checkpoint), start)
 
 
 @dataclass
@@ -727,16 +763,22 @@ def _setup_fit(data, n_components, options):
     shape, rate = _check_gamma_prior(o.gamma_prior, method, o.loss)
     rng = np.random.default_rng(o.random_state)
     W, H = _initialize(data, k, o.init, rng)
-    penalty = _Penalty(o.alpha_W * o.l1_ratio + rate, o.alpha_W * (1 - o.l1_ratio),
-                       o.alpha_H * o.l1_ratio + rate, o.alpha_H * (1 - o.l1_ratio),
-                       shape - 1.0, shape - 1.0)
-    solver = data.solver(W, H, method, o.loss, penalty)
+    solver = data.solver(W, H, method, o.loss, _penalty_of(o, shape, rate))
     if o.extrapolate:
         if method not in ("hals", "cd"):
             raise ValueError("extrapolate=True needs method='hals', or 'cd' with loss='kl'; "
                              f"got method={method!r}")
         solver.accel = _Extrapolation(_KL_PUSH_FLOOR if o.loss == "kl" else 0.0)
     return solver
+
+
+def _penalty_of(options, shape, rate, update_H=True):
+    """The `_Penalty` of the options' elastic net and Gamma prior (H's left out when H is
+    held fixed)."""
+    o, on_H = options, float(update_H)
+    return _Penalty(o.alpha_W * o.l1_ratio + rate, o.alpha_W * (1 - o.l1_ratio),
+                    on_H * (o.alpha_H * o.l1_ratio + rate), on_H * o.alpha_H * (1 - o.l1_ratio),
+                    shape - 1.0, on_H * (shape - 1.0))
 
 
 def make_planted(n_rows, n_cols, rank, *, noise=0.0, missing=0.0, random_state=None,
@@ -768,7 +810,8 @@ def make_planted(n_rows, n_cols, rank, *, noise=0.0, missing=0.0, random_state=N
 class NMF:
     """Scikit-learn style estimator around `fit_nmf` (duck-typed; scikit-learn not needed).
 
-    Parameters are those of `fit_nmf`; ``n_components=None`` means ``min(X.shape)``.
+    Parameters are those of `fit_nmf`; ``n_components=None`` means ``min(X.shape)``;
+    ``n_runs > 1`` fits consensus components (see `fit_nmf`).
 
     Attributes
     ----------
@@ -778,6 +821,8 @@ class NMF:
         ``||M o (X - WH)||_F`` for Frobenius, ``sqrt(2 * KL)`` for KL (scikit-learn's
         convention), over observed cells.
     n_iter_ : int
+    component_stability_ : ndarray (k,)
+        Consensus fits only (``n_runs > 1``): see `NMFResult`.
     result_ : NMFResult
 
     Examples
@@ -792,7 +837,7 @@ class NMF:
 
     def __init__(self, n_components=None, *, method=None, loss="frobenius", init="nndsvda",
                  max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0,
-                 l1_ratio=0.0, gamma_prior=None):
+                 l1_ratio=0.0, gamma_prior=None, n_runs=1):
         self.n_components = n_components
         self.method = method
         self.loss = loss
@@ -804,9 +849,10 @@ class NMF:
         self.alpha_H = alpha_H
         self.l1_ratio = l1_ratio
         self.gamma_prior = gamma_prior
+        self.n_runs = n_runs
 
     _param_names = ("n_components", "method", "loss", "init", "max_iter", "tol",
-                    "random_state", "alpha_W", "alpha_H", "l1_ratio", "gamma_prior")
+                    "random_state", "alpha_W", "alpha_H", "l1_ratio", "gamma_prior", "n_runs")
 
     def get_params(self, deep=True):
         """Parameters as a dict (scikit-learn convention)."""
@@ -838,10 +884,15 @@ class NMF:
         """Fit to X and return W (m, k). ``W`` and ``H`` together give a custom init."""
         data = _validate_data(X, mask)
         k = self.n_components if self.n_components is not None else min(data.shape)
-        init = (W, H) if W is not None and H is not None else self.init
-        res = _fit(data, k, _FitOptions(self.method, self.loss, init, self.max_iter, self.tol,
-                                        self.random_state, self.alpha_W, self.alpha_H,
-                                        self.l1_ratio, self.gamma_prior))
+        options = self._options()
+        if W is not None and H is not None:
+            options.init = (W, H)
+        if self.n_runs == 1:
+            res = _fit(data, k, options)
+        else:
+            _check_positive_int(self.n_runs, "n_runs")
+            res = _consensus_fit(data, k, options, self.n_runs, _Run(progress=False))
+            self.component_stability_ = res.component_stability
         self.result_ = res
         self.components_ = res.H
         self.n_components_ = res.n_components
@@ -849,6 +900,11 @@ class NMF:
         self.n_features_in_ = res.H.shape[1]
         self.reconstruction_err_ = _reconstruction_err(res, data)
         return res.W
+
+    def _options(self):
+        return _FitOptions(self.method, self.loss, self.init, self.max_iter, self.tol,
+                           self.random_state, self.alpha_W, self.alpha_H, self.l1_ratio,
+                           self.gamma_prior)
 
     def fit(self, X, y=None, *, mask=None):
         """Fit to X; returns self."""
@@ -869,8 +925,7 @@ class NMF:
                              f"{H.shape[1]} features as input (the columns it was fitted on)")
         method = _resolve_method(self.method, self.loss)
         shape, rate = _check_gamma_prior(self.gamma_prior, method, self.loss)
-        penalty = _Penalty(self.alpha_W * self.l1_ratio + rate,
-                           self.alpha_W * (1 - self.l1_ratio), 0.0, 0.0, shape - 1.0, 0.0)
+        penalty = _penalty_of(self._options(), shape, rate, update_H=False)
         return _solve_W(data, H, method, self.loss, penalty, max(self.max_iter, 200),
                         min(self.tol, 1e-6))
 
@@ -883,13 +938,19 @@ def _solve_W(data, H, method="hals", loss="frobenius", penalty=None, max_iter=20
     """argmin over W >= 0 of the objective with H fixed, by coordinate descent (non-negative
     least squares for Frobenius, Newton steps for KL) or multiplicative updates (``"mu"``);
     observed cells only."""
+    return _refit_W(data, H, method, loss, penalty, max_iter, tol).W
+
+
+def _refit_W(data, H, method, loss, penalty=None, max_iter=200, tol=1e-6, start=None):
+    """`_solve_W` as an `NMFResult` (W's fit, H as given)."""
     k = H.shape[0]
     H = np.ascontiguousarray(H, dtype=data.dtype)
     mean = data.observed_mean()
     W = np.full((data.shape[0], k), _entry_scale(max(mean, 1e-12), k), dtype=data.dtype)
     penalty = penalty or _Penalty(0.0, 0.0, 0.0, 0.0)
     solver = _make_solver(data, W, H, method, loss, penalty, update_H=False)
-    return _run(solver, data, method, loss, max_iter, tol, None, time.perf_counter()).W
+    start = time.perf_counter() if start is None else start
+    return _run(solver, data, method, loss, max_iter, tol, None, start)
 
 
 def _reconstruction_err(res, data):
@@ -5785,7 +5846,7 @@ def _clusters(W, H, axis):
 
 
 # =============================================================================================
-# Component stability across runs (as cNMF and NMFk)
+# Component stability across runs, and consensus components at one rank (as cNMF and NMFk)
 # =============================================================================================
 
 _STABLE_SILHOUETTE = 0.7  # stability's default threshold on the worst group's silhouette
@@ -5926,25 +5987,27 @@ def stability(X, ranks, *, n_runs=20, threshold=_STABLE_SILHOUETTE, axis="column
                                   n_runs=n_runs, axis=axis, bootstrap=bootstrap,
                                   method=method, loss=loss, fit_options=fit_kwargs)
     seeds = root.spawn(len(ranks) * n_runs)
-    groups = []
+    groups, errors, similarity = [], [], []
     with _shipped(Xc, executor) as carried:
         for i, k in enumerate(ranks):  # rank by rank: only one rank's components at a time
             args = [(carried, int(k), seeds[i * n_runs + r], axis, bootstrap, method, loss,
                      fit_kwargs) for r in range(n_runs)]
             runs = _map_tasks(_stability_task, args, _Run(executor, progress, ckpt),
                               f"stability k={k}")
-            groups.append(_stability_of([c for c, _ in runs], [e for _, e in runs]))
-    sil = [g[0] for g in groups]
-    min_sil = np.array([s.min() for s in sil])
+            comps = np.array([c for c, _ in runs])
+            errors.append([e for _, e in runs])
+            groups.append(_match_runs(comps, errors[-1]))
+            similarity.append(_matched_similarity(comps))
+    min_sil = np.array([g.silhouettes.min() for g in groups])
     stable = np.flatnonzero(min_sil >= threshold)
     best = int(ranks[stable[-1]]) if len(stable) else int(ranks[0])
+    errors = np.array(errors)
     return StabilityResult(
-        ranks, np.array([g[1] for g in groups]), min_sil,
-        {int(k): s for k, s in zip(ranks, sil, strict=True)},
-        np.array([g[2] for g in groups]), np.array([g[3].mean() for g in groups]),
-        np.array([g[3] for g in groups]),
-        {int(k): g[4] for k, g in zip(ranks, groups, strict=True)},
-        {int(k): g[5] for k, g in zip(ranks, groups, strict=True)}, threshold, best, axis)
+        ranks, np.array([g.silhouette for g in groups]), min_sil,
+        {int(k): g.silhouettes for k, g in zip(ranks, groups, strict=True)},
+        np.array(similarity), errors.mean(axis=1), errors,
+        {int(k): g.centres for k, g in zip(ranks, groups, strict=True)},
+        {int(k): g.labels for k, g in zip(ranks, groups, strict=True)}, threshold, best, axis)
 
 
 def silhouette_samples_cosine(points, labels):
@@ -6019,18 +6082,39 @@ def _resample(X, axis, rng):
                      "many missing cells for bootstrap=True")
 
 
-def _stability_of(comps, errors):
-    """(per-group silhouette, mean silhouette, matched similarity, errors, group means,
-    labels) of one rank's runs."""
-    comps = np.array(comps)  # (R, k, d), unit rows
-    errors = np.array(errors)
+@dataclass
+class _Matching:
+    """One rank's runs, their components paired one to one into k groups (`_match_runs`).
+
+    ``order[r, g]`` is run r's component in group g; ``silhouettes`` (k,) each group's mean
+    silhouette under the cosine distance, ``silhouette`` the mean over all components;
+    ``centres`` (k, d) the groups' unit-norm mean components."""
+
+    order: np.ndarray
+    silhouettes: np.ndarray
+    silhouette: float
+    centres: np.ndarray
+
+    @property
+    def labels(self):
+        """(R, k): the group of each run's components."""
+        return np.argsort(self.order, axis=1)
+
+    def matched(self, comps):
+        """comps (R, k, d) reordered so that ``[r, g]`` is run r's component in group g."""
+        return comps[np.arange(len(comps))[:, None], self.order]
+
+
+def _match_runs(comps, errors):
+    """Match the runs' unit-norm components comps (R, k, d), starting from the run with the
+    lowest error, and measure how well the groups separate."""
     R, k, _ = comps.shape
     order = _match_to_groups(comps, int(np.argmin(errors)))
-    labels = np.argsort(order, axis=1)  # labels[r, c] = group of run r's component c
+    labels = np.argsort(order, axis=1)
     s = silhouette_samples_cosine(comps.reshape(R * k, -1), labels.ravel())
     per_group = np.bincount(labels.ravel(), weights=s, minlength=k) / R
-    means = _unit_rows(comps[np.arange(R)[:, None], order].mean(axis=0))
-    return per_group, float(s.mean()), _matched_similarity(comps), errors, means, labels
+    centres = _unit_rows(comps[np.arange(R)[:, None], order].mean(axis=0))
+    return _Matching(order, per_group, float(s.mean()), centres)
 
 
 def _match_to_groups(comps, first):
@@ -6070,6 +6154,66 @@ def _matched_similarity(comps):
 def _unit_rows(A):
     norms = np.linalg.norm(A, axis=1)
     return A / np.where(norms > 0, norms, 1.0)[:, None]
+
+
+# consensus components: what fit_nmf(X, k, n_runs=R) returns ---------------------------------
+
+# Consensus runs fit all of X (no bootstrap): their consensus agrees across seeds and with
+# planted programs at least as well, and ranks above the data's still show unstable
+# components; see benchmarks/README.md, "bench_consensus.py".
+_CONSENSUS_BOOTSTRAP = False
+_OUTLIER_RUN_MADS = 3.0  # a run this many (scaled) MADs below the runs' median agreement ...
+_OUTLIER_RUN_SLACK = 0.01  # ... and this far in cosine below it is an outlier
+
+
+def _consensus_fit(data, k, options, n_runs, run, start=None):
+    """Consensus components of ``n_runs`` runs (`fit_nmf` with ``n_runs > 1``)."""
+    start = time.perf_counter() if start is None else start
+    compiled = _COMPILING.seconds
+    k = _check_n_components(k, data.shape)
+    method = _check_options(options.method, options.loss, options.max_iter, options.tol,
+                            options.alpha_W, options.alpha_H, options.l1_ratio)
+    shape, rate = _check_gamma_prior(options.gamma_prior, method, options.loss)
+    if not isinstance(options.init, str):
+        raise ValueError("init=(W, H) starts a single fit; consensus runs (n_runs > 1) each "
+                         "start from their own random init")
+    fit_kwargs = {name: value for name, value in dataclasses.asdict(options).items()
+                  if name not in ("method", "loss", "random_state")}
+    fit_kwargs["init"] = "random"
+    ckpt, root = _open_checkpoint(run.checkpoint, "fit", data, options.random_state, k=k,
+                                  n_runs=n_runs, bootstrap=_CONSENSUS_BOOTSTRAP,
+                                  method=method, loss=options.loss, fit_options=fit_kwargs)
+    seeds = root.spawn(n_runs)
+    with _shipped(_nan_copy(data), run.executor) as carried:
+        args = [(carried, k, seeds[r], "rows", _CONSENSUS_BOOTSTRAP, method, options.loss,
+                 fit_kwargs) for r in range(n_runs)]
+        runs = _map_tasks(_stability_task, args, _Run(run.executor, run.progress, ckpt),
+                          f"consensus k={k}")
+    comps = np.array([c for c, _ in runs])
+    errors = np.array([e for _, e in runs])
+    keep = _typical_runs(_match_runs(comps, errors), comps)
+    matching = _match_runs(comps[keep], errors[keep])
+    H = np.median(matching.matched(comps[keep]), axis=0)
+    H /= np.maximum(H.sum(axis=1, keepdims=True), 1e-300)
+    res = _refit_W(data, H, method, options.loss, _penalty_of(options, shape, rate, False),
+                   options.max_iter, min(options.tol, 1e-6), start)
+    order = np.argsort(-res.W.sum(axis=0), kind="stable")  # the largest usage first
+    res.W, res.H = np.ascontiguousarray(res.W[:, order]), np.ascontiguousarray(res.H[order])
+    res.component_stability = matching.silhouettes[order]
+    res.n_runs, res.n_runs_kept = n_runs, int(keep.sum())
+    res.time = time.perf_counter() - start
+    res.compile_time = _COMPILING.seconds - compiled
+    return res
+
+
+def _typical_runs(matching, comps):
+    """bool (R,): the runs kept for the consensus. A run's agreement is the mean cosine of
+    its components to their groups' centres; a run far below the runs' median agreement
+    (an init that fell into another optimum) is an outlier and dropped."""
+    agreement = np.einsum("rgd,gd->r", matching.matched(comps), matching.centres) / comps.shape[1]
+    median = np.median(agreement)
+    spread = 1.4826 * np.median(np.abs(agreement - median))
+    return agreement >= median - max(_OUTLIER_RUN_MADS * spread, _OUTLIER_RUN_SLACK)
 
 
 # =============================================================================================

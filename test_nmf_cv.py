@@ -3229,8 +3229,9 @@ def test_stability_scores_clustered_components_as_scikit_learn_does():
                                                  "tol": 1e-5})
             for s in range(8)]
     comps = np.array([c for c, _ in runs])
-    per_group, mean, _, _, means, labels = nmf_cv._stability_of(
-        [c for c, _ in runs], [e for _, e in runs])
+    matching = nmf_cv._match_runs(comps, [e for _, e in runs])
+    per_group, mean, means, labels = (matching.silhouettes, matching.silhouette,
+                                      matching.centres, matching.labels)
     assert_array_equal(np.sort(labels, axis=1), np.tile(np.arange(4), (8, 1)))
     points, flat = comps.reshape(32, -1), labels.ravel()
     assert mean == pytest.approx(metrics.silhouette_score(points, flat, metric="cosine"),
@@ -3254,6 +3255,106 @@ def test_matched_similarity_against_every_pairing():
         best.append(max(np.mean([cos[i, p[i]] for i in range(3)])
                         for p in itertools.permutations(range(3))))
     assert nmf_cv._matched_similarity(comps) == pytest.approx(np.mean(best), rel=1e-12)
+
+
+# consensus components at one rank: fit_nmf(X, k, n_runs=R) -------------------------------
+
+def matched_cosines(A, B):
+    """Cosines of A's and B's rows paired one to one (the best pairing, by brute force)."""
+    A = A / np.linalg.norm(A, axis=1, keepdims=True)
+    B = B / np.linalg.norm(B, axis=1, keepdims=True)
+    cos = A @ B.T
+    best = max(itertools.permutations(range(len(B))),
+               key=lambda p: sum(cos[i, p[i]] for i in range(len(A))))
+    return np.array([cos[i, best[i]] for i in range(len(A))])
+
+
+def test_consensus_components_reproduce_and_flag_a_rank_too_high():
+    """Planted rank 3: two seeds give the same consensus, it matches the planted rows of H at
+    least as well as a single run does, every component reproduces; at rank 6 some component
+    does not (below stability's threshold)."""
+    rng = np.random.default_rng(7)
+    W0, H0 = rng.random((90, 3)), rng.random((3, 40)) ** 3
+    X = np.maximum(W0 @ H0 + 0.03 * rng.standard_normal((90, 40)), 0.0)
+    a = nmf_cv.fit_nmf(X, 3, n_runs=8, random_state=1, tol=1e-6, max_iter=2000)
+    b = nmf_cv.fit_nmf(X, 3, n_runs=8, random_state=2, tol=1e-6, max_iter=2000)
+    assert matched_cosines(a.H, b.H).min() >= 0.995
+    single = nmf_cv.fit_nmf(X, 3, tol=1e-6, max_iter=2000)
+    assert matched_cosines(a.H, H0).mean() >= matched_cosines(single.H, H0).mean() - 1e-4
+    assert a.component_stability.shape == (3,) and a.component_stability.min() >= 0.8
+    assert (a.n_runs, a.W.shape, a.H.shape) == (8, (90, 3), (3, 40)) and 4 <= a.n_runs_kept <= 8
+    assert_allclose(a.H.sum(axis=1), 1.0)
+    assert np.all(np.diff(a.W.sum(axis=0)) <= 0)  # the largest usage first
+    high = nmf_cv.fit_nmf(X, 6, n_runs=8, random_state=1, tol=1e-6, max_iter=2000)
+    assert high.component_stability.min() < nmf_cv._STABLE_SILHOUETTE
+    assert "consensus of" in repr(a)
+
+
+def test_consensus_w_is_the_least_squares_fit_to_its_components():
+    """W is refitted with the consensus H fixed: row by row, scipy's nnls; with missing
+    cells, nnls on each row's observed cells (the hidden values never matter)."""
+    X = nmf_cv.make_planted(30, 20, 2, noise=0.05, missing=0.15, random_state=3)
+    res = nmf_cv.fit_nmf(X, 2, n_runs=4, random_state=0)
+    for i in range(30):
+        seen = ~np.isnan(X[i])
+        w, _ = nnls(res.H[:, seen].T, X[i, seen])
+        assert_allclose(res.W[i], w, rtol=1e-4, atol=1e-6)
+    other = np.where(np.isnan(X), 1e6, X)
+    again = nmf_cv.fit_nmf(other, 2, n_runs=4, random_state=0, mask=~np.isnan(X))
+    assert_array_equal(again.H, res.H)
+    assert_array_equal(again.W, res.W)
+
+
+def test_consensus_counts_sparse_as_dense_executor_and_checkpoint(tmp_path, monkeypatch):
+    """KL on counts: sparse input gives the dense result; runs on an executor give the
+    serial result; a checkpoint keeps the runs, so calling again fits only W."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    X = sparse_counts(60, 40, 3, seed=2, density_mean=1.0)
+    kw = {"loss": "kl", "n_runs": 4, "random_state": 3}
+    dense = nmf_cv.fit_nmf(X, 3, **kw)
+    sparse = nmf_cv.fit_nmf(sp.csr_matrix(X), 3, **kw)
+    assert_allclose(sparse.H, dense.H, rtol=1e-6, atol=1e-12)
+    assert_allclose(sparse.W, dense.W, rtol=1e-5, atol=1e-9)
+    with ThreadPoolExecutor(2) as pool:
+        pooled = nmf_cv.fit_nmf(X, 3, executor=pool, **kw)
+    assert_array_equal(pooled.H, dense.H)
+    first = nmf_cv.fit_nmf(X, 3, checkpoint=tmp_path, **kw)
+
+    def no_fits(*args, **kwargs):
+        raise AssertionError("fitted again")
+    monkeypatch.setattr(nmf_cv, "fit_nmf", no_fits)
+    again = nmf_cv._consensus_fit(nmf_cv._validate_data(X), 3, nmf_cv._FitOptions(
+        loss="kl", random_state=3), 4, nmf_cv._Run(checkpoint=tmp_path))
+    assert_array_equal(again.H, first.H)
+    assert_array_equal(first.H, dense.H)
+
+
+def test_consensus_drops_a_run_from_another_optimum():
+    """Nine runs find the same three components, one finds a mixture: it is dropped."""
+    rng = np.random.default_rng(0)
+    base = rng.random((3, 12)) ** 4
+    comps = np.array([base + 0.01 * rng.random((3, 12)) for _ in range(10)])
+    comps[4] = [base[0] + base[1], base[1], base[2]]
+    comps = comps / np.linalg.norm(comps, axis=2, keepdims=True)
+    comps[1] = comps[1][[2, 0, 1]]  # runs list their components in any order
+    matching = nmf_cv._match_runs(comps, np.arange(10.0))
+    keep = nmf_cv._typical_runs(matching, comps)
+    assert_array_equal(np.flatnonzero(~keep), [4])
+
+
+def test_nmf_estimator_with_consensus_runs_and_bad_arguments():
+    X = nmf_cv.make_planted(40, 25, 2, noise=0.05, random_state=5)
+    model = nmf_cv.NMF(2, n_runs=4, random_state=0)
+    W = model.fit_transform(X)
+    assert W.shape == (40, 2) and model.component_stability_.shape == (2,)
+    assert_array_equal(model.components_, nmf_cv.fit_nmf(X, 2, n_runs=4, random_state=0).H)
+    with pytest.raises(ValueError, match="callback"):
+        nmf_cv.fit_nmf(X, 2, n_runs=3, callback=lambda *a: False)
+    with pytest.raises(ValueError, match="random init"):
+        nmf_cv.fit_nmf(X, 2, n_runs=3, init=(np.ones((40, 2)), np.ones((2, 25))))
+    with pytest.raises(ValueError, match="n_runs"):
+        nmf_cv.fit_nmf(X, 2, n_runs=0)
 
 
 # =============================================================================================
