@@ -69,6 +69,7 @@ import multiprocessing
 import os
 import re
 import sys
+import textwrap
 import time
 import warnings
 import weakref
@@ -6795,6 +6796,21 @@ class RankReport:
     agreement : str
         One line: whether the criteria agree, and if not, which ones pick what (and which
         ranks cross-validation cannot tell apart).
+    recommended_rank : int or None
+        The rank to use: the pick of the most direct criterion present that decides on
+        these data, in the order cross-validation, bi-cross-validation, RSS against
+        randomized data, component stability, prior predictive, consensus clustering (each
+        answers a different question; the first ones ask how many components predict data
+        held out). None when that criterion gives only a bound (widen the ranks) or none
+        decides.
+    recommendation : str
+        Why: the recommended rank and the question its criterion answers, the criteria that
+        support it, the ranks cross-validation cannot tell apart from it, and for each
+        criterion that disagrees, why it may.
+    near_ranks : list of int
+        The ranks cross-validation cannot tell apart from its pick: within one standard
+        error of the smallest median PRESS, or picked by one of the splits (empty without
+        cross-validation).
 
     ``str(report)`` is a plain-text table; ``to_dict()`` gives JSON-ready numbers.
     """
@@ -6804,6 +6820,9 @@ class RankReport:
     suggestions: dict
     edges: dict = field(default_factory=dict)
     agreement: str = ""
+    recommended_rank: int = None
+    recommendation: str = ""
+    near_ranks: list = field(default_factory=list)
 
     def criteria(self):
         """The registered criteria present in ``results``, in the registry's order."""
@@ -6838,6 +6857,8 @@ class RankReport:
                 out += criterion.notes(self.results[criterion.name])
         if self.agreement:
             out.append(self.agreement)
+        if self.recommendation:
+            out += ["", textwrap.fill(self.recommendation, 100)]
         return "\n".join(out)
 
     def cv_outliers(self):
@@ -6850,8 +6871,10 @@ class RankReport:
 
     def to_dict(self):
         """JSON-ready dict: ranks, suggestions, and every column of the table."""
-        out = {"ranks": self.ranks.tolist(), "suggestions": dict(self.suggestions),
-               "edges": dict(self.edges), "agreement": self.agreement,
+        out = {"ranks": self.ranks.tolist(), "recommended_rank": self.recommended_rank,
+               "recommendation": self.recommendation, "near_ranks": list(self.near_ranks),
+               "suggestions": dict(self.suggestions), "edges": dict(self.edges),
+               "agreement": self.agreement,
                "columns": {name: {str(k): v for k, v in col.items()}
                            for name, col in self.columns().items()}}
         for criterion in self.criteria():
@@ -6931,8 +6954,10 @@ def choose_rank(X, ranks, criteria=None, *, mask=None, n_restarts=_N_RESTARTS,
             if k is not None:
                 suggestions[pick.key] = k
     edges = _edges(ranks, results, suggestions)
+    recommended = _recommend(results, suggestions, edges)
     return RankReport(ranks, results, suggestions, edges,
-                      _agreement(results, suggestions, edges))
+                      _agreement(results, suggestions, edges), recommended.rank,
+                      recommended.text, recommended.near)
 
 
 def _chosen_criteria(criteria, criterion_kwargs):
@@ -7011,6 +7036,78 @@ def _agreement(results, suggestions, edges):
     return "; ".join(parts) + "."
 
 
+class _Recommended(NamedTuple):
+    rank: int
+    text: str
+    near: list
+
+
+def _recommend(results, suggestions, edges):
+    """The recommended rank and why (see `RankReport.recommendation`): the pick of the most
+    direct criterion that decides, not a vote; every other criterion's pick either
+    supports it, lies within cross-validation's near-equal ranks, or dissents for the
+    reason its criterion gives."""
+    present = [c for c in _CRITERIA.values() if c.name in results]
+    cv = results.get("cv")
+    near = _cv_near(cv) if cv is not None and _cv_flat(cv) is None else []
+    undecided, decider = [], None
+    for c in sorted((c for c in present if c.precedence is not None),
+                    key=lambda c: c.precedence):
+        pick, result = c.picks[0], results[c.name]
+        why = c.undecided(result) if c.undecided is not None else None
+        if why is None and suggestions.get(pick.key) is None:
+            why = "no pick"
+        if why is not None:
+            undecided.append(f"{pick.short}: {why}")
+            continue
+        decider = c
+        break
+    if decider is None:
+        text = "No recommended k: no criterion decides on these data"
+        return _Recommended(None, text + (f" ({'; '.join(undecided)})." if undecided
+                                          else "."), near)
+    pick, result = decider.picks[0], results[decider.name]
+    rec = suggestions[pick.key]
+    if pick.key in edges:
+        bound = _edge_text_short(result, pick.key, rec, edges[pick.key])
+        return _Recommended(None, f"No recommended k: {pick.short} gives only a bound "
+                            f"({bound}), not a rank: widen the ranks tried.", near)
+    lines = [f"Recommended k = {rec}: {pick.short}, {decider.question}."]
+    if undecided:
+        lines.append("Not deciding: " + "; ".join(undecided) + ".")
+    support, close, dissent = [], [], []
+    for c in present:
+        if c is decider:
+            continue
+        key, other = c.picks[0].key, results[c.name]
+        k, edge, short = suggestions.get(key), edges.get(key), c.picks[0].short
+        if k is None:
+            continue
+        if edge is not None:
+            bound = _edge_text_short(other, key, k, edge)
+            if (edge == ">=" and rec >= k) or (edge == "<=" and rec <= k):
+                support.append(f"{short} ({bound})")
+            else:
+                dissent.append(f"{short} gives {bound}: only a bound, widen the ranks tried")
+        elif k == rec:
+            support.append(short)
+        elif k in near:
+            close.append(f"{short} ({k})")
+        else:
+            reason = (c.dissent(other, k, rec) if c.dissent is not None else
+                      "it answers another question" + (f", {c.question}" if c.question
+                                                       else ""))
+            dissent.append(f"{short} picks {k}: {reason}")
+    if support:
+        lines.append("Supported by " + ", ".join(support) + ".")
+    if len(near) > 1:
+        lines.append("Cross-validation cannot tell k = " + ", ".join(map(str, near))
+                     + " apart" + (f" (picked there: {', '.join(close)})" if close else "")
+                     + ".")
+    lines += [d[0].upper() + d[1:] + "." for d in dissent]
+    return _Recommended(rec, " ".join(lines), near)
+
+
 # The rank criteria, each declared once. `choose_rank` runs them in this order, the report's
 # table, JSON and dashboard show them in it, and the command line's --criteria names them.
 # A new criterion is its own section (a function returning a result with ``ranks``) plus one
@@ -7054,7 +7151,13 @@ class _Criterion:
     lines under the table, ``agreement(result)`` clauses after the agreement line,
     ``details(result)`` its own entry in ``to_dict()``; ``panel(ax, result, suggestions)``
     draws its dashboard panel titled ``title``, and ``mark(ax, result, ranks)`` draws on
-    every panel."""
+    every panel.
+
+    The recommendation (`_recommend`) reads ``question``, what the criterion's pick answers;
+    ``precedence``, its place among the criteria whose pick can be the recommended rank
+    (lowest first; None: never); ``undecided(result)``, a reason why its pick decides
+    nothing on these data (None: it decides); and ``dissent(result, k, rec)``, why its pick
+    k may differ from the recommended rank rec."""
 
     name: str
     run: Callable
@@ -7070,6 +7173,10 @@ class _Criterion:
     panel: Callable = None
     title: str = ""
     mark: Callable = None
+    question: str = ""
+    precedence: int = None
+    undecided: Callable = None
+    dissent: Callable = None
 
     @property
     def keyword(self):
@@ -7147,6 +7254,18 @@ def _prior_notes(prior):
     return []
 
 
+def _prior_undecided(prior):
+    if not prior.identifiable:
+        return f"not identifiable ({prior.reason})"
+    return prior.misfit or None
+
+
+def _prior_dissent(prior, k, rec):
+    return (f"an estimate ({prior.rank:.2f}) from moments alone, no fits: it assumes its "
+            "model (independent Gamma factors, equally strong components) and moves when "
+            "components differ in strength")
+
+
 def _prior_details(prior):
     return {"rank": prior.rank, "identifiable": prior.identifiable, "reason": prior.reason,
             "mean": prior.mean, "var": prior.var, "rho_row": prior.rho_row,
@@ -7162,7 +7281,9 @@ _register(_Criterion(
         bound=lambda prior, k, edge: (f"{k} (outside the ranks tried){_prior_detail(prior)}",
                                       None)),),
     notes=_prior_notes, details=_prior_details, title="Prior predictive",
-    mark=lambda ax, prior, ranks: _mark_prior(ax, prior, np.asarray(ranks))))
+    mark=lambda ax, prior, ranks: _mark_prior(ax, prior, np.asarray(ranks)),
+    question="the rank at which its model's prior predictive moments match the data's",
+    precedence=4, undecided=_prior_undecided, dissent=_prior_dissent))
 
 
 # cross-validation: its pick and the one-standard-error rule ----------------------------------
@@ -7192,17 +7313,37 @@ def _cv_agreement(cv):
     parts = []
     if len(cv.pick_counts()) > 1:
         parts.append(f"CV's splits disagree: {cv.pick_text()}")
-    if len(cv.ranks) > 1:
-        best = int(np.flatnonzero(cv.ranks == cv.best_rank)[0])
-        final = ~np.isnan(np.asarray(cv.press)[:, -1, 0])  # ranks fitted on every split
-        close = cv.ranks[final & (cv.press_median <= cv.press_median[best]
-                                  + cv.press_mad_se[best])]
-        if len(close) == len(cv.ranks):
-            parts.append("PRESS flat within 1 SE over every rank tried: these data do not "
-                         "resolve the rank by cross-validation")
-        elif len(close) > 1:
-            parts.append(f"PRESS at {', '.join(str(int(k)) for k in close)} within 1 SE")
+    close = _cv_close(cv)
+    if _cv_flat(cv) is not None:
+        parts.append(f"{_cv_flat(cv)}: these data do not resolve the rank by "
+                     "cross-validation")
+    elif len(close) > 1:
+        parts.append(f"PRESS at {', '.join(map(str, close))} within 1 SE")
     return parts
+
+
+def _cv_close(cv):
+    """The ranks (fitted on every split) whose median PRESS is within one standard error of
+    the pick's."""
+    if len(cv.ranks) < 2:
+        return []
+    best = int(np.flatnonzero(cv.ranks == cv.best_rank)[0])
+    final = ~np.isnan(np.asarray(cv.press)[:, -1, 0])  # ranks fitted on every split
+    close = final & (cv.press_median <= cv.press_median[best] + cv.press_mad_se[best])
+    return [int(k) for k in cv.ranks[close]]
+
+
+def _cv_flat(cv):
+    """Why CV decides nothing (its PRESS is flat over every rank tried), or None."""
+    if len(cv.ranks) > 1 and len(_cv_close(cv)) == len(cv.ranks):
+        return "PRESS flat within 1 SE over every rank tried"
+    return None
+
+
+def _cv_near(cv):
+    """The ranks CV cannot tell apart from its pick (see `RankReport.near_ranks`)."""
+    near = {int(cv.best_rank), *_cv_close(cv), *(int(k) for k in cv.repeat_best_ranks)}
+    return sorted(near)
 
 
 def _cv_brief(cv, k, edge):
@@ -7220,10 +7361,19 @@ _register(_Criterion(
              edge=_edge_of_range(top=False), still="PRESS within 1 SE")),
     stream=0, restarts=True, columns=_cv_columns, notes=_cv_notes, agreement=_cv_agreement,
     panel=lambda ax, cv, picks: _draw_cv(ax, cv, picks.get("cv"), picks.get("cv_1se")),
-    title="Cross-validation (held-out cells)"))
+    title="Cross-validation (held-out cells)",
+    question="the fewest components that predict held-out cells as well as any rank tried",
+    precedence=0, undecided=_cv_flat,
+    dissent=lambda cv, k, rec: "cross-validation predicts held-out cells best there"))
 
 
 # bi-cross-validation ------------------------------------------------------------------------
+
+def _bicv_dissent(bi, k, rec):
+    return ("bi-cross-validation holds out whole blocks of rows and columns, so each fit "
+            f"sees a quarter of the data or less; its curve is noisier, and with few rows or "
+            f"columns it lands {'low' if k < rec else 'high'}")
+
 
 _register(_Criterion(
     "bicv", bicross_validate, (_Pick(
@@ -7232,10 +7382,20 @@ _register(_Criterion(
     stream=3, restarts=True,
     columns=lambda bi: {"BCV PRESS": _by_rank(bi.ranks, bi.press_median)},
     panel=lambda ax, bi, picks: _draw_cv(ax, bi, picks.get("bicv"), None, bicv=True),
-    title="Bi-cross-validation (held-out blocks)"))
+    title="Bi-cross-validation (held-out blocks)",
+    question="the fewest components that predict held-out blocks as well as any rank tried",
+    precedence=1, undecided=_cv_flat, dissent=_bicv_dissent))
 
 
 # RSS against randomized data ----------------------------------------------------------------
+
+def _randomized_dissent(ra, k, rec):
+    if k < rec:
+        return ("an elbow rule: weak components past the elbow improve the fit little more "
+                "than on randomized data, yet still predict held-out cells")
+    return ("structure in the noise that randomizing breaks (heavy tails, overdispersion, "
+            "correlated errors) reads as signal, so it lands high")
+
 
 _register(_Criterion(
     "randomized", randomized_rss, (_Pick(
@@ -7246,7 +7406,9 @@ _register(_Criterion(
     columns=lambda ra: {"RSS": _by_rank(ra.ranks, ra.rss),
                         "RSS randomized": _by_rank(ra.ranks, ra.rss_randomized_mean)},
     panel=lambda ax, ra, picks: _draw_randomized(ax, ra, picks.get("randomized")),
-    title="RSS against randomized data"))
+    title="RSS against randomized data",
+    question="the last rank whose fit improves faster than on randomized data",
+    precedence=2, dissent=_randomized_dissent))
 
 
 # consensus clustering -----------------------------------------------------------------------
@@ -7259,6 +7421,13 @@ def _cophenetic_columns(co):
     return cols
 
 
+def _cophenetic_dissent(co, k, rec):
+    low = (", and lands low on data whose samples mix components rather than fall into "
+           "clusters") if k < rec else ""
+    return (f"consensus clustering answers another question, how many clusters of samples "
+            f"reproduce across runs{low}: use k = {k} to cluster the samples")
+
+
 _register(_Criterion(
     "cophenetic", consensus, (_Pick(
         "cophenetic", "cophenetic correlation (Brunet)", "cophenetic (Brunet)",
@@ -7266,7 +7435,9 @@ _register(_Criterion(
         still="coefficient highest"),),
     stream=1, min_rank=2, options="consensus_kwargs", columns=_cophenetic_columns,
     panel=lambda ax, co, picks: _draw_cophenetic(ax, co, picks.get("cophenetic")),
-    title="Consensus stability"))
+    title="Consensus stability",
+    question="the number of clusters of samples that reproduce across runs",
+    precedence=5, dissent=_cophenetic_dissent))
 
 
 # component stability ------------------------------------------------------------------------
@@ -7287,6 +7458,15 @@ def _stability_bound(st, k, edge):
     return None
 
 
+def _stability_dissent(st, k, rec):
+    if k < rec:
+        return (f"past k = {k} some component does not reproduce from run to run: it helps "
+                "predict held-out cells but is not uniquely determined; for programs to "
+                f"interpret, compare the consensus components at k = {k}")
+    return (f"components still reproduce at k = {k}, but held-out cells gain nothing past "
+            f"k = {rec}: reproducible components are necessary, not sufficient")
+
+
 _register(_Criterion(
     "stability", stability, (_Pick(
         "stability", "component stability (largest k whose components reproduce)",
@@ -7295,7 +7475,10 @@ _register(_Criterion(
     stream=4, min_rank=2,
     columns=lambda st: {"stability": _by_rank(st.ranks, st.min_silhouette)},
     panel=lambda ax, st, picks: _draw_stability(ax, st, picks.get("stability")),
-    title="Component stability across runs"))
+    title="Component stability across runs",
+    question="the largest rank whose components all reproduce across runs",
+    precedence=3, dissent=_stability_dissent))
+
 
 CRITERIA = tuple(_CRITERIA)
 
@@ -7710,10 +7893,12 @@ def plot_components(F, *, kind="columns", shape=None, true=None, match=True, x=N
 def plot_rank_report(report, *, fig=None):
     """Every criterion of a `RankReport` in one figure, each suggestion marked.
 
-    One panel per criterion present, in the order cross-validation, bi-cross-validation, RSS
-    against randomized data, consensus stability; a ``"prior"`` result (attributes ``rank``
-    and ``rank_int``, None when not identifiable) is a dash-dot vertical line at ``rank`` in
-    every panel. The title lists every suggestion.
+    One panel per criterion present, in the registry's order (`CRITERIA`); a ``"prior"``
+    result (attributes ``rank`` and ``rank_int``, None when not identifiable) is a dash-dot
+    vertical line at ``rank`` in every panel. When the report holds a recommendation, a last
+    panel (label ``"recommendation"``) shows what it rests on: each criterion's pick on one
+    line (a bound as an arrow), the ranks cross-validation cannot tell apart shaded, the
+    recommended rank marked. The title gives the recommended rank and every suggestion.
 
     Parameters
     ----------
@@ -7745,8 +7930,9 @@ def plot_rank_report(report, *, fig=None):
     marks = [c for c in present if c.mark is not None]
     if not panels and not marks:
         raise ValueError(f"the report holds no criterion to plot: {list(report.results)}")
-    ncols = max(1, len(panels)) if len(panels) <= 3 else 2
-    nrows = max(1, math.ceil(len(panels) / ncols))
+    n_panels = len(panels) + bool(report.recommendation)
+    ncols = max(1, n_panels) if n_panels <= 3 else 2
+    nrows = max(1, math.ceil(n_panels / ncols))
     fig = _new_figure(fig, (4.8 * ncols, 3.6 * nrows + 0.7))
     grid = fig.add_gridspec(nrows, ncols)
     for i, criterion in enumerate(panels or [None]):
@@ -7762,6 +7948,11 @@ def plot_rank_report(report, *, fig=None):
             marker.mark(ax, report.results[marker.name], report.ranks)
         _rank_axis(ax, report.ranks)
         _legend(ax)
+    if report.recommendation:
+        i = max(1, len(panels))
+        ax = fig.add_subplot(grid[i // ncols, i % ncols], label="recommendation")
+        _draw_recommendation(ax, report)
+        _rank_axis(ax, report.ranks)
     fig.suptitle(_summary(report, fig.bbox.width / fig.dpi))
     return fig
 
@@ -7917,8 +8108,37 @@ def _draw_stability(ax, st, best):
     ax.plot([], [], "^:", color="C3", label="relative error, mean (right)")
 
 
+def _draw_recommendation(ax, report):
+    """What the recommendation rests on: one line per criterion's pick (a bound as an
+    arrow), cross-validation's near-equal ranks shaded, the recommended rank marked."""
+    rows = []
+    for criterion in report.criteria():
+        pick = criterion.picks[0]
+        k, edge = report.suggestions.get(pick.key), report.edges.get(pick.key)
+        if k is not None:
+            rows.append((pick.short, k, edge))
+    rec = report.recommended_rank
+    if report.near_ranks:
+        ax.axvspan(min(report.near_ranks) - 0.3, max(report.near_ranks) + 0.3, color="C0",
+                   alpha=0.12, gid="near_ranks", label="CV cannot tell apart")
+    if rec is not None:
+        ax.axvline(rec, color="C3", linewidth=2, gid="recommended", label=f"recommended: {rec}")
+    for y, (name, k, edge) in enumerate(rows):
+        agrees = k == rec or (edge == ">=" and rec is not None and rec >= k) or (
+            edge == "<=" and rec is not None and rec <= k)
+        marker = {">=": ">", "<=": "<"}.get(edge, "o")
+        ax.plot([k], [y], marker, markersize=9, color="C2" if agrees else "C1",
+                gid=f"pick {name}")
+    ax.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.invert_yaxis()
+    ax.set_title("Recommended k = " + (str(rec) if rec is not None else "none"))
+    _legend(ax)
+
+
 def _summary(report, width):
-    """Title text: every suggestion, wrapped to the figure's width (in inches)."""
+    """Title text: the recommended rank, then every suggestion, wrapped to the figure's width
+    (in inches)."""
     items = []
     for criterion in report.criteria():
         result = report.results[criterion.name]
@@ -7934,7 +8154,12 @@ def _summary(report, width):
         if lines[-1] and len(lines[-1]) + 3 + len(item) > 9 * width:  # ~9 characters an inch
             lines.append("")
         lines[-1] += ("   " if lines[-1] else "") + item
-    return "\n".join(["Suggested rank"] + lines)
+    head = ["Suggested rank"]
+    if report.recommendation:
+        rec = report.recommended_rank
+        head = [f"Recommended k = {rec}" if rec is not None else "No recommended k"]
+        head[0] += "   |   suggested rank by each criterion:"
+    return "\n".join(head + lines)
 
 
 def _named_results(results, labels):

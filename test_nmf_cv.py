@@ -3121,7 +3121,7 @@ def test_best_cophenetic_rank_rejects_bad_rules():
 
 
 # =============================================================================================
-# Component stability across runs (as cNMF and NMFk)
+# Component stability across runs, and consensus components at one rank (as cNMF and NMFk)
 # =============================================================================================
 
 @pytest.mark.parametrize("k_true,seed", [(3, 0), (4, 1), (5, 2)])
@@ -3754,9 +3754,13 @@ def _report(suggestions, ranks=(2, 3, 4, 5, 6), cv_press=None):
         elif c == "randomized":
             results[c] = SimpleNamespace(ranks=ranks, rss=np.linspace(9.0, 5.0, len(ranks)),
                                          rss_randomized_mean=np.full(len(ranks), 10.0))
+        elif c == "stability":
+            results[c] = SimpleNamespace(ranks=ranks, min_silhouette=np.linspace(
+                0.99, 0.2, len(ranks)), threshold=0.7)
     edges = nmf_cv._edges(ranks, results, suggestions)
+    recommended = nmf_cv._recommend(results, suggestions, edges)
     return nmf_cv.RankReport(ranks, results, suggestions, edges,
-                             nmf_cv._agreement(results, suggestions, edges))
+                             nmf_cv._agreement(results, suggestions, edges), *recommended)
 
 
 def json_roundtrip(obj):
@@ -3786,8 +3790,11 @@ def test_choose_rank_report():
     assert report.suggestions["cophenetic"] == report.results["cophenetic"].best_rank
     text = str(report)
     assert text.splitlines()[0].split()[:3] == ["k", "PRESS", "PRESS"]
-    assert len(text.splitlines()) == 1 + 5 + 1 + 7 + 1  # the last line: agreement
-    assert text.splitlines()[-1] == report.agreement
+    lines = text.splitlines()
+    assert lines[1 + 5 + 1 + 7] == report.agreement  # after the table and the suggestions
+    assert " ".join(lines[1 + 5 + 1 + 7 + 2:]) == report.recommendation
+    assert report.recommended_rank == 3 and report.recommendation.startswith(
+        "Recommended k = 3: CV")
     assert f"(estimate {prior.rank:.2f}, no fits)" in text
     assert "-" in text.splitlines()[1]  # no cophenetic at k = 1
     data = json.loads(json.dumps(report.to_dict()))
@@ -3798,6 +3805,7 @@ def test_choose_rank_report():
     assert data["suggestions"] == report.suggestions
     assert data["columns"]["stability"]["3"] == pytest.approx(
         report.results["stability"].min_silhouette[1])
+    assert data["recommended_rank"] == 3 and data["recommendation"] == report.recommendation
     for criterion in ("cv", "randomized", "bicv", "stability"):
         assert report.suggestions[criterion] == 3, (criterion, report)
 
@@ -3854,11 +3862,51 @@ def test_report_says_when_criteria_agree_disagree_or_hit_the_edge():
     assert "PRESS flat" not in line
     text = split.table()
     assert "suggested k by RSS vs randomized data: ≥ 6 (RSS still falling faster" in text
-    assert text.splitlines()[-1] == line
+    assert line in text.splitlines()
     low = _report({"cv": 2}, cv_press=[[1.0, 1.1, 0.9]] + press[1:])
     assert low.edges == {"cv": "<="} and "≤ 2" in low.agreement
     assert _report({"cv": 2}, ranks=(1, 2, 3), cv_press=press[:3]).edges == {}
     assert json_roundtrip(split.to_dict())["edges"] == {"randomized": ">=", "bicv": ">="}
+
+
+def test_recommendation_rests_on_what_each_criterion_measures():
+    """Cross-validation decides where it can; the others support, fall within its near-equal
+    ranks, or dissent with their criterion's reason; a bound or no decider gives no rank."""
+    agree = _report({"cv": 3, "cv_1se": 3, "bicv": 3}, cv_press=EDGE_PRESS)
+    assert agree.recommended_rank == 3
+    assert agree.recommendation.startswith("Recommended k = 3: CV, the fewest components "
+                                           "that predict held-out cells")
+    assert "Supported by BCV." in agree.recommendation
+    split = _report({"cv": 3, "cv_1se": 3, "cophenetic": 4, "randomized": 6, "bicv": 6,
+                     "stability": 2}, cv_press=EDGE_PRESS)
+    text = split.recommendation
+    assert split.recommended_rank == 3 and split.near_ranks == [3, 4]
+    assert "Cross-validation cannot tell k = 3, 4 apart (picked there: cophenetic " \
+           "(Brunet) (4))" in text
+    assert "RSS vs randomized gives ≥ 6: only a bound, widen the ranks tried" in text
+    assert "Component stability picks 2: past k = 2 some component does not reproduce" in text
+    low = _report({"cv": 5, "cophenetic": 2}, cv_press=[[9.0, 9.1, 8.9], [7.0, 7.1, 6.9],
+                                                         [5.0, 5.1, 4.9], [3.0, 3.1, 2.9],
+                                                         [3.3, 3.4, 3.2]])
+    assert low.recommended_rank == 5 and low.near_ranks == [5]
+    assert ("Cophenetic (Brunet) picks 2: consensus clustering answers another question, how "
+            "many clusters of samples reproduce across runs, and lands low") in \
+        low.recommendation
+    top = _report({"cv": 6}, cv_press=[[9.0, 9.1, 8.9], [7.0, 7.1, 6.9], [5.0, 5.1, 4.9],
+                                       [4.0, 4.1, 3.9], [3.0, 3.1, 2.9]])
+    assert top.recommended_rank is None
+    assert top.recommendation == ("No recommended k: CV gives only a bound (≥ 6), not a "
+                                  "rank: widen the ranks tried.")
+    flat = _report({"cv": 2, "randomized": 4}, cv_press=[[5.0, 5.6, 4.4]] * 5)
+    assert flat.recommended_rank == 4 and flat.near_ranks == []
+    assert "Not deciding: CV: PRESS flat within 1 SE over every rank tried." in \
+        flat.recommendation
+    alone = _report({"cophenetic": 3})
+    assert alone.recommended_rank == 3 and "clusters of samples" in alone.recommendation
+    none = _report({"cv": 2}, cv_press=[[5.0, 5.6, 4.4]] * 5)
+    assert none.recommended_rank is None and none.recommendation.startswith(
+        "No recommended k: no criterion decides on these data (CV: PRESS flat")
+    assert json_roundtrip(split.to_dict())["near_ranks"] == [3, 4]
 
 
 # rank 1 has nothing below it, so it is an answer, not a bound
@@ -3960,8 +4008,15 @@ def test_a_registered_criterion_reaches_the_table_agreement_json_and_dashboard(m
     assert set(data["columns"]["toy score"]) == {"1", "2", "3", "4"}
     fig = nmf_cv.plot_rank_report(report)
     panels = {ax.get_label(): ax for ax in fig.axes}
-    assert list(panels) == ["cv", "toy"]
+    assert list(panels) == ["cv", "toy", "recommendation"]
     assert panels["toy"].get_title() == "A toy criterion"
+    rec = report.recommended_rank
+    assert marks(panels["recommendation"], "recommended") == [rec]
+    assert [ln.get_xdata()[0] for ln in panels["recommendation"].lines
+            if ln.get_gid() == "pick toy"] == [3]
+    assert f"Recommended k = {rec}" in fig.get_suptitle()
+    if rec != 3:
+        assert "Toy picks 3: it answers another question." in report.recommendation
     assert [ln.get_gid() for ln in panels["toy"].lines].count("toy_score") == 1
     assert "toy: 3" in fig.get_suptitle()
     plt.close(fig)
