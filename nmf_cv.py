@@ -8349,7 +8349,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"nmf_cv {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
@@ -8366,7 +8366,9 @@ def _parser():
 
     fit = sub.add_parser("fit", help="fit X ~ W H and write W, H and a summary",
                          description="Fit X ~ W H (missing cells left out) and write "
-                         "PREFIX_W.csv, PREFIX_H.csv and PREFIX_fit.json.")
+                         "PREFIX_W.csv (rows x components: usages), PREFIX_H.csv (components "
+                         "x columns) and PREFIX_fit.json; with --runs, consensus components "
+                         "and PREFIX_stability.csv.")
     _add_input(fit)
     fit.add_argument("-k", "--n-components", type=int, required=True, help="rank k")
     fit.add_argument("--method", choices=METHODS, default=None,
@@ -8378,6 +8380,18 @@ def _parser():
     fit.add_argument("--max-iter", type=int, default=2000)
     fit.add_argument("--tol", type=float, default=1e-6)
     fit.add_argument("--seed", type=int, default=0, help="random_state (default: 0)")
+    fit.add_argument("--runs", type=int, default=1,
+                     help="consensus of this many runs from random inits, as cNMF's (default: "
+                     "1, a single fit); writes each component's stability")
+    fit.add_argument("--jobs", type=int, default=1,
+                     help="worker processes for --runs (default: 1)")
+    fit.add_argument("--normalize-usage", action="store_true",
+                     help="write W with each row scaled to sum to 1 (cNMF's usage)")
+    fit.add_argument("--format", choices=("csv", "tsv"), default="csv",
+                     help="W and H files (default: %(default)s)")
+    fit.add_argument("--write-h5ad", action="store_true",
+                     help=".h5ad input: also write PREFIX_nmf.h5ad, a copy with W in "
+                     "obsm['X_nmf'] and H in varm['nmf_components']")
     fit.set_defaults(run=_cli_fit)
 
     rank = sub.add_parser("rank", help="compare rank-selection criteria over a range of k",
@@ -8430,8 +8444,10 @@ def _parser():
 def _add_input(parser):
     parser.add_argument("file", help="CSV/TSV/whitespace text (header and row labels "
                         "detected; empty, NA or NaN cells are missing), .npy, a sparse "
-                        ".mtx (Matrix Market) or .npz (scipy.sparse.save_npz) file, or a 10x "
-                        "Genomics folder (matrix.mtx, features.tsv, barcodes.tsv)")
+                        ".mtx (Matrix Market) or .npz (scipy.sparse.save_npz) file, a 10x "
+                        "Genomics folder (matrix.mtx, features.tsv, barcodes.tsv), or an "
+                        "AnnData .h5ad file (cells x genes; needs anndata)")
+    parser.add_argument("--layer", help=".h5ad input: the layer to read (default: X)")
     parser.add_argument("--out", help="output prefix (default: the input's name, here)")
 
 
@@ -8475,26 +8491,70 @@ def _parse_criteria(text):
 
 
 def _cli_fit(args):
-    X, row_labels, col_labels = read_matrix(args.file)
-    res = fit_nmf(X, args.n_components, method=args.method, loss=args.loss, init=args.init,
-                  max_iter=args.max_iter, tol=args.tol, random_state=args.seed)
+    X, row_labels, col_labels = read_matrix(args.file, layer=args.layer)
+    if args.write_h5ad and not args.file.endswith(".h5ad"):
+        raise ValueError("--write-h5ad needs an .h5ad input")
+    _check_positive_int(args.runs, "--runs")
+    _check_positive_int(args.jobs, "--jobs")
+    kwargs = {"method": args.method, "loss": args.loss, "init": args.init,
+              "max_iter": args.max_iter, "tol": args.tol, "random_state": args.seed}
+    if args.runs > 1:
+        with _cli_executor(args.jobs) as pool:
+            res = fit_nmf(X, args.n_components, n_runs=args.runs, executor=pool,
+                          progress=True, **kwargs)
+    else:
+        res = fit_nmf(X, args.n_components, **kwargs)
     prefix = _prefix(args)
     names = [f"component_{t + 1}" for t in range(res.n_components)]
-    _write_csv(f"{prefix}_W.csv", res.W, row_labels, names)
-    _write_csv(f"{prefix}_H.csv", res.H, names, col_labels)
-    summary = {"file": args.file, "shape": list(X.shape),
+    W = res.W
+    if args.normalize_usage:
+        sums = W.sum(axis=1, keepdims=True)
+        W = W / np.where(sums > 0, sums, 1.0)
+    sep = "\t" if args.format == "tsv" else ","
+    files = [f"{prefix}_W.{args.format}", f"{prefix}_H.{args.format}"]
+    _write_csv(files[0], W, row_labels, names, sep)
+    _write_csv(files[1], res.H, names, col_labels, sep)
+    summary = {"file": args.file, "layer": args.layer, "shape": list(X.shape),
                "missing_fraction": 0.0 if sp.issparse(X) else float(np.isnan(X).mean()),
                "n_components": res.n_components, "method": res.method, "loss": res.loss,
                "relative_error": res.relative_error, "n_iter": res.n_iter,
                "converged": res.converged, "objective": float(res.loss_history[-1]),
-               "time_s": res.time, "compile_time_s": res.compile_time}
-    _write_json(f"{prefix}_fit.json", summary)
-    print(f"{res!r}\nwrote {prefix}_W.csv, {prefix}_H.csv, {prefix}_fit.json")
+               "usage_normalized": args.normalize_usage, "time_s": res.time,
+               "compile_time_s": res.compile_time}
+    if res.component_stability is not None:
+        summary.update(n_runs=res.n_runs, n_runs_kept=res.n_runs_kept,
+                       component_stability=dict(zip(names, res.component_stability.tolist(),
+                                                    strict=True)))
+        files.append(f"{prefix}_stability.{args.format}")
+        _write_csv(files[-1], np.column_stack([res.component_stability, res.W.sum(axis=0)]),
+                   names, ["stability", "total_usage"], sep)
+    if args.write_h5ad:
+        files.append(f"{prefix}_nmf.h5ad")
+        _write_h5ad(args.file, args.layer, files[-1], res, names)
+    files.append(f"{prefix}_fit.json")
+    _write_json(files[-1], summary)
+    print(f"{res!r}\nwrote {', '.join(files)}")
     return 0
 
 
+@contextlib.contextmanager
+def _cli_executor(jobs):
+    """A process pool of ``jobs`` workers (None for one), its fits stopped on Ctrl-C."""
+    if jobs == 1:
+        yield None
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs) as pool:
+        try:
+            yield pool
+        except KeyboardInterrupt:  # our own pool: stop its running fits too
+            _terminate_workers(pool)
+            raise
+
+
 def _cli_rank(args):
-    X, row_labels, col_labels = read_matrix(args.file)
+    X, row_labels, col_labels = read_matrix(args.file, layer=args.layer)
     prefix = _prefix(args)
     iterations = {"max_iter": args.max_iter}
     report = _rank_report(X, args.ranks, args, n_restarts=args.restarts,
@@ -8515,25 +8575,16 @@ def _cli_rank(args):
 
 
 # what the rank command's JSON records, so that a run can be repeated
-_RANK_ARGUMENTS = ("ranks", "criteria", "folds", "repeats", "restarts", "ridge", "max_iter",
-                   "runs", "stability_runs", "loss", "seed", "jobs")
+_RANK_ARGUMENTS = ("layer", "ranks", "criteria", "folds", "repeats", "restarts", "ridge",
+                   "max_iter", "runs", "stability_runs", "loss", "seed", "jobs")
 
 
 def _rank_report(X, ranks, args, **kwargs):
-    from concurrent.futures import ProcessPoolExecutor
-
     _check_positive_int(args.jobs, "--jobs")
     start, compiled = time.perf_counter(), _COMPILING.seconds
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            try:
-                report = choose_rank(X, ranks, args.criteria, random_state=args.seed,
-                                     executor=pool, **kwargs)
-            except KeyboardInterrupt:  # our own pool: stop its running fits too
-                _terminate_workers(pool)
-                raise
-    else:
-        report = choose_rank(X, ranks, args.criteria, random_state=args.seed, **kwargs)
+    with _cli_executor(args.jobs) as pool:
+        report = choose_rank(X, ranks, args.criteria, random_state=args.seed, executor=pool,
+                             **kwargs)
     print(report)
     note = _compiling_note(_COMPILING.seconds - compiled)  # this process's compiles
     print(f"({time.perf_counter() - start:.1f} s{note})")
@@ -8576,12 +8627,14 @@ def _demo(args):
     return 0
 
 
-def read_matrix(path):
+def read_matrix(path, *, layer=None):
     """Read a matrix from a text table (CSV, TSV or whitespace), a ``.npy`` file, a sparse
     matrix: Matrix Market ``.mtx`` (also ``.mtx.gz``, via ``scipy.io.mmread``) or ``.npz``
-    from ``scipy.sparse.save_npz``, or a 10x Genomics folder (``matrix.mtx[.gz]``, genes x
+    from ``scipy.sparse.save_npz``, a 10x Genomics folder (``matrix.mtx[.gz]``, genes x
     cells, with ``features.tsv[.gz]`` or ``genes.tsv[.gz]`` and ``barcodes.tsv[.gz]``, whose
-    first columns, the gene ids and the cell barcodes, become the row and column labels).
+    first columns, the gene ids and the cell barcodes, become the row and column labels),
+    or an AnnData ``.h5ad`` file (cells x genes: its ``X``, or the layer named ``layer``;
+    ``obs_names`` and ``var_names`` become the labels; needs the ``anndata`` package).
     Sparse files stay sparse (CSR): every cell is observed, the ones not stored are zeros.
 
     A first row with any non-numeric cell is a header of column labels; then a first column
@@ -8602,6 +8655,10 @@ def read_matrix(path):
     ([[1.0, nan], [3.0, 4.0]], ['g1', 'g2'], ['s1', 's2'])
     """
     path = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if isinstance(path, str) and path.endswith(".h5ad"):
+        return _read_h5ad(path, layer)
+    if layer is not None:
+        raise ValueError(f"{path}: layer={layer!r} applies to .h5ad files only")
     if isinstance(path, str) and os.path.isdir(path):
         return _read_10x(path)
     if isinstance(path, str) and path.endswith(".npy"):
@@ -8634,6 +8691,58 @@ def read_matrix(path):
         raise ValueError(f"{name}: the header has {len(col_labels)} labels for "
                          f"{X.shape[1]} columns")
     return X, row_labels, col_labels
+
+
+def _anndata():
+    """The anndata module, or a one-line error naming it."""
+    try:
+        import anndata
+    except ImportError:
+        raise ImportError(".h5ad files need the anndata package: pip install anndata") from None
+    return anndata
+
+
+def _read_h5ad(path, layer):
+    """(X, obs names, var names) of an AnnData file (see `read_matrix`)."""
+    anndata = _anndata()
+    try:
+        adata = anndata.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable .h5ad file ({exc})") from None
+    if layer is None:
+        X = adata.X
+        if X is None:
+            raise ValueError(f"{path}: X is empty; name a layer ({', '.join(adata.layers)})")
+    elif layer not in adata.layers:
+        raise ValueError(f"{path}: no layer {layer!r}; its layers: "
+                         f"{', '.join(adata.layers) or 'none'}")
+    else:
+        X = adata.layers[layer]
+    where = f"{path} ({'X' if layer is None else 'layer ' + repr(layer)})"
+    if sp.issparse(X):
+        if X.dtype.kind not in "biuf":
+            raise TypeError(f"{where}: must hold real numbers; got dtype {X.dtype}")
+        X = sp.csr_matrix(X, dtype=np.float32 if X.dtype == np.float32 else np.float64)
+    else:
+        X = _as_float_array(np.asarray(X), where)
+    return X, [str(n) for n in adata.obs_names], [str(n) for n in adata.var_names]
+
+
+def _write_h5ad(source, layer, path, res, names):
+    """A copy of the .h5ad file ``source`` with the fit: usages W in ``obsm["X_nmf"]``,
+    components H in ``varm["nmf_components"]`` (genes x k), the settings in ``uns["nmf"]``."""
+    anndata = _anndata()
+    adata = anndata.read_h5ad(source)
+    adata.obsm["X_nmf"] = np.asarray(res.W)
+    adata.varm["nmf_components"] = np.asarray(res.H.T)
+    info = {"n_components": res.n_components, "loss": res.loss, "method": res.method,
+            "layer": layer or "X", "components": list(names),
+            "relative_error": res.relative_error}
+    if res.component_stability is not None:
+        info.update(component_stability=np.asarray(res.component_stability),
+                    n_runs=res.n_runs, n_runs_kept=res.n_runs_kept)
+    adata.uns["nmf"] = info
+    adata.write_h5ad(path)
 
 
 def _read_10x(folder):
@@ -8734,13 +8843,13 @@ def _prefix(args):
     return os.path.splitext(name[:-3] if name.endswith(".gz") else name)[0]
 
 
-def _write_csv(path, A, row_labels, col_labels):
+def _write_csv(path, A, row_labels, col_labels, sep=","):
     import csv
 
     rows = row_labels if row_labels is not None else [str(i) for i in range(A.shape[0])]
     cols = col_labels if col_labels is not None else [str(j) for j in range(A.shape[1])]
     with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, delimiter=sep)
         writer.writerow([""] + list(cols))
         for label, values in zip(rows, A, strict=True):
             writer.writerow([label] + [repr(float(v)) for v in values])

@@ -4688,6 +4688,82 @@ def test_cli_rank_reads_sparse_mtx_and_npz(tmp_path):
         nmf_cv.read_matrix(str(tmp_path / "bad.npz"))
 
 
+def write_h5ad(path, X, counts):
+    """An AnnData file: X dense (log counts), the counts as a sparse layer, named cells and
+    genes."""
+    anndata = pytest.importorskip("anndata")
+    import pandas as pd
+
+    adata = anndata.AnnData(
+        X=np.log1p(counts).astype(np.float32),
+        obs=pd.DataFrame(index=[f"cell{i}" for i in range(counts.shape[0])]),
+        var=pd.DataFrame(index=[f"gene{j}" for j in range(counts.shape[1])]))
+    adata.layers["counts"] = sp.csr_matrix(counts)
+    adata.write_h5ad(path)
+    return adata
+
+
+def test_read_matrix_reads_h5ad_x_or_a_layer_with_names(tmp_path):
+    counts = sparse_counts(30, 20, 2, seed=4, density_mean=1.0)
+    write_h5ad(tmp_path / "cells.h5ad", None, counts)
+    X, rows, cols = nmf_cv.read_matrix(tmp_path / "cells.h5ad", layer="counts")
+    assert sp.isspmatrix_csr(X) and X.dtype == np.float64
+    assert_array_equal(X.toarray(), counts)
+    assert rows == [f"cell{i}" for i in range(30)] and cols == [f"gene{j}" for j in range(20)]
+    X, _, _ = nmf_cv.read_matrix(tmp_path / "cells.h5ad")
+    assert isinstance(X, np.ndarray) and X.dtype == np.float32
+    assert_allclose(X, np.log1p(counts), rtol=1e-6)
+    with pytest.raises(ValueError, match="no layer 'raw'; its layers: counts"):
+        nmf_cv.read_matrix(tmp_path / "cells.h5ad", layer="raw")
+    with pytest.raises(ValueError, match="applies to .h5ad files only"):
+        nmf_cv.read_matrix(tmp_path / "x.npy", layer="counts")
+
+
+def test_cli_h5ad_rank_and_consensus_fit_write_named_outputs(tmp_path, capsys, monkeypatch):
+    """rank and fit on an .h5ad layer; fit --runs writes the consensus (W named by cell, rows
+    summing to 1 with --normalize-usage, H's rows the consensus components), each
+    component's stability, and a copy of the file with obsm/varm; without anndata, one line
+    naming it."""
+    anndata = pytest.importorskip("anndata")
+    counts = sparse_counts(60, 40, 3, seed=5, density_mean=1.5)
+    write_h5ad(tmp_path / "cells.h5ad", None, counts)
+    path, out = tmp_path / "cells.h5ad", tmp_path / "o"
+    assert nmf_cv.main(["rank", str(path), "--layer", "counts", "--ranks", "1:3", "--criteria",
+                        "cv", "--loss", "kl", "--folds", "3", "--out", str(out)]) == 0
+    report = json.loads((tmp_path / "o_rank.json").read_text())
+    assert report["row_labels"][0] == "cell0" and report["arguments"]["layer"] == "counts"
+    assert report["recommended_rank"] == (None if "cv" in report["edges"] else
+                                          report["suggestions"]["cv"])
+    assert report["recommendation"].startswith(("Recommended k", "No recommended k"))
+    assert nmf_cv.main(["fit", str(path), "--layer", "counts", "-k", "3", "--loss", "kl",
+                        "--runs", "4", "--normalize-usage", "--format", "tsv",
+                        "--write-h5ad", "--out", str(out)]) == 0
+    ref = nmf_cv.fit_nmf(sp.csr_matrix(counts), 3, loss="kl", n_runs=4, random_state=0,
+                         max_iter=2000, tol=1e-6)
+    W = np.loadtxt(tmp_path / "o_W.tsv", delimiter="\t", skiprows=1, usecols=(1, 2, 3))
+    assert (tmp_path / "o_W.tsv").read_text().splitlines()[1].startswith("cell0\t")
+    sums = ref.W.sum(axis=1, keepdims=True)  # a cell without counts has no usage: zeros
+    assert_allclose(W, ref.W / np.where(sums > 0, sums, 1.0), rtol=1e-10)
+    assert_allclose(W.sum(axis=1)[sums[:, 0] > 0], 1.0)
+    H = np.loadtxt(tmp_path / "o_H.tsv", delimiter="\t", skiprows=1, usecols=range(1, 41))
+    assert_allclose(H, ref.H, rtol=1e-10)
+    stab = (tmp_path / "o_stability.tsv").read_text().splitlines()
+    assert stab[0] == "\tstability\ttotal_usage" and len(stab) == 4
+    assert float(stab[1].split("\t")[1]) == pytest.approx(ref.component_stability[0])
+    summary = json.loads((tmp_path / "o_fit.json").read_text())
+    assert summary["n_runs"] == 4 and summary["usage_normalized"] is True
+    copy = anndata.read_h5ad(tmp_path / "o_nmf.h5ad")
+    assert_allclose(copy.obsm["X_nmf"], ref.W, rtol=1e-10)
+    assert copy.varm["nmf_components"].shape == (40, 3)
+    assert copy.uns["nmf"]["n_runs"] == 4 and list(copy.obs_names[:1]) == ["cell0"]
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "anndata", None)  # as if not installed
+    assert nmf_cv.main(["fit", str(path), "-k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("nmf_cv fit: error: .h5ad files need the anndata package: pip install "
+                   "anndata\n")
+
+
 def test_cli_reads_a_10x_folder_keeping_gene_and_cell_labels(tmp_path):
     import json
 
