@@ -7346,6 +7346,22 @@ def _cv_near(cv):
     return sorted(near)
 
 
+def _cv_details(cv):
+    """Every fold's numbers (null: a fold not fitted), each split's pick, the ridge."""
+    out = {"press": _json_array(cv.press), "train": _json_array(cv.train_rss),
+           "press_median": _json_array(cv.press_median),
+           "press_mad_se": _json_array(cv.press_mad_se), "loss": cv.loss,
+           "best_rank": cv.best_rank, "min_rank": cv.min_rank,
+           "best_rank_1se": cv.best_rank_1se,
+           "split_picks": _json_array(cv.repeat_best_ranks),
+           "n_outlier_folds": _json_array(cv.n_outlier_folds)}
+    if cv.alpha is not None:
+        out["alpha"] = _json_array(cv.alpha)
+    if cv.n_refitted is not None:
+        out["n_refitted"] = _json_array(cv.n_refitted)
+    return out
+
+
 def _cv_brief(cv, k, edge):
     if edge is None and len(cv.pick_counts()) > 1:
         return cv.pick_text()  # the splits disagree: never one number
@@ -7360,6 +7376,7 @@ _register(_Criterion(
         _Pick("cv_1se", "PRESS, one-SE rule", "CV one-SE rule", lambda cv: cv.best_rank_1se,
              edge=_edge_of_range(top=False), still="PRESS within 1 SE")),
     stream=0, restarts=True, columns=_cv_columns, notes=_cv_notes, agreement=_cv_agreement,
+    details=_cv_details,
     panel=lambda ax, cv, picks: _draw_cv(ax, cv, picks.get("cv"), picks.get("cv_1se")),
     title="Cross-validation (held-out cells)",
     question="the fewest components that predict held-out cells as well as any rank tried",
@@ -7379,7 +7396,7 @@ _register(_Criterion(
     "bicv", bicross_validate, (_Pick(
         "bicv", "bi-cross-validation (smallest rank within 1 SE of the best)", "BCV",
         lambda bi: bi.best_rank, edge=_edge_of_range(), still="BCV PRESS still falling"),),
-    stream=3, restarts=True,
+    stream=3, restarts=True, details=_cv_details,
     columns=lambda bi: {"BCV PRESS": _by_rank(bi.ranks, bi.press_median)},
     panel=lambda ax, bi, picks: _draw_cv(ax, bi, picks.get("bicv"), None, bicv=True),
     title="Bi-cross-validation (held-out blocks)",
@@ -7403,6 +7420,9 @@ _register(_Criterion(
         edge=_edge_of_range(bottom=False),
         still="RSS still falling faster than on randomized data"),),
     stream=2, restarts=True,
+    details=lambda ra: {"rss": _json_array(ra.rss),
+                        "rss_randomized": _json_array(ra.rss_randomized),
+                        "best_rank": ra.best_rank},
     columns=lambda ra: {"RSS": _by_rank(ra.ranks, ra.rss),
                         "RSS randomized": _by_rank(ra.ranks, ra.rss_randomized_mean)},
     panel=lambda ax, ra, picks: _draw_randomized(ax, ra, picks.get("randomized")),
@@ -7434,6 +7454,10 @@ _register(_Criterion(
         lambda co: co.best_rank, edge=_edge_of_range(bottom=False, single=True),
         still="coefficient highest"),),
     stream=1, min_rank=2, options="consensus_kwargs", columns=_cophenetic_columns,
+    details=lambda co: {"ranks": _json_array(co.ranks), "cophenetic": _json_array(co.cophenetic),
+                        "dispersion": _json_array(co.dispersion),
+                        "pac": None if co.pac is None else _json_array(co.pac),
+                        "best_rank": co.best_rank, "axis": co.axis},
     panel=lambda ax, co, picks: _draw_cophenetic(ax, co, picks.get("cophenetic")),
     title="Consensus stability",
     question="the number of clusters of samples that reproduce across runs",
@@ -7458,6 +7482,15 @@ def _stability_bound(st, k, edge):
     return None
 
 
+def _stability_details(st):
+    return {"ranks": _json_array(st.ranks), "min_silhouette": _json_array(st.min_silhouette),
+            "silhouette": _json_array(st.silhouette),
+            "component_silhouettes": {str(k): _json_array(v)
+                                      for k, v in st.cluster_silhouettes.items()},
+            "similarity": _json_array(st.similarity), "error": _json_array(st.error),
+            "threshold": st.threshold, "best_rank": st.best_rank, "axis": st.axis}
+
+
 def _stability_dissent(st, k, rec):
     if k < rec:
         return (f"past k = {k} some component does not reproduce from run to run: it helps "
@@ -7472,7 +7505,7 @@ _register(_Criterion(
         "stability", "component stability (largest k whose components reproduce)",
         "component stability", lambda st: st.best_rank, edge=_stability_edge,
         still="components still reproduce", bound=_stability_bound),),
-    stream=4, min_rank=2,
+    stream=4, min_rank=2, details=_stability_details,
     columns=lambda st: {"stability": _by_rank(st.ranks, st.min_silhouette)},
     panel=lambda ax, st, picks: _draw_stability(ax, st, picks.get("stability")),
     title="Component stability across runs",
@@ -7481,6 +7514,14 @@ _register(_Criterion(
 
 
 CRITERIA = tuple(_CRITERIA)
+
+
+def _json_array(a):
+    """An array as nested lists for JSON, NaN as null."""
+    a = np.asarray(a)
+    if a.dtype.kind == "f":
+        return np.where(np.isnan(a), None, a.astype(object)).tolist()
+    return a.tolist()
 
 
 def _format_number(value):

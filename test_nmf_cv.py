@@ -3806,6 +3806,16 @@ def test_choose_rank_report():
     assert data["columns"]["stability"]["3"] == pytest.approx(
         report.results["stability"].min_silhouette[1])
     assert data["recommended_rank"] == 3 and data["recommendation"] == report.recommendation
+    strict = json.loads(json.dumps(report.to_dict(), allow_nan=False))  # every number, no NaN
+    assert np.array(strict["cv"]["press"]).shape == cv.press.shape
+    assert_allclose(np.array(strict["cv"]["press"], dtype=float), cv.press)
+    assert strict["cv"]["split_picks"] == cv.repeat_best_ranks.tolist()
+    assert_allclose(strict["randomized"]["rss_randomized"],
+                    report.results["randomized"].rss_randomized)
+    assert_allclose(strict["stability"]["component_silhouettes"]["3"],
+                    report.results["stability"].cluster_silhouettes[3])
+    assert strict["cophenetic"]["best_rank"] == report.suggestions["cophenetic"]
+    assert set(strict["bicv"]) >= {"press", "train", "best_rank"}
     for criterion in ("cv", "randomized", "bicv", "stability"):
         assert report.suggestions[criterion] == 3, (criterion, report)
 
