@@ -3690,7 +3690,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     alpha = np.zeros((max_splits, n_fold_count))
     refitted = np.zeros(len(ranks), dtype=int)
     factors = {} if return_factors else None
-    splits, per_cell = [], {}
+    splits, per_cell, unfinished = [], {}, set()
     # "auto": every rank on the first splits, later ones for the ranks in contention
     first = n_repeats if fixed else min(_FIRST_SPLITS, max_splits)
     tasks = [(ki, r, f) for ki in range(len(ranks)) for r in range(first)
@@ -3708,12 +3708,19 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
             alpha[new] = _fold_alphas(cv, [splits[r] for r in new], (m, n), round_.label)
             outputs = _cv_outputs(cv, round_, warm_start)
             if stuck_restarts and not loo:
-                _refit_stuck(cv, round_, outputs, per_cell, refitted, stuck_restarts)
-            for (ki, r, f), (p, t, W, H, _) in zip(tasks, outputs, strict=True):
-                press[ki, r, f], train[ki, r, f] = p, t
+                unfinished |= _refit_stuck(cv, round_, outputs, per_cell, refitted,
+                                           stuck_restarts)
+            unfinished |= {ki for (ki, _, _), out in zip(tasks, outputs, strict=True)
+                           if out is None}
+            for (ki, r, f), out in zip(tasks, outputs, strict=True):
+                if ki in unfinished:
+                    continue
+                press[ki, r, f], train[ki, r, f] = out[0], out[1]
                 if return_factors:
-                    factors[(int(ranks[ki]), r, f)] = (W, H)
+                    factors[(int(ranks[ki]), r, f)] = (out[2], out[3])
             r = len(splits)
+            if unfinished:  # a report from an unfinished run: no later round was run
+                break
             if not fixed and r < max_splits:
                 contenders = _contenders(press[:, :r])
                 if len(contenders) > 1:  # the next split, and any split a contender missed
@@ -3728,6 +3735,14 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     if loo:  # E(k) is the sum over cells; one "fold" holding it keeps press_mean = E(k)
         press = press.sum(axis=2, keepdims=True)
         train = train.mean(axis=2, keepdims=True)
+    if unfinished:
+        press[sorted(unfinished)] = train[sorted(unfinished)] = np.nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the unfinished ranks' NaN
+            partial = CVResult(ranks, press, train, folds.n_kept, folds, factors, loss, alpha,
+                               refitted)
+        raise _Unfinished("cross_validate", None, None, partial,
+                          [int(ranks[ki]) for ki in sorted(unfinished)])
     return CVResult(ranks, press, train, folds.n_kept, folds, factors, loss, alpha, refitted)
 
 
@@ -3779,27 +3794,39 @@ class _CVRound:
 def _refit_stuck(cv, round_, outputs, per_cell, refitted, stuck_restarts):
     """Refit the round's stuck tasks (see `cross_validate`), in place in ``outputs``; a
     task is judged against every fit of its rank so far (``per_cell``: (rank index, split,
-    fold) -> training error per training cell); ``refitted`` counts refits per rank."""
+    fold) -> training error per training cell); ``refitted`` counts refits per rank.
+
+    Returns the rank indices left unfinished: none, unless this reads an unfinished run's
+    checkpoint for a report (fits None in ``outputs``), where a rank is unfinished while a
+    fit of it, or the refit of a stuck one, is missing."""
     tasks, splits = round_.tasks, cv.splits
+    missing = {ki for (ki, _, _), out in zip(tasks, outputs, strict=True) if out is None}
     n_train = {(r, f): cv.source.n_train(splits[r], f) for _, r, f in tasks}
     for task, out in zip(tasks, outputs, strict=True):
-        per_cell[task] = out[1] / n_train[task[1:]]
+        if out is not None:
+            per_cell[task] = out[1] / n_train[task[1:]]
     best = {}
     for (ki, _, _), value in per_cell.items():
         best[ki] = min(best.get(ki, np.inf), value)
-    stuck = [i for i, task in enumerate(tasks)
-             if per_cell[task] > _STUCK_TRAINING * best[task[0]]]
+    stuck = [i for i, task in enumerate(tasks) if task[0] not in missing
+             and per_cell[task] > _STUCK_TRAINING * best[task[0]]]
+    if missing:  # the run had not come to its refits: the stuck ranks wait for theirs
+        return missing | {tasks[i][0] for i in stuck}
     if not stuck:
-        return
+        return set()
     args = [(cv.carried, cv.fits, splits[r], f, int(cv.ranks[ki]), round_.seeds[i],
              cv.alpha[r, f], stuck_restarts) for i in stuck for ki, r, f in [tasks[i]]]
     again = _map_tasks(_cv_refit_task, args, cv.run,
-                       "cross_validate: refitting stuck folds" + round_.label)
+                       "cross_validate: refitting stuck folds" + round_.label, partial=True)
+    missing = {tasks[i][0] for i, out in zip(stuck, again, strict=True) if out is None}
     for i, out in zip(stuck, again, strict=True):
+        if out is None:
+            continue
         refitted[tasks[i][0]] += 1
         if out[-1] < outputs[i][-1]:
             outputs[i] = out
             per_cell[tasks[i]] = out[1] / n_train[tasks[i][1:]]
+    return missing
 
 
 _STUCK_TRAINING = 1.1  # training error per cell over the rank's best fold's: a stuck fit
@@ -3881,7 +3908,8 @@ def _cv_outputs(cv, round_, warm_start):
     if not warm_start:
         args = [(cv.carried, cv.fits, splits[r], f, int(cv.ranks[ki]), round_.seeds[i],
                  cv.alpha[r, f]) for i, (ki, r, f) in enumerate(tasks)]
-        return _map_tasks(_cv_task, args, cv.run, "cross_validate" + round_.label)
+        return _map_tasks(_cv_task, args, cv.run, "cross_validate" + round_.label,
+                          partial=True)
     # one chain of ranks per (repeat, fold); tasks are ordered rank-major
     n_repeats, n_folds = cv.alpha.shape
     per_rank = n_repeats * n_folds
@@ -3889,8 +3917,9 @@ def _cv_outputs(cv, round_, warm_start):
                round_.seeds[j::per_rank], cv.alpha[r, f])
               for j, (r, f) in enumerate((r, f) for r in range(n_repeats)
                                          for f in range(n_folds))]
-    chained = _map_tasks(_cv_chain_task, chains, cv.run, "cross_validate")
-    return [chained[i % per_rank][i // per_rank] for i in range(len(tasks))]
+    chained = _map_tasks(_cv_chain_task, chains, cv.run, "cross_validate", partial=True)
+    return [None if chained[i % per_rank] is None else chained[i % per_rank][i // per_rank]
+            for i in range(len(tasks))]
 
 
 @dataclass
@@ -4994,14 +5023,17 @@ class _Checkpoint:
     with ``np.load(..., allow_pickle=False)`` and JSON: a checkpoint is data and loading it
     cannot run code."""
 
-    def __init__(self, path, name, fingerprint):
+    def __init__(self, path, name, fingerprint, read_only=False):
         self.root = os.fspath(path)
         self.path = os.path.join(self.root, name)
-        os.makedirs(self.path, exist_ok=True)
+        self.read_only = read_only
         manifest = os.path.join(self.path, "manifest.json")
         fingerprint = json.loads(json.dumps(fingerprint))
         old = _read_manifest(manifest)
+        if old is None and read_only:
+            raise _Unfinished(name, 0, None)
         if old is None:
+            os.makedirs(self.path, exist_ok=True)
             _atomic_write(manifest, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
         else:
             differ = [key for key in sorted(set(old) | set(fingerprint))
@@ -5040,6 +5072,35 @@ class _Checkpoint:
         _atomic_write(self._file(label, index), buffer.getvalue())
 
 
+class _Unfinished(Exception):
+    """Raised, reading a checkpoint for a report (`_FinishedOnly`), by a stage whose tasks
+    are not all finished: ``done`` of ``total`` (None: the stage never started). ``partial``
+    is a result holding the ranks that did finish (NaN for the others), ``ranks`` those
+    that did not."""
+
+    def __init__(self, label, done, total, partial=None, ranks=None):
+        super().__init__(label, done, total)
+        self.label, self.done, self.total = label, done, total
+        self.partial, self.ranks = partial, ranks
+
+    def __str__(self):
+        if self.ranks is not None:
+            return f"k = {', '.join(map(str, self.ranks))} not finished"
+        if self.total is None:
+            return f"not started ({self.label})"
+        return f"{self.done} of {self.total} tasks of {self.label!r} finished"
+
+
+class _FinishedOnly(os.PathLike):
+    """A checkpoint path to read, never to run or write: `report_from_checkpoint`."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __fspath__(self):
+        return self.path
+
+
 def _open_checkpoint(checkpoint, name, data, random_state, **arguments):
     """(the `_Checkpoint` or None, the root SeedSequence). With ``random_state=None`` a
     checkpoint keeps the seed it drew, so that calling again resumes."""
@@ -5053,7 +5114,8 @@ def _open_checkpoint(checkpoint, name, data, random_state, **arguments):
     fingerprint = {"function": name, "random_state": [str(seed.entropy), list(seed.spawn_key)],
                    **_data_digests(data),
                    **{key: _fingerprint_value(value) for key, value in arguments.items()}}
-    return _Checkpoint(checkpoint, name, fingerprint), seed
+    return _Checkpoint(checkpoint, name, fingerprint,
+                       read_only=isinstance(checkpoint, _FinishedOnly)), seed
 
 
 def _persistent_seed(path):
@@ -5299,8 +5361,11 @@ class _Run:
     checkpoint: object = None
 
 
-def _map_tasks(function, args, run, label):
+def _map_tasks(function, args, run, label, partial=False):
     """function(*a) for a in args, results in order, as ``run`` (a `_Run`) says.
+
+    Reading a checkpoint for a report (read-only), nothing runs: a task not in it is None
+    with ``partial``, else the stage raises `_Unfinished`.
 
     With a `_Checkpoint`, tasks it holds are read back instead of run and every finished task
     is recorded as it arrives. When a ProcessPoolExecutor's worker dies (the pool breaks),
@@ -5321,6 +5386,10 @@ def _map_tasks(function, args, run, label):
             todo.append(i)
         else:
             results[i] = out
+    if checkpoint is not None and checkpoint.read_only:
+        if todo and not partial:
+            raise _Unfinished(label, len(args) - len(todo), len(args))
+        return results
     bar = _Progress(label, len(args), len(args) - len(todo), show)
     try:
         for i, out in _run_tasks(function, args, todo, executor):
@@ -6811,6 +6880,14 @@ class RankReport:
         The ranks cross-validation cannot tell apart from its pick: within one standard
         error of the smallest median PRESS, or picked by one of the splits (empty without
         cross-validation).
+    unfinished : dict
+        A report from an unfinished run (`report_from_checkpoint`): criterion -> how far it
+        got. Such criteria are in neither ``results`` nor ``suggestions``, and the
+        recommendation rests on the finished ones only.
+    partial : dict
+        criterion -> a result holding its finished ranks (NaN for the others), for the
+        unfinished criteria that have one (cross-validation): in the table and the
+        dashboard, never in the suggestions.
 
     ``str(report)`` is a plain-text table; ``to_dict()`` gives JSON-ready numbers.
     """
@@ -6823,17 +6900,25 @@ class RankReport:
     recommended_rank: int = None
     recommendation: str = ""
     near_ranks: list = field(default_factory=list)
+    unfinished: dict = field(default_factory=dict)
+    partial: dict = field(default_factory=dict)
 
     def criteria(self):
         """The registered criteria present in ``results``, in the registry's order."""
         return [c for c in _CRITERIA.values() if c.name in self.results]
 
+    def shown(self):
+        """(criterion, result) for every criterion with numbers to show, finished or
+        partial, in the registry's order."""
+        return [(c, self.results.get(c.name, self.partial.get(c.name)))
+                for c in _CRITERIA.values() if c.name in self.results or c.name in self.partial]
+
     def columns(self):
         """Column name -> {rank: value} for every number in the table."""
         cols = {}
-        for criterion in self.criteria():
+        for criterion, result in self.shown():
             if criterion.columns is not None:
-                cols.update(criterion.columns(self.results[criterion.name]))
+                cols.update(criterion.columns(result))
         return cols
 
     def table(self):
@@ -6855,6 +6940,8 @@ class RankReport:
         for criterion in self.criteria():
             if criterion.notes is not None:
                 out += criterion.notes(self.results[criterion.name])
+        for name, how_far in self.unfinished.items():
+            out.append(f"{name}: unfinished, no suggestion ({how_far})")
         if self.agreement:
             out.append(self.agreement)
         if self.recommendation:
@@ -6874,7 +6961,7 @@ class RankReport:
         out = {"ranks": self.ranks.tolist(), "recommended_rank": self.recommended_rank,
                "recommendation": self.recommendation, "near_ranks": list(self.near_ranks),
                "suggestions": dict(self.suggestions), "edges": dict(self.edges),
-               "agreement": self.agreement,
+               "agreement": self.agreement, "unfinished": dict(self.unfinished),
                "columns": {name: {str(k): v for k, v in col.items()}
                            for name, col in self.columns().items()}}
         for criterion in self.criteria():
@@ -6933,11 +7020,15 @@ def choose_rank(X, ranks, criteria=None, *, mask=None, n_restarts=_N_RESTARTS,
     ranks = _check_ranks(ranks, data.shape)
     if checkpoint is not None and random_state is None:
         random_state = _persistent_seed(checkpoint)
+    root = _seed_sequence(random_state)
+    if checkpoint is not None and not isinstance(checkpoint, _FinishedOnly):
+        _save_settings(checkpoint, ranks, [c.name for c in chosen], n_restarts, root,
+                       criterion_kwargs)
     streams = [c.stream for c in _CRITERIA.values() if c.stream is not None]
-    seeds = _seed_sequence(random_state).spawn(max(streams) + 1 if streams else 0)
+    seeds = root.spawn(max(streams) + 1 if streams else 0)
     _check_positive_int(n_restarts, "n_restarts")
     Xc = _nan_copy(data)
-    results, suggestions = {}, {}
+    results, suggestions, unfinished, partial = {}, {}, {}, {}
     for criterion in chosen:
         tried = ranks[ranks >= criterion.min_rank]
         if len(tried) == 0:
@@ -6946,8 +7037,14 @@ def choose_rank(X, ranks, criteria=None, *, mask=None, n_restarts=_N_RESTARTS,
         if criterion.restarts:
             kwargs = {"n_restarts": n_restarts, **kwargs}
         seed = None if criterion.stream is None else seeds[criterion.stream]
-        result = criterion.run(Xc, tried, random_state=seed, executor=executor,
-                               progress=progress, checkpoint=checkpoint, **kwargs)
+        try:
+            result = criterion.run(Xc, tried, random_state=seed, executor=executor,
+                                   progress=progress, checkpoint=checkpoint, **kwargs)
+        except _Unfinished as stop:  # only when reading a checkpoint for a report
+            unfinished[criterion.name] = str(stop)
+            if stop.partial is not None:
+                partial[criterion.name] = stop.partial
+            continue
         results[criterion.name] = result
         for pick in criterion.picks:
             k = pick.read(result)
@@ -6955,9 +7052,78 @@ def choose_rank(X, ranks, criteria=None, *, mask=None, n_restarts=_N_RESTARTS,
                 suggestions[pick.key] = k
     edges = _edges(ranks, results, suggestions)
     recommended = _recommend(results, suggestions, edges)
+    text = recommended.text
+    if unfinished:
+        text = (f"From the criteria finished so far ({', '.join(unfinished)} unfinished): "
+                + text[0].lower() + text[1:])
     return RankReport(ranks, results, suggestions, edges,
                       _agreement(results, suggestions, edges), recommended.rank,
-                      recommended.text, recommended.near)
+                      text, recommended.near, unfinished, partial)
+
+
+def report_from_checkpoint(checkpoint, X=None, *, mask=None):
+    """The `choose_rank` report of a run from the fits its checkpoint holds, finished or not.
+
+    Nothing is fitted: a criterion whose fits are all in the checkpoint is reported as the
+    finished run would report it; the others are listed in ``RankReport.unfinished`` with
+    how far they got, never guessed. The settings come from the checkpoint (``choose_rank``
+    records them there); the data too when the command line made it (``rank --checkpoint``
+    records its input file), else pass ``X`` (and ``mask``) as the run had them.
+
+    Parameters
+    ----------
+    checkpoint : str or os.PathLike
+        The directory given to `choose_rank` (or the command line's ``--checkpoint``).
+    X : array-like or sparse matrix, optional
+        The run's data; default: read again from the file the command line recorded.
+    mask : array-like of bool, optional
+
+    Returns
+    -------
+    RankReport
+
+    Examples
+    --------
+    >>> import tempfile, nmf_cv
+    >>> X = nmf_cv.make_planted(30, 20, 2, noise=0.05, random_state=0)
+    >>> path = tempfile.mkdtemp()
+    >>> done = nmf_cv.choose_rank(X, [1, 2, 3], ("cv",), random_state=0, progress=False,
+    ...                           checkpoint=path)
+    >>> nmf_cv.report_from_checkpoint(path, X).suggestions == done.suggestions
+    True
+    """
+    path = os.fspath(checkpoint)
+    settings = _read_manifest(os.path.join(path, "settings.json"))
+    if settings is None:
+        raise ValueError(f"{path}: no settings.json; not a choose_rank checkpoint (or one "
+                         "made before it recorded its settings)")
+    if X is None:
+        source = _read_manifest(os.path.join(path, "source.json"))
+        if source is None:
+            raise ValueError(f"{path} does not say where its data came from: pass X")
+        X, _, _ = read_matrix(source["file"], layer=source.get("layer"))
+    entropy, spawn_key, spawned = settings["random_state"]
+    seed = np.random.SeedSequence(int(entropy), spawn_key=tuple(spawn_key),
+                                  n_children_spawned=spawned)
+    return choose_rank(X, settings["ranks"], settings["criteria"], mask=mask,
+                       n_restarts=settings["n_restarts"], random_state=seed,
+                       checkpoint=_FinishedOnly(path), progress=False,
+                       **settings["criterion_kwargs"])
+
+
+def _save_settings(checkpoint, ranks, criteria, n_restarts, root, criterion_kwargs):
+    """Record `choose_rank`'s settings in the checkpoint, for `report_from_checkpoint`."""
+    settings = {"ranks": [int(k) for k in ranks], "criteria": criteria,
+                "n_restarts": n_restarts,
+                "random_state": [str(root.entropy), [int(i) for i in root.spawn_key],
+                                 root.n_children_spawned],
+                "criterion_kwargs": criterion_kwargs}
+    try:
+        payload = json.dumps(settings, indent=1, default=_json_default)
+    except TypeError:  # an array among the options: the report then needs them again
+        return
+    os.makedirs(os.fspath(checkpoint), exist_ok=True)
+    _atomic_write(os.path.join(os.fspath(checkpoint), "settings.json"), payload.encode())
 
 
 def _chosen_criteria(criteria, criterion_kwargs):
@@ -7525,7 +7691,7 @@ def _json_array(a):
 
 
 def _format_number(value):
-    if value is None:
+    if value is None or value != value:  # none, or NaN: not fitted
         return "-"
     if value == 0 or 1e-3 <= abs(value) < 1e5:
         return f"{value:.4g}"
@@ -7967,7 +8133,8 @@ def plot_rank_report(report, *, fig=None):
     >>> plt.close("all")
     """
     present = report.criteria()
-    panels = [c for c in present if c.panel is not None]
+    shown = dict((c.name, result) for c, result in report.shown())
+    panels = [c for c, _ in report.shown() if c.panel is not None]
     marks = [c for c in present if c.mark is not None]
     if not panels and not marks:
         raise ValueError(f"the report holds no criterion to plot: {list(report.results)}")
@@ -7983,8 +8150,9 @@ def plot_rank_report(report, *, fig=None):
             ax.set_yticks([])
         else:
             ax = fig.add_subplot(grid[i // ncols, i % ncols], label=criterion.name)
-            criterion.panel(ax, report.results[criterion.name], report.suggestions)
-            ax.set_title(criterion.title)
+            criterion.panel(ax, shown[criterion.name], report.suggestions)
+            ax.set_title(criterion.title + (" (unfinished)" if criterion.name in
+                                            report.partial else ""))
         for marker in marks:
             marker.mark(ax, report.results[marker.name], report.ranks)
         _rank_axis(ax, report.ranks)
@@ -8374,7 +8542,7 @@ def _draw_images(comps, ref, shape, fig, cmap):
 # =============================================================================================
 
 def main(argv=None):
-    """Command line: ``python -m nmf_cv {fit,rank,demo} ...`` (``--help`` on each).
+    """Command line: ``python -m nmf_cv {fit,rank,report,demo} ...`` (``--help`` on each).
 
     User errors (unreadable files, bad ranges, negative data...) print one line on stderr and
     return 2.
@@ -8466,6 +8634,15 @@ def _parser():
                       help="directory keeping every finished fit: rerun the same command to "
                       "resume after an interruption")
     rank.set_defaults(run=_cli_rank)
+
+    report = sub.add_parser("report", help="the rank report of a checkpoint, finished or not",
+                            description="Print the report of a `rank --checkpoint DIR` run "
+                            "from the fits it holds (nothing is fitted; unfinished criteria "
+                            "are marked), and write PREFIX_rank.json and the dashboard.")
+    report.add_argument("checkpoint", help="the directory given to rank --checkpoint")
+    report.add_argument("--out", help="output prefix (default: the directory's name, here)")
+    report.add_argument("--report", help="dashboard figure path (default: PREFIX_rank.png)")
+    report.set_defaults(run=_cli_report)
 
     demo = sub.add_parser("demo", help="rank selection on a built-in planted matrix",
                           description="Fit a planted rank-3 matrix with 10%% of its cells "
@@ -8597,6 +8774,11 @@ def _cli_executor(jobs):
 def _cli_rank(args):
     X, row_labels, col_labels = read_matrix(args.file, layer=args.layer)
     prefix = _prefix(args)
+    if args.checkpoint is not None:  # where the data are, for `report` before the end
+        os.makedirs(args.checkpoint, exist_ok=True)
+        _atomic_write(os.path.join(args.checkpoint, "source.json"), json.dumps(
+            {"file": os.path.abspath(args.file), "layer": args.layer,
+             "arguments": {name: getattr(args, name) for name in _RANK_ARGUMENTS}}).encode())
     iterations = {"max_iter": args.max_iter}
     report = _rank_report(X, args.ranks, args, n_restarts=args.restarts,
                           cv_kwargs={"n_folds": args.folds, "n_repeats": args.repeats,
@@ -8612,6 +8794,21 @@ def _cli_rank(args):
     _save_report(report, f"{prefix}_rank.json", args.report or f"{prefix}_rank.png",
                  {"row_labels": row_labels, "col_labels": col_labels,
                   "arguments": {"file": args.file, **arguments}})
+    return 0
+
+
+def _cli_report(args):
+    report = report_from_checkpoint(args.checkpoint)
+    print(report)
+    source = _read_manifest(os.path.join(args.checkpoint, "source.json")) or {}
+    prefix = args.out or os.path.basename(os.path.normpath(args.checkpoint))
+    labels = {"arguments": {"file": source.get("file"), **source.get("arguments", {})}}
+    if report.results:
+        _save_report(report, f"{prefix}_rank.json", args.report or f"{prefix}_rank.png",
+                     labels)
+    else:  # nothing finished: nothing to draw
+        _write_json(f"{prefix}_rank.json", {**report.to_dict(), **labels})
+        print(f"wrote {prefix}_rank.json")
     return 0
 
 

@@ -3919,6 +3919,47 @@ def test_recommendation_rests_on_what_each_criterion_measures():
     assert json_roundtrip(split.to_dict())["near_ranks"] == [3, 4]
 
 
+def test_report_from_a_checkpoint_finished_or_not(tmp_path):
+    """Finished: the report equals the run's. Unfinished (records removed): nothing is
+    fitted, the ranks and criteria not finished are marked, the finished ranks' numbers are
+    the run's, and no suggestion comes from an unfinished criterion."""
+    X = nmf_cv.make_planted(40, 30, 3, noise=0.05, random_state=2)
+    kw = {"random_state": 4, "progress": False, "cv_kwargs": {"n_folds": 3, "n_repeats": 2},
+          "stability_kwargs": {"n_runs": 4, "max_iter": 300}}
+    run = nmf_cv.choose_rank(X, range(1, 6), ("cv", "stability"), checkpoint=tmp_path, **kw)
+    done = nmf_cv.report_from_checkpoint(tmp_path, X)
+    assert done.to_dict() == run.to_dict() and done.unfinished == {}
+    (tmp_path / "cross_validate" / "cross_validate-13.npz").unlink()  # rank 3, split 1
+    (tmp_path / "stability" / "stability_k_3-1.npz").unlink()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nmf_cv, "fit_nmf", None)  # nothing may be fitted
+        patch.setattr(nmf_cv, "_fit", None)
+        part = nmf_cv.report_from_checkpoint(tmp_path, X)
+    assert part.unfinished["stability"] == "3 of 4 tasks of 'stability k=3' finished"
+    assert part.unfinished["cv"].startswith("k = 3")
+    assert part.suggestions == {} and part.recommended_rank is None
+    cv, full = part.partial["cv"], run.results["cv"]
+    finished = [i for i, k in enumerate(cv.ranks) if str(k) not in part.unfinished["cv"]]
+    # unfinished: rank 3 (a fit missing), and the ranks whose stuck folds wait for refits
+    assert [int(k) for k in np.delete(cv.ranks, finished)] == sorted(
+        {3} | {int(k) for k, n in zip(full.ranks, full.n_refitted) if n})
+    assert finished[:2] == [0, 1]
+    assert_array_equal(cv.press[finished], full.press[finished])
+    assert np.isnan(cv.press[2]).all()
+    table = part.table()
+    assert "cv: unfinished, no suggestion (k = 3" in table
+    assert table.splitlines()[3].split()[1] == "-"  # k = 3's PRESS
+    assert part.recommendation.startswith("From the criteria finished so far (cv, "
+                                          "stability unfinished): no recommended k")
+    fig = nmf_cv.plot_rank_report(part)
+    assert [ax.get_label() for ax in fig.axes][:1] == ["cv"]
+    assert fig.axes[0].get_title().endswith("(unfinished)")
+    with pytest.raises(ValueError, match="belongs to another run"):
+        nmf_cv.report_from_checkpoint(tmp_path, X + 1.0)
+    with pytest.raises(ValueError, match="pass X"):
+        nmf_cv.report_from_checkpoint(tmp_path)
+
+
 # rank 1 has nothing below it, so it is an answer, not a bound
 def test_rank_one_at_the_bottom_is_not_an_edge():
     rep = _report({"cv": 1, "cv_1se": 1}, ranks=(1, 2, 3),
@@ -4594,11 +4635,21 @@ def test_cli_rank_checkpoint_interrupted_and_rerun_gives_the_same_json(tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "resume" in err, err
+    code, out, err = run_cli("report", tmp_path / "ck", "--out", tmp_path / "part")
+    assert code == 0, err
+    assert out.splitlines()[0].split()[0] == "k" and "unfinished, no suggestion" in out
+    assert json.loads((tmp_path / "part_rank.json").read_text())["unfinished"]
     code, _, err = run_cli(*argv, "--out", tmp_path / "two", "--checkpoint", tmp_path / "ck")
     assert code == 0, err
     one = json.loads((tmp_path / "one_rank.json").read_text())
     two = json.loads((tmp_path / "two_rank.json").read_text())
     assert one == two
+    code, out, err = run_cli("report", tmp_path / "ck", "--out", tmp_path / "after")
+    assert code == 0, err
+    after = json.loads((tmp_path / "after_rank.json").read_text())
+    assert after["unfinished"] == {}
+    for key in ("suggestions", "columns", "recommendation", "cv", "bicv"):
+        assert after[key] == two[key], key
 
 
 def test_cli_demo_saves_its_dashboard(tmp_path):
