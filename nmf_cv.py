@@ -8128,7 +8128,7 @@ def plot_rank_report(report, *, fig=None):
     ...                             random_state=0, progress=False)
     >>> fig = nmf_cv.plot_rank_report(report)
     >>> [ax.get_label() for ax in fig.axes]
-    ['cv', 'randomized']
+    ['cv', 'randomized', 'recommendation']
     >>> fig.savefig("rank_report.png")  # doctest: +SKIP
     >>> plt.close("all")
     """
@@ -8138,7 +8138,7 @@ def plot_rank_report(report, *, fig=None):
     marks = [c for c in present if c.mark is not None]
     if not panels and not marks:
         raise ValueError(f"the report holds no criterion to plot: {list(report.results)}")
-    n_panels = len(panels) + bool(report.recommendation)
+    n_panels = max(1, len(panels)) + bool(report.recommendation)
     ncols = max(1, n_panels) if n_panels <= 3 else 2
     nrows = max(1, math.ceil(n_panels / ncols))
     fig = _new_figure(fig, (4.8 * ncols, 3.6 * nrows + 0.7))

@@ -3750,13 +3750,18 @@ def _report(suggestions, ranks=(2, 3, 4, 5, 6), cv_press=None):
         elif c == "cophenetic":
             curve = np.linspace(1.0, 0.9, len(ranks))
             results[c] = SimpleNamespace(ranks=ranks, cophenetic=curve, dispersion=curve,
-                                         pac=1 - curve)
+                                         pac=1 - curve, best_rank=suggestions[c],
+                                         axis="columns")
         elif c == "randomized":
-            results[c] = SimpleNamespace(ranks=ranks, rss=np.linspace(9.0, 5.0, len(ranks)),
-                                         rss_randomized_mean=np.full(len(ranks), 10.0))
+            results[c] = nmf_cv.RandomizedRSSResult(
+                ranks, np.linspace(9.0, 5.0, len(ranks)), np.full((len(ranks), 2), 10.0),
+                int(ranks[-1]))
         elif c == "stability":
-            results[c] = SimpleNamespace(ranks=ranks, min_silhouette=np.linspace(
-                0.99, 0.2, len(ranks)), threshold=0.7)
+            sil = np.linspace(0.99, 0.2, len(ranks))
+            results[c] = SimpleNamespace(
+                ranks=ranks, min_silhouette=sil, silhouette=sil, similarity=sil,
+                cluster_silhouettes={int(k): np.array([v]) for k, v in zip(ranks, sil)},
+                error=sil, threshold=0.7, best_rank=suggestions[c], axis="columns")
     edges = nmf_cv._edges(ranks, results, suggestions)
     recommended = nmf_cv._recommend(results, suggestions, edges)
     return nmf_cv.RankReport(ranks, results, suggestions, edges,
@@ -4591,8 +4596,9 @@ def test_cli_rank_options_reach_the_criteria_and_the_json(tmp_path):
     assert report["columns"]["PRESS"] != pytest.approx(
         {str(k): v for k, v in default.columns()["PRESS"].items()}, rel=1e-6)
     assert report["arguments"] == {
-        "file": str(tmp_path / "x.npy"), "ranks": [1, 2, 3], "criteria": ["cv", "randomized"],
-        "folds": 3, "repeats": 2, "restarts": 2, "ridge": 0.05, "max_iter": 300, "runs": 30,
+        "file": str(tmp_path / "x.npy"), "layer": None, "ranks": [1, 2, 3],
+        "criteria": ["cv", "randomized"], "folds": 3, "repeats": 2, "restarts": 2,
+        "ridge": 0.05, "max_iter": 300, "runs": 30,
         "stability_runs": 20, "loss": "frobenius", "seed": 4, "jobs": 1}
 
 
