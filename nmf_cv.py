@@ -583,7 +583,7 @@ class NMFResult:
 
 
 def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="nndsvda",
-            max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0, l1_ratio=0.0,
+            max_iter=None, tol=None, random_state=None, alpha_W=0.0, alpha_H=0.0, l1_ratio=0.0,
             gamma_prior=None, extrapolate=False, callback=None, n_runs=1, executor=None,
             progress=None, checkpoint=None):
     """Fit ``X ~ W @ H`` with ``W, H >= 0``, leaving missing cells out of the objective.
@@ -623,10 +623,11 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
         hold the rank-1 fit of the observed row and column means.
         ``"random"``: uniform, scaled so ``E[WH]`` is the data's mean.
     max_iter : int
-        Maximum number of iterations (default 500).
+        Maximum number of iterations (default 500; 2000 for consensus runs).
     tol : float
         Stop when the objective's relative decrease in one iteration falls below ``tol``
-        (default 1e-4).
+        (default 1e-4; 1e-6 for consensus runs, whose components are compared across runs:
+        runs stopped short of convergence differ for that reason alone).
         ``tol=0`` runs ``max_iter`` iterations (unless the objective reaches 0).
     random_state : None, int, numpy Generator or SeedSequence
         Seeds the random init and the randomized SVD.
@@ -678,9 +679,9 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
     start = time.perf_counter()
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
-    options = _FitOptions(method, loss, init, max_iter, tol, random_state, alpha_W, alpha_H,
-                          l1_ratio, gamma_prior, extrapolate)
     _check_positive_int(n_runs, "n_runs")
+    options = _FitOptions(method, loss, init, *_iterations(max_iter, tol, n_runs),
+                          random_state, alpha_W, alpha_H, l1_ratio, gamma_prior, extrapolate)
     if n_runs == 1:
         return _fit(_validate_data(X, mask), n_components, options, callback, start)
     if callback is not None:
@@ -705,6 +706,13 @@ class _FitOptions:
     l1_ratio: float = 0.0
     gamma_prior: tuple = None
     extrapolate: bool = False
+
+
+def _iterations(max_iter, tol, n_runs):
+    """(max_iter, tol), None resolved to the defaults of a single fit or of consensus runs."""
+    loose = n_runs == 1
+    return (max_iter if max_iter is not None else 500 if loose else 2000,
+            tol if tol is not None else 1e-4 if loose else 1e-6)
 
 
 def _fit(data, n_components, options, callback=None, start=None):
@@ -837,7 +845,7 @@ class NMF:
     """
 
     def __init__(self, n_components=None, *, method=None, loss="frobenius", init="nndsvda",
-                 max_iter=500, tol=1e-4, random_state=None, alpha_W=0.0, alpha_H=0.0,
+                 max_iter=None, tol=None, random_state=None, alpha_W=0.0, alpha_H=0.0,
                  l1_ratio=0.0, gamma_prior=None, n_runs=1):
         self.n_components = n_components
         self.method = method
@@ -903,7 +911,8 @@ class NMF:
         return res.W
 
     def _options(self):
-        return _FitOptions(self.method, self.loss, self.init, self.max_iter, self.tol,
+        return _FitOptions(self.method, self.loss, self.init,
+                           *_iterations(self.max_iter, self.tol, self.n_runs),
                            self.random_state, self.alpha_W, self.alpha_H, self.l1_ratio,
                            self.gamma_prior)
 
@@ -927,8 +936,8 @@ class NMF:
         method = _resolve_method(self.method, self.loss)
         shape, rate = _check_gamma_prior(self.gamma_prior, method, self.loss)
         penalty = _penalty_of(self._options(), shape, rate, update_H=False)
-        return _solve_W(data, H, method, self.loss, penalty, max(self.max_iter, 200),
-                        min(self.tol, 1e-6))
+        max_iter, tol = _iterations(self.max_iter, self.tol, 1)
+        return _solve_W(data, H, method, self.loss, penalty, max(max_iter, 200), min(tol, 1e-6))
 
     def inverse_transform(self, W):
         """``W @ components_``."""
@@ -3363,7 +3372,9 @@ class CVResult:
     ranks : ndarray (r,)
     press : ndarray (r, n_repeats, n_folds)
         Sum of squared errors over each fold's held-out cells (``loss="kl"``: their Poisson
-        deviance).
+        deviance), a cell that alone would carry more than half a fold with a prediction
+        beyond its row's and column's training values scored at their largest (see
+        `cross_validate`).
     train_rss : ndarray (r, n_repeats, n_folds)
         Sum of squared residuals over each fold's training cells (``loss="kl"``: deviance).
     press_median : ndarray (r,)
@@ -3509,7 +3520,15 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     from every row, the cells of one class of columns: ``1 / n_folds`` of each row, of each
     column and of the matrix, scattered over it. For each rank and fold, NMF is fitted on the
     other folds' cells only (the held-out cells are treated as missing, so nothing of them
-    reaches the fit, inits included) and ``PRESS = sum over held-out cells of (X - WH)^2``. A
+    reaches the fit, inits included) and ``PRESS = sum over held-out cells of (X - WH)^2``,
+    with one exception: a held-out cell whose error is more than half its fold's PRESS (more
+    than all the fold's other cells together) and whose prediction is above every training
+    value of its row and column is scored at the largest of those values, so that one
+    prediction the training cells never supported cannot carry a fold (on Golub's ALL/AML
+    data one such cell, a gene at its floor predicted 2.5x the matrix's largest value, made
+    half a fold; benchmarks/README.md). Overshoots that do not carry a fold are scored as
+    they are: they are how a rank that overfits shows (not with ``n_folds="loo"``, whose
+    folds are single cells). A
     cell is never held out when it is the last observed cell of its row or column in a fold's
     training set (it stays in training for every fold; ``n_kept`` counts them), so every
     training set covers every row and column.
@@ -4580,13 +4599,25 @@ class _CellTraining:
         return float(np.mean(self.X[self.mask], dtype=np.float64))
 
     def scores(self, W, H, loss):
-        """(held-out score, training score): squared error or Poisson deviance."""
+        """(held-out score, training score): squared error or Poisson deviance; the held-out
+        score with its dominant cell bounded (`_bound_dominant`)."""
         rows, cols, values = self.source.rows, self.source.cols, self.source.values
         score = _poisson_deviance if loss == "kl" else _squared_error
         out = []
         for cells in (~self.train, self.train):
             prediction = np.einsum("ij,ij->i", W[rows[cells]], H[:, cols[cells]].T)
             out.append(score(values[cells], prediction))
+            # the held-out cells of a fold of several (with n_folds="loo" each cell is its
+            # own fold, which it always carries): bound by their lines' training maxima
+            if not out[1:] and np.count_nonzero(cells) > 1:
+                t = self.train
+                rmax = np.full(self.source.shape[0], -np.inf)
+                cmax = np.full(self.source.shape[1], -np.inf)
+                np.maximum.at(rmax, rows[t], values[t])
+                np.maximum.at(cmax, cols[t], values[t])
+                bound = np.maximum(rmax[rows[cells]], cmax[cols[cells]])
+                top = _top_cell(_NO_CELL, values[cells], prediction, bound, loss)
+                out[0] = _bound_dominant(out[0], top, loss)
         return tuple(out)
 
 
@@ -4620,6 +4651,7 @@ class _FoldTraining:
                                                           strict=True))
         self.n_train = m * n - self.n_held
         self._transposed = None  # `transposed_cells`, made on first use
+        self._maxima = None  # `training_maxima`, made on first use
         # The held-out cells' values, read once: each row group's block of its held-out
         # columns (dense X), or the held-out stored entries (CSR). 1 / n_folds of X; the
         # products with them are then BLAS or sparse calls on contiguous data, where reading
@@ -4777,6 +4809,41 @@ class _FoldTraining:
     def sq_norm(self):
         return self.xx
 
+    def training_maxima(self):
+        """(largest training value of each row, of each column): row i's training cells
+        are its columns outside group ``P[i]``, column j's its rows outside group ``b[j]``."""
+        if self._maxima is None:
+            m, n = self.shape
+            n_groups = len(self.row_groups)
+            by_row = np.full((m, n_groups), -np.inf)
+            by_col = np.full((n, n_groups), -np.inf)
+            for g, (rows, cols) in enumerate(zip(self.row_groups, self.col_groups,
+                                                 strict=True)):
+                if len(cols):
+                    by_row[:, g] = _line_max(self.X[:, cols], axis=1)
+                if len(rows):
+                    by_col[:, g] = _line_max(self.X[rows], axis=0)
+            by_row[np.arange(m), self.P] = -np.inf
+            by_col[np.arange(n), self.b] = -np.inf
+            self._maxima = by_row.max(axis=1), by_col.max(axis=1)
+        return self._maxima
+
+    def held_top(self, W, Ht, loss, seen=None):
+        """`_top_cell` over the held-out cells (``seen``: per row group, which cells of its
+        block are held out; all of them by default), a block of rows at a time."""
+        rmax, cmax = self.training_maxima()
+        top = _NO_CELL
+        for g, (rows, cols) in enumerate(zip(self.row_groups, self.col_groups, strict=True)):
+            step = max(1, (1 << 20) // max(len(cols), 1))
+            for start in range(0, len(rows) if len(cols) else 0, step):
+                r = rows[start:start + step]
+                x = (self.X[r][:, cols].toarray() if self.sparse
+                     else self.blocks[g][start:start + step])
+                bound = np.maximum(rmax[r][:, None], cmax[cols][None, :])
+                top = _top_cell(top, x, W[r] @ Ht[cols].T, bound, loss,
+                                None if seen is None else seen[g][start:start + step])
+        return top
+
     def scores(self, W, H, loss):
         """(held-out score, training score): squared error or Poisson deviance, the held-out
         part summed over the held-out cells through the rule, the training part as the total
@@ -4792,7 +4859,8 @@ class _FoldTraining:
             held_mu = sum(float(a @ b) for a, b in zip(w_sums, h_sums, strict=True))
             total_mu = float(W.sum(axis=0) @ Ht.sum(axis=0))
             press = 2.0 * (held[2] + held_mu)
-            return press, 2.0 * (every[2] + total_mu) - press
+            return (_bound_dominant(press, self.held_top(W, Ht, loss), loss),
+                    2.0 * (every[2] + total_mu) - press)
         press, total = held[0], every[0]
         if self.sparse:  # cells not stored: (0 - wh)^2, all cells' wh^2 minus stored ones'
             _, w_grams = self.group_grams(W, self.P)
@@ -4800,7 +4868,8 @@ class _FoldTraining:
             held_wh2 = _fdot(w_grams, h_grams)
             press += max(held_wh2 - held[1], 0.0)
             total += max(_fdot(W.T @ W, Ht.T @ Ht) - every[1], 0.0)
-        return press, max(total - press, 0.0)
+        return (_bound_dominant(press, self.held_top(W, Ht, loss), loss),
+                max(total - press, 0.0))
 
 
 class _MissingFoldTraining(_FoldTraining):
@@ -4946,6 +5015,15 @@ class _MissingFoldTraining(_FoldTraining):
         return LinearOperator((m, n), matvec=matmat, rmatvec=rmatmat, matmat=matmat,
                               rmatmat=rmatmat, dtype=np.float64)
 
+    def training_maxima(self):
+        """`_FoldTraining.training_maxima` with the kept cells (training cells inside the
+        held-out blocks); missing cells hold zeros, below any observed value but 0."""
+        if self._maxima is None:
+            rmax, cmax = super().training_maxima()
+            self._maxima = (np.maximum(rmax, _line_max(self.kept, axis=1)),
+                            np.maximum(cmax, _line_max(self.kept, axis=0)))
+        return self._maxima
+
     def _unseen(self, rows, cols):
         """The held-out cells but the kept ones, and the missing cells."""
         kept = self.kept_ones[rows][:, cols].toarray() > 0
@@ -4965,7 +5043,8 @@ class _MissingFoldTraining(_FoldTraining):
                             self.held_observed, strict=True))
             half = _kl_cd_rows(W, Ht, *self.kl_lines(rows_only=True).args(Ht), 0.0, 0.0, 0.0, 0,
                                0.0, _kl_floor(np.float64), True)
-            return press, 2.0 * half
+            top = self.held_top(W, Ht, loss, self.held_observed)
+            return _bound_dominant(press, top, loss), 2.0 * half
         press = 0.0
         for rows, cols, block, seen in zip(self.row_groups, self.col_groups, self.blocks,
                                            self.held_observed, strict=True):
@@ -4974,7 +5053,8 @@ class _MissingFoldTraining(_FoldTraining):
         model = _masked_model(W, Ht, _gram64(Ht)[None], self.source.row_lines().kernel(),
                               np.arange(self.shape[0]))
         total = self.source.xx - 2.0 * _fdot(W, _times_factor(self.X, Ht)) + model
-        return press, max(total - press, 0.0)
+        top = self.held_top(W, Ht, loss, self.held_observed)
+        return _bound_dominant(press, top, loss), max(total - press, 0.0)
 
 
 def _csr_arrays(A):
@@ -4994,6 +5074,58 @@ def _grow_factors(X, mask, W, H, k, seed):
 
 def _squared_error(x, prediction):
     return float(np.sum((x - prediction) ** 2))
+
+
+# A held-out cell whose score is more than this share of its fold's carries the fold: see
+# `_bound_dominant`.
+_DOMINANT_CELL = 0.5
+_NO_CELL = (-np.inf, 0.0, 0.0, 0.0)  # `_top_cell` before any cell
+
+
+def _cell_scores(x, prediction, loss):
+    """Each cell's squared error, or Poisson deviance (as `_poisson_deviance` sums it)."""
+    x = np.asarray(x, dtype=np.float64)
+    if loss != "kl":
+        return (x - prediction) ** 2
+    mu = np.maximum(prediction, _kl_floor(np.float64))
+    positive = x > 0
+    log_term = np.where(positive, x * np.log(np.where(positive, x, 1.0) / mu), 0.0)
+    return 2.0 * (log_term - x + mu)
+
+
+def _top_cell(top, x, prediction, bound, loss, seen=None):
+    """The (score, x, prediction, bound) of the highest-scoring cell, of ``top`` (such a
+    tuple, or `_NO_CELL`) and the given cells (arrays of one shape; ``seen``: which of them
+    count)."""
+    s = _cell_scores(x, prediction, loss)
+    if seen is not None:
+        s = np.where(seen, s, -np.inf)
+    if s.size:
+        t = np.unravel_index(np.argmax(s), s.shape)
+        if s[t] > top[0]:
+            return float(s[t]), float(x[t]), float(prediction[t]), float(bound[t])
+    return top
+
+
+def _bound_dominant(press, top, loss):
+    """A fold's held-out score, its dominant cell bounded: when the held-out cell ``top``
+    (`_top_cell`: its score, value, prediction, and the largest training value of its row and
+    column) scores more than half the fold (more than all its other cells together) and is
+    predicted above that largest value, it is scored at that value instead. One cell then
+    cannot carry a fold with a prediction its row's and column's training cells never
+    reached (see `cross_validate`); overshoots that do not dominate a fold are left scored as
+    they are, since they are how a rank that overfits shows."""
+    score, x, prediction, bound = top
+    if not (score > _DOMINANT_CELL * press and prediction > bound):
+        return press
+    return press - score + float(_cell_scores(np.array([x]), np.array([bound]), loss)[0])
+
+
+def _line_max(A, axis):
+    """Largest entry of each line of A (dense or sparse, whose implicit zeros count) as a
+    float64 vector."""
+    out = A.max(axis=axis)
+    return np.asarray(out.toarray() if sp.issparse(out) else out, dtype=np.float64).ravel()
 
 
 def _poisson_deviance(x, mu):

@@ -1843,6 +1843,38 @@ def test_cv_leave_one_out_is_exact():
         nmf_cv.cross_validate(np.ones((50, 50)), [1], n_folds="loo")
 
 
+@pytest.mark.parametrize("loss", ["frobenius", "kl"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_one_held_out_cell_cannot_carry_a_fold(loss, sparse):
+    """A held-out cell scoring more than half its fold, predicted above every training value
+    of its row and column, is scored at the largest of them; every other fold's score is
+    the plain sum over its cells (numpy reference)."""
+    from scipy.special import xlogy
+
+    X = poisson_planted(30, 20, 2, seed=4)
+    train, held = _rule_training(sp.csr_matrix(X) if sparse else X, n_folds=4, f=1)
+    i, j = map(int, np.argwhere(held)[5])
+    rng = np.random.default_rng(1)
+    W, H = rng.random((30, 3)), rng.random((3, 20))
+    W[:, 2], H[2] = 0.0, 0.0
+
+    def score(x, mu):
+        if loss == "kl":
+            return 2 * (xlogy(x, x) - xlogy(x, mu) - x + mu)
+        return (x - mu) ** 2
+
+    plain = score(X, W @ H)[held].sum()
+    assert train.scores(W, H, loss)[0] == pytest.approx(plain, rel=1e-10)
+    W[i, 2], H[2, j] = 100.0, 100.0  # one cell predicted 1e4: far above its row and column
+    WH = W @ H
+    cells = score(X, WH)
+    assert cells[i, j] > 0.5 * cells[held].sum()
+    bound = max(X[i][~held[i]].max(), X[:, j][~held[:, j]].max())
+    expected = cells[held].sum() - cells[i, j] + score(X[i, j], bound)
+    assert train.scores(W, H, loss)[0] == pytest.approx(expected, rel=1e-10)
+    assert train.scores(W, H, loss)[1] == pytest.approx(cells[~held].sum(), rel=1e-10)
+
+
 @pytest.mark.parametrize("method", ["cd", "mu"])
 def test_cv_kl_scores_poisson_deviance_of_held_out_cells(method):
     from scipy.special import xlogy
@@ -3325,7 +3357,8 @@ def test_consensus_counts_sparse_as_dense_executor_and_checkpoint(tmp_path, monk
         raise AssertionError("fitted again")
     monkeypatch.setattr(nmf_cv, "fit_nmf", no_fits)
     again = nmf_cv._consensus_fit(nmf_cv._validate_data(X), 3, nmf_cv._FitOptions(
-        loss="kl", random_state=3), 4, nmf_cv._Run(checkpoint=tmp_path))
+        loss="kl", random_state=3, max_iter=2000, tol=1e-6), 4,
+        nmf_cv._Run(checkpoint=tmp_path))  # consensus runs' defaults
     assert_array_equal(again.H, first.H)
     assert_array_equal(first.H, dense.H)
 
