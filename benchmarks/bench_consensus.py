@@ -96,8 +96,8 @@ def run(case, runs):
             row = [case, mode, rank, f"{a.component_stability.min():.3f}",
                    f"{a.n_runs_kept}/{a.n_runs}", f"{matched_cosines(a.H, b.H).min():.4f}"]
             if planted is not None and rank == k:
-                row += [f"{matched_cosines(a.H, planted).mean():.4f}",
-                        f"{matched_cosines(single.H, planted).mean():.4f}"]
+                row += [f"{matched_cosines(a.H, planted).mean():.5f}",
+                        f"{matched_cosines(single.H, planted).mean():.5f}"]
             else:
                 row += ["", ""]
             out.append(row + [sec(seconds)])

@@ -232,13 +232,16 @@ def curve(cv):
 def picks_table(results, repeats):
     headers = ["dataset", "seed", "best_rank", "best_rank_1se"]
     headers += ["per-repeat picks"] if repeats > 1 else []
-    headers += ["time (s)", "refitted folds", "outlier folds"]
+    headers += ["time (s)", "refitted folds", "outlier folds", "worst fold / median"]
     rows = []
     for r in results:
         cv = r["cv"]
         row = [r["name"], r["seed"], cv.best_rank, cv.best_rank_1se]
         row += [" ".join(map(str, repeat_picks(cv)))] if repeats > 1 else []
-        row += [sec(r["seconds"]), r["refitted"], int(cv.n_outlier_folds.sum())]
+        per_fold = np.asarray(cv.press).reshape(len(cv.ranks), -1)
+        worst = np.nanmax(per_fold / np.asarray(cv.press_median)[:, None])
+        row += [sec(r["seconds"]), r["refitted"], int(cv.n_outlier_folds.sum()),
+                f"{worst:.2f}"]
         rows.append(row)
     return markdown_table(headers, rows)
 
