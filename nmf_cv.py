@@ -652,11 +652,14 @@ def fit_nmf(X, n_components, *, mask=None, method=None, loss="frobenius", init="
         W and H are the live arrays: read them, do not modify them.
     n_runs : int
         Default 1: one fit. Above 1, consensus components, as cNMF makes them: ``n_runs``
-        fits, each from its own random init, have their components (rows of H, unit norm)
-        matched one to one; runs that match the others poorly (another local optimum) are
-        dropped; each consensus component is the median of its matched components, scaled
-        to sum to 1; and W is refitted with H fixed (same loss, missing cells and sparse
-        input), its columns in decreasing order of total usage. The result's
+        fits, each from its own random init on a bootstrap resample of the rows (samples),
+        have their components (rows of H, unit norm) matched one to one; runs that match the
+        others poorly (another local optimum) are dropped; each consensus component is the
+        median of its matched components; W is refitted to all of X with H fixed (same loss,
+        missing cells and sparse input), and from that start one fit to all of X polishes
+        the pair (the median of resampled runs is a noisier estimate than the optimum it
+        lies next to). Each row of H is scaled to sum to 1, W's columns, in decreasing order
+        of total usage, carry the scale. The result's
         ``component_stability`` says how well each component reproduces (the silhouette
         `stability` reads) and ``n_runs_kept`` how many runs made it. ``init`` applies to
         single fits only.
@@ -6360,10 +6363,11 @@ def _unit_rows(A):
 
 # consensus components: what fit_nmf(X, k, n_runs=R) returns ---------------------------------
 
-# Consensus runs fit all of X (no bootstrap): their consensus agrees across seeds and with
-# planted programs at least as well, and ranks above the data's still show unstable
-# components; see benchmarks/README.md, "bench_consensus.py".
-_CONSENSUS_BOOTSTRAP = False
+# Consensus runs fit bootstrap resamples of the rows: on all of X, runs from random inits
+# agree on components that the data do not determine (uniform noise, ranks above the data's
+# on heavy-tailed data), so their stability reads high; see benchmarks/README.md,
+# "bench_consensus.py".
+_CONSENSUS_BOOTSTRAP = True
 _OUTLIER_RUN_MADS = 3.0  # a run this many (scaled) MADs below the runs' median agreement ...
 _OUTLIER_RUN_SLACK = 0.01  # ... and this far in cosine below it is an outlier
 
@@ -6396,11 +6400,14 @@ def _consensus_fit(data, k, options, n_runs, run, start=None):
     keep = _typical_runs(_match_runs(comps, errors), comps)
     matching = _match_runs(comps[keep], errors[keep])
     H = np.median(matching.matched(comps[keep]), axis=0)
-    H /= np.maximum(H.sum(axis=1, keepdims=True), 1e-300)
-    res = _refit_W(data, H, method, options.loss, _penalty_of(options, shape, rate, False),
-                   options.max_iter, min(options.tol, 1e-6), start)
-    order = np.argsort(-res.W.sum(axis=0), kind="stable")  # the largest usage first
-    res.W, res.H = np.ascontiguousarray(res.W[:, order]), np.ascontiguousarray(res.H[order])
+    W = _refit_W(data, H, method, options.loss, _penalty_of(options, shape, rate, False),
+                 options.max_iter, min(options.tol, 1e-6)).W
+    res = _fit(data, k, dataclasses.replace(options, init=(W, H)), start=start)  # the polish
+    W, H = res.W, res.H
+    scale = np.maximum(H.sum(axis=1), 1e-300)
+    order = np.argsort(-W.sum(axis=0) * scale, kind="stable")  # the largest usage first
+    res.W = np.ascontiguousarray(W[:, order] * scale[order])
+    res.H = np.ascontiguousarray(H[order] / scale[order, None])
     res.component_stability = matching.silhouettes[order]
     res.n_runs, res.n_runs_kept = n_runs, int(keep.sum())
     res.time = time.perf_counter() - start

@@ -3323,16 +3323,17 @@ def test_consensus_components_reproduce_and_flag_a_rank_too_high():
 
 
 def test_consensus_w_is_the_least_squares_fit_to_its_components():
-    """W is refitted with the consensus H fixed: row by row, scipy's nnls; with missing
-    cells, nnls on each row's observed cells (the hidden values never matter)."""
+    """The consensus is polished to a stationary point on all of X: W is, row by row, scipy's
+    nnls fit to its H over each row's observed cells (the hidden values never matter)."""
     X = nmf_cv.make_planted(30, 20, 2, noise=0.05, missing=0.15, random_state=3)
-    res = nmf_cv.fit_nmf(X, 2, n_runs=4, random_state=0)
+    res = nmf_cv.fit_nmf(X, 2, n_runs=4, random_state=0, tol=1e-9, max_iter=5000)
     for i in range(30):
         seen = ~np.isnan(X[i])
         w, _ = nnls(res.H[:, seen].T, X[i, seen])
         assert_allclose(res.W[i], w, rtol=1e-4, atol=1e-6)
     other = np.where(np.isnan(X), 1e6, X)
-    again = nmf_cv.fit_nmf(other, 2, n_runs=4, random_state=0, mask=~np.isnan(X))
+    again = nmf_cv.fit_nmf(other, 2, n_runs=4, random_state=0, mask=~np.isnan(X), tol=1e-9,
+                           max_iter=5000)
     assert_array_equal(again.H, res.H)
     assert_array_equal(again.W, res.W)
 
