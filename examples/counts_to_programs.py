@@ -1,13 +1,14 @@
 """From counts to programs: a recommended rank, then consensus components at it.
 
-X (800 cells x 500 genes, about 80% zeros) is single-cell-like: 6 gene programs whose marker
+X (800 cells x 500 genes, about 70% zeros) is single-cell-like: 6 gene programs whose marker
 genes overlap (they are drawn from one pool of 120 genes), cells of unequal type sizes that
 each use one program mostly and others a little, lognormal library sizes, Poisson counts.
 
 1. ``choose_rank`` with the Poisson criteria (held-out deviance, component stability over
    the cells, the prior predictive estimate) gives ``recommended_rank`` and says why.
-2. ``fit_nmf(X, k, loss="kl", n_runs=20)`` fits 20 runs from random inits, matches their
-   components, keeps the median of each: the programs, with each one's stability.
+2. ``fit_nmf(X, k, loss="kl", n_runs=20)`` fits 20 runs from random inits on resamples of
+   the cells, matches their components, takes the median of each and polishes them on all
+   cells: the programs, with each one's stability across the runs.
 
 counts_to_programs.png: left, the held-out deviance against k; middle, each consensus
 program's stability (the silhouette that `stability` reads against 0.7); right, the cosine
