@@ -7396,18 +7396,16 @@ def _recommend(results, suggestions, edges):
                 dissent.append(f"{short} gives {bound}: only a bound, widen the ranks tried")
         elif k == rec:
             support.append(short)
-        elif k in near:
-            close.append(f"{short} ({k})")
         else:
             reason = (c.dissent(other, k, rec) if c.dissent is not None else
                       "it answers another question" + (f", {c.question}" if c.question
                                                        else ""))
-            dissent.append(f"{short} picks {k}: {reason}")
+            (close if k in near else dissent).append(f"{short} picks {k}: {reason}")
     if support:
         lines.append("Supported by " + ", ".join(support) + ".")
     if len(near) > 1:
         lines.append("Cross-validation cannot tell k = " + ", ".join(map(str, near))
-                     + " apart" + (f" (picked there: {', '.join(close)})" if close else "")
+                     + " apart" + (": within them, " + "; ".join(close) if close else "")
                      + ".")
     lines += [d[0].upper() + d[1:] + "." for d in dissent]
     return _Recommended(rec, " ".join(lines), near)
@@ -8391,7 +8389,9 @@ def _draw_cv(ax, cv, best, best_1se, bicv=False):
     held = "held-out Poisson deviance" if kl else "PRESS"
     train_name = "deviance" if kl else "RSS"
     train_label = f"{train_name} of the fit to D" if bicv else f"training {train_name}"
-    train = np.nanmedian(np.asarray(cv.train_rss).reshape(len(cv.ranks), -1), axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a rank not fitted (unfinished run)
+        train = np.nanmedian(np.asarray(cv.train_rss).reshape(len(cv.ranks), -1), axis=1)
     per_fold = np.asarray(cv.press).reshape(len(cv.ranks), -1)
     ranks = np.repeat(cv.ranks, per_fold.shape[1])
     outlier = (per_fold > _OUTLIER_FOLD * cv.press_median[:, None]).ravel()

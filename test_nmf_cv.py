@@ -3930,8 +3930,9 @@ def test_recommendation_rests_on_what_each_criterion_measures():
                      "stability": 2}, cv_press=EDGE_PRESS)
     text = split.recommendation
     assert split.recommended_rank == 3 and split.near_ranks == [3, 4]
-    assert "Cross-validation cannot tell k = 3, 4 apart (picked there: cophenetic " \
-           "(Brunet) (4))" in text
+    assert ("Cross-validation cannot tell k = 3, 4 apart: within them, cophenetic (Brunet) "
+            "picks 4: consensus clustering answers another question, how many clusters of "
+            "samples reproduce across runs: use k = 4 to cluster the samples.") in text
     assert "RSS vs randomized gives ≥ 6: only a bound, widen the ranks tried" in text
     assert "Component stability picks 2: past k = 2 some component does not reproduce" in text
     low = _report({"cv": 5, "cophenetic": 2}, cv_press=[[9.0, 9.1, 8.9], [7.0, 7.1, 6.9],
