@@ -1953,14 +1953,14 @@ def test_cv_same_results_with_process_pool():
 
 
 def test_cv_recovers_planted_rank_in_90_percent_of_runs():
-    """k_true in {2, 4, 6}, 20 seeds each, shapes 60 x 40 and 120 x 80 and noise 5% or 10%
+    """k_true in {2, 4, 6}, 10 seeds each, shapes 60 x 40 and 120 x 80 and noise 5% or 10%
     (of the mean) alternating with the seed; ranks k_true - 2 .. k_true + 3."""
     from concurrent.futures import ProcessPoolExecutor
 
     hits, runs = 0, 0
     with ProcessPoolExecutor(2) as pool:
         for k_true in (2, 4, 6):
-            for seed in range(20):
+            for seed in range(10):
                 shape = (60, 40) if seed % 2 else (120, 80)
                 noise = 0.05 if seed % 4 < 2 else 0.1
                 X = nmf_cv.make_planted(*shape, k_true, noise=noise, random_state=seed)
@@ -1974,15 +1974,16 @@ def test_cv_recovers_planted_rank_in_90_percent_of_runs():
 
 
 def test_cv_kl_recovers_poisson_rank_in_80_percent_of_runs():
-    """Poisson counts, 300 x 200, mean 5, k_true in {3, 5}, 10 seeds each; ranks
-    1 .. k_true + 2, 3 folds, KL fits with max_iter=300, tol=1e-4. Seen while writing it:
-    20/20 (held-out deviance at k_true + 1 is 1-2% above the minimum, at k_true - 1 8-30%)."""
+    """Poisson counts, 300 x 200, mean 5, k_true in {3, 5}, 6 seeds each; ranks
+    1 .. k_true + 2, 3 folds, KL fits with max_iter=300, tol=1e-4. Seen: 11/12 (k_true = 5,
+    seed 0 picks 4 pooled while its splits pick 5 or 6); held-out deviance at k_true + 1 is
+    1-2% above the minimum, at k_true - 1 8-30%."""
     from concurrent.futures import ProcessPoolExecutor
 
     hits, runs = 0, 0
     with ProcessPoolExecutor(2) as pool:
         for k_true in (3, 5):
-            for seed in range(10):
+            for seed in range(6):
                 X = poisson_planted(300, 200, k_true, seed)
                 cv = nmf_cv.cross_validate(X, range(1, k_true + 3), n_folds=3, loss="kl",
                                            random_state=seed, executor=pool, progress=False,
