@@ -8733,6 +8733,7 @@ def _parser():
                      "1, a single fit); writes each component's stability")
     fit.add_argument("--jobs", type=int, default=1,
                      help="worker processes for --runs (default: 1)")
+    _add_dask(fit)
     fit.add_argument("--normalize-usage", action="store_true",
                      help="write W with each row scaled to sum to 1 (cNMF's usage)")
     fit.add_argument("--format", choices=("csv", "tsv"), default="csv",
@@ -8769,6 +8770,7 @@ def _parser():
                       "and scores Poisson deviance; consensus then fits KL by coordinate "
                       "descent too (else Brunet's multiplicative updates)")
     rank.add_argument("--report", help="dashboard figure path (default: PREFIX_rank.png)")
+    _add_dask(rank)
     rank.add_argument("--checkpoint", metavar="PATH",
                       help="directory keeping every finished fit: rerun the same command to "
                       "resume after an interruption")
@@ -8806,6 +8808,13 @@ def _add_input(parser):
                         "AnnData .h5ad file (cells x genes; needs anndata)")
     parser.add_argument("--layer", help=".h5ad input: the layer to read (default: X)")
     parser.add_argument("--out", help="output prefix (default: the input's name, here)")
+
+
+def _add_dask(parser):
+    parser.add_argument("--dask", metavar="ADDRESS",
+                        help="run the fits on a dask.distributed scheduler's workers: its "
+                        "address (tcp://node1:8786) or scheduler file (sched.json); needs the "
+                        "distributed package; instead of --jobs")
 
 
 def _add_rank_options(parser):
@@ -8852,11 +8861,10 @@ def _cli_fit(args):
     if args.write_h5ad and not args.file.endswith(".h5ad"):
         raise ValueError("--write-h5ad needs an .h5ad input")
     _check_positive_int(args.runs, "--runs")
-    _check_positive_int(args.jobs, "--jobs")
     kwargs = {"method": args.method, "loss": args.loss, "init": args.init,
               "max_iter": args.max_iter, "tol": args.tol, "random_state": args.seed}
     if args.runs > 1:
-        with _cli_executor(args.jobs) as pool:
+        with _cli_executor(args.jobs, args.dask) as pool:
             res = fit_nmf(X, args.n_components, n_runs=args.runs, executor=pool,
                           progress=True, **kwargs)
     else:
@@ -8895,8 +8903,27 @@ def _cli_fit(args):
 
 
 @contextlib.contextmanager
-def _cli_executor(jobs):
-    """A process pool of ``jobs`` workers (None for one), its fits stopped on Ctrl-C."""
+def _cli_executor(jobs, dask=None):
+    """Where the command's fits run: a dask.distributed scheduler at ``dask`` (an address),
+    else a process pool of ``jobs`` workers (None for one), its fits stopped on Ctrl-C."""
+    _check_positive_int(jobs, "--jobs")
+    if dask is not None:
+        if jobs != 1:
+            raise ValueError("--dask and --jobs exclude each other: the scheduler's workers "
+                             "run the fits")
+        try:
+            from distributed import Client
+        except ImportError:
+            raise ImportError("--dask needs the distributed package: pip install "
+                              "distributed") from None
+        try:
+            client = (Client(scheduler_file=dask, timeout="20s") if dask.endswith(".json")
+                      else Client(dask, timeout="20s"))
+        except OSError as exc:
+            raise OSError(f"--dask {dask}: no scheduler answers there ({exc})") from None
+        with client:
+            yield client
+        return
     if jobs == 1:
         yield None
         return
@@ -8957,9 +8984,8 @@ _RANK_ARGUMENTS = ("layer", "ranks", "criteria", "folds", "repeats", "restarts",
 
 
 def _rank_report(X, ranks, args, **kwargs):
-    _check_positive_int(args.jobs, "--jobs")
     start, compiled = time.perf_counter(), _COMPILING.seconds
-    with _cli_executor(args.jobs) as pool:
+    with _cli_executor(args.jobs, getattr(args, "dask", None)) as pool:
         report = choose_rank(X, ranks, args.criteria, random_state=args.seed, executor=pool,
                              **kwargs)
     print(report)

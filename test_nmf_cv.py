@@ -4867,6 +4867,44 @@ def test_cli_h5ad_rank_and_consensus_fit_write_named_outputs(tmp_path, capsys, m
                    "anndata\n")
 
 
+def test_cli_dask_scheduler_runs_rank_and_fit_runs_as_a_serial_run_does(tmp_path, capsys,
+                                                                         monkeypatch):
+    """rank and fit --runs on a LocalCluster of two worker processes, through --dask ADDRESS:
+    the JSON and the factors equal a serial run's (up to rounding: BLAS threads differ; a
+    process pool's equal the serial ones elsewhere); --dask with --jobs, or without the
+    distributed package, is one line."""
+    distributed = pytest.importorskip("distributed")
+    X = nmf_cv.make_planted(40, 30, 2, noise=0.05, random_state=7)
+    np.save(tmp_path / "x.npy", X)
+    rank = ["rank", str(tmp_path / "x.npy"), "--ranks", "1:3", "--criteria", "cv,bicv",
+            "--folds", "3"]
+    fit = ["fit", str(tmp_path / "x.npy"), "-k", "2", "--runs", "4"]
+    out = {}
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        sched = tmp_path / "sched.json"  # a scheduler file, as `dask scheduler` writes one
+        sched.write_text(json.dumps({"address": cluster.scheduler_address}))
+        for name, extra, extra_fit in (
+                ("dask", ["--dask", cluster.scheduler_address], ["--dask", str(sched)]),
+                ("serial", [], [])):
+            assert nmf_cv.main(rank + extra + ["--out", str(tmp_path / name)]) == 0
+            assert nmf_cv.main(fit + extra_fit + ["--out", str(tmp_path / name)]) == 0
+            out[name] = (json.loads((tmp_path / f"{name}_rank.json").read_text()),
+                         np.loadtxt(tmp_path / f"{name}_H.csv", delimiter=",", skiprows=1,
+                                    usecols=range(1, 31)))
+    assert out["dask"][0]["suggestions"] == out["serial"][0]["suggestions"]
+    assert_allclose(np.array(out["dask"][0]["cv"]["press"], dtype=float),
+                    np.array(out["serial"][0]["cv"]["press"], dtype=float), rtol=1e-9)
+    assert_allclose(out["dask"][1], out["serial"][1], rtol=1e-7, atol=1e-12)
+    capsys.readouterr()
+    assert nmf_cv.main(rank + ["--dask", "tcp://127.0.0.1:1", "--jobs", "2"]) == 2
+    assert "--dask and --jobs exclude each other" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    assert nmf_cv.main(fit + ["--dask", "tcp://127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err == ("nmf_cv fit: error: --dask needs the distributed "
+                                       "package: pip install distributed\n")
+
+
 def test_cli_reads_a_10x_folder_keeping_gene_and_cell_labels(tmp_path):
     import json
 
