@@ -539,7 +539,7 @@ class NMFResult:
     component_stability : ndarray (k,) or None
         Consensus fits (``n_runs > 1``): each component's silhouette over the runs kept,
         near 1 when every run finds it (`stability` reads the worst one against 0.7).
-        ``n_iter``, ``converged`` and the histories are then those of W's refit.
+        ``n_iter``, ``converged`` and the histories are then those of the final polish.
     n_runs, n_runs_kept : int
         Runs fitted, and kept for the consensus (1 and 1 for a single fit).
 
