@@ -26,7 +26,9 @@ kernels after it):
 
 - Validation: `_validate_data` turns X (dense with NaN, a mask, or scipy.sparse) into `_Data`.
 - Initialization: NNDSVD(a) or random factors, from observed cells only.
-- Fitting, public API: `fit_nmf`, `NMFResult`, the `NMF` estimator, `make_planted`.
+- Fitting, public API: `fit_nmf`, `NMFResult`, the `NMF` estimator, `make_planted`. With
+  ``n_runs > 1`` `fit_nmf` makes consensus components (`_consensus_fit`, in the section on
+  component stability, whose matching it shares).
 - Fitting, the driver: `_fit` makes the solver (`_setup_fit`) and `_run` steps it to
   convergence (extrapolation, dead components revived). Each solver is a class with one
   ``step()``; `_make_solver` picks one by loss, method and the data's kind:
@@ -50,12 +52,14 @@ kernels after it):
   cells. `_FoldFits` says how a training set is fitted; `CVResult` holds PRESS and the pick.
 - Running tasks: `_map_tasks` runs a call's tasks as its `_Run` says (executor, progress,
   checkpoint); data is shipped once per worker (`_shipped`); `_Checkpoint` keeps finished
-  tasks.
+  tasks, and read-only (`_FinishedOnly`) it serves a report of an unfinished run.
 - The other criteria: consensus clustering, component stability, RSS against randomized
   data, bi-cross-validation, prior predictive matching.
 - Rank selection: `choose_rank` runs the registered criteria (`_CRITERIA`: one `_Criterion`
-  entry each) into a `RankReport`.
-- Plotting (matplotlib imported on first use), then the command line (`main`, `read_matrix`).
+  entry each) into a `RankReport`, whose recommendation `_recommend` writes from what each
+  criterion measures; `report_from_checkpoint` makes the report of a checkpoint.
+- Plotting (matplotlib imported on first use), then the command line (`main`, `read_matrix`
+  with `.h5ad` through anndata).
 """
 
 import argparse
@@ -7234,8 +7238,8 @@ def report_from_checkpoint(checkpoint, X=None, *, mask=None):
     path = os.fspath(checkpoint)
     settings = _read_manifest(os.path.join(path, "settings.json"))
     if settings is None:
-        raise ValueError(f"{path}: no settings.json; not a choose_rank checkpoint (or one "
-                         "made before it recorded its settings)")
+        raise ValueError(f"{path}: no settings.json; not a choose_rank checkpoint, or one whose "
+                         "options (arrays among them) could not be recorded")
     if X is None:
         source = _read_manifest(os.path.join(path, "source.json"))
         if source is None:
