@@ -34,7 +34,8 @@ kernels after it):
   ``step()``; `_make_solver` picks one by loss, method and the data's kind:
 
   - `_DenseSolver`: Frobenius on a fully observed X, dense or sparse (BLAS products);
-    `_DenseKLSolver`: KL multiplicative updates on a dense X. (Section: a fully observed X.)
+    `_DenseKLSolver`: KL multiplicative updates on a dense X, and `_DenseMaskedKLSolver` the
+    same on a mostly observed X with missing cells. (Section: a fully observed X.)
   - `_MaskedSolver`: Frobenius on X with missing cells, exact masked steps. (Section: data
     with missing cells.)
   - `_CellsKLSolver`: KL multiplicative updates on listed cells (missing or sparse);
@@ -1266,6 +1267,8 @@ def _make_solver(data, W, H, method, loss, penalty, update_H=True):
     training sets make their own: `_FoldTraining.solver`.)"""
     if loss == "kl" and method == "cd":
         return _KLCDSolver(*_kl_lines(data), W, H, penalty, update_H)
+    if loss == "kl" and method == "mu" and data.zeros is not None:
+        return _DenseMaskedKLSolver(data.zeros, data.observed, W, H, penalty, update_H)
     if loss == "kl" and (data.masked or data.sparse is not None):
         return _CellsKLSolver(data, W, H, penalty, update_H)
     if data.masked:
@@ -1424,6 +1427,41 @@ class _DenseKLSolver(_TransposedW):
         num = self.H @ self.buf.T
         den = np.broadcast_to(self.H.sum(axis=1)[:, None], self.Wt.shape)
         _kl_mu_apply(self.Wt, num, np.ascontiguousarray(den), p.l1_W, p.l2_W)
+        self.objective = self._ratio(want_loss)
+        return self.objective
+
+
+class _DenseMaskedKLSolver(_DenseKLSolver):
+    """KL multiplicative updates on mostly observed data with missing cells (``_Data.zeros``
+    set), as `_DenseKLSolver`'s BLAS products: X holds 0 in its missing cells, so X / WH is 0
+    there and the numerators are the dense ones; the denominators are the other factor's
+    sums over each line's observed cells, W'M and HM' (M the 0/1 mask). The same updates as
+    `_CellsKLSolver` up to rounding, at about half its time per iteration on mostly observed
+    data (the cell-streaming loops do not vectorize across cells as BLAS does)."""
+
+    def __init__(self, X, observed, W, H, penalty, update_H):
+        self.M = observed.astype(X.dtype)
+        self.missing = ~observed
+        super().__init__(X, W, H, penalty, update_H)
+
+    def _ratio(self, want_loss):
+        np.dot(self.Wt.T, self.H, out=self.buf)
+        if not want_loss:
+            _kl_ratio_only(self.X, self.buf, self.eps)
+            return math.nan
+        # _kl_ratio counts WH in every cell; the missing cells' X is 0, so only WH is extra
+        wh_missing = float(np.maximum(self.buf[self.missing], self.eps).sum())
+        return (_kl_ratio(self.X, self.buf, self.eps) - wh_missing
+                + self.pen.value(self.Wt, self.H))
+
+    def step(self, want_loss=True):
+        p = self.pen
+        if self.update_H:
+            num = self.Wt @ self.buf
+            _kl_mu_apply(self.H, num, self.Wt @ self.M, p.l1_H, p.l2_H)
+            self._ratio(want_loss=False)
+        num = self.H @ self.buf.T
+        _kl_mu_apply(self.Wt, num, self.H @ self.M.T, p.l1_W, p.l2_W)
         self.objective = self._ratio(want_loss)
         return self.objective
 
