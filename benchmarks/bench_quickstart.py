@@ -21,8 +21,9 @@ def main(argv=None):
     parser.add_argument("--module-path", help="directory holding the nmf_cv.py to time")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(args.module_path).resolve()) if args.module_path else str(ROOT))
-    import nmf_cv
     from threadpoolctl import threadpool_limits
+
+    import nmf_cv
 
     threadpool_limits(1)
     X = nmf_cv.make_planted(300, 200, 4, noise=0.05, missing=0.1, random_state=0)
