@@ -4648,22 +4648,22 @@ class _CellTraining:
         score with its dominant cell bounded (`_bound_dominant`)."""
         rows, cols, values = self.source.rows, self.source.cols, self.source.values
         score = _poisson_deviance if loss == "kl" else _squared_error
-        out = []
-        for cells in (~self.train, self.train):
-            prediction = np.einsum("ij,ij->i", W[rows[cells]], H[:, cols[cells]].T)
-            out.append(score(values[cells], prediction))
-            # the held-out cells of a fold of several (with n_folds="loo" each cell is its
-            # own fold, which it always carries): bound by their lines' training maxima
-            if not out[1:] and np.count_nonzero(cells) > 1:
-                t = self.train
-                rmax = np.full(self.source.shape[0], -np.inf)
-                cmax = np.full(self.source.shape[1], -np.inf)
-                np.maximum.at(rmax, rows[t], values[t])
-                np.maximum.at(cmax, cols[t], values[t])
-                bound = np.maximum(rmax[rows[cells]], cmax[cols[cells]])
-                top = _top_cell(_NO_CELL, values[cells], prediction, bound, loss)
-                out[0] = _bound_dominant(out[0], top, loss)
-        return tuple(out)
+        held, train = ~self.train, self.train
+
+        def predict(cells):
+            return np.einsum("ij,ij->i", W[rows[cells]], H[:, cols[cells]].T)
+
+        prediction = predict(held)
+        press, train_score = score(values[held], prediction), score(values[train], predict(train))
+        if np.count_nonzero(held) > 1:  # with n_folds="loo" a cell is its own fold: it carries it
+            rmax = np.full(self.source.shape[0], -np.inf)
+            cmax = np.full(self.source.shape[1], -np.inf)
+            np.maximum.at(rmax, rows[train], values[train])
+            np.maximum.at(cmax, cols[train], values[train])
+            bound = np.maximum(rmax[rows[held]], cmax[cols[held]])
+            press = _bound_dominant(press, _top_cell(_NO_CELL, values[held], prediction, bound,
+                                                     loss), loss)
+        return press, train_score
 
 
 class _FoldTraining:
@@ -5118,7 +5118,7 @@ def _grow_factors(X, mask, W, H, k, seed):
 
 
 def _squared_error(x, prediction):
-    return float(np.sum((x - prediction) ** 2))
+    return float(np.sum(_cell_scores(x, prediction, "frobenius")))
 
 
 # A held-out cell whose score is more than this share of its fold's carries the fold: see
@@ -5128,10 +5128,12 @@ _NO_CELL = (-np.inf, 0.0, 0.0, 0.0)  # `_top_cell` before any cell
 
 
 def _cell_scores(x, prediction, loss):
-    """Each cell's squared error, or Poisson deviance (as `_poisson_deviance` sums it)."""
-    x = np.asarray(x, dtype=np.float64)
+    """Each cell's squared error, or Poisson deviance ``2 [x log(x / mu) - x + mu]`` with
+    ``0 log 0 = 0`` and mu floored as in the KL fits: what `_squared_error` and
+    `_poisson_deviance` sum."""
     if loss != "kl":
         return (x - prediction) ** 2
+    x = np.asarray(x, dtype=np.float64)
     mu = np.maximum(prediction, _kl_floor(np.float64))
     positive = x > 0
     log_term = np.where(positive, x * np.log(np.where(positive, x, 1.0) / mu), 0.0)
@@ -5175,12 +5177,7 @@ def _line_max(A, axis):
 
 def _poisson_deviance(x, mu):
     """2 sum [x log(x / mu) - x + mu], with 0 log 0 = 0 and mu floored as in the KL fits."""
-    x = x.astype(np.float64)
-    mu = np.maximum(mu, _kl_floor(np.float64))
-    positive = x > 0
-    log_term = np.zeros_like(x)
-    log_term[positive] = x[positive] * np.log(x[positive] / mu[positive])
-    return float(2.0 * np.sum(log_term - x + mu))
+    return float(np.sum(_cell_scores(x, mu, "kl")))
 
 
 # =============================================================================================
