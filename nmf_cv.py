@@ -3498,21 +3498,26 @@ class CVResult:
     def __post_init__(self):
         per_fold = self.press.reshape(len(self.ranks), -1)
         n = np.sum(~np.isnan(per_fold), axis=1)  # folds fitted per rank
-        self.press_mean = np.nanmean(per_fold, axis=1)
-        sd = np.array([np.nanstd(p, ddof=1) if c > 1 else 0.0 for p, c in zip(per_fold, n,
-                                                                                strict=True)])
-        self.press_se = sd / np.sqrt(n)
-        self.press_median = np.nanmedian(per_fold, axis=1)
-        mad = np.nanmedian(np.abs(per_fold - self.press_median[:, None]), axis=1)
-        self.press_mad_se = _MEDIAN_SE * _MAD_SD * mad / np.sqrt(n)
+        with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # an unfinished run's unfitted ranks
+            self.press_mean = np.nanmean(per_fold, axis=1)
+            sd = np.array([np.nanstd(p, ddof=1) if c > 1 else 0.0
+                           for p, c in zip(per_fold, n, strict=True)])
+            self.press_se = sd / np.sqrt(n)
+            self.press_median = np.nanmedian(per_fold, axis=1)
+            mad = np.nanmedian(np.abs(per_fold - self.press_median[:, None]), axis=1)
+            self.press_mad_se = _MEDIAN_SE * _MAD_SD * mad / np.sqrt(n)
         with np.errstate(invalid="ignore"):
             outlier = per_fold > _OUTLIER_FOLD * self.press_median[:, None]
         self.n_outlier_folds = np.sum(outlier, axis=1)
         pick, best = _parsimonious_pick(self.press)
         self.best_rank, self.min_rank = int(self.ranks[pick]), int(self.ranks[best])
         final = n == n.max()  # ranks left out of later splits compare on fewer folds
-        within = final & (self.press_median <= self.press_median[best] + self.press_mad_se[best])
-        self.best_rank_1se = int(self.ranks[np.flatnonzero(within)[0]])
+        with np.errstate(invalid="ignore"):
+            close = self.press_median <= self.press_median[best] + self.press_mad_se[best]
+        # an unfinished run's best rank may lack some folds: then the close ranks, or itself
+        within = np.flatnonzero(final & close if (final & close).any() else close)
+        self.best_rank_1se = int(self.ranks[within[0] if len(within) else best])
         self.repeat_best_ranks = np.array([
             self.ranks[_parsimonious_pick(self.press[:, r:r + 1])[0]]
             for r in range(self.press.shape[1])])

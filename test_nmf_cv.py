@@ -162,7 +162,7 @@ def record_fits(monkeypatch):
 
 # Cross-validation's fits take a fifth of the iterations they did (extrapolated HALS), so its
 # data are larger: a stop must land while the run is still going.
-CKPT_SHAPES = {"cv": (900, 360), "consensus": (300, 120)}
+CKPT_SHAPES = {"cv": (900, 360), "consensus": (300, 120), "cli": (450, 180)}
 
 
 def ckpt_data(what="cv"):
@@ -1704,6 +1704,14 @@ def test_cv_summaries_are_robust_to_one_wild_fold():
                                                                               9.7]]]),
                            np.ones((2, 1, 3)))
     assert (flat.best_rank, flat.best_rank_1se) == (3, 2)
+
+
+def test_unfinished_cv_with_no_fold_fitted_yet_is_still_a_result():
+    """An interrupted run (report_from_checkpoint) may stop before any fold is fitted: every
+    PRESS is NaN, and the result holds its place rather than failing on the one-SE rule."""
+    press = np.full((3, 1, 5), np.nan)
+    cv = nmf_cv.CVResult(np.array([2, 3, 4]), press, press)
+    assert np.isnan(cv.press_median).all() and cv.best_rank_1se == cv.best_rank == 2
 
 
 # outlier folds against the median, not the mean
@@ -4661,9 +4669,9 @@ def test_cli_rank_checkpoint_interrupted_and_rerun_gives_the_same_json(tmp_path)
     import signal
     import time
 
-    X = ckpt_data()
+    X = ckpt_data("cli")
     np.savetxt(tmp_path / "data.csv", X, delimiter=",")
-    argv = ["rank", tmp_path / "data.csv", "--ranks", "1:7", "--criteria", "cv,bicv"]
+    argv = ["rank", tmp_path / "data.csv", "--ranks", "1:6", "--criteria", "cv,bicv"]
     code, _, err = run_cli(*argv, "--out", tmp_path / "one")
     assert code == 0, err
     proc = subprocess.Popen([sys.executable, "-m", "nmf_cv", *map(str, argv), "--out",
