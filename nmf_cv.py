@@ -86,7 +86,9 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 from numba import njit
+from numba import types as numba_types
 from numba.core import event as numba_event
+from numba.extending import overload
 from scipy.sparse.linalg import LinearOperator
 
 __all__ = [
@@ -1475,6 +1477,9 @@ def _kl_floor(dtype):
 # factor B (q x k) through the cells of each row, given as CSR (indptr, idx, values).
 # Scalar sums accumulate in float64 whatever the array dtype. _FAST lets LLVM reorder sums and
 # fuse multiply-adds (so loops vectorize) but keeps IEEE semantics for NaN, inf and signed zero.
+# Integers a kernel passes to another kernel start as np.int64(...), not a bare literal: numba
+# would compile the callee once more for the literal's type (Literal[int]), compile time the
+# first fit pays for nothing.
 _FAST = {"reassoc", "contract"}
 
 
@@ -1509,7 +1514,7 @@ def _hals_update(A, G, B, l1, l2, max_sweeps, tol):
     return max_sweeps
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=_FAST)
 def _gram_row_times(G, A, t, acc):
     """acc[j] = sum over r of G[t, r] A[r, j], four terms per pass (a quarter of the
     accumulator traffic)."""
@@ -1845,40 +1850,40 @@ def _line_cell_sets(observed):
     return sets
 
 
-@njit(cache=True)
 def _listed_cells(observed, direct, along_rows):
     """CSR (ptr, idx) of each line's listed cells: its observed cells where ``direct``, else
-    its missing ones; the lines are the rows of ``observed`` (along_rows) or its columns.
-    Two passes over it, no m x n temporary."""
-    p, q = observed.shape if along_rows else observed.shape[::-1]
-    ptr = np.zeros(p + 1, dtype=np.int64)
-    for a in range(p):
-        c = 0
-        for b in range(q):
-            seen = observed[a, b] if along_rows else observed[b, a]
-            c += seen == direct[a]
-        ptr[a + 1] = ptr[a] + c
-    idx = np.empty(ptr[p], dtype=np.int64)
-    for a in range(p):
-        c = ptr[a]
-        for b in range(q):
-            seen = observed[a, b] if along_rows else observed[b, a]
-            if seen == direct[a]:
-                idx[c] = b
-                c += 1
-    return ptr, idx
+    its missing ones; the lines are the rows of ``observed`` (along_rows) or its columns."""
+    listed = observed == (direct[:, None] if along_rows else direct[None, :])
+    lines, idx = np.nonzero(listed if along_rows else listed.T)  # in line order
+    return _indptr(lines, len(direct)), idx.astype(np.int64)
 
 
 def _line_patterns(ptr, idx, *keys):
     """For each line, the first line with the same cell set and the same ``keys`` (arrays,
-    one value per line): lines are bucketed by a hash of their cells and the keys, then
-    compared exactly within a bucket."""
-    hashes = _line_hashes(ptr, idx)
-    for key in keys:
-        hashes = hashes * np.uint64(1099511628211) ^ key.astype(np.uint64)
-    order = np.argsort(hashes, kind="stable")
-    return _first_of_pattern(ptr, idx, order, hashes, np.column_stack(keys) if keys else
-                             np.zeros((len(order), 0), dtype=np.int64))
+    one value per line): lines are grouped by a sum of random 64-bit codes of their cells,
+    their length and the keys, then checked cell by cell against their group's first line
+    (a line that differs, a hash collision, keeps its own number)."""
+    codes = _cell_codes(int(idx.max(initial=0)) + 1)
+    sums = np.zeros(len(idx) + 1, dtype=np.uint64)
+    np.cumsum(codes[idx], out=sums[1:])  # wraps around: differences are sums mod 2**64
+    lengths = np.diff(ptr)
+    table = np.column_stack([(sums[ptr[1:]] - sums[ptr[:-1]]).view(np.int64), lengths,
+                             *[np.asarray(key).astype(np.int64) for key in keys]])
+    _, first, inverse = np.unique(table, axis=0, return_index=True, return_inverse=True)
+    pattern = first[inverse.ravel()].astype(np.int64)  # the group's lowest-numbered line
+    check = np.flatnonzero(pattern != np.arange(len(pattern)))
+    if len(check):
+        line = np.repeat(check, lengths[check])
+        offset = np.arange(len(line)) - np.repeat(np.cumsum(lengths[check]) - lengths[check],
+                                                  lengths[check])
+        differs = idx[ptr[line] + offset] != idx[ptr[pattern[line]] + offset]
+        pattern[np.unique(line[differs])] = np.unique(line[differs])
+    return pattern
+
+
+def _cell_codes(size):
+    """Random 64-bit codes of cell indices 0..size-1 (a fixed seed: patterns reproduce)."""
+    return np.random.default_rng(0).integers(0, 2 ** 63, size, dtype=np.int64).view(np.uint64)
 
 
 class _MaskLayout:
@@ -1974,7 +1979,7 @@ def _gram64(A):
 _SHARED_LINES = 16
 
 
-_NO_TABLE = np.empty((0, 0), dtype=np.float64)  # kernels gather B's rows instead
+_NO_TABLE = None  # kernels gather B's rows instead
 
 
 _PAIRS_BYTES = 2 ** 21
@@ -2011,7 +2016,7 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, pairs, scratc
     stopping when the rows move by less than ``tol`` times their first sweep (on average,
     each row relative to itself). ``pairs``: a table of every b b' to sum (_sum_pairs; or
     of the units' Gram matrices, where the cells are units: `_MaskedLines.by_units`), or
-    empty to multiply gathered cells instead (_cells_gram); see _use_pairs. ``scratch`` holds
+    None to multiply gathered cells instead (_cells_gram); see _use_pairs. ``scratch`` holds
     at
     least (k + 4) times the longest cell set. Only the rows listed in ``rows`` are updated.
     Returns the sum over their observed cells of (b . a)^2 = a'G_a a after the update if
@@ -2029,8 +2034,7 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, pairs, scratc
     packed = np.empty((n_packed, size), dtype=np.float64)  # rows' sums, by column
     keep = np.empty(size, dtype=np.float64)  # 1: a row given by its missing cells, G0 - sum
     block_group = np.empty(size, dtype=np.int64)
-    use_pairs = pairs.shape[0] > 0
-    acc = np.empty(max(pairs.shape[1], n_packed), dtype=np.float64)
+    acc = np.empty(_acc_width(pairs, n_packed), dtype=np.float64)
     sel = np.empty(B.shape[0], dtype=np.int64)
     pattern = L.pattern
     saved = np.empty(n_packed, dtype=np.float64)  # the last pattern's sums
@@ -2041,7 +2045,7 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, pairs, scratc
         for j in range(nb):
             a = rows[a0 + j]
             if pattern[a] != last:  # else the same cells as the line before: the same sums
-                _line_sums(a, L, B, pairs, use_pairs, sel, acc, scratch, S, saved)
+                _line_sums(a, L, B, pairs, sel, acc, scratch, S, saved)
                 last = pattern[a]
             for e in range(n_packed):
                 packed[e, j] = saved[e]
@@ -2083,7 +2087,7 @@ def _gram_block(Gb, inv_hess, packed, keep, bases, block_group, nb, l2):
             inv_hess[t, j] = 1.0 / hess if hess > 0.0 else 0.0  # 0: nothing to fit
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _floored_curvature(g, keep, base):
     """A coordinate's curvature g = G[t, t] for the exact step, floored where G = G0 - S
     (``keep`` 1; base = G0[t, t]): G0 - S carries rounding noise of about eps G0, below this
@@ -2146,7 +2150,7 @@ def _block_model(A, block_rows, B, L, Ab, Gb, sel, units):
         complement[j] = 1.0 if signs[a] < 0.0 or units else 0.0
         if complement[j] == 0.0:
             c1, c2 = _line_cells(a, L, sel)
-            total += _row_cells_sq(A, a, B, sel, 0, c1 + c2)
+            total += _row_cells_sq(A, a, B, sel, np.int64(0), c1 + c2)
     for t in range(k):
         for r in range(k):
             Gt = Gb[t, r]
@@ -2170,9 +2174,8 @@ def _pattern_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, pair
     k = A.shape[1]
     n_packed = k * (k + 1) // 2
     S = np.empty((k + 4, k + 4), dtype=np.float64)
-    acc = np.empty(max(pairs.shape[1], n_packed), dtype=np.float64)
+    acc = np.empty(_acc_width(pairs, n_packed), dtype=np.float64)
     sel = np.empty(B.shape[0], dtype=np.int64)
-    use_pairs = pairs.shape[0] > 0
     sums = np.empty(n_packed, dtype=np.float64)
     G = np.empty((k, k), dtype=np.float64)
     curvature = np.empty(k, dtype=np.float64)
@@ -2187,7 +2190,7 @@ def _pattern_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, pair
         a = lines[0]
         base = bases[group[a]]
         keep = 1.0 if signs[a] < 0.0 else 0.0
-        _line_sums(a, L, B, pairs, use_pairs, sel, acc, scratch, S, sums)
+        _line_sums(a, L, B, pairs, sel, acc, scratch, S, sums)
         e = 0
         for t in range(k):
             for r in range(t + 1):
@@ -2248,7 +2251,7 @@ def _hals_lines(A, G, curvature, B, l1, l2, max_sweeps, tol):
     return max_sweeps
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=_FAST)
 def _lines_settled(sweep, moved, first, p, tol):
     """Whether the p lines' moves in this sweep, each relative to its own first sweep's,
     average below ``tol``^2 (lines in different units count alike: a sum of moves would stop
@@ -2331,7 +2334,7 @@ def _masked_mu_rows(A, B, bases, L, XB, l1, l2, scratch, u, want):
                 for t in range(k):
                     for r in range(k):
                         total += A[a, t] * G0[t, r] * A[a, r]
-            total += sign * _row_cells_sq(A, a, B, sel, 0, c1)
+            total += sign * _row_cells_sq(A, a, B, sel, np.int64(0), c1)
             total += _row_cells_sq(A, a, B, sel, c1, c1 + c2)
     return total
 
@@ -2366,7 +2369,7 @@ def _masked_model(A, B, bases, L, rows):
                 at = A[a, t]
                 for r in range(k):
                     total += at * G0[t, r] * A[a, r]
-        total += signs[a] * _row_cells_sq(A, a, B, sel, 0, c1)
+        total += signs[a] * _row_cells_sq(A, a, B, sel, np.int64(0), c1)
         total += _row_cells_sq(A, a, B, sel, c1, c1 + c2)
     return total
 
@@ -2392,29 +2395,43 @@ def _line_cells(a, L, sel):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _line_sums(a, L, B, pairs, use_pairs, sel, acc, scratch, S, out):
+def _line_sums(a, L, B, pairs, sel, acc, scratch, S, out):
     """out[:k(k+1)/2] = line a's packed sums (`_cells_packed`) over its listed cells, plus
     its sign times their sum over its kept cells: kept cells count as observed, so that the
     line's Gram matrix is G0 - out (G0 - (S - K)) where it is given by its missing cells and
     out (S + K) where by its observed ones."""
     n_packed = B.shape[1] * (B.shape[1] + 1) // 2
     c1, c2 = _line_cells(a, L, sel)
-    _cells_packed(B, pairs, sel[:c1], use_pairs, acc, scratch, S)
+    _cells_packed(B, pairs, sel[:c1], acc, scratch, S)
     for e in range(n_packed):
         out[e] = acc[e]
     if c2 > 0:
-        _cells_packed(B, pairs, sel[c1:c1 + c2], use_pairs, acc, scratch, S)
+        _cells_packed(B, pairs, sel[c1:c1 + c2], acc, scratch, S)
         for e in range(n_packed):
             out[e] += L.sign[a] * acc[e]
 
 
+def _cells_packed(B, pairs, cells, acc, scratch, S):
+    """acc[:k(k+1)/2] = the lower triangle, row by row, of the sum over the cells of b b':
+    from the table ``pairs`` (`_use_pairs`) or, where it is None, from the gathered cells.
+    Kernels only: numba picks the way by the type of ``pairs`` as it compiles the calling
+    kernel (`_cells_packed_typed`), so a fit compiles only the way it takes."""
+    raise TypeError("_cells_packed runs inside numba kernels only")
+
+
+@overload(_cells_packed)
+def _cells_packed_typed(B, pairs, cells, acc, scratch, S):
+    if isinstance(pairs, numba_types.NoneType):
+        return lambda B, pairs, cells, acc, scratch, S: _packed_from_cells(B, cells, acc,
+                                                                            scratch, S)
+    return lambda B, pairs, cells, acc, scratch, S: _sum_pairs(pairs, cells, acc)
+
+
 @njit(cache=True, fastmath=_FAST)
-def _cells_packed(B, pairs, cells, use_pairs, acc, scratch, S):
-    """acc[:k(k+1)/2] = the lower triangle, row by row, of the sum over the cells of b b'."""
+def _packed_from_cells(B, cells, acc, scratch, S):
+    """`_cells_packed` with no table: B's rows gathered (`_gather_cells`), then multiplied
+    (`_cells_gram`)."""
     k = B.shape[1]
-    if use_pairs:
-        _sum_pairs(pairs, cells, acc)
-        return
     c = cells.shape[0]
     gathered = scratch[:(k + 4) * c].reshape((k + 4, c))
     _gather_cells(B, cells, gathered)
@@ -2424,6 +2441,14 @@ def _cells_packed(B, pairs, cells, use_pairs, acc, scratch, S):
         for r in range(t + 1):
             acc[e] = S[t, r]
             e += 1
+
+
+@njit(cache=True)
+def _acc_width(pairs, n_packed):
+    """Length of the accumulator `_cells_packed` fills: a row of ``pairs``, or n_packed."""
+    if pairs is None:
+        return n_packed
+    return max(pairs.shape[1], n_packed)
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -2533,45 +2558,6 @@ def _pair_products(B):
                 pairs[b, e] = B[b, t] * B[b, r]
                 e += 1
     return pairs
-
-
-@njit(cache=True)
-def _line_hashes(ptr, idx):
-    """FNV-1a hash of each line's cell indices."""
-    out = np.empty(len(ptr) - 1, dtype=np.uint64)
-    for a in range(len(ptr) - 1):
-        h = np.uint64(14695981039346656037)
-        for q in range(ptr[a], ptr[a + 1]):
-            h = (h ^ np.uint64(idx[q])) * np.uint64(1099511628211)
-        out[a] = h
-    return out
-
-
-@njit(cache=True)
-def _first_of_pattern(ptr, idx, order, hashes, keys):
-    """See _line_patterns: ``order`` sorts the lines by hash (stably); within a run of
-    equal hashes, a line equal to the run's first (cells and keys) gets its number, others
-    their own."""
-    p = len(order)
-    out = np.arange(p)
-    start = 0
-    while start < p:
-        first = order[start]
-        end = start + 1
-        while end < p and hashes[order[end]] == hashes[first]:
-            a = order[end]
-            same = ptr[a + 1] - ptr[a] == ptr[first + 1] - ptr[first]
-            for q in range(ptr[a + 1] - ptr[a]):
-                if not same:
-                    break
-                same = idx[ptr[a] + q] == idx[ptr[first] + q]
-            for c in range(keys.shape[1]):
-                same = same and keys[a, c] == keys[first, c]
-            if same:
-                out[a] = first
-            end += 1
-        start = end
-    return out
 
 
 @njit(cache=True)
@@ -2977,7 +2963,7 @@ def _kl_cd_rows(A, B, R, linear, kept, l1, l2, shape, sweeps, tol, eps, want_los
     listed = lin_all.shape[0] == 0
     total = 0.0
     for i in range(A.shape[0]):
-        count = _rule_cells(i, 1, R, js, xs)
+        count = _rule_cells(i, np.int64(1), R, js, xs)
         if kptr.shape[0] > 0:
             for q in range(kptr[i], kptr[i + 1]):
                 js[count] = kidx[q]
@@ -2995,13 +2981,13 @@ def _kl_cd_rows(A, B, R, linear, kept, l1, l2, shape, sweeps, tol, eps, want_los
         else:
             for t in range(k):
                 lin[t] = lin_all[t] - lin_groups[P[i], t]
-        c = 0
+        c = np.int64(0)
         for q in range(count):  # positive cells only: a zero adds to the linear term alone
             if xs[q] > 0.0:
                 js[c] = js[q]
                 xs[c] = xs[q]
                 c += 1
-        _gather_rows(B, js, 0, c, scratch)
+        _gather_rows(B, js, np.int64(0), c, scratch)
         _predict_cells(A, i, scratch, c, v)
         _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, eps)
         if want_loss:
@@ -3027,7 +3013,7 @@ def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, 
     of the cells' b_q / v_q for their maximum: a larger one only shortens the step)."""
     k = A.shape[1]
     first = 0.0
-    d_last, base_last = 0.0, 0  # the last step, applied to v by the next coordinate's pass
+    d_last, base_last = 0.0, np.int64(0)  # last step; the next coordinate's pass applies it to v
     for sweep in range(sweeps):
         moved = 0.0
         for t in range(k):
@@ -3192,9 +3178,12 @@ class _FoldSolver(_TransposedW):
         """Each group's columns of A (k x p; X's ``side``, "rows" or "columns") for the Gram
         matrix G - its group's part (``grams``); ``penalty``: (l1, l2)."""
         t, (l1, l2) = self.t, penalty
-        labels, groups = (t.P, t.row_groups) if side == "rows" else (t.b, t.col_groups)
+        if side == "rows":
+            order, ptr, groups = t.row_order, t.row_ptr, t.row_groups
+        else:
+            order, ptr, groups = t.col_order, t.col_ptr, t.col_groups
         if exact:
-            _hals_groups(A, G, grams, labels, B, l1, l2, sweeps,
+            _hals_groups(A, G, grams, order, ptr, B, l1, l2, sweeps,
                          0.1 if self.method == "hals" else 1e-3)
             return
         for lines, Gg in zip(groups, grams, strict=True):
@@ -3232,30 +3221,29 @@ class _FoldSolver(_TransposedW):
 
 
 @njit(cache=True)
-def _hals_groups(A, G, grams, labels, B, l1, l2, max_sweeps, tol):
-    """_hals_update on each group's columns of A (k x p), column j being in group labels[j]
-    with Gram matrix G - grams[labels[j]]: a group's columns are gathered (in order),
-    updated together and put back."""
-    k, p = A.shape
-    order = np.argsort(labels, kind="mergesort")
-    start = 0
-    while start < p:
-        g = labels[order[start]]
-        end = start
-        while end < p and labels[order[end]] == g:
-            end += 1
-        cols = order[start:end]
-        Ac = np.empty((k, end - start), dtype=A.dtype)
-        Bc = np.empty((k, end - start), dtype=B.dtype)
+def _hals_groups(A, G, grams, order, ptr, B, l1, l2, max_sweeps, tol):
+    """_hals_update on each group's columns of A (k x p), group g being the columns
+    order[ptr[g]:ptr[g + 1]] (ascending), with Gram matrix G - grams[g]: a group's columns are
+    gathered, updated together and put back."""
+    k = A.shape[0]
+    Gg = np.empty((k, k), dtype=A.dtype)
+    for g in range(len(ptr) - 1):
+        cols = order[ptr[g]:ptr[g + 1]]
+        size = cols.shape[0]
+        if size == 0:
+            continue
+        Ac = np.empty((k, size), dtype=A.dtype)
+        Bc = np.empty((k, size), dtype=B.dtype)
         for t in range(k):
-            for q in range(end - start):
+            for r in range(k):  # a loop, not an array expression: less to compile
+                Gg[t, r] = G[t, r] - grams[g, t, r]
+            for q in range(size):
                 Ac[t, q] = A[t, cols[q]]
                 Bc[t, q] = B[t, cols[q]]
-        _hals_update(Ac, (G - grams[g]).astype(A.dtype), Bc, l1, l2, max_sweeps, tol)
+        _hals_update(Ac, Gg, Bc, l1, l2, max_sweeps, tol)
         for t in range(k):
-            for q in range(end - start):
+            for q in range(size):
                 A[t, cols[q]] = Ac[t, q]
-        start = end
 
 
 @njit(cache=True)
@@ -3349,7 +3337,7 @@ def _rule_kl_cols(R, W, Ht, eps, num):
     xs = np.empty(R.b.shape[0], dtype=np.float64)
     k = W.shape[1]
     for i in range(W.shape[0]):
-        count = _rule_cells(i, 1, R, js, xs)
+        count = _rule_cells(i, np.int64(1), R, js, xs)
         for q in range(count):
             x = xs[q]
             if x > 0.0:
@@ -3371,7 +3359,7 @@ def _rule_kl_rows(R, W, Ht, h_all, h_groups, l1, l2, eps, want_loss):
     update = h_all.shape[0] > 0
     s_log = 0.0
     for i in range(W.shape[0]):
-        count = _rule_cells(i, 1, R, js, xs)
+        count = _rule_cells(i, np.int64(1), R, js, xs)
         if update:
             for t in range(k):
                 num[t] = 0.0
@@ -4695,7 +4683,10 @@ class _FoldTraining:
         self.col_ptr = _indptr(self.b[self.col_order], n_folds)
         self.col_groups = [self.col_order[self.col_ptr[c]:self.col_ptr[c + 1]]
                            for c in range(n_folds)]
-        self.row_groups = [np.flatnonzero(self.P == c) for c in range(n_folds)]
+        self.row_order = np.argsort(self.P, kind="stable")
+        self.row_ptr = _indptr(self.P[self.row_order], n_folds)
+        self.row_groups = [self.row_order[self.row_ptr[c]:self.row_ptr[c + 1]]
+                           for c in range(n_folds)]
         m, n = self.shape
         self.n_held = sum(len(r) * len(c) for r, c in zip(self.row_groups, self.col_groups,
                                                           strict=True))
@@ -4795,7 +4786,7 @@ class _FoldTraining:
     def group_grams(self, A, labels):
         """Gram matrix of A's rows (float64) and those of each group's rows (n_groups x k x
         k), row i being in group labels[i] (``P`` for X's rows, ``b`` for its columns)."""
-        grams = _group_grams(A, labels, len(self.row_groups))
+        grams = _group_grams(np.ascontiguousarray(A), labels, len(self.row_groups))  # one layout
         return grams.sum(axis=0), grams
 
     def observed_mean(self):

@@ -1,0 +1,91 @@
+"""A new user's first run: how much longer it takes with an empty numba cache than warm.
+
+The script a student or a quick analysis starts with: fit a dense matrix, a matrix with NaN,
+sparse counts by KL, and cross-validate a small matrix. Each repeat runs it in a fresh
+interpreter twice with the same new ``NUMBA_CACHE_DIR``: cold (every kernel compiles and is
+cached), then warm (every kernel loads from the cache). Prints per step the median seconds
+cold and warm, then the median cold - warm of the whole script in CPU and wall seconds. One
+BLAS thread. Run from the repository root::
+
+    python benchmarks/bench_first_run.py                        # this checkout
+    python benchmarks/bench_first_run.py --module-path ../base  # another checkout's nmf_cv
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import ROOT
+
+SCRIPT = """
+import json, sys, time
+start = time.perf_counter()
+import numpy as np
+import scipy.sparse as sp
+import nmf_cv
+steps = {"import": time.perf_counter() - start}
+
+def step(name, run):
+    begin = time.perf_counter()
+    run()
+    steps[name] = time.perf_counter() - begin
+
+X = nmf_cv.make_planted(150, 80, 3, noise=0.05, random_state=0)
+Xn = X.copy()
+Xn[np.random.default_rng(0).random(X.shape) < 0.1] = np.nan
+C = sp.random(300, 200, density=0.2, random_state=0, format="csr")
+C.data = np.round(C.data * 10) + 1
+step("dense", lambda: nmf_cv.fit_nmf(X, 3, random_state=0))
+step("NaN", lambda: nmf_cv.fit_nmf(Xn, 3, random_state=0))
+step("sparse KL", lambda: nmf_cv.fit_nmf(C, 3, loss="kl", random_state=0))
+step("CV", lambda: nmf_cv.cross_validate(X, range(1, 6), random_state=0, progress=False))
+print(json.dumps({"file": nmf_cv.__file__, "steps": steps}))
+"""
+
+
+def run_once(module_path, cache):
+    """(steps, CPU seconds, wall seconds) of the script in a fresh interpreter."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache, "PYTHONPATH": module_path,
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                         text=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = json.loads(out.stdout.splitlines()[-1])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return result, cpu, sum(result["steps"].values())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--module-path", help="directory holding the nmf_cv.py to time")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    module_path = str(Path(args.module_path).resolve() if args.module_path else ROOT)
+    runs = {"cold": [], "warm": []}
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as cache:
+            for kind in ("cold", "warm"):
+                runs[kind].append(run_once(module_path, cache))
+    file = runs["cold"][0][0]["file"]
+    print(f"{file}: median of {args.repeats} fresh interpreters, seconds")
+    print("| step | cold | warm |")
+    print("|---|---|---|")
+    for name in runs["cold"][0][0]["steps"]:
+        cold = statistics.median(r[0]["steps"][name] for r in runs["cold"])
+        warm = statistics.median(r[0]["steps"][name] for r in runs["warm"])
+        print(f"| {name} | {cold:.2f} | {warm:.2f} |")
+    for index, what in ((1, "CPU"), (2, "wall")):
+        cold = statistics.median(r[index] for r in runs["cold"])
+        warm = statistics.median(r[index] for r in runs["warm"])
+        print(f"| whole script, {what} | {cold:.2f} | {warm:.2f} (cold - warm {cold - warm:.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
