@@ -162,7 +162,7 @@ def record_fits(monkeypatch):
 
 # Cross-validation's fits take a fifth of the iterations they did (extrapolated HALS), so its
 # data are larger: a stop must land while the run is still going.
-CKPT_SHAPES = {"cv": (900, 360), "consensus": (300, 120), "cli": (450, 180)}
+CKPT_SHAPES = {"cv": (600, 240), "consensus": (300, 120), "cli": (450, 180)}
 
 
 def ckpt_data(what="cv"):
@@ -1990,14 +1990,15 @@ def test_cv_same_results_with_process_pool():
 
 
 def test_cv_recovers_planted_rank_in_90_percent_of_runs():
-    """k_true in {2, 4, 6}, 10 seeds each, shapes 60 x 40 and 120 x 80 and noise 5% or 10%
-    (of the mean) alternating with the seed; ranks k_true - 2 .. k_true + 3."""
+    """k_true in {2, 4, 6}, 7 seeds each, shapes 60 x 40 and 120 x 80 and noise 5% or 10%
+    (of the mean) alternating with the seed; ranks k_true - 2 .. k_true + 3. Seen: 30/30
+    with 10 seeds each."""
     from concurrent.futures import ProcessPoolExecutor
 
     hits, runs = 0, 0
     with ProcessPoolExecutor(2) as pool:
         for k_true in (2, 4, 6):
-            for seed in range(10):
+            for seed in range(7):
                 shape = (60, 40) if seed % 2 else (120, 80)
                 noise = 0.05 if seed % 4 < 2 else 0.1
                 X = nmf_cv.make_planted(*shape, k_true, noise=noise, random_state=seed)
@@ -2649,7 +2650,7 @@ elif what == "cv_pool":
         nmf_cv.cross_validate(X, range(1, 8), random_state=0, checkpoint=path, executor=pool,
                               progress=False)
 else:
-    nmf_cv.consensus(X, [2, 3, 4], n_runs=12, random_state=0, checkpoint=path, progress=False)
+    nmf_cv.consensus(X, [2, 3], n_runs=12, random_state=0, checkpoint=path, progress=False)
 print("finished")
 """
 
@@ -2700,12 +2701,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, what, capsys)
         assert_array_equal(cv.train_rss, ref.train_rss)
         assert cv.best_rank == ref.best_rank
     else:
-        ref = nmf_cv.consensus(ckpt_data("consensus"), [2, 3, 4], n_runs=12, random_state=0,
+        ref = nmf_cv.consensus(ckpt_data("consensus"), [2, 3], n_runs=12, random_state=0,
                                progress=False)
-        co = nmf_cv.consensus(ckpt_data("consensus"), [2, 3, 4], n_runs=12, random_state=0,
+        co = nmf_cv.consensus(ckpt_data("consensus"), [2, 3], n_runs=12, random_state=0,
                               checkpoint=path, progress=True)
         assert_array_equal(co.cophenetic, ref.cophenetic)
-        for k in (2, 3, 4):
+        for k in (2, 3):
             assert_array_equal(co.consensus_matrices[k], ref.consensus_matrices[k])
     err = capsys.readouterr().err
     resumed = [int(n) for n in re.findall(r"\((\d+) resumed\)", err)]
@@ -2884,17 +2885,17 @@ def test_pool_worker_killed_mid_run_still_completes():
     import threading
     from concurrent.futures import ProcessPoolExecutor
 
-    X = ckpt_data()
+    X = ckpt_data("cli")
     kw = dict(random_state=0, progress=False)
     with ProcessPoolExecutor(2) as pool:
-        ref = nmf_cv.cross_validate(X, range(1, 8), executor=pool, **kw)
+        ref = nmf_cv.cross_validate(X, range(1, 6), executor=pool, **kw)
     with ProcessPoolExecutor(2) as pool:
         def kill_one():
             os.kill(next(iter(pool._processes)), signal.SIGKILL)
 
         timer = threading.Timer(0.5, kill_one)
         timer.start()
-        cv = nmf_cv.cross_validate(X, range(1, 8), executor=pool, **kw)
+        cv = nmf_cv.cross_validate(X, range(1, 6), executor=pool, **kw)
         timer.join()
         assert pool in nmf_cv._REPLACEMENTS  # it did break and was replaced
     assert_array_equal(cv.press, ref.press)

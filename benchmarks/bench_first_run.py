@@ -24,12 +24,28 @@ from pathlib import Path
 from _common import ROOT
 
 SCRIPT = """
-import json, sys, time
+import collections, json, sys, time
 start = time.perf_counter()
 import numpy as np
 import scipy.sparse as sp
+from numba.core import event
 import nmf_cv
 steps = {"import": time.perf_counter() - start}
+kernels, stack = collections.Counter(), []  # compile seconds of each kernel, callees apart
+
+class Kernels(event.Listener):
+    def on_start(self, e):
+        name = getattr(e.data.get("dispatcher"), "__name__", "numba internals")
+        stack.append([time.perf_counter(), name, 0.0])
+
+    def on_end(self, e):
+        began, name, callees = stack.pop()
+        spent = time.perf_counter() - began
+        kernels[name] += spent - callees
+        if stack:
+            stack[-1][2] += spent
+
+event.register("numba:compile", Kernels())
 
 def step(name, run):
     begin = time.perf_counter()
@@ -45,7 +61,7 @@ step("dense", lambda: nmf_cv.fit_nmf(X, 3, random_state=0))
 step("NaN", lambda: nmf_cv.fit_nmf(Xn, 3, random_state=0))
 step("sparse KL", lambda: nmf_cv.fit_nmf(C, 3, loss="kl", random_state=0))
 step("CV", lambda: nmf_cv.cross_validate(X, range(1, 6), random_state=0, progress=False))
-print(json.dumps({"file": nmf_cv.__file__, "steps": steps}))
+print(json.dumps({"file": nmf_cv.__file__, "steps": steps, "kernels": kernels}))
 """
 
 
@@ -55,7 +71,7 @@ def run_once(module_path, cache):
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, cwd=cache)  # not the checkout: its nmf_cv.py
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = json.loads(out.stdout.splitlines()[-1])
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -66,6 +82,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--module-path", help="directory holding the nmf_cv.py to time")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernels", action="store_true",
+                        help="also list each kernel's compile seconds (median over cold runs)")
     args = parser.parse_args(argv)
     module_path = str(Path(args.module_path).resolve() if args.module_path else ROOT)
     runs = {"cold": [], "warm": []}
@@ -81,6 +99,14 @@ def main(argv=None):
         cold = statistics.median(r[0]["steps"][name] for r in runs["cold"])
         warm = statistics.median(r[0]["steps"][name] for r in runs["warm"])
         print(f"| {name} | {cold:.2f} | {warm:.2f} |")
+    if args.kernels:
+        names = {name for r in runs["cold"] for name in r[0]["kernels"]}
+        spent = {name: statistics.median(r[0]["kernels"].get(name, 0.0) for r in runs["cold"])
+                 for name in names}
+        print("\n| kernel (its callees apart) | compile, s |\n|---|---|")
+        for name in sorted(spent, key=spent.get, reverse=True):
+            print(f"| {name} | {spent[name]:.2f} |")
+        print()
     for index, what in ((1, "CPU"), (2, "wall")):
         cold = statistics.median(r[index] for r in runs["cold"])
         warm = statistics.median(r[index] for r in runs["warm"])
