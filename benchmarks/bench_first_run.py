@@ -65,23 +65,60 @@ print(json.dumps({"file": nmf_cv.__file__, "steps": steps, "kernels": kernels}))
 """
 
 
-def run_once(module_path, cache):
+WARM = """
+import json, time
+import numpy as np
+import scipy.sparse as sp
+import nmf_cv
+
+def planted(m, n, k, missing=0.0):
+    X = nmf_cv.make_planted(m, n, k, noise=0.05, random_state=0)
+    X[np.random.default_rng(1).random(X.shape) < missing] = np.nan
+    return X
+
+counts = sp.random(5000, 1000, density=0.1, random_state=0, format="csr")
+counts.data = np.round(counts.data * 10) + 1
+cases = [("dense HALS 2000 x 1000, k = 16", planted(2000, 1000, 16), 16, {}),
+         ("HALS, 20% NaN, 2000 x 1000, k = 8", planted(2000, 1000, 8, 0.2), 8, {}),
+         ("HALS, 10% NaN, 300 x 200, k = 4", planted(300, 200, 4, 0.1), 4, {}),
+         ("KL CD, sparse 5000 x 1000, k = 8", counts, 8, {"loss": "kl"})]
+out = {}
+for name, X, k, kw in cases:
+    nmf_cv.fit_nmf(X, k, max_iter=3, tol=0, random_state=0, **kw)  # compiled before timing
+    times = []
+    for _ in range(3):
+        begin = time.perf_counter()
+        nmf_cv.fit_nmf(X, k, max_iter=60, tol=0, random_state=0, **kw)
+        times.append((time.perf_counter() - begin) / 60)
+    out[name + ", ms per iteration"] = 1e3 * min(times)
+X = planted(150, 80, 3)
+nmf_cv.cross_validate(X, [1, 2], random_state=0, progress=False)
+begin = time.perf_counter()
+nmf_cv.cross_validate(X, range(1, 6), random_state=0, progress=False)
+out["cross-validation 150 x 80, ranks 1..5, s"] = time.perf_counter() - begin
+print(json.dumps(out))
+"""
+
+
+def run_once(module_path, cache, script=SCRIPT):
     """(steps, CPU seconds, wall seconds) of the script in a fresh interpreter."""
     env = {**os.environ, "NUMBA_CACHE_DIR": cache, "PYTHONPATH": module_path,
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, check=True, cwd=cache)  # not the checkout: its nmf_cv.py
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = json.loads(out.stdout.splitlines()[-1])
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return result, cpu, sum(result["steps"].values())
+    return result, cpu, sum(result.get("steps", {}).values())
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--module-path", help="directory holding the nmf_cv.py to time")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warm", action="store_true",
+                        help="also time warm kernels (best of 3 fits of 60 iterations each)")
     parser.add_argument("--kernels", action="store_true",
                         help="also list each kernel's compile seconds (median over cold runs)")
     args = parser.parse_args(argv)
@@ -106,6 +143,13 @@ def main(argv=None):
         print("\n| kernel (its callees apart) | compile, s |\n|---|---|")
         for name in sorted(spent, key=spent.get, reverse=True):
             print(f"| {name} | {spent[name]:.2f} |")
+        print()
+    if args.warm:
+        with tempfile.TemporaryDirectory() as cache:
+            warm = run_once(module_path, cache, WARM)[0]
+        print("\n| warm | time |\n|---|---|")
+        for name, value in warm.items():
+            print(f"| {name} | {value:.3f} |")
         print()
     for index, what in ((1, "CPU"), (2, "wall")):
         cold = statistics.median(r[index] for r in runs["cold"])
