@@ -8736,8 +8736,11 @@ def main(argv=None):
         print(f"nmf_cv {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        print(f"nmf_cv {args.command}: stopped{': ' + str(stop) if str(stop) else ''}",
-              file=sys.stderr)
+        why = str(stop)  # what a stage says when stopped inside it; between stages, nothing
+        if not why and getattr(args, "checkpoint", None):
+            why = (f"finished tasks are kept in the checkpoint {args.checkpoint}: run the "
+                   "same command again to resume")
+        print(f"nmf_cv {args.command}: stopped{': ' + why if why else ''}", file=sys.stderr)
         return 130
 
 

@@ -4730,6 +4730,22 @@ def test_cli_rank_checkpoint_interrupted_and_rerun_gives_the_same_json(tmp_path)
         assert after[key] == two[key], key
 
 
+def test_cli_stopped_between_stages_still_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C between two stages (no stage to explain itself) with --checkpoint: the line
+    still names the checkpoint and says to resume; without one it just says stopped."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nmf_cv, "_cli_rank", interrupted)
+    np.savetxt(tmp_path / "x.csv", np.ones((4, 3)), delimiter=",")
+    argv = ["rank", str(tmp_path / "x.csv"), "--ranks", "1:2"]
+    assert nmf_cv.main([*argv, "--checkpoint", str(tmp_path / "ck")]) == 130
+    err = capsys.readouterr().err
+    assert "resume" in err and str(tmp_path / "ck") in err and len(err.splitlines()) == 1
+    assert nmf_cv.main(argv) == 130
+    assert capsys.readouterr().err.strip() == "nmf_cv rank: stopped"
+
+
 def test_cli_demo_saves_its_dashboard(tmp_path):
     import json
 
