@@ -1876,8 +1876,8 @@ def _line_patterns(ptr, idx, *keys):
         line = np.repeat(check, lengths[check])
         offset = np.arange(len(line)) - np.repeat(np.cumsum(lengths[check]) - lengths[check],
                                                   lengths[check])
-        differs = idx[ptr[line] + offset] != idx[ptr[pattern[line]] + offset]
-        pattern[np.unique(line[differs])] = np.unique(line[differs])
+        collided = np.unique(line[idx[ptr[line] + offset] != idx[ptr[pattern[line]] + offset]])
+        pattern[collided] = collided
     return pattern
 
 
