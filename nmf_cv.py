@@ -264,9 +264,11 @@ def _validate_sparse(X, mask, name):
         raise ValueError(f"{name} must be 2-D; got {X.ndim} dimensions")
     _check_real(X.dtype, name)
     dtype = np.float32 if X.dtype == np.float32 else np.float64
-    X = sp.csr_matrix(X, dtype=dtype, copy=True)
-    X.sum_duplicates()
-    X.sort_indices()
+    X = sp.csr_matrix(X, dtype=dtype)  # shares a CSR input's arrays: nothing here writes them
+    if not X.has_canonical_format:  # duplicates summed, indices sorted: on a copy
+        X = X.copy()
+        X.sum_duplicates()
+        X.sort_indices()
     _check_not_empty(X.shape, name)
     bad = ~np.isfinite(X.data)
     if bad.any():

@@ -277,6 +277,24 @@ def test_negative_or_inf_under_mask_is_fine():
     assert np.isfinite(res.relative_error)
 
 
+def test_sparse_input_is_shared_not_copied_unless_it_must_be_put_right():
+    """A CSR matrix of float32 or float64 with sorted, summed indices is used as given (atlas
+    data are not copied once per validation); one with duplicates or unsorted indices, or
+    another dtype, is copied and put right, the caller's left as it was."""
+    S = sp.random(30, 20, density=0.3, random_state=0, format="csr", dtype=np.float32)
+    data = nmf_cv._validate_data(S)
+    assert np.shares_memory(data.sparse.data, S.data) and data.sparse.dtype == np.float32
+    assert np.shares_memory(nmf_cv._validate_data(data.sparse).sparse.data, S.data)  # again
+    messy = sp.csr_matrix((np.array([1.0, 2.0, 3.0]), np.array([2, 0, 2]), np.array([0, 3, 3])),
+                          shape=(2, 3))
+    before = (messy.data.copy(), messy.indices.copy())
+    fixed = nmf_cv._validate_data(messy).sparse
+    assert fixed.indices.tolist() == [0, 2] and fixed.data.tolist() == [2.0, 4.0]
+    assert np.array_equal(messy.data, before[0]) and np.array_equal(messy.indices, before[1])
+    as_int = sp.csr_matrix(np.array([[1, 0], [0, 2]]))
+    assert not np.shares_memory(nmf_cv._validate_data(as_int).sparse.data, as_int.data)
+
+
 def test_callers_arrays_are_never_modified():
     X, mask, W, H = _problem(0.2, seed=16)
     X[~mask] = np.nan
