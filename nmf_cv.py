@@ -3505,8 +3505,7 @@ class CVResult:
         final = n == n.max()  # ranks left out of later splits compare on fewer folds
         with np.errstate(invalid="ignore"):
             close = self.press_median <= self.press_median[best] + self.press_mad_se[best]
-        # an unfinished run's best rank may lack some folds: then the close ranks, or itself
-        within = np.flatnonzero(final & close if (final & close).any() else close)
+        within = np.flatnonzero(final & close)  # none only before any fold is fitted
         self.best_rank_1se = int(self.ranks[within[0] if len(within) else best])
         self.repeat_best_ranks = np.array([
             self.ranks[_parsimonious_pick(self.press[:, r:r + 1])[0]]
