@@ -169,6 +169,10 @@ class _Data:
     def rss(self, W, H):
         return _observed_rss(self, W, H)
 
+    def relative_error(self, W, H):
+        """`NMFResult.relative_error` of the factors W, H."""
+        return math.sqrt(self.rss(W, H) / max(self.sq_norm(), 1e-300))
+
     def mask_layout(self):
         return _MaskLayout(self)
 
@@ -1169,8 +1173,8 @@ def _run(solver, data, method, loss, max_iter, tol, callback, start):
         if callback is not None and callback(n_iter, *solver.views(), f):
             break
     W, H = solver.factors() if accel is None else accel.best_factors()
-    rel = math.sqrt(data.rss(W, H) / max(data.sq_norm(), 1e-300))
-    return NMFResult(W, H, n_iter, converged, np.array(losses), np.array(times), rel,
+    return NMFResult(W, H, n_iter, converged, np.array(losses), np.array(times),
+                     data.relative_error(W, H),
                      time.perf_counter() - start, method, loss)
 
 
@@ -3755,7 +3759,7 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
              for f in range(n_fold_count)]
     rounds = [_CVRound(tasks, _first_fit_seeds(seeds[1], tasks, ranks, fixed))]
     fits = _FoldFits(method, loss, n_restarts, ridge, fit_kwargs)
-    with _shipped(source, executor) as carried:
+    with _shipped(_carried_source(source, fits), executor) as carried:
         cv = _CVCall(source, carried, fits, ranks, splits, alpha, _Run(executor, progress, ckpt))
         while rounds:
             round_ = rounds.pop()
@@ -4085,6 +4089,17 @@ def _cv_source(data, cells, loss="frobenius", method=None):
     return _RuleSource(data.dense if data.sparse is None else data.sparse)
 
 
+def _carried_source(source, fits):
+    """The source as the fit tasks carry it: for KL coordinate descent on a `_RuleSource`,
+    with X's transpose (``Xt``), made once per call rather than once per fit."""
+    if not (isinstance(source, _RuleSource) and fits.loss == "kl"
+            and _resolve_method(fits.method, fits.loss) == "cd"):
+        return source
+    X = source.X
+    return dataclasses.replace(source, Xt=X.T.tocsr() if sp.issparse(X)
+                               else np.ascontiguousarray(X.T))
+
+
 def _observed_cells(data):
     if data.masked:
         return data.rows, data.cols, data.values
@@ -4101,15 +4116,17 @@ def _fold_rule(shape, n_folds, rng):
 @dataclass
 class _RuleSource:
     """A fully observed X (ndarray or CSR) whose training sets are read through the fold
-    rule: a split is (row_class, col_class, n_folds)."""
+    rule: a split is (row_class, col_class, n_folds). ``Xt``: X's transpose in X's layout,
+    which KL coordinate descent reads H's lines from (`_carried_source`), or None."""
 
     X: object
+    Xt: object = None
 
     def split(self, n_folds, rng):
         return _fold_rule(self.X.shape, n_folds, rng) + (n_folds,)
 
     def training(self, split, f):
-        return _FoldTraining(self.X, split, f)
+        return _FoldTraining(self.X, split, f, self.Xt)
 
     def n_train(self, split, f):
         row_class, col_class, n_folds = split
@@ -4674,9 +4691,10 @@ class _FoldTraining:
     masked = False
     mask = None
 
-    def __init__(self, X, split, f):
+    def __init__(self, X, split, f, Xt=None):
         row_class, col_class, n_folds = split
         self.X, self.shape, self.dtype = X, X.shape, X.dtype
+        self.Xt = Xt  # X's transpose, if the source has one (`transposed_cells`)
         self.sparse = sp.issparse(X)
         self.P = ((f - row_class.astype(np.int64)) % n_folds).astype(np.int64)
         self.b = col_class.astype(np.int64)
@@ -4699,10 +4717,7 @@ class _FoldTraining:
         # products with them are then BLAS or sparse calls on contiguous data, where reading
         # them through X on every iteration would cost a full pass over X's memory.
         if self.sparse:
-            rows = np.repeat(np.arange(m), np.diff(X.indptr))
-            held = self.b[X.indices] == self.P[rows]
-            self.held = sp.csr_matrix((X.data[held], X.indices[held],
-                                       _indptr(rows[held], m)), shape=self.shape)
+            self.held = _held_entries(X, self.P, self.b)
         else:
             self.blocks = [X[np.ix_(r, c)] for r, c in zip(self.row_groups, self.col_groups,
                                                            strict=True)]
@@ -4738,10 +4753,12 @@ class _FoldTraining:
 
     def transposed_cells(self):
         """`cells` of X's transpose, whose rule swaps the roles of P and b: KL coordinate
-        descent reads H's lines (X's columns) from it. A copy of X in the other layout, made
-        on first use and kept with the training set."""
+        descent reads H's lines (X's columns) from it: the source's (`_RuleSource`), or a
+        copy of X in the other layout made on first use and kept with the training set."""
         if self._transposed is None:
-            Xt = self.X.T.tocsr() if self.sparse else np.ascontiguousarray(self.X.T)
+            Xt = self.Xt
+            if Xt is None:
+                Xt = self.X.T.tocsr() if self.sparse else np.ascontiguousarray(self.X.T)
             self._transposed = _rule_view(Xt, self.b, self.P, self.col_ptr, self.col_order)
         return self._transposed
 
@@ -4845,8 +4862,10 @@ class _FoldTraining:
         out)."""
         return self.P[rows][:, None] == self.b[cols][None, :]
 
-    def rss(self, W, H):
-        return self.scores(W, H, "frobenius")[1]
+    def relative_error(self, W, H):
+        """nan: not computed, as cross-validation scores each fit itself (`scores`) and this
+        would be one more pass over X per fit."""
+        return math.nan
 
     def sq_norm(self):
         return self.xx
@@ -4912,6 +4931,28 @@ class _FoldTraining:
             total += max(_fdot(W.T @ W, Ht.T @ Ht) - every[1], 0.0)
         return (_bound_dominant(press, self.held_top(W, Ht, loss), loss),
                 max(total - press, 0.0))
+
+
+def _held_entries(X, P, b, block=1 << 22):
+    """CSR of the stored entries of CSR X that the fold rule holds out (column class
+    ``b[j]`` equal to the row's ``P[i]``), read ``block`` entries at a time so that the
+    temporaries stay a few MB whatever X's size."""
+    m = X.shape[0]
+    P, b = P.astype(np.int32), b.astype(np.int32)
+    bounds = np.unique(np.concatenate([[0], np.searchsorted(X.indptr, np.arange(
+        block, X.nnz, block)), [m]]))
+    data, indices, counts = [X.data[:0]], [X.indices[:0]], [np.zeros(1, dtype=np.int64)]
+    for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
+        lo, hi = X.indptr[r0], X.indptr[r1]
+        ptr = X.indptr[r0:r1 + 1] - lo
+        held = b[X.indices[lo:hi]] == np.repeat(P[r0:r1], np.diff(ptr))
+        data.append(X.data[lo:hi][held])
+        indices.append(X.indices[lo:hi][held])
+        running = np.concatenate([[0], np.cumsum(held)])
+        counts.append(np.diff(running[ptr]))
+    indptr = np.cumsum(np.concatenate(counts))
+    return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr),
+                         shape=X.shape)
 
 
 class _MissingFoldTraining(_FoldTraining):
@@ -5391,8 +5432,7 @@ def _record_digest(structure, arrays):
     return _digest([np.frombuffer(json.dumps(structure).encode(), dtype=np.uint8), *arrays])
 
 
-@contextlib.contextmanager
-def _shipped(obj, executor):
+class _shipped:  # noqa: N801 (used as a function: ``with _shipped(obj, executor) as c``)
     """``obj`` as the tasks should carry it, so that workers receive its data once per call
     rather than once per task (pickled per task, a 10^8-cell X would cost 0.8 GB per fit):
 
@@ -5401,24 +5441,31 @@ def _shipped(obj, executor):
     - dask.distributed (a ``Client``, or its ``get_executor()``): scattered to every worker
       once; the tasks carry a future, which dask resolves;
     - anything else as is (threads share the object; other executors pickle it per task).
-    """
-    from concurrent.futures import ProcessPoolExecutor
 
-    client = _dask_client(executor)
-    if isinstance(executor, ProcessPoolExecutor):
-        shared = _Shared(obj)
-        try:
-            yield shared
-        finally:
-            shared.release()
-    elif client is not None:
-        future = client.scatter(obj, broadcast=True, hash=False)
-        try:
-            yield future
-        finally:
-            future.release()
-    else:
-        yield obj
+    Once shipped, ``obj`` itself is not held: what a caller made for the tasks alone (X's
+    transpose, `_carried_source`) is then freed in the caller's process.
+    """
+
+    def __init__(self, obj, executor):
+        from concurrent.futures import ProcessPoolExecutor
+
+        client = _dask_client(executor)
+        if isinstance(executor, ProcessPoolExecutor):
+            self.carried = _Shared(obj)
+        elif client is not None:
+            self.carried = client.scatter(obj, broadcast=True, hash=False)
+        else:
+            self.carried = obj
+        self.release = getattr(self.carried, "release", None) if obj is not self.carried \
+            else None
+
+    def __enter__(self):
+        return self.carried
+
+    def __exit__(self, *exc_info):
+        if self.release is not None:
+            self.release()
+        self.carried = self.release = None
 
 
 class _Shared:

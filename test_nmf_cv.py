@@ -2300,6 +2300,55 @@ def test_sparse_cv_equals_dense_cv():
         assert_allclose(sparse.alpha, dense.alpha, rtol=1e-8)
 
 
+def test_held_out_entries_read_in_blocks_equal_one_numpy_mask():
+    """`_held_entries` reads CSR X a block of stored entries at a time (rows cut across
+    blocks, empty rows): the same CSR as one numpy mask over every entry."""
+    X = sparse_counts(40, 30, 3, 5)
+    X[3] = 0.0
+    S = sp.csr_matrix(X)
+    rng = np.random.default_rng(0)
+    P, b = rng.integers(0, 4, 40), rng.integers(0, 4, 30)
+    rows = np.repeat(np.arange(40), np.diff(S.indptr))
+    held = b[S.indices] == P[rows]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[held], minlength=40))])
+    for block in (1, 7, 10 ** 6):
+        got = nmf_cv._held_entries(S, P, b, block)
+        assert_array_equal(got.indptr, indptr)
+        assert_array_equal(got.indices, S.indices[held])
+        assert_array_equal(got.data, S.data[held])
+        assert got.data.dtype == S.data.dtype and got.shape == S.shape
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_kl_cv_reads_one_transposed_copy_per_call(storage, monkeypatch):
+    """KL coordinate descent reads X's columns from X's transpose: made once per call and
+    read by every fit (a process pool's workers map it from shared memory), with the PRESS
+    of a copy made per fit, bit for bit."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    X = sparse_counts(60, 40, 3, 1)
+    S = X if storage == "dense" else sp.csr_matrix(X)
+    kw = dict(n_folds=3, random_state=0, progress=False, loss="kl", max_iter=40)
+    seen, training = [], nmf_cv._RuleSource.training
+
+    def recorded(self, split, f):
+        seen.append(self.Xt)
+        return training(self, split, f)
+
+    monkeypatch.setattr(nmf_cv._RuleSource, "training", recorded)
+    shared = nmf_cv.cross_validate(S, [1, 2, 3], **kw)
+    assert len(seen) >= 9 and all(t is seen[0] for t in seen)
+    assert_array_equal(seen[0] if storage == "dense" else seen[0].toarray(), X.T)
+    monkeypatch.setattr(nmf_cv, "_carried_source", lambda source, fits: source)
+    per_fit = nmf_cv.cross_validate(S, [1, 2, 3], **kw)
+    assert_array_equal(shared.press, per_fit.press)
+    monkeypatch.undo()
+    if storage == "sparse":
+        with ProcessPoolExecutor(2) as pool:
+            pooled = nmf_cv.cross_validate(S, [1, 2, 3], executor=pool, **kw)
+        assert_array_equal(pooled.press, shared.press)
+
+
 @pytest.mark.parametrize("loss", ["frobenius", "kl"])
 @pytest.mark.parametrize("pattern", ["random", "blocks"])
 def test_rule_cv_with_missing_cells_matches_the_cell_lists(pattern, loss, monkeypatch):
