@@ -4677,6 +4677,10 @@ class _CellTraining:
         return press, train_score
 
 
+# Stored entries a pass over a large sparse X reads at a time: temporaries of a few MB.
+_BLOCK = 1 << 22
+
+
 class _FoldTraining:
     """Fold f's training set of a fully observed X (ndarray or CSR; implicit zeros are observed
     zeros): every cell but those the fold rule puts in fold f, read from X through the rule;
@@ -4878,12 +4882,17 @@ class _FoldTraining:
             n_groups = len(self.row_groups)
             by_row = np.full((m, n_groups), -np.inf)
             by_col = np.full((n, n_groups), -np.inf)
-            for g, (rows, cols) in enumerate(zip(self.row_groups, self.col_groups,
-                                                 strict=True)):
-                if len(cols):
-                    by_row[:, g] = _line_max(self.X[:, cols], axis=1)
-                if len(rows):
-                    by_col[:, g] = _line_max(self.X[rows], axis=0)
+            # a block of rows at a time (sparse X): slicing copies, and a block is a few MB
+            step = m if not self.sparse else max(1, m * _BLOCK // max(self.X.nnz, 1))
+            for r0 in range(0, m, step):
+                block = self.X[r0:r0 + step]
+                for g, (rows, cols) in enumerate(zip(self.row_groups, self.col_groups,
+                                                     strict=True)):
+                    if len(cols):
+                        by_row[r0:r0 + step, g] = _line_max(block[:, cols], axis=1)
+                    rows = rows[(rows >= r0) & (rows < r0 + step)] - r0
+                    if len(rows):
+                        by_col[:, g] = np.maximum(by_col[:, g], _line_max(block[rows], axis=0))
             by_row[np.arange(m), self.P] = -np.inf
             by_col[np.arange(n), self.b] = -np.inf
             self._maxima = by_row.max(axis=1), by_col.max(axis=1)
@@ -4933,11 +4942,11 @@ class _FoldTraining:
                 max(total - press, 0.0))
 
 
-def _held_entries(X, P, b, block=1 << 22):
+def _held_entries(X, P, b, block=None):
     """CSR of the stored entries of CSR X that the fold rule holds out (column class
     ``b[j]`` equal to the row's ``P[i]``), read ``block`` entries at a time so that the
     temporaries stay a few MB whatever X's size."""
-    m = X.shape[0]
+    m, block = X.shape[0], block or _BLOCK
     P, b = P.astype(np.int32), b.astype(np.int32)
     bounds = np.unique(np.concatenate([[0], np.searchsorted(X.indptr, np.arange(
         block, X.nnz, block)), [m]]))
@@ -5471,7 +5480,8 @@ class _shipped:  # noqa: N801 (used as a function: ``with _shipped(obj, executor
 class _Shared:
     """An object (array, sparse matrix, or a dataclass of them) whose arrays sit in shared
     memory: pickled, it is the blocks' names and shapes; a worker rebuilds it on read-only
-    views of the blocks, once (`_attached`)."""
+    views of the blocks, once (`_attached`). An array that is already a block of this
+    process's (`local`) is not copied again."""
 
     def __init__(self, obj):
         from multiprocessing import shared_memory
@@ -5479,19 +5489,48 @@ class _Shared:
         self.template, arrays = _split_arrays(obj)
         self.specs, self.blocks = [], []
         for a in arrays:
-            block = shared_memory.SharedMemory(create=True, size=max(a.nbytes, 1))
-            self.blocks.append(block)
-            np.ndarray(a.shape, a.dtype, buffer=block.buf)[...] = a
-            self.specs.append((block.name, a.shape, a.dtype.str))
+            name = _SHARED_HERE.get(_address(a)) if a.nbytes else None
+            if name is None:
+                block = shared_memory.SharedMemory(create=True, size=max(a.nbytes, 1))
+                self.blocks.append(block)
+                view = np.ndarray(a.shape, a.dtype, buffer=block.buf)
+                view[...] = a
+                name = block.name
+                if a.nbytes:
+                    _SHARED_HERE[_address(view)] = name
+            self.specs.append((name, a.shape, a.dtype.str))
 
     def __getstate__(self):
         return {"template": self.template, "specs": self.specs, "blocks": []}
 
+    def local(self):
+        """The object rebuilt on this process's read-only views of the blocks: a caller that
+        keeps this instead of its own copy holds the data once, with its workers."""
+        arrays = []
+        for block, (_, shape, dtype) in zip(self.blocks, self.specs, strict=True):
+            a = np.ndarray(shape, np.dtype(dtype), buffer=block.buf)
+            a.flags.writeable = False
+            arrays.append(a)
+        return _join_arrays(self.template, iter(arrays))
+
     def release(self):
         for block in self.blocks:
-            block.close()
+            for key in [key for key, name in _SHARED_HERE.items() if name == block.name]:
+                del _SHARED_HERE[key]
+            try:
+                block.close()
+            except BufferError:  # views of `local` still alive: closed at the process's end
+                _STILL_MAPPED.append(block)
             block.unlink()
         self.blocks = []
+
+
+_SHARED_HERE = {}  # this process's `_Shared` blocks: (address, bytes) -> name
+_STILL_MAPPED = []
+
+
+def _address(a):
+    return a.__array_interface__["data"][0], a.nbytes
 
 
 _ATTACHED = {}  # in a worker: names of a _Shared's blocks -> (blocks, rebuilt object)
@@ -9032,16 +9071,25 @@ def _cli_rank(args):
             {"file": os.path.abspath(args.file), "layer": args.layer,
              "arguments": {name: getattr(args, name) for name in _RANK_ARGUMENTS}}).encode())
     iterations = {"max_iter": args.max_iter}
-    report = _rank_report(X, args.ranks, args, n_restarts=args.restarts,
-                          cv_kwargs={"n_folds": args.folds, "n_repeats": args.repeats,
-                                     "loss": args.loss, "ridge": args.ridge, **iterations},
-                          consensus_kwargs={"n_runs": args.runs,
-                                            "method": "cd" if args.loss == "kl" else "mu",
-                                            **iterations},
-                          randomized_kwargs=iterations, bicv_kwargs=iterations,
-                          stability_kwargs={"n_runs": args.stability_runs, "loss": args.loss,
-                                            **iterations},
-                          checkpoint=args.checkpoint, progress=True)
+    # A pool's workers map X from shared memory: the command keeps that copy, not its own.
+    shared = _Shared(X) if args.jobs > 1 and args.dask is None else None
+    if shared is not None:
+        X = shared.local()
+    try:
+        report = _rank_report(X, args.ranks, args, n_restarts=args.restarts,
+                              cv_kwargs={"n_folds": args.folds, "n_repeats": args.repeats,
+                                         "loss": args.loss, "ridge": args.ridge, **iterations},
+                              consensus_kwargs={"n_runs": args.runs,
+                                                "method": "cd" if args.loss == "kl" else "mu",
+                                                **iterations},
+                              randomized_kwargs=iterations, bicv_kwargs=iterations,
+                              stability_kwargs={"n_runs": args.stability_runs, "loss": args.loss,
+                                                **iterations},
+                              checkpoint=args.checkpoint, progress=True)
+    finally:
+        del X
+        if shared is not None:
+            shared.release()
     arguments = {name: getattr(args, name) for name in _RANK_ARGUMENTS}
     _save_report(report, f"{prefix}_rank.json", args.report or f"{prefix}_rank.png",
                  {"row_labels": row_labels, "col_labels": col_labels,

@@ -2319,6 +2319,21 @@ def test_held_out_entries_read_in_blocks_equal_one_numpy_mask():
         assert got.data.dtype == S.data.dtype and got.shape == S.shape
 
 
+def test_training_maxima_read_in_blocks_equal_numpy(monkeypatch):
+    """Each row's and column's largest training value (implicit zeros counting), read a
+    block of rows at a time from sparse X: numpy's over the training cells of a dense copy,
+    the same for dense X."""
+    X = sparse_counts(50, 30, 3, 4)
+    X[7] = 0.0
+    X[:, 2] = 0.0
+    monkeypatch.setattr(nmf_cv, "_BLOCK", 40)
+    for S in (X, sp.csr_matrix(X)):
+        train, held = _rule_training(S, n_folds=3)
+        rmax, cmax = train.training_maxima()
+        assert_array_equal(rmax, np.where(held, -np.inf, X).max(axis=1))
+        assert_array_equal(cmax, np.where(held, -np.inf, X).max(axis=0))
+
+
 @pytest.mark.parametrize("storage", ["dense", "sparse"])
 def test_kl_cv_reads_one_transposed_copy_per_call(storage, monkeypatch):
     """KL coordinate descent reads X's columns from X's transpose: made once per call and
@@ -2901,6 +2916,42 @@ def test_process_pool_receives_the_data_once_through_shared_memory():
         assert (copy.X != S).nnz == 0 and not copy.X.data.flags.writeable
     finally:
         shared.release()
+
+
+def test_data_already_in_shared_memory_are_not_copied_again(tmp_path, capsys):
+    """`_Shared.local` is the object on this process's views of its blocks (what the
+    command line keeps of X with --jobs): shipping it again reuses the blocks, and the
+    workers read the same data. rank --jobs 2 on sparse counts writes a serial run's
+    report and leaves no block behind."""
+    import pickle
+
+    S = sp.csr_matrix(sparse_counts(60, 40, 2, 3))
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    outer = nmf_cv._Shared(S)
+    X = outer.local()
+    inner = nmf_cv._Shared(nmf_cv._RuleSource(X, X.T.tocsr()))
+    try:
+        assert [spec[0] for spec in inner.specs[:3]] == [spec[0] for spec in outer.specs]
+        assert len(inner.blocks) == 3  # the transpose's, new
+        copy = nmf_cv._attached(pickle.loads(pickle.dumps(inner)))
+        assert (copy.X != S).nnz == 0 and (copy.Xt != S.T).nnz == 0
+        assert not X.data.flags.writeable
+    finally:
+        inner.release()
+        del X
+        outer.release()
+    sp.save_npz(tmp_path / "x.npz", S)
+    rank = ["rank", str(tmp_path / "x.npz"), "--ranks", "1:3", "--criteria", "cv",
+            "--folds", "3", "--loss", "kl"]
+    for name, extra in (("pool", ["--jobs", "2"]), ("serial", [])):
+        assert nmf_cv.main(rank + extra + ["--out", str(tmp_path / name)]) == 0
+    pool, serial = (json.loads((tmp_path / f"{name}_rank.json").read_text())
+                    for name in ("pool", "serial"))
+    assert_allclose(np.array(pool["cv"]["press"], dtype=float),  # BLAS threads differ
+                    np.array(serial["cv"]["press"], dtype=float), rtol=1e-9)
+    assert "Exception ignored" not in capsys.readouterr().err
+    if os.path.isdir("/dev/shm"):
+        assert set(os.listdir("/dev/shm")) <= before
 
 
 @pytest.mark.parametrize("observed_share", [0.05, 0.8])
