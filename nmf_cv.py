@@ -3760,7 +3760,8 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     rounds = [_CVRound(tasks, _first_fit_seeds(seeds[1], tasks, ranks, fixed))]
     fits = _FoldFits(method, loss, n_restarts, ridge, fit_kwargs)
     with _shipped(_carried_source(source, fits), executor) as carried:
-        cv = _CVCall(source, carried, fits, ranks, splits, alpha, _Run(executor, progress, ckpt))
+        cv = _CVCall(source, carried, fits, ranks, splits, alpha, _Run(executor, progress, ckpt),
+                     return_factors)
         while rounds:
             round_ = rounds.pop()
             tasks = round_.tasks
@@ -3832,7 +3833,9 @@ def _split_seed(seed, split, k, f):
 class _CVCall:
     """What one `cross_validate` call's stages share: the fold source (and ``carried``, what
     its tasks carry of it: see `_shipped`), how folds are fitted, the ranks, the splits and
-    every training set's ridge so far, and how tasks run."""
+    every training set's ridge so far, how tasks run, and whether the caller keeps each
+    fit's factors (else they are dropped as each fit arrives: at 10^6 cells and rank 10,
+    40 MB a fit)."""
 
     source: object
     carried: object
@@ -3841,6 +3844,12 @@ class _CVCall:
     splits: list
     alpha: np.ndarray
     run: "_Run"
+    return_factors: bool = False
+
+    def kept(self, out):
+        """What the caller keeps of a fit's (held-out score, training score, W, H,
+        objective)."""
+        return out if self.return_factors else (out[0], out[1], None, None, out[4])
 
 
 @dataclass
@@ -3879,7 +3888,8 @@ def _refit_stuck(cv, round_, outputs, per_cell, refitted, stuck_restarts):
     args = [(cv.carried, cv.fits, splits[r], f, int(cv.ranks[ki]), round_.seeds[i],
              cv.alpha[r, f], stuck_restarts) for i in stuck for ki, r, f in [tasks[i]]]
     again = _map_tasks(_cv_refit_task, args, cv.run,
-                       "cross_validate: refitting stuck folds" + round_.label, partial=True)
+                       "cross_validate: refitting stuck folds" + round_.label, partial=True,
+                       keep=cv.kept)
     missing = {tasks[i][0] for i, out in zip(stuck, again, strict=True) if out is None}
     for i, out in zip(stuck, again, strict=True):
         if out is None:
@@ -3971,7 +3981,7 @@ def _cv_outputs(cv, round_, warm_start):
         args = [(cv.carried, cv.fits, splits[r], f, int(cv.ranks[ki]), round_.seeds[i],
                  cv.alpha[r, f]) for i, (ki, r, f) in enumerate(tasks)]
         return _map_tasks(_cv_task, args, cv.run, "cross_validate" + round_.label,
-                          partial=True)
+                          partial=True, keep=cv.kept)
     # one chain of ranks per (repeat, fold); tasks are ordered rank-major
     n_repeats, n_folds = cv.alpha.shape
     per_rank = n_repeats * n_folds
@@ -3979,7 +3989,8 @@ def _cv_outputs(cv, round_, warm_start):
                round_.seeds[j::per_rank], cv.alpha[r, f])
               for j, (r, f) in enumerate((r, f) for r in range(n_repeats)
                                          for f in range(n_folds))]
-    chained = _map_tasks(_cv_chain_task, chains, cv.run, "cross_validate", partial=True)
+    chained = _map_tasks(_cv_chain_task, chains, cv.run, "cross_validate", partial=True,
+                         keep=lambda chain: [cv.kept(out) for out in chain])
     return [None if chained[i % per_rank] is None else chained[i % per_rank][i // per_rank]
             for i in range(len(tasks))]
 
@@ -5618,8 +5629,10 @@ class _Run:
     checkpoint: object = None
 
 
-def _map_tasks(function, args, run, label, partial=False):
-    """function(*a) for a in args, results in order, as ``run`` (a `_Run`) says.
+def _map_tasks(function, args, run, label, partial=False, keep=None):
+    """function(*a) for a in args, results in order, as ``run`` (a `_Run`) says; ``keep``:
+    what to hold of each result as it arrives (all of it by default; the checkpoint records
+    all of it).
 
     Reading a checkpoint for a report (read-only), nothing runs: a task not in it is None
     with ``partial``, else the stage raises `_Unfinished`.
@@ -5642,7 +5655,7 @@ def _map_tasks(function, args, run, label, partial=False):
         if out is None:
             todo.append(i)
         else:
-            results[i] = out
+            results[i] = out if keep is None else keep(out)
     if checkpoint is not None and checkpoint.read_only:
         if todo and not partial:
             raise _Unfinished(label, len(args) - len(todo), len(args))
@@ -5650,9 +5663,9 @@ def _map_tasks(function, args, run, label, partial=False):
     bar = _Progress(label, len(args), len(args) - len(todo), show)
     try:
         for i, out in _run_tasks(function, args, todo, executor):
-            results[i] = out
             if checkpoint is not None:
                 checkpoint.save(name, i, out)
+            results[i] = out if keep is None else keep(out)
             bar.update()
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_stopped(label, "interrupted", bar, checkpoint)) from None

@@ -1994,6 +1994,31 @@ def test_cv_warm_start_chains_ranks_within_each_fold():
             assert ref.loss_history[1] <= end.loss_history[0] * (1 + 1e-12)
 
 
+def test_cv_holds_no_factors_unless_asked_and_its_checkpoint_keeps_them(tmp_path,
+                                                                       monkeypatch):
+    """The caller drops each fit's W and H as it arrives unless return_factors=True (at 10^6
+    cells they add up to gigabytes); the checkpoint records them, so a resumed call with
+    return_factors=True has every fold's."""
+    X = nmf_cv.make_planted(60, 40, 2, noise=0.05, random_state=3)
+    kw = dict(n_folds=3, random_state=0, progress=False, max_iter=30,
+              checkpoint=str(tmp_path / "ck"))
+    held, kept = [], nmf_cv._CVCall.kept
+
+    def recorded(self, out):
+        held.append(kept(self, out))
+        return held[-1]
+
+    monkeypatch.setattr(nmf_cv._CVCall, "kept", recorded)
+    cv = nmf_cv.cross_validate(X, [1, 2, 3], **kw)
+    assert len(held) >= 18 and all(out[2] is None and out[3] is None for out in held)
+    again = nmf_cv.cross_validate(X, [1, 2, 3], return_factors=True, **kw)
+    assert_array_equal(again.press, cv.press)
+    n_fits = np.count_nonzero(~np.isnan(cv.press))
+    assert len(again.factors) == n_fits
+    assert all(W.shape == (60, k) and H.shape == (k, 40)
+               for (k, _, _), (W, H) in again.factors.items())
+
+
 def test_cv_same_results_with_process_pool():
     from concurrent.futures import ProcessPoolExecutor
 
