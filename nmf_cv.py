@@ -5696,10 +5696,11 @@ def _run_tasks(function, args, todo, executor):
         try:
             for i in sorted(pending):
                 futures[current.submit(_worker_task, function, args[i], caller)] = i
-            for future in as_completed(futures):
+            for future in as_completed(futures):  # a finished task's future is let go:
+                i = futures.pop(future)  # its result is the caller's to keep or drop
                 out = future.result()
-                pending.discard(futures[future])
-                yield futures[future], out
+                pending.discard(i)
+                yield i, out
         except BrokenProcessPool:
             restarts += 1
             if restarts > _POOL_RESTARTS:
