@@ -4106,9 +4106,12 @@ def _carried_source(source, fits):
     if not (isinstance(source, _RuleSource) and fits.loss == "kl"
             and _resolve_method(fits.method, fits.loss) == "cd"):
         return source
-    X = source.X
-    return dataclasses.replace(source, Xt=X.T.tocsr() if sp.issparse(X)
-                               else np.ascontiguousarray(X.T))
+    return dataclasses.replace(source, Xt=_transposed(source.X))
+
+
+def _transposed(X):
+    """X's transpose in X's layout: CSR for CSR, C order for an ndarray (a copy)."""
+    return X.T.tocsr() if sp.issparse(X) else np.ascontiguousarray(X.T)
 
 
 def _observed_cells(data):
@@ -4771,9 +4774,7 @@ class _FoldTraining:
         descent reads H's lines (X's columns) from it: the source's (`_RuleSource`), or a
         copy of X in the other layout made on first use and kept with the training set."""
         if self._transposed is None:
-            Xt = self.Xt
-            if Xt is None:
-                Xt = self.X.T.tocsr() if self.sparse else np.ascontiguousarray(self.X.T)
+            Xt = self.Xt if self.Xt is not None else _transposed(self.X)
             self._transposed = _rule_view(Xt, self.b, self.P, self.col_ptr, self.col_order)
         return self._transposed
 
@@ -5517,12 +5518,7 @@ class _Shared:
     def local(self):
         """The object rebuilt on this process's read-only views of the blocks: a caller that
         keeps this instead of its own copy holds the data once, with its workers."""
-        arrays = []
-        for block, (_, shape, dtype) in zip(self.blocks, self.specs, strict=True):
-            a = np.ndarray(shape, np.dtype(dtype), buffer=block.buf)
-            a.flags.writeable = False
-            arrays.append(a)
-        return _join_arrays(self.template, iter(arrays))
+        return _rebuilt(self.template, self.blocks, self.specs)
 
     def release(self):
         for block in self.blocks:
@@ -5563,13 +5559,18 @@ def _attached(shared):
         untracked = {"track": False} if sys.version_info >= (3, 13) else {}
         blocks = [shared_memory.SharedMemory(name=name, **untracked)
                   for name, _, _ in shared.specs]
-        arrays = []
-        for block, (_, shape, dtype) in zip(blocks, shared.specs, strict=True):
-            a = np.ndarray(shape, np.dtype(dtype), buffer=block.buf)
-            a.flags.writeable = False
-            arrays.append(a)
-        _ATTACHED[key] = (blocks, _join_arrays(shared.template, iter(arrays)))
+        _ATTACHED[key] = (blocks, _rebuilt(shared.template, blocks, shared.specs))
     return _ATTACHED[key][1]
+
+
+def _rebuilt(template, blocks, specs):
+    """The object of ``template`` on read-only views of shared-memory ``blocks``."""
+    arrays = []
+    for block, (_, shape, dtype) in zip(blocks, specs, strict=True):
+        a = np.ndarray(shape, np.dtype(dtype), buffer=block.buf)
+        a.flags.writeable = False
+        arrays.append(a)
+    return _join_arrays(template, iter(arrays))
 
 
 def _split_arrays(obj):
