@@ -94,7 +94,8 @@ from scipy.sparse.linalg import LinearOperator
 __all__ = [
     "NMF", "CVResult", "ConsensusResult", "NMFResult", "PriorPredictiveResult",
     "RandomizedRSSResult", "RankReport", "Folds", "best_cophenetic_rank", "bicross_validate",
-    "choose_rank", "consensus", "cophenetic_correlation", "cross_validate",
+    "choose_rank", "consensus", "cophenetic_correlation", "cophenetic_standard_error",
+    "cross_validate",
     "dispersion_coefficient", "fit_nmf", "make_planted", "noise_level", "plot_components",
     "plot_consensus", "plot_consensus_grid", "plot_cophenetic", "plot_cv", "plot_loss",
     "plot_randomized_rss", "plot_rank_report", "prior_predictive_rank", "proportion_ambiguous",
@@ -5874,6 +5875,10 @@ class ConsensusResult:
         rank -> (n_runs, n) cluster of every sample in every run.
     cophenetic : ndarray (r,)
         Cophenetic correlation of each consensus matrix (Brunet et al. 2004).
+    cophenetic_se : ndarray (r,)
+        Its standard error over the runs (`cophenetic_standard_error`): how far another
+        ``random_state`` may move it. Ranks whose coefficients differ by less than about two
+        of these are not told apart by the runs.
     dispersion : ndarray (r,)
         Dispersion coefficient of each consensus matrix (Kim & Park 2007).
     pac : ndarray (r,)
@@ -5904,6 +5909,7 @@ class ConsensusResult:
     axis: str = "columns"
     pac: np.ndarray = None
     pac_interval: tuple = (0.1, 0.9)
+    cophenetic_se: np.ndarray = None
 
     def __repr__(self):
         values = ", ".join(f"{k}: {c:.3f}" for k, c in zip(self.ranks, self.cophenetic,
@@ -5990,7 +5996,7 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
                 for i, k in enumerate(ranks) for r in range(n_runs)]
         labels_flat = _map_tasks(_consensus_task, args, _Run(executor, progress, ckpt),
                                  "consensus")
-    matrices, labels, coph, disp = {}, {}, [], []
+    matrices, labels, coph, disp, se = {}, {}, [], [], []
     for i, k in enumerate(ranks):
         runs = np.array(labels_flat[i * n_runs:(i + 1) * n_runs])
         C = np.zeros((runs.shape[1], runs.shape[1]))
@@ -6000,10 +6006,12 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
         matrices[int(k)], labels[int(k)] = C, runs
         coph.append(cophenetic_correlation(C))
         disp.append(dispersion_coefficient(C))
+        se.append(cophenetic_standard_error(runs))
     coph = np.array(coph)
     pac = np.array([proportion_ambiguous(matrices[int(k)], pac_interval) for k in ranks])
     return ConsensusResult(ranks, matrices, labels, coph, np.array(disp),
-                           best_cophenetic_rank(ranks, coph), axis, pac, pac_interval)
+                           best_cophenetic_rank(ranks, coph), axis, pac, pac_interval,
+                           np.array(se))
 
 
 def cophenetic_correlation(C):
@@ -6033,6 +6041,47 @@ def cophenetic_correlation(C):
     if np.ptp(d) == 0 or np.ptp(coph) == 0:
         return 0.0
     return float(np.corrcoef(d, coph)[0, 1])
+
+
+def cophenetic_standard_error(labels, n_groups=10):
+    """Standard error of the cophenetic correlation of the runs' consensus matrix, over the
+    runs: a grouped jackknife (Efron & Tibshirani 1993, ch. 11). The runs are dealt into
+    ``n_groups`` groups (run r into group r mod n_groups; one group per run when there are
+    fewer runs), each group is left out in turn, and the spread of the coefficients of the
+    consensus matrices that remain gives the error. 0 when every run gives the same
+    clustering; nan for fewer than 3 runs.
+
+    Parameters
+    ----------
+    labels : array-like of int (n_runs, n)
+        Each run's cluster of every sample (`ConsensusResult.labels`).
+    n_groups : int
+        Default 10: ten coefficients are enough for the spread, and each costs a
+        hierarchical clustering.
+
+    Examples
+    --------
+    >>> import numpy as np, nmf_cv
+    >>> same = np.tile([0, 0, 1, 1, 1], (12, 1))       # every run the same clustering
+    >>> float(nmf_cv.cophenetic_standard_error(same))
+    0.0
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (n_runs, n); got shape {labels.shape}")
+    _check_positive_int(n_groups, "n_groups", minimum=2)
+    R = len(labels)
+    if R < 3:
+        return math.nan
+    G = min(n_groups, R)
+    sums = np.zeros((G, labels.shape[1], labels.shape[1]))
+    for r, run in enumerate(labels):
+        sums[r % G] += run[:, None] == run[None, :]
+    sizes = np.bincount(np.arange(R) % G, minlength=G)
+    total = sums.sum(axis=0)
+    left_out = np.array([cophenetic_correlation((total - sums[g]) / (R - sizes[g]))
+                         for g in range(G)])
+    return float(np.sqrt((G - 1) / G * np.sum((left_out - left_out.mean()) ** 2)))
 
 
 def dispersion_coefficient(C):
@@ -7874,8 +7923,11 @@ _register(_Criterion(
 # consensus clustering -----------------------------------------------------------------------
 
 def _cophenetic_columns(co):
-    cols = {"cophenetic": _by_rank(co.ranks, co.cophenetic),
-            "dispersion": _by_rank(co.ranks, co.dispersion)}
+    cols = {"cophenetic": _by_rank(co.ranks, co.cophenetic)}
+    se = getattr(co, "cophenetic_se", None)
+    if se is not None:
+        cols["coph se"] = _by_rank(co.ranks, se)
+    cols["dispersion"] = _by_rank(co.ranks, co.dispersion)
     if co.pac is not None:
         cols["PAC"] = _by_rank(co.ranks, co.pac)
     return cols
@@ -7884,8 +7936,14 @@ def _cophenetic_columns(co):
 def _cophenetic_dissent(co, k, rec):
     low = (", and lands low on data whose samples mix components rather than fall into "
            "clusters") if k < rec else ""
+    noise, se = "", getattr(co, "cophenetic_se", None)
+    if se is not None and rec in co.ranks:
+        (i,), (j,) = np.flatnonzero(co.ranks == k), np.flatnonzero(co.ranks == rec)
+        if abs(co.cophenetic[i] - co.cophenetic[j]) <= 2 * math.hypot(se[i], se[j]):
+            noise = (f"; its coefficients at k = {k} and {rec} lie within two standard "
+                     f"errors of each other, so the runs do not tell them apart")
     return (f"consensus clustering answers another question, how many clusters of samples "
-            f"reproduce across runs{low}: use k = {k} to cluster the samples")
+            f"reproduce across runs{low}: use k = {k} to cluster the samples{noise}")
 
 
 _register(_Criterion(
@@ -7895,6 +7953,8 @@ _register(_Criterion(
         still="coefficient highest"),),
     stream=1, min_rank=2, options="consensus_kwargs", columns=_cophenetic_columns,
     details=lambda co: {"ranks": _json_array(co.ranks), "cophenetic": _json_array(co.cophenetic),
+                        "cophenetic_se": None if getattr(co, "cophenetic_se", None) is None
+                        else _json_array(co.cophenetic_se),
                         "dispersion": _json_array(co.dispersion),
                         "pac": None if co.pac is None else _json_array(co.pac),
                         "best_rank": co.best_rank, "axis": co.axis},
@@ -8550,8 +8610,14 @@ def _draw_cv(ax, cv, best, best_1se, bicv=False):
 
 
 def _draw_cophenetic(ax, co, best):
-    ax.plot(co.ranks, co.cophenetic, "o-", color="C0", gid="cophenetic",
-            label="cophenetic correlation")
+    se = getattr(co, "cophenetic_se", None)
+    if se is None:
+        ax.plot(co.ranks, co.cophenetic, "o-", color="C0", gid="cophenetic",
+                label="cophenetic correlation")
+    else:
+        bars = ax.errorbar(co.ranks, co.cophenetic, yerr=np.nan_to_num(se), fmt="o-",
+                           color="C0", capsize=3, label="cophenetic correlation (± se)")
+        bars.lines[0].set_gid("cophenetic")
     ax.plot(co.ranks, co.dispersion, "s--", color="C2", gid="dispersion", label="dispersion")
     if getattr(co, "pac", None) is not None:
         lo, hi = co.pac_interval

@@ -3207,6 +3207,8 @@ def test_consensus_finds_planted_clusters(axis):
     assert res.labels[3].shape == (12, len(groups))
     for k in (2, 3, 4, 5):  # recomputed from the reported labels
         np.testing.assert_allclose(res.consensus_matrices[k], _runs_consensus(res.labels[k]))
+        assert res.cophenetic_se[k - 2] == nmf_cv.cophenetic_standard_error(res.labels[k])
+    assert res.cophenetic_se[i3] < 0.01  # the planted clusters in (nearly) every run
 
 
 def test_consensus_on_medulloblastoma_if_available():
@@ -3283,6 +3285,51 @@ def test_consensus_reports_pac_of_its_matrices():
         upper = C[np.triu_indices(len(C), k=1)]
         assert res.pac[i] == pytest.approx(np.mean((upper > 0.2) & (upper < 0.8)))
     assert res.pac[1] == 0.0  # three planted groups: every pair always or never together
+
+
+def _ambiguous_runs(rng, n_runs, n=30, flip=0.3):
+    """Runs of a clustering into 3 groups in which each sample takes a random group with
+    probability ``flip``."""
+    truth = np.arange(n) % 3
+    return np.array([np.where(rng.random(n) < flip, rng.integers(0, 3, n), truth)
+                     for _ in range(n_runs)])
+
+
+@pytest.mark.parametrize("n_runs", [7, 25])
+def test_cophenetic_standard_error_is_a_grouped_jackknife(n_runs):
+    """Against the jackknife written out with scipy's cophenet, groups of runs r mod 10."""
+    from scipy.cluster.hierarchy import cophenet
+
+    runs = _ambiguous_runs(np.random.default_rng(n_runs), n_runs)
+    G = min(10, n_runs)
+    values = []
+    for g in range(G):
+        C = _runs_consensus(runs[np.arange(n_runs) % G != g])
+        d = squareform(1 - C, checks=False)
+        values.append(cophenet(linkage(d, "average"), d)[0])
+    expected = np.sqrt((G - 1) / G * np.sum((np.array(values) - np.mean(values)) ** 2))
+    assert nmf_cv.cophenetic_standard_error(runs) == pytest.approx(expected, rel=1e-9)
+
+
+def test_cophenetic_standard_error_follows_the_spread_over_seeds():
+    """Independent sets of runs: the coefficient's spread over sets is what the error of one
+    set says it is (jackknife errors are a little conservative: within 0.7 to 2 times)."""
+    rng = np.random.default_rng(0)
+    sets = [_ambiguous_runs(rng, 40) for _ in range(40)]
+    coph = [nmf_cv.cophenetic_correlation(_runs_consensus(runs)) for runs in sets]
+    se = [nmf_cv.cophenetic_standard_error(runs) for runs in sets]
+    ratio = np.mean(se) / np.std(coph, ddof=1)
+    assert 0.7 < ratio < 2.0, ratio
+
+
+def test_cophenetic_standard_error_edge_cases():
+    same = np.tile([0, 1, 1, 2, 2, 0], (5, 1))
+    assert nmf_cv.cophenetic_standard_error(same) == 0.0
+    assert np.isnan(nmf_cv.cophenetic_standard_error(same[:2]))
+    with pytest.raises(ValueError, match="labels"):
+        nmf_cv.cophenetic_standard_error(same[0])
+    with pytest.raises(ValueError, match="n_groups"):
+        nmf_cv.cophenetic_standard_error(same, n_groups=1)
 
 
 def test_perfect_block_consensus_has_cophenetic_and_dispersion_one():
@@ -4070,9 +4117,24 @@ def test_choose_rank_report():
     assert_allclose(strict["stability"]["component_silhouettes"]["3"],
                     report.results["stability"].cluster_silhouettes[3])
     assert strict["cophenetic"]["best_rank"] == report.suggestions["cophenetic"]
+    co = report.results["cophenetic"]
+    assert_allclose(strict["cophenetic"]["cophenetic_se"], co.cophenetic_se)
+    assert data["columns"]["coph se"]["2"] == pytest.approx(co.cophenetic_se[0])
     assert set(strict["bicv"]) >= {"press", "train", "best_rank"}
     for criterion in ("cv", "randomized", "bicv", "stability"):
         assert report.suggestions[criterion] == 3, (criterion, report)
+
+
+def test_cophenetic_dissent_says_when_the_runs_do_not_tell_the_ranks_apart():
+    def co(se):
+        return nmf_cv.ConsensusResult(np.array([2, 3, 4]), {}, {}, np.array([0.96, 0.955, 0.9]),
+                                      np.array([0.9, 0.9, 0.8]), 2,
+                                      cophenetic_se=np.array([se, se, se]))
+
+    noisy, sure = co(0.004), co(0.001)
+    assert "within two standard errors" in nmf_cv._cophenetic_dissent(noisy, 2, 3)
+    assert "within two standard errors" not in nmf_cv._cophenetic_dissent(sure, 2, 3)
+    assert "within two standard errors" not in nmf_cv._cophenetic_dissent(noisy, 2, 4)
 
 
 def test_choose_rank_reports_an_unidentifiable_prior_without_failing():
