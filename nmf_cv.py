@@ -1134,10 +1134,13 @@ def _push(A, previous, beta, floor=0.0):
 
 
 def _sqnorm(A):
+    """Sum of squares, in float64: other dtypes are converted a block of `_BLOCK` entries at a
+    time (a float32 X is never copied whole)."""
     a = A.ravel()
-    if a.dtype != np.float64:
-        a = a.astype(np.float64)
-    return float(np.dot(a, a))
+    if a.dtype == np.float64:
+        return float(np.dot(a, a))
+    return float(sum(np.dot(part, part) for part in (a[i:i + _BLOCK].astype(np.float64)
+                                                      for i in range(0, max(a.size, 1), _BLOCK))))
 
 
 def _fdot(A, B):
@@ -1245,6 +1248,18 @@ def _observed_sq_norm(data):
     return _sqnorm(data.dense)
 
 
+# Stored entries a pass over a large sparse X reads at a time: temporaries of a few MB.
+_BLOCK = 1 << 22
+
+
+def _row_blocks(indptr, block=None):
+    """Row bounds (r_0 = 0 < r_1 < ... = m) cutting a CSR matrix (its ``indptr``) into
+    consecutive blocks of rows of about ``block`` stored entries each (`_BLOCK`)."""
+    block, m = block or _BLOCK, len(indptr) - 1
+    return np.unique(np.concatenate([[0], np.searchsorted(indptr, np.arange(
+        block, indptr[-1], block)), [m]]))
+
+
 def _observed_rss(data, W, H):
     """Exact sum of squared residuals over a `_Data`'s observed cells, without an m x n
     temporary."""
@@ -1255,13 +1270,20 @@ def _observed_rss(data, W, H):
                    for a in range(0, data.shape[0], rows))
     Ht = np.ascontiguousarray(H.T)
     if data.masked:
-        return _masked_rss(W, Ht, _indptr(data.rows, data.shape[0]), data.cols, data.values)
+        return _masked_rss(W, Ht, _indptr(data.rows, data.shape[0]), data.cols, data.values,
+                           0.0)
     if data.sparse is not None:  # stored cells exactly, zeros as |WH|^2 - stored cells' part
         X = data.sparse
-        indptr, idx = X.indptr.astype(np.int64), X.indices.astype(np.int64)
-        stored = _masked_rss(W, Ht, indptr, idx, X.data)
+        stored = stored_wh2 = 0.0
+        bounds = _row_blocks(X.indptr)  # int64 indices for a block of rows at a time
+        for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
+            lo, hi = X.indptr[r0], X.indptr[r1]
+            indptr = (X.indptr[r0:r1 + 1] - lo).astype(np.int64)
+            idx = X.indices[lo:hi].astype(np.int64)
+            stored = _masked_rss(W[r0:r1], Ht, indptr, idx, X.data[lo:hi], stored)
+            stored_wh2 = _cells_sq_prediction(W[r0:r1], Ht, indptr, idx, stored_wh2)
         everywhere = _fdot(W.T @ W, H @ H.T)
-        return stored + max(everywhere - _cells_sq_prediction(W, Ht, indptr, idx), 0.0)
+        return stored + max(everywhere - stored_wh2, 0.0)
     rss = 0.0
     block = max(1, 4_000_000 // data.shape[1])
     for lo in range(0, data.shape[0], block):
@@ -2635,10 +2657,10 @@ def _predict_cells(A, a, scratch, c, u):
 
 
 @njit(cache=True)
-def _masked_rss(A, B, indptr, idx, x):
-    """Sum over the cells of (x - A B')^2."""
+def _masked_rss(A, B, indptr, idx, x, total):
+    """``total`` plus the sum over the cells of (x - A B')^2, row by row (so that blocks of
+    rows passed in turn add up exactly as one pass)."""
     p, k = A.shape
-    total = 0.0
     for a in range(p):
         for q in range(indptr[a], indptr[a + 1]):
             b = idx[q]
@@ -2650,9 +2672,8 @@ def _masked_rss(A, B, indptr, idx, x):
 
 
 @njit(cache=True)
-def _cells_sq_prediction(A, B, indptr, idx):
-    """Sum over the cells of (A B')^2."""
-    total = 0.0
+def _cells_sq_prediction(A, B, indptr, idx, total):
+    """``total`` plus the sum over the cells of (A B')^2, row by row."""
     for a in range(A.shape[0]):
         total += _row_cells_sq(A, a, B, idx, indptr[a], indptr[a + 1])
     return total
@@ -4692,10 +4713,6 @@ class _CellTraining:
         return press, train_score
 
 
-# Stored entries a pass over a large sparse X reads at a time: temporaries of a few MB.
-_BLOCK = 1 << 22
-
-
 class _FoldTraining:
     """Fold f's training set of a fully observed X (ndarray or CSR; implicit zeros are observed
     zeros): every cell but those the fold rule puts in fold f, read from X through the rule;
@@ -4959,10 +4976,8 @@ def _held_entries(X, P, b, block=None):
     """CSR of the stored entries of CSR X that the fold rule holds out (column class
     ``b[j]`` equal to the row's ``P[i]``), read ``block`` entries at a time so that the
     temporaries stay a few MB whatever X's size."""
-    m, block = X.shape[0], block or _BLOCK
     P, b = P.astype(np.int32), b.astype(np.int32)
-    bounds = np.unique(np.concatenate([[0], np.searchsorted(X.indptr, np.arange(
-        block, X.nnz, block)), [m]]))
+    bounds = _row_blocks(X.indptr, block)
     data, indices, counts = [X.data[:0]], [X.indices[:0]], [np.zeros(1, dtype=np.int64)]
     for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
         lo, hi = X.indptr[r0], X.indptr[r1]

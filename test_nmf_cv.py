@@ -445,6 +445,32 @@ def test_relative_error_and_history(missing):
     assert not res.converged
 
 
+def test_relative_error_of_sparse_float32_reads_blocks_and_copies_nothing_whole(monkeypatch):
+    """Sparse X: the stored cells a block of rows at a time (the same sums as one pass, bit
+    for bit), |X|^2 of float32 values a block at a time; no temporary the size of X."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    X = sp.random(400, 300, density=0.4, random_state=4, format="csr", dtype=np.float32)
+    W, H = rng.random((400, 3)), rng.random((3, 300))
+    data = nmf_cv._validate_data(X)
+    rss, xx = nmf_cv._observed_rss(data, W, H), nmf_cv._observed_sq_norm(data)
+    dense = X.toarray().astype(np.float64)
+    assert rss == pytest.approx(np.sum((dense - W @ H) ** 2), rel=1e-12)
+    monkeypatch.setattr(nmf_cv, "_BLOCK", 1000)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        error = data.relative_error(W, H)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * X.nnz, (peak, X.nnz)  # a whole copy: 8 bytes an entry
+    assert nmf_cv._observed_rss(data, W, H) == rss  # rows in order: the same additions
+    assert nmf_cv._observed_sq_norm(data) == pytest.approx(xx, rel=1e-13)
+    assert error == pytest.approx(np.sqrt(rss / xx), rel=1e-13)
+
+
 @pytest.mark.parametrize("method,loss", COMBOS)
 @pytest.mark.parametrize("init", ["random", "nndsvda"])
 def test_same_seed_same_result(method, loss, init):
