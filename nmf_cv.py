@@ -4913,14 +4913,14 @@ class _FoldTraining:
             by_row = np.full((m, n_groups), -np.inf)
             by_col = np.full((n, n_groups), -np.inf)
             # a block of rows at a time (sparse X): slicing copies, and a block is a few MB
-            step = m if not self.sparse else max(1, m * _BLOCK // max(self.X.nnz, 1))
-            for r0 in range(0, m, step):
-                block = self.X[r0:r0 + step]
+            bounds = _row_blocks(self.X.indptr) if self.sparse else np.array([0, m])
+            for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
+                block = self.X[r0:r1]
                 for g, (rows, cols) in enumerate(zip(self.row_groups, self.col_groups,
                                                      strict=True)):
                     if len(cols):
-                        by_row[r0:r0 + step, g] = _line_max(block[:, cols], axis=1)
-                    rows = rows[(rows >= r0) & (rows < r0 + step)] - r0
+                        by_row[r0:r1, g] = _line_max(block[:, cols], axis=1)
+                    rows = rows[(rows >= r0) & (rows < r1)] - r0
                     if len(rows):
                         by_col[:, g] = np.maximum(by_col[:, g], _line_max(block[rows], axis=0))
             by_row[np.arange(m), self.P] = -np.inf
