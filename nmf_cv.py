@@ -1854,9 +1854,8 @@ class _MaskedLines:
         """The Gram table the kernels sum over a line's cells (see `_use_pairs`): unit Gram
         matrices, or B's rows' outer products, or none (gather B's rows instead)."""
         if self.units is not None:
-            return _unit_pairs(B, self.units, _line_aligned_zeros(
-                (len(self.cell_group), _pairs_width(B.shape[1]))))
-        return _pair_table(B) if _use_pairs(B) else _NO_TABLE
+            return _unit_pairs(B, self.units, len(self.cell_group))
+        return _pair_products(B) if _use_pairs(B) else _NO_TABLE
 
 
 def _mask_lines(observed):
@@ -2025,6 +2024,7 @@ def _use_pairs(B):
     return B.shape[0] * _pairs_width(B.shape[1]) * 8 <= _PAIRS_BYTES
 
 
+@njit(cache=True)
 def _pairs_width(k):
     """Row length of _pair_products' table: k(k+1)/2 rounded up to 4 doubles (a SIMD vector,
     half a cache line) when it fits there, else to whole cache lines of 8: summing rows then
@@ -2034,17 +2034,14 @@ def _pairs_width(k):
     return 4 if n <= 4 else (n + 7) // 8 * 8
 
 
-def _pair_table(B):
-    """`_pair_products` of B in a new table whose rows lie on cache lines."""
-    return _pair_products(B, _line_aligned_zeros((B.shape[0], _pairs_width(B.shape[1]))))
-
-
-def _line_aligned_zeros(shape):
-    """float64 zeros whose first entry starts a 64-byte cache line."""
-    size = int(np.prod(shape))
-    buf = np.zeros(size + 8)
-    start = (-buf.ctypes.data % 64) // 8
-    return buf[start:start + size].reshape(shape)
+@njit(cache=True)
+def _line_aligned_zeros(n, width):
+    """float64 zeros (n, width) whose first entry starts a 64-byte cache line (numba's
+    arrays start 32 bytes into one). Allocated in the kernel that fills it, so that LLVM
+    knows it aliases nothing."""
+    buf = np.zeros(n * width + 8, dtype=np.float64)
+    start = ((64 - buf.ctypes.data % 64) % 64) // 8
+    return buf[start:start + n * width].reshape((n, width))
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -2573,12 +2570,12 @@ def _gather_cells(B, cell_idx, cells):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _unit_pairs(B, units, pairs):
-    """_pair_products summed over each unit's rows into ``pairs`` (zeros, a row per unit):
-    row u is the packed lower triangle of the sum of b b' over the rows b of B with
-    units[b] == u. Each triangle row is one contiguous loop (it vectorizes, unlike counting
-    entries)."""
+def _unit_pairs(B, units, n_units):
+    """_pair_products summed over each unit's rows: row u is the packed lower triangle of
+    the sum of b b' over the rows b of B with units[b] == u. Each triangle row is one
+    contiguous loop (it vectorizes, unlike counting entries)."""
     n, k = B.shape
+    pairs = _line_aligned_zeros(n_units, _pairs_width(k))
     for b in range(n):
         row = pairs[units[b]]
         e = 0
@@ -2591,10 +2588,11 @@ def _unit_pairs(B, units, pairs):
 
 
 @njit(cache=True)
-def _pair_products(B, pairs):
-    """pairs[b] = the lower triangle of B[b] B[b]', row by row, into ``pairs`` (zeros, of
-    _pairs_width columns, the rest left 0)."""
+def _pair_products(B):
+    """pairs[b] = the lower triangle of B[b] B[b]', row by row, then zeros up to
+    _pairs_width entries, in a table on cache lines (`_line_aligned_zeros`)."""
     n, k = B.shape
+    pairs = _line_aligned_zeros(n, _pairs_width(k))
     for b in range(n):
         e = 0
         for t in range(k):

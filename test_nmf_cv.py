@@ -1356,7 +1356,7 @@ def test_pair_table_rows_lie_on_cache_lines(k):
     """Each row of the Gram table is b b''s lower triangle, then zeros; the table starts on a
     64-byte line and a row is 4 doubles (half a line) or whole lines of 8."""
     B = np.random.default_rng(k).random((37, k))
-    table = nmf_cv._pair_table(B)
+    table = nmf_cv._pair_products(B)
     width = table.shape[1]
     assert table.ctypes.data % 64 == 0 and (width == 4 or width % 8 == 0)
     assert width >= k * (k + 1) // 2 > width - 8
@@ -1377,7 +1377,7 @@ def test_masked_cd_solves_nnls_like_scipy(missing, use_pairs):
     XtW, bases = solver.lay.products_H(solver.W)
     Ht = np.ascontiguousarray(H.T)
     c = solver.cols
-    pairs = nmf_cv._pair_table(solver.W) if use_pairs else NO_PAIRS
+    pairs = nmf_cv._pair_products(solver.W) if use_pairs else NO_PAIRS
     nmf_cv._masked_cd_rows(Ht, solver.W, bases, c.kernel(), XtW, np.arange(Ht.shape[0]),
                            0.0, lam, 5000, 0.0, pairs, solver.scratch, False)
     k = W.shape[1]
@@ -1407,7 +1407,7 @@ def test_masked_cd_rows_match_numpy_with_penalties(k, use_pairs):
     scratch = np.empty(n * (k + 4))
     ours = A.copy()
     lines = nmf_cv._MaskedLines(indptr, cols.astype(np.int64), np.where(direct, 1.0, -1.0))
-    pairs = nmf_cv._pair_table(B) if use_pairs else NO_PAIRS
+    pairs = nmf_cv._pair_products(B) if use_pairs else NO_PAIRS
     model = nmf_cv._masked_cd_rows(ours, B, (B.T @ B)[None], lines.kernel(), XB, np.arange(m),
                                    0.05, 0.3, 3, 0.0, pairs, scratch, True)
     expected = ref_penalised_cd_rows(A, B, XB, M, 0.05, 0.3, 3)
