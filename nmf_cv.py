@@ -6027,10 +6027,7 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
     matrices, labels, coph, disp, se = {}, {}, [], [], []
     for i, k in enumerate(ranks):
         runs = np.array(labels_flat[i * n_runs:(i + 1) * n_runs])
-        C = np.zeros((runs.shape[1], runs.shape[1]))
-        for run in runs:
-            C += run[:, None] == run[None, :]
-        C /= n_runs
+        C = _together(runs) / n_runs
         matrices[int(k)], labels[int(k)] = C, runs
         coph.append(cophenetic_correlation(C))
         disp.append(dispersion_coefficient(C))
@@ -6102,14 +6099,19 @@ def cophenetic_standard_error(labels, n_groups=10):
     if R < 3:
         return math.nan
     G = min(n_groups, R)
-    sums = np.zeros((G, labels.shape[1], labels.shape[1]))
-    for r, run in enumerate(labels):
-        sums[r % G] += run[:, None] == run[None, :]
-    sizes = np.bincount(np.arange(R) % G, minlength=G)
-    total = sums.sum(axis=0)
-    left_out = np.array([cophenetic_correlation((total - sums[g]) / (R - sizes[g]))
-                         for g in range(G)])
+    total = _together(labels)
+    left_out = np.array([cophenetic_correlation((total - _together(labels[g::G]))
+                                                / (R - len(labels[g::G]))) for g in range(G)])
     return float(np.sqrt((G - 1) / G * np.sum((left_out - left_out.mean()) ** 2)))
+
+
+def _together(runs):
+    """int32 (n, n): in how many of the runs (each a row of cluster labels) two samples
+    share a cluster. One matrix at a time: a consensus over thousands of samples is large."""
+    counts = np.zeros((runs.shape[1], runs.shape[1]), dtype=np.int32)
+    for run in runs:
+        counts += run[:, None] == run[None, :]
+    return counts
 
 
 def dispersion_coefficient(C):
