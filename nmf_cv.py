@@ -1508,7 +1508,11 @@ def _kl_floor(dtype):
 # fuse multiply-adds (so loops vectorize) but keeps IEEE semantics for NaN, inf and signed zero.
 # Integers a kernel passes to another kernel start as np.int64(...), not a bare literal: numba
 # would compile the callee once more for the literal's type (Literal[int]), compile time the
-# first fit pays for nothing.
+# first fit pays for nothing. Helpers that kernels call from one place or a few are inlined
+# (inline="always"): each function numba compiles on its own costs a fixed part of a second
+# at first use. Inlined code takes its caller's fastmath and error model, so only helpers with
+# their callers' flags, or with no float arithmetic, are inlined; large ones called from many
+# kernels are not (each caller would compile them again).
 _FAST = {"reassoc", "contract"}
 
 
@@ -2106,7 +2110,7 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, pairs, scratc
     return total
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _gram_block(Gb, inv_hess, packed, keep, bases, block_group, nb, l2):
     """Gb[:, :, j] = G0 - S_j for a row given by its missing cells (keep[j] = 1), G0 being
     its base bases[block_group[j]], S_j for one given by its observed cells (keep[j] = 0),
@@ -2139,7 +2143,7 @@ def _floored_curvature(g, keep, base):
     return max(g, keep * _CURVATURE_NOISE * base)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
     """Coordinate descent sweeps on the first nb columns of Ab (k x size), column j
     minimising 1/2 a'G_j a - Yb_j . a + l2/2 |a|^2 over a >= 0, G_j = Gb[:, :, j], with
@@ -2176,7 +2180,7 @@ def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
             break
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _block_model(A, block_rows, B, L, Ab, Gb, sel, units):
     """Sum over a block's observed cells of (b . a)^2: a'G_a a, or for a row given by its
     observed cells the sum over them, which stays accurate when a grows along directions
@@ -2485,7 +2489,7 @@ def _packed_from_cells(B, cells, acc, scratch, S):
             e += 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _acc_width(pairs, n_packed):
     """Length of the accumulator `_cells_packed` fills: a row of ``pairs``, or n_packed."""
     if pairs is None:
@@ -2545,7 +2549,7 @@ def _cells_gram(cells, k, S):
             S[t + 1, r], S[t + 1, r + 1], S[t + 1, r + 2], S[t + 1, r + 3] = s10, s11, s12, s13
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _gather_cells(B, cell_idx, cells):
     """cells[t, q] = B[cell_idx[q], t] for t < k; rows k.. of ``cells`` are zeroed. Four
     cells at a time, so each store fills four adjacent entries of a row of ``cells`` (faster
@@ -2650,13 +2654,13 @@ def _row_cells_sq(A, a, B, idx, start, end):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _gather_rows(B, idx, s, c, scratch):
     """scratch[t * c + q] = B[idx[s + q], t]: the B rows of one row's cells, component-major."""
     _gather_cells(B, idx[s:s + c], scratch[:B.shape[1] * c].reshape((B.shape[1], c)))
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _predict_cells(A, a, scratch, c, u):
     """u[q] = A[a] . b_q for the gathered cells of one row."""
     for q in range(c):
@@ -3039,7 +3043,7 @@ def _kl_cd_rows(A, B, R, linear, kept, l1, l2, shape, sweeps, tol, eps, want_los
     return total
 
 
-@njit(cache=True, fastmath=_FAST, error_model="numpy")
+@njit(cache=True, fastmath=_FAST, error_model="numpy", inline="always")
 def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, eps):
     """Sweeps over row i's coordinates. For coordinate t, with b_q the gathered B[:, t] and
     v_q the row's predictions, f(s) = (lin_t + l1) s + l2/2 s^2 - sum x_q log(v_q + (s - a) b_q)
@@ -3107,7 +3111,7 @@ def _kl_safe_down(old, grad, hess, r_max):
     return max(old - grad / (hess + grad * r_max), 0.0)
 
 
-@njit(cache=True, fastmath=_FAST, error_model="numpy")
+@njit(cache=True, fastmath=_FAST, error_model="numpy", inline="always")
 def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps, a):
     """(sum x_q b_q / v_q, sum x_q b_q^2 / v_q^2, a bound on max b_q / v_q) over the cells for
     the coordinate whose b_q start at ``base`` and whose value is ``a``, first adding the
@@ -3137,7 +3141,7 @@ def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps, a):
 # Kernels reading X through the fold rule (`_FoldTraining`; a fully observed X is a rule
 # holding nothing out): X is dense, or empty with the CSR arrays (indptr, idx, vals) holding
 # it; row i's held-out cells are the columns j with b[j] == P[i].
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _rule_cells(i, which, R, js, xs):
     """Row i's cells of one kind into js, xs; returns their number. which > 0: training
     cells, 0: all. Dense X: every cell; CSR: the stored entries (R: `_RuleArrays`)."""
