@@ -34,8 +34,8 @@ kernels after it):
   ``step()``; `_make_solver` picks one by loss, method and the data's kind:
 
   - `_DenseSolver`: Frobenius on a fully observed X, dense or sparse (BLAS products);
-    `_DenseKLSolver`: KL multiplicative updates on a dense X, and `_DenseMaskedKLSolver` the
-    same on a mostly observed X with missing cells. (Section: a fully observed X.)
+    `_DenseKLSolver`: KL multiplicative updates on a dense X, fully or mostly observed.
+    (Section: a fully observed X.)
   - `_MaskedSolver`: Frobenius on X with missing cells, exact masked steps. (Section: data
     with missing cells.)
   - `_CellsKLSolver`: KL multiplicative updates on listed cells (missing or sparse);
@@ -1299,7 +1299,7 @@ def _make_solver(data, W, H, method, loss, penalty, update_H=True):
     if loss == "kl" and method == "cd":
         return _KLCDSolver(*_kl_lines(data), W, H, penalty, update_H)
     if loss == "kl" and method == "mu" and data.zeros is not None:
-        return _DenseMaskedKLSolver(data.zeros, data.observed, W, H, penalty, update_H)
+        return _DenseKLSolver(data.zeros, W, H, penalty, update_H, data.observed)
     if loss == "kl" and (data.masked or data.sparse is not None):
         return _CellsKLSolver(data, W, H, penalty, update_H)
     if data.masked:
@@ -1430,71 +1430,42 @@ class _DenseSolver(_TransposedW):
 
 
 class _DenseKLSolver(_TransposedW):
-    """KL multiplicative updates on a dense, fully observed X. One m x n buffer, allocated
-    once, holds WH and then X / WH."""
+    """KL multiplicative updates on a dense X, fully observed or with missing cells
+    (``observed`` False; X holds 0 there): each factor in one pass over X's lines
+    (`_kl_mu_lines`), its rows for W and, from a transposed copy, its columns for H."""
 
-    def __init__(self, X, W, H, penalty, update_H):
-        self.X, self.pen, self.update_H = X, penalty, update_H
+    def __init__(self, X, W, H, penalty, update_H, observed=None):
+        self.pen, self.update_H = penalty, update_H
+        self.rows = _kl_mu_line_arrays(X, observed)
+        if update_H:
+            self.cols = _kl_mu_line_arrays(np.ascontiguousarray(X.T),
+                                           None if observed is None else observed.T)
         self.Wt = np.ascontiguousarray(W.T)
         self.H = H
-        self.buf = np.empty(X.shape, dtype=X.dtype)
         self.eps = _kl_floor(X.dtype)
-        self.objective = self._ratio(want_loss=True)
+        self.objective = self._update_W(False, True)
 
-    def _ratio(self, want_loss):
-        np.dot(self.Wt.T, self.H, out=self.buf)
-        if not want_loss:
-            _kl_ratio_only(self.X, self.buf, self.eps)
-            return math.nan
-        return _kl_ratio(self.X, self.buf, self.eps) + self.pen.value(self.Wt, self.H)
+    def _update_W(self, update, want_loss):
+        p = self.pen
+        loss = _kl_mu_lines(self.Wt, self.H, *self.rows, p.l1_W, p.l2_W, self.eps, update,
+                            want_loss)
+        return loss + p.value(self.Wt, self.H) if want_loss else math.nan
 
     def step(self, want_loss=True):
         p = self.pen
         if self.update_H:
-            num = self.Wt @ self.buf
-            den = np.broadcast_to(self.Wt.sum(axis=1)[:, None], self.H.shape)
-            _kl_mu_apply(self.H, num, np.ascontiguousarray(den), p.l1_H, p.l2_H)
-            self._ratio(want_loss=False)
-        num = self.H @ self.buf.T
-        den = np.broadcast_to(self.H.sum(axis=1)[:, None], self.Wt.shape)
-        _kl_mu_apply(self.Wt, num, np.ascontiguousarray(den), p.l1_W, p.l2_W)
-        self.objective = self._ratio(want_loss)
+            _kl_mu_lines(self.H, self.Wt, *self.cols, p.l1_H, p.l2_H, self.eps, True, False)
+        self.objective = self._update_W(True, want_loss)
         return self.objective
 
 
-class _DenseMaskedKLSolver(_DenseKLSolver):
-    """KL multiplicative updates on mostly observed data with missing cells (``_Data.zeros``
-    set), as `_DenseKLSolver`'s BLAS products: X holds 0 in its missing cells, so X / WH is 0
-    there and the numerators are the dense ones; the denominators are the other factor's
-    sums over each line's observed cells, W'M and HM' (M the 0/1 mask). The same updates as
-    `_CellsKLSolver` up to rounding, at about half its time per iteration on mostly observed
-    data (the cell-streaming loops do not vectorize across cells as BLAS does)."""
-
-    def __init__(self, X, observed, W, H, penalty, update_H):
-        self.M = observed.astype(X.dtype)
-        self.missing = ~observed
-        super().__init__(X, W, H, penalty, update_H)
-
-    def _ratio(self, want_loss):
-        np.dot(self.Wt.T, self.H, out=self.buf)
-        if not want_loss:
-            _kl_ratio_only(self.X, self.buf, self.eps)
-            return math.nan
-        # _kl_ratio counts WH in every cell; the missing cells' X is 0, so only WH is extra
-        wh_missing = float(np.maximum(self.buf[self.missing], self.eps).sum())
-        return (_kl_ratio(self.X, self.buf, self.eps) - wh_missing
-                + self.pen.value(self.Wt, self.H))
-
-    def step(self, want_loss=True):
-        p = self.pen
-        if self.update_H:
-            num = self.Wt @ self.buf
-            _kl_mu_apply(self.H, num, self.Wt @ self.M, p.l1_H, p.l2_H)
-            self._ratio(want_loss=False)
-        num = self.H @ self.buf.T
-        _kl_mu_apply(self.Wt, num, self.H @ self.M.T, p.l1_W, p.l2_W)
-        self.objective = self._ratio(want_loss)
-        return self.objective
+def _kl_mu_line_arrays(X, observed):
+    """`_kl_mu_lines`' arguments for X's rows: X (0 in missing cells), then each row's
+    missing cells as CSR (ptr, idx; none without ``observed``)."""
+    if observed is None:
+        return X, np.zeros(X.shape[0] + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    missing = sp.csr_matrix(~observed)
+    return X, missing.indptr.astype(np.int64), missing.indices.astype(np.int64)
 
 
 def _kl_floor(dtype):
@@ -1604,27 +1575,98 @@ def _kl_majorizer_min(old, num, linear, l2):
     return old
 
 
-@njit(cache=True)
-def _kl_ratio(X, buf, eps):
-    """buf holds WH on entry and X / WH on exit; returns sum X log(X/WH) - X + WH."""
-    m, n = X.shape
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _kl_mu_lines(A, Bt, X, miss_ptr, miss_idx, l1, l2, eps, update, want_loss):
+    """KL multiplicative update (`_kl_mu_apply`'s) of A (k x q), column j from line j of X
+    (q x p, 0 in its missing cells: CSR miss_ptr, miss_idx) and the other factor Bt (k x p):
+    the numerators are Bt's products with X / (Bt' A[:, j]), the denominators Bt's sums
+    over the line's observed cells (its whole sums less its missing cells'). A column's
+    update needs its own line only, so one pass over the lines does it. ``update`` False:
+    A is left as it is. Returns the objective's data part over the observed cells after the
+    update when ``want_loss``, else 0."""
+    k, q = A.shape
+    p = Bt.shape[1]
+    pred = np.empty(p, dtype=np.float64)
+    ratio = np.empty(p, dtype=np.float64)
+    num = np.empty(k, dtype=np.float64)
+    den = np.empty(k, dtype=np.float64)
+    sums = np.empty(k, dtype=np.float64)
+    for a in range(k):
+        s = 0.0
+        for i in range(p):
+            s += Bt[a, i]
+        sums[a] = s
     loss = 0.0
-    for i in range(m):
-        for j in range(n):
-            wh = max(buf[i, j], eps)
-            x = X[i, j]
-            buf[i, j] = x / wh
-            loss += wh - x
-            if x > 0.0:
-                loss += x * math.log(x / wh)
+    for j in range(q):
+        x = X[j]
+        if update:
+            _predict_line(A, j, Bt, pred)
+            for i in range(p):
+                ratio[i] = x[i] / max(pred[i], eps)
+            _rows_times(Bt, ratio, num)
+            for a in range(k):
+                den[a] = sums[a]
+            for s in range(miss_ptr[j], miss_ptr[j + 1]):
+                for a in range(k):
+                    den[a] -= Bt[a, miss_idx[s]]
+            for a in range(k):
+                A[a, j] = _kl_majorizer_min(A[a, j], num[a], max(den[a], 0.0) + l1, l2)
+        if want_loss:
+            _predict_line(A, j, Bt, pred)
+            for i in range(p):
+                wh = max(pred[i], eps)
+                loss += wh - x[i]
+                if x[i] > 0.0:
+                    loss += x[i] * math.log(x[i] / wh)
+            for s in range(miss_ptr[j], miss_ptr[j + 1]):
+                loss -= max(pred[miss_idx[s]], eps)
     return loss
 
 
-def _kl_ratio_only(X, buf, eps):
-    """buf holds WH on entry and X / WH on exit (numpy's vectorized divide, faster than a
-    scalar loop)."""
-    np.maximum(buf, eps, out=buf)
-    np.divide(X, buf, out=buf)
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _predict_line(A, j, Bt, pred):
+    """pred[i] = sum over a of Bt[a, i] A[a, j], four components per pass."""
+    k, p = Bt.shape
+    for i in range(p):
+        pred[i] = 0.0
+    a = 0
+    while a + 4 <= k:
+        h0, h1, h2, h3 = A[a, j], A[a + 1, j], A[a + 2, j], A[a + 3, j]
+        b0, b1, b2, b3 = Bt[a], Bt[a + 1], Bt[a + 2], Bt[a + 3]
+        for i in range(p):
+            pred[i] += (b0[i] * h0 + b1[i] * h1) + (b2[i] * h2 + b3[i] * h3)
+        a += 4
+    while a < k:
+        h0 = A[a, j]
+        b0 = Bt[a]
+        for i in range(p):
+            pred[i] += b0[i] * h0
+        a += 1
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _rows_times(Bt, r, out):
+    """out[a] = Bt[a] . r, four rows per pass (four independent sums)."""
+    k, p = Bt.shape
+    a = 0
+    while a + 4 <= k:
+        b0, b1, b2, b3 = Bt[a], Bt[a + 1], Bt[a + 2], Bt[a + 3]
+        s0 = s1 = s2 = s3 = 0.0
+        for i in range(p):
+            ri = r[i]
+            s0 += b0[i] * ri
+            s1 += b1[i] * ri
+            s2 += b2[i] * ri
+            s3 += b3[i] * ri
+        out[a], out[a + 1], out[a + 2], out[a + 3] = s0, s1, s2, s3
+        a += 4
+    while a < k:
+        b0 = Bt[a]
+        s0 = 0.0
+        for i in range(p):
+            s0 += b0[i] * r[i]
+        out[a] = s0
+        a += 1
 
 
 # =============================================================================================

@@ -67,12 +67,11 @@ What is measured
    nmf-rs and nimfa draw their own inits, so their cophenetic values agree with nmf_cv's
    only up to the sampling noise of N restarts. 20 restarts (not 50) keep the full run's
    consensus part near 20 minutes, nimfa alone taking about 10.
-3. ``iteration``: cost of one dense KL iteration on the medulloblastoma data, by part:
-   nmf_cv's per-iteration time from ``time_history`` (median; `fit_nmf` evaluates the
-   objective every iteration), the median time of a solver step without the objective
-   (``step(want_loss=False)``, what consensus runs), its BLAS products and its ``X / WH``
-   pass with and without the KL objective (a log per cell), against plain numpy and nmf-rs
-   per iteration.
+3. ``iteration``: cost of one dense KL iteration on the medulloblastoma data: nmf_cv's
+   per-iteration time from ``time_history`` (median; `fit_nmf` evaluates the objective every
+   iteration), the median time of a solver step without the objective
+   (``step(want_loss=False)``, what consensus runs) and the difference (the objective's
+   part: a log per cell), against plain numpy and nmf-rs per iteration.
 4. ``kl``: cross-validation on Poisson counts, ``loss="kl"`` (KL coordinate descent with
    CV's Gamma priors, held-out Poisson deviance) against ``loss="frobenius"`` (HALS with CV's
    ridge, held-out squared error). Counts ``X ~ Poisson(rate)``, ``rate = A @ B`` with ``A``
@@ -582,17 +581,6 @@ def median_time(function, repeats):
     return float(np.median([timed(function)[0] for _ in range(repeats)]))
 
 
-def kl_ratio_time(X, W, H, want_loss, repeats):
-    """Median time of nmf_cv's X / WH pass, with the KL objective (``_kl_ratio``) or without
-    (``_kl_ratio_only``); WH recomputed, untimed, before each call."""
-    buf, eps, times = np.empty_like(X), nmf_cv._kl_floor(X.dtype), []
-    ratio = nmf_cv._kl_ratio if want_loss else nmf_cv._kl_ratio_only
-    for _ in range(repeats):
-        np.dot(W, H, out=buf)
-        times.append(timed(ratio, X, buf, eps)[0])
-    return float(np.median(times))
-
-
 def nmf_cv_iteration(X, k, plan, blas_threads=None):
     """Median iteration time of `fit_nmf` (objective every iteration), and its result."""
     with blas_limit(blas_threads):
@@ -604,24 +592,13 @@ def nmf_cv_iteration(X, k, plan, blas_threads=None):
 def nmf_cv_step(X, k, plan, blas_threads=None):
     """Median time of the dense KL solver's ``step(want_loss=False)`` (consensus's iteration),
     from `fit_nmf`'s init; uses the private ``_setup_fit`` and ``_DenseKLSolver``."""
-    _, solver = nmf_cv._setup_fit(X, k, method="mu", loss="kl", init="random",
-                                  random_state=0)
+    solver = nmf_cv._setup_fit(nmf_cv._validate_data(X), k, nmf_cv._FitOptions(
+        method="mu", loss="kl", init="random", random_state=0))
     if not isinstance(solver, nmf_cv._DenseKLSolver):
         raise TypeError(f"expected nmf_cv._DenseKLSolver, got {type(solver).__name__}")
     with blas_limit(blas_threads):
         times = [timed(solver.step, want_loss=False)[0] for _ in range(plan.per_iter)]
     return float(np.median(times[1:]))
-
-
-def kernel_parts(X, W, H, repeats):
-    """Median times of the pieces of one nmf_cv KL iteration at (W, H)."""
-    buf = np.dot(W, H)
-    with_loss, no_loss = (kl_ratio_time(X, W, H, flag, repeats) for flag in (True, False))
-    return {"wh": median_time(lambda: np.dot(W, H, out=buf), repeats),
-            "num_h": median_time(lambda: W.T @ buf, repeats),
-            "num_w": median_time(lambda: H @ buf.T, repeats),
-            "with_loss": with_loss, "no_loss": no_loss,
-            "np_div": median_time(lambda: np.divide(X, buf, out=np.empty_like(X)), repeats)}
 
 
 def peers_per_iteration(X, k, n_iter):
@@ -633,39 +610,30 @@ def peers_per_iteration(X, k, n_iter):
 
 
 def iteration_row(X, k, plan):
-    per_iter, res = nmf_cv_iteration(X, k, plan)
-    per_iter_1blas = nmf_cv_iteration(X, k, plan, blas_threads=1)[0]
-    step, step_1blas = (nmf_cv_step(X, k, plan, threads) for threads in (None, 1))
-    t = kernel_parts(X, res.W, res.H, plan.repeats)
-    loss = t["with_loss"] - t["no_loss"]
-    return ([k, ms(per_iter), ms(per_iter_1blas), ms(step), ms(step_1blas),
-             ratio(step, per_iter)]
-            + [ms(t[key]) for key in ("wh", "num_h", "num_w", "with_loss", "no_loss")]
-            + [ms(loss), ratio(loss, per_iter), ms(t["np_div"])]
+    per_iter = nmf_cv_iteration(X, k, plan)[0]
+    step = nmf_cv_step(X, k, plan)
+    loss = per_iter - step
+    return ([k, ms(per_iter), ms(step), ms(loss), ratio(loss, per_iter)]
             + [ms(x) for x in peers_per_iteration(X, k, plan.per_iter)])
 
 
 def bench_iteration(plan):
     X = load_medulloblastoma(plan)
-    log("3. one dense KL iteration, by part")
+    log("3. one dense KL iteration")
     rows = [iteration_row(X, k, plan) for k in plan.ranks]
-    headers = ["k", "fit_nmf ms/iter (with objective)", "fit_nmf ms/iter, 1 BLAS thread",
-               "step(want_loss=False) ms", "step(want_loss=False) ms, 1 BLAS thread",
-               "step without / fit_nmf with objective", "WH (BLAS)", "W'R (BLAS)",
-               "R H' (BLAS)", "X/WH + KL loss", "X/WH only", "loss part",
-               "loss part / fit_nmf iter", "numpy X/WH", "plain numpy ms/iter",
+    headers = ["k", "fit_nmf ms/iter (with objective)", "step(want_loss=False) ms",
+               "objective part", "objective part / fit_nmf iter", "plain numpy ms/iter",
                "nmf-rs ms/iter"]
     note = (f"Data {X.shape[0]}x{X.shape[1]}, times in ms. fit_nmf: median of the "
             f"`time_history` steps of a {plan.per_iter}-iteration fit (init random, tol=0); "
-            "its iteration is 2 WH products, 2 X/WH passes (the second with the KL "
-            "objective), W'R, R H' and two small multiplicative applies. step(want_loss="
-            "False): median time of the dense KL solver's step without the objective (both "
-            "X/WH passes without the log), what `consensus` runs with `stop=\"max_iter\"` or "
-            f"`\"connectivity\"`; {plan.per_iter} steps from the same init. Parts: median of "
-            f"{plan.repeats} calls on the fit's final W, H, with nmf_cv's own kernels. Plain "
+            "its iteration is one pass over X's columns for H and one over its rows for W "
+            "(`_kl_mu_lines`), the second with the KL objective (a log per cell). "
+            "step(want_loss=False): median time of the dense KL solver's step without the "
+            "objective, what `consensus` runs with `stop=\"max_iter\"` or "
+            f"`\"connectivity\"`; {plan.per_iter} steps from the same init. Plain "
             f"numpy and nmf-rs: wall time of a {plan.per_iter}-iteration fit / iterations "
             "(init included).")
-    return "\n".join(["## 3. One dense KL iteration, by part (medulloblastoma)", "", note, "",
+    return "\n".join(["## 3. One dense KL iteration (medulloblastoma)", "", note, "",
                       markdown_table(headers, rows)])
 
 
