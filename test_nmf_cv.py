@@ -1,6 +1,7 @@
 """Tests for nmf_cv. References are independent: plain numpy updates written here,
 scipy.optimize.nnls, planted factors, scikit-learn."""
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -2977,6 +2978,30 @@ def test_task_runner_lets_each_result_go_once_handed_over():
     assert len(refs) == 8
 
 
+@contextlib.contextmanager
+def _blocks_unlinked_after():
+    """Records the shared-memory blocks this process creates in the block; after it, checks
+    that some were made and that none is left in /dev/shm (only this process's blocks count:
+    tests running beside this one make their own)."""
+    from multiprocessing import shared_memory
+
+    made, original = [], shared_memory.SharedMemory.__init__
+
+    def recording(self, name=None, create=False, size=0, **kwargs):
+        original(self, name, create, size, **kwargs)
+        if create:
+            made.append(self.name)
+
+    shared_memory.SharedMemory.__init__ = recording
+    try:
+        yield made
+    finally:
+        shared_memory.SharedMemory.__init__ = original
+    assert made
+    if os.path.isdir("/dev/shm"):
+        assert [n for n in made if os.path.exists(os.path.join("/dev/shm", n.lstrip("/")))] == []
+
+
 def test_process_pool_receives_the_data_once_through_shared_memory():
     """With a ProcessPoolExecutor the tasks carry the data's shared-memory names, not the
     data (which the workers map once); results equal the serial ones; the blocks are
@@ -2994,8 +3019,7 @@ def test_process_pool_receives_the_data_once_through_shared_memory():
     X = nmf_cv.make_planted(400, 150, 3, noise=0.1, random_state=0)  # 480 kB
     S = sp.csr_matrix(np.round(3 * X))
     kw = dict(random_state=0, progress=False, max_iter=50)
-    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    with Recording(2) as pool:
+    with _blocks_unlinked_after(), Recording(2) as pool:
         for Y, loss in ((X, "frobenius"), (S, "kl")):
             serial = nmf_cv.cross_validate(Y, [2, 3], loss=loss, **kw)
             pooled = nmf_cv.cross_validate(Y, [2, 3], loss=loss, executor=pool, **kw)
@@ -3007,8 +3031,6 @@ def test_process_pool_receives_the_data_once_through_shared_memory():
         pooled = nmf_cv.consensus(S, [2, 3], n_runs=3, executor=pool, **kw)
         assert_array_equal(pooled.cophenetic, serial.cophenetic)
         assert max(pool.sizes) < 20_000
-    if os.path.isdir("/dev/shm"):
-        assert set(os.listdir("/dev/shm")) <= before
     # the rebuilt object equals the original, read-only
     shared = nmf_cv._Shared(nmf_cv._RuleSource(S))
     try:
@@ -3026,32 +3048,30 @@ def test_data_already_in_shared_memory_are_not_copied_again(tmp_path, capsys):
     import pickle
 
     S = sp.csr_matrix(sparse_counts(60, 40, 2, 3))
-    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    outer = nmf_cv._Shared(S)
-    X = outer.local()
-    inner = nmf_cv._Shared(nmf_cv._RuleSource(X, X.T.tocsr()))
-    try:
-        assert [spec[0] for spec in inner.specs[:3]] == [spec[0] for spec in outer.specs]
-        assert len(inner.blocks) == 3  # the transpose's, new
-        copy = nmf_cv._attached(pickle.loads(pickle.dumps(inner)))
-        assert (copy.X != S).nnz == 0 and (copy.Xt != S.T).nnz == 0
-        assert not X.data.flags.writeable
-    finally:
-        inner.release()
-        del X
-        outer.release()
-    sp.save_npz(tmp_path / "x.npz", S)
-    rank = ["rank", str(tmp_path / "x.npz"), "--ranks", "1:3", "--criteria", "cv",
-            "--folds", "3", "--loss", "kl"]
-    for name, extra in (("pool", ["--jobs", "2"]), ("serial", [])):
-        assert nmf_cv.main(rank + extra + ["--out", str(tmp_path / name)]) == 0
+    with _blocks_unlinked_after():
+        outer = nmf_cv._Shared(S)
+        X = outer.local()
+        inner = nmf_cv._Shared(nmf_cv._RuleSource(X, X.T.tocsr()))
+        try:
+            assert [spec[0] for spec in inner.specs[:3]] == [spec[0] for spec in outer.specs]
+            assert len(inner.blocks) == 3  # the transpose's, new
+            copy = nmf_cv._attached(pickle.loads(pickle.dumps(inner)))
+            assert (copy.X != S).nnz == 0 and (copy.Xt != S.T).nnz == 0
+            assert not X.data.flags.writeable
+        finally:
+            inner.release()
+            del X
+            outer.release()
+        sp.save_npz(tmp_path / "x.npz", S)
+        rank = ["rank", str(tmp_path / "x.npz"), "--ranks", "1:3", "--criteria", "cv",
+                "--folds", "3", "--loss", "kl"]
+        for name, extra in (("pool", ["--jobs", "2"]), ("serial", [])):
+            assert nmf_cv.main(rank + extra + ["--out", str(tmp_path / name)]) == 0
     pool, serial = (json.loads((tmp_path / f"{name}_rank.json").read_text())
                     for name in ("pool", "serial"))
     assert_allclose(np.array(pool["cv"]["press"], dtype=float),  # BLAS threads differ
                     np.array(serial["cv"]["press"], dtype=float), rtol=1e-9)
     assert "Exception ignored" not in capsys.readouterr().err
-    if os.path.isdir("/dev/shm"):
-        assert set(os.listdir("/dev/shm")) <= before
 
 
 @pytest.mark.parametrize("observed_share", [0.05, 0.8])
