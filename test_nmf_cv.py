@@ -942,6 +942,32 @@ def test_mu_iterates_match_numpy_reference(loss, missing):
         assert solver.objective == pytest.approx(objective(X, mask, Wr, Hr, loss), rel=1e-10)
 
 
+@pytest.mark.parametrize("k", [1, 3, 4, 7, 9])
+def test_dense_kl_mu_with_nearly_empty_lines_matches_numpy_reference(k):
+    """The dense KL solver's one pass per factor (`_kl_mu_lines`: four components per pass,
+    then the rest) takes a line's denominators as the whole sums less its missing cells':
+    exact to rounding even where a line keeps one observed cell of many."""
+    X, mask, W, H = _problem(0.1, seed=3, m=40, n=25, k=k)
+    mask[0, 1:] = False   # a row with one observed cell
+    mask[2:, 3] = False   # a column with two
+    assert mask.mean() > 0.5  # mostly observed: the dense solver, missing cells listed
+    solver = _solver(X, mask, W, H, "mu", "kl")
+    assert isinstance(solver, nmf_cv._DenseKLSolver)
+    Wr, Hr = W.copy(), H.copy()
+    for _ in range(4):
+        solver.step()
+        ref_mu_step(X, mask, Wr, Hr, "kl")
+    Ws, Hs = solver.factors()
+    np.testing.assert_allclose(Ws, Wr, rtol=1e-10)
+    np.testing.assert_allclose(Hs, Hr, rtol=1e-10)
+    assert solver.objective == pytest.approx(objective(X, mask, Wr, Hr, "kl"), rel=1e-10)
+    X32 = np.where(mask, X, np.nan).astype(np.float32)
+    res = nmf_cv.fit_nmf(X32, k, method="mu", loss="kl", init=(W.astype(np.float32),
+                         H.astype(np.float32)), max_iter=4, tol=0)
+    assert res.W.dtype == np.float32
+    np.testing.assert_allclose(res.W, Wr, rtol=1e-4)
+
+
 @pytest.mark.parametrize("storage", ["dense", "masked", "sparse"])
 def test_penalised_kl_mu_moves_to_the_bound_minimum_and_never_raises_the_objective(storage):
     """KL multiplicative updates with a ridge take the minimum of each entry's Lee-Seung bound
