@@ -9,6 +9,11 @@ BLAS thread. Run from the repository root::
 
     python benchmarks/bench_first_run.py                        # this checkout
     python benchmarks/bench_first_run.py --module-path ../base  # another checkout's nmf_cv
+    python benchmarks/bench_first_run.py --against ../base      # cold, in pairs with another
+
+``--against``: on a machine whose speed drifts between runs, a difference of a second in
+compile time shows only in pairs: each repeat runs the script cold with this checkout and with
+the other, in alternating order, and the table lists every pair's step times.
 """
 
 import argparse
@@ -119,10 +124,14 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warm", action="store_true",
                         help="also time warm kernels (best of 3 fits of 60 iterations each)")
+    parser.add_argument("--against", metavar="DIR",
+                        help="another checkout: cold runs of both in pairs, taking turns")
     parser.add_argument("--kernels", action="store_true",
                         help="also list each kernel's compile seconds (median over cold runs)")
     args = parser.parse_args(argv)
     module_path = str(Path(args.module_path).resolve() if args.module_path else ROOT)
+    if args.against:
+        return pairs(module_path, str(Path(args.against).resolve()), args.repeats)
     runs = {"cold": [], "warm": []}
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:
@@ -155,6 +164,28 @@ def main(argv=None):
         cold = statistics.median(r[index] for r in runs["cold"])
         warm = statistics.median(r[index] for r in runs["warm"])
         print(f"| whole script, {what} | {cold:.2f} | {warm:.2f} (cold - warm {cold - warm:.2f}) |")
+
+
+def pairs(this, other, repeats):
+    """Cold runs of two modules in pairs, in alternating order; prints each pair's steps."""
+    rows = []
+    for r in range(repeats):
+        runs = {}
+        for path in (this, other) if r % 2 == 0 else (other, this):
+            with tempfile.TemporaryDirectory() as cache:
+                runs[path] = run_once(path, cache)
+        rows.append(runs)
+    steps = list(rows[0][this][0]["steps"])
+    print(f"cold seconds in pairs, {other} / {this}")
+    print("| pair | " + " | ".join(steps) + " | whole script, CPU |")
+    print("|---" * (len(steps) + 2) + "|")
+    for i, runs in enumerate(rows, 1):
+        cells = [f"{runs[other][0]['steps'][s]:.2f} / {runs[this][0]['steps'][s]:.2f}"
+                 for s in steps]
+        cells.append(f"{runs[other][1]:.2f} / {runs[this][1]:.2f}")
+        print(f"| {i} | " + " | ".join(cells) + " |")
+    saved = [runs[other][1] - runs[this][1] for runs in rows]
+    print(f"\nmedian over the pairs of the CPU seconds saved: {statistics.median(saved):.2f}")
 
 
 if __name__ == "__main__":
