@@ -1447,25 +1447,35 @@ class _DenseKLSolver(_TransposedW):
 
     def _update_W(self, update, want_loss):
         p = self.pen
-        loss = _kl_mu_lines(self.Wt, self.H, *self.rows, p.l1_W, p.l2_W, self.eps, update,
+        loss = _kl_mu_lines(self.Wt, self.H, self.rows, p.l1_W, p.l2_W, self.eps, update,
                             want_loss)
         return loss + p.value(self.Wt, self.H) if want_loss else math.nan
 
     def step(self, want_loss=True):
         p = self.pen
         if self.update_H:
-            _kl_mu_lines(self.H, self.Wt, *self.cols, p.l1_H, p.l2_H, self.eps, True, False)
+            _kl_mu_lines(self.H, self.Wt, self.cols, p.l1_H, p.l2_H, self.eps, True, False)
         self.objective = self._update_W(True, want_loss)
         return self.objective
 
 
+class _LinesWithMissing(NamedTuple):
+    """X's rows as `_kl_mu_lines` reads them: X (0 in missing cells) and each row's missing
+    cells as CSR (``miss_ptr``, ``miss_idx``; none when every cell is observed)."""
+
+    X: np.ndarray
+    miss_ptr: np.ndarray
+    miss_idx: np.ndarray
+
+
 def _kl_mu_line_arrays(X, observed):
-    """`_kl_mu_lines`' arguments for X's rows: X (0 in missing cells), then each row's
-    missing cells as CSR (ptr, idx; none without ``observed``)."""
+    """`_LinesWithMissing` of X's rows (``observed`` None: every cell)."""
     if observed is None:
-        return X, np.zeros(X.shape[0] + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return _LinesWithMissing(X, np.zeros(X.shape[0] + 1, dtype=np.int64),
+                                 np.zeros(0, dtype=np.int64))
     missing = sp.csr_matrix(~observed)
-    return X, missing.indptr.astype(np.int64), missing.indices.astype(np.int64)
+    return _LinesWithMissing(X, missing.indptr.astype(np.int64),
+                             missing.indices.astype(np.int64))
 
 
 def _kl_floor(dtype):
@@ -1576,14 +1586,15 @@ def _kl_majorizer_min(old, num, linear, l2):
 
 
 @njit(cache=True, fastmath=_FAST, error_model="numpy")
-def _kl_mu_lines(A, Bt, X, miss_ptr, miss_idx, l1, l2, eps, update, want_loss):
+def _kl_mu_lines(A, Bt, lines, l1, l2, eps, update, want_loss):
     """KL multiplicative update (`_kl_mu_apply`'s) of A (k x q), column j from line j of X
-    (q x p, 0 in its missing cells: CSR miss_ptr, miss_idx) and the other factor Bt (k x p):
+    (``lines``: `_LinesWithMissing`, q x p) and the other factor Bt (k x p):
     the numerators are Bt's products with X / (Bt' A[:, j]), the denominators Bt's sums
     over the line's observed cells (its whole sums less its missing cells'). A column's
     update needs its own line only, so one pass over the lines does it. ``update`` False:
     A is left as it is. Returns the objective's data part over the observed cells after the
     update when ``want_loss``, else 0."""
+    X, miss_ptr, miss_idx = lines.X, lines.miss_ptr, lines.miss_idx
     k, q = A.shape
     p = Bt.shape[1]
     pred = np.empty(p, dtype=np.float64)
