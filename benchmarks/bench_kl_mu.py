@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import ROOT
+from _common import ROOT, markdown_table
 
 SHAPES = [(300, 200, 0.1), (300, 200, 0.0), (2000, 1000, 0.1), (2000, 1000, 0.0), (5000, 38, 0.0)]
 RANKS = (2, 4, 8, 16)
@@ -67,15 +67,13 @@ def main(argv=None):
     for _ in range(2):
         for path in paths:
             results[path].append(run(path))
-    print("| | " + " | ".join(paths) + " |")
-    print("|---" * (len(paths) + 1) + "|")
+    rows = []
     for key, first in results[paths[0]][0].items():
         if isinstance(first, str):
-            cells = [results[path][0][key] for path in paths]
+            rows.append([key] + [results[path][0][key] for path in paths])
         else:
-            cells = [f"{min(r[key] for r in results[path]):.3g}" for path in paths]
-        print(f"| {key} | " + " | ".join(cells) + " |")
-
+            rows.append([key] + [f"{min(r[key] for r in results[path]):.3g}" for path in paths])
+    print(markdown_table([""] + paths, rows))
 
 if __name__ == "__main__":
     main()
