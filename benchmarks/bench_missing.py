@@ -23,16 +23,26 @@ What is measured (one BLAS thread; numba compiled before anything is timed)
    folds, one split, serial, in a fresh process: the data (80 MB) plus the peak of what
    numpy allocates during the call (tracemalloc; numba's small kernel buffers are not
    counted).
+4. Where a masked iteration's time goes (HEAD only), 4000 x 1000, 20% missing at random,
+   k = 8, 16, 32: a dense and a masked iteration as in 1, the exact-step bound
+   1 + k f / 2 times the dense one, and the masked iteration's parts, each the best of 5
+   calls from the same point: the two products with X (``products_W``, ``products_H``),
+   each update with no sweep (forming every line's Gram matrix from the table of b b'
+   products), its sweeps (the update less that), and the table sums alone
+   (``_sum_pairs`` over every line's cells, called from Python), with the rate at which
+   they add table entries.
 """
 
 import argparse
 import importlib.util
+import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -140,6 +150,69 @@ def cv_rows(modules, repeats):
     return rows
 
 
+def best_of(function, *args, repeats=5):
+    """The shortest of ``repeats`` calls of function(*args), in seconds."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def update_parts(nmf_cv, solver, A, B, products, lines, most):
+    """One side's update: (seconds with no sweep, seconds of its sweeps, seconds of the table
+    sums alone, table entries they add)."""
+    def update(n_sweeps):
+        return nmf_cv._cd_lines(A.copy(), B, products, lines, (0.0, 0.0), (n_sweeps, 0.1),
+                                solver.scratch, False)
+
+    no_sweep = best_of(update, 0)
+    sweeps = best_of(update, most) - no_sweep
+    table = lines.table(B)
+    if table is None:  # the kernel gathers cells instead: no table sums to time
+        return no_sweep, sweeps, 0.0, 0
+    exact = lines.exact.astype(np.int64)
+    sums = best_of(table_sums, nmf_cv._sum_pairs, table, lines.ptr, lines.idx, exact)
+    return no_sweep, sweeps, sums, int(np.sum(np.diff(lines.ptr)[exact])) * table.shape[1]
+
+
+@njit
+def table_sums(sum_pairs, table, ptr, idx, lines):
+    """`_sum_pairs` over each line's cells, in one compiled loop (no call from Python each)."""
+    acc = np.empty(table.shape[1])
+    for a in lines:
+        sum_pairs(table, idx[ptr[a]:ptr[a + 1]], acc)
+
+
+def breakdown_row(nmf_cv, k, m=4000, n=1000, fraction=0.2):
+    """Section 4's row for rank k, milliseconds."""
+    X = nmf_cv.make_planted(m, n, k, noise=0.05, random_state=0)
+    Y = with_missing(X, fraction, "random")
+    init = nmf_cv._initialize(nmf_cv._validate_data(X), k, "nndsvda", np.random.default_rng(0))
+    dense = min(per_iteration(nmf_cv, X, init, 12) for _ in range(2))
+    masked = min(per_iteration(nmf_cv, Y, init, 12) for _ in range(2))
+    s = nmf_cv._setup_fit(nmf_cv._validate_data(Y), k, nmf_cv._FitOptions(init=init))
+    for _ in range(3):
+        s.step()
+    products = best_of(s.lay.products_W, s.Ht) + best_of(s.lay.products_H, s.W)
+    parts = [update_parts(nmf_cv, s, s.W, s.Ht, s.lay.products_W(s.Ht), s.rows, s.sweeps_W),
+             update_parts(nmf_cv, s, s.Ht, s.W, s.lay.products_H(s.W), s.cols, s.sweeps_H)]
+    gram, sweeps, sums, entries = (sum(values) for values in zip(*parts, strict=True))
+    return [k, f"{1e3 * dense:.2f}", f"{1e3 * masked:.2f}", f"{masked / dense:.2f}",
+            f"{1 + k * fraction / 2:.1f}", f"{1e3 * products:.2f}", f"{1e3 * gram:.2f}",
+            f"{1e3 * sweeps:.2f}", f"{1e3 * sums:.2f}" if sums else "",
+            f"{entries / sums / 1e9:.1f}" if sums else ""]
+
+
+def breakdown_rows(nmf_cv):
+    rows = []
+    for k in (8, 16, 32):
+        rows.append(breakdown_row(nmf_cv, k))
+        log(" ".join(str(c) for c in rows[-1]))
+    return rows
+
+
 MEMORY_SCRIPT = """
 import sys, time, tracemalloc, numpy as np
 sys.path.insert(0, sys.argv[1])
@@ -214,6 +287,15 @@ def main(argv=None):
         print()
         print(markdown_table(["revision", "allocated during the call, MB", "x data",
                               "data + that, x data", "seconds"], memory_rows(modules)))
+    if "4" in args.sections:
+        log("4. where a masked iteration's time goes")
+        print()
+        print("## 4. A masked HALS iteration's parts, 4000 x 1000, 20% missing at random, ms")
+        print()
+        print(markdown_table(["k", "dense iteration", "masked iteration", "masked / dense",
+                              "bound 1 + kf/2", "products with X", "Gram matrices (updates "
+                              "with no sweep)", "sweeps", "table sums alone",
+                              "table entries added per ns"], breakdown_rows(head)))
     print()
     print(f"Load average at end {load_average()}; wall time "
           f"{time.perf_counter() - start:.0f} s.")
