@@ -9156,12 +9156,15 @@ def _cli_fit(args):
     _check_positive_int(args.runs, "--runs")
     kwargs = {"method": args.method, "loss": args.loss, "init": args.init,
               "max_iter": args.max_iter, "tol": args.tol, "random_state": args.seed}
+    shape = X.shape
+    missing = 0.0 if sp.issparse(X) else float(np.isnan(X).mean())
     if args.runs > 1:
-        with _cli_executor(args.jobs, args.dask) as pool:
+        with _cli_data(X, args) as X, _cli_executor(args.jobs, args.dask) as pool:
             res = fit_nmf(X, args.n_components, n_runs=args.runs, executor=pool,
                           progress=True, **kwargs)
     else:
         res = fit_nmf(X, args.n_components, **kwargs)
+    del X
     prefix = _prefix(args)
     names = [f"component_{t + 1}" for t in range(res.n_components)]
     W = res.W
@@ -9172,8 +9175,8 @@ def _cli_fit(args):
     files = [f"{prefix}_W.{args.format}", f"{prefix}_H.{args.format}"]
     _write_csv(files[0], W, row_labels, names, sep)
     _write_csv(files[1], res.H, names, col_labels, sep)
-    summary = {"file": args.file, "layer": args.layer, "shape": list(X.shape),
-               "missing_fraction": 0.0 if sp.issparse(X) else float(np.isnan(X).mean()),
+    summary = {"file": args.file, "layer": args.layer, "shape": list(shape),
+               "missing_fraction": missing,
                "n_components": res.n_components, "method": res.method, "loss": res.loss,
                "relative_error": res.relative_error, "n_iter": res.n_iter,
                "converged": res.converged, "objective": float(res.loss_history[-1]),
@@ -9193,6 +9196,23 @@ def _cli_fit(args):
     _write_json(files[-1], summary)
     print(f"{res!r}\nwrote {', '.join(files)}")
     return 0
+
+
+@contextlib.contextmanager
+def _cli_data(X, args):
+    """X as the command holds it while its fits run: with a local pool (``--jobs`` > 1), the
+    copy in shared memory that the workers map, instead of the command's own (the data held
+    once, not twice); else X itself."""
+    if args.jobs == 1 or args.dask is not None:
+        yield X
+        return
+    shared = _Shared(X)
+    X = shared.local()
+    try:
+        yield X
+    finally:
+        del X
+        shared.release()
 
 
 @contextlib.contextmanager
@@ -9239,11 +9259,7 @@ def _cli_rank(args):
             {"file": os.path.abspath(args.file), "layer": args.layer,
              "arguments": {name: getattr(args, name) for name in _RANK_ARGUMENTS}}).encode())
     iterations = {"max_iter": args.max_iter}
-    # A pool's workers map X from shared memory: the command keeps that copy, not its own.
-    shared = _Shared(X) if args.jobs > 1 and args.dask is None else None
-    if shared is not None:
-        X = shared.local()
-    try:
+    with _cli_data(X, args) as X:
         report = _rank_report(X, args.ranks, args, n_restarts=args.restarts,
                               cv_kwargs={"n_folds": args.folds, "n_repeats": args.repeats,
                                          "loss": args.loss, "ridge": args.ridge, **iterations},
@@ -9254,10 +9270,6 @@ def _cli_rank(args):
                               stability_kwargs={"n_runs": args.stability_runs, "loss": args.loss,
                                                 **iterations},
                               checkpoint=args.checkpoint, progress=True)
-    finally:
-        del X
-        if shared is not None:
-            shared.release()
     arguments = {name: getattr(args, name) for name in _RANK_ARGUMENTS}
     _save_report(report, f"{prefix}_rank.json", args.report or f"{prefix}_rank.png",
                  {"row_labels": row_labels, "col_labels": col_labels,

@@ -3066,11 +3066,11 @@ def test_process_pool_receives_the_data_once_through_shared_memory():
         shared.release()
 
 
-def test_data_already_in_shared_memory_are_not_copied_again(tmp_path, capsys):
+def test_data_already_in_shared_memory_are_not_copied_again(tmp_path, capsys, monkeypatch):
     """`_Shared.local` is the object on this process's views of its blocks (what the
     command line keeps of X with --jobs): shipping it again reuses the blocks, and the
-    workers read the same data. rank --jobs 2 on sparse counts writes a serial run's
-    report and leaves no block behind."""
+    workers read the same data. rank --jobs 2 and fit --runs --jobs 2 on sparse counts
+    write a serial run's results, put X in shared memory once and leave no block behind."""
     import pickle
 
     S = sp.csr_matrix(sparse_counts(60, 40, 2, 3))
@@ -3093,10 +3093,25 @@ def test_data_already_in_shared_memory_are_not_copied_again(tmp_path, capsys):
                 "--folds", "3", "--loss", "kl"]
         for name, extra in (("pool", ["--jobs", "2"]), ("serial", [])):
             assert nmf_cv.main(rank + extra + ["--out", str(tmp_path / name)]) == 0
+        created, init = [], nmf_cv._Shared.__init__
+
+        def counting(self, obj):
+            init(self, obj)
+            created.append(len(self.blocks))
+
+        monkeypatch.setattr(nmf_cv._Shared, "__init__", counting)
+        fit = ["fit", str(tmp_path / "x.npz"), "-k", "2", "--runs", "3", "--loss", "kl",
+               "--max-iter", "300"]
+        for name, extra in (("fit_pool", ["--jobs", "2"]), ("fit_serial", [])):
+            assert nmf_cv.main(fit + extra + ["--out", str(tmp_path / name)]) == 0
+        assert created == [3, 0]  # X's three CSR arrays, by the command; the runs reuse them
     pool, serial = (json.loads((tmp_path / f"{name}_rank.json").read_text())
                     for name in ("pool", "serial"))
     assert_allclose(np.array(pool["cv"]["press"], dtype=float),  # BLAS threads differ
                     np.array(serial["cv"]["press"], dtype=float), rtol=1e-9)
+    pool, serial = (nmf_cv.read_matrix(str(tmp_path / f"fit_{name}_H.csv"))[0]
+                    for name in ("pool", "serial"))
+    assert_allclose(pool, serial, rtol=1e-6)
     assert "Exception ignored" not in capsys.readouterr().err
 
 
