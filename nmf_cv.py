@@ -2984,12 +2984,15 @@ def _kl_lines(data):
 
 
 class _RuleArrays(NamedTuple):
-    """X read through a fold rule, as the kernels take it: X dense (or empty, 0 x 0), its CSR
-    arrays (or empty ones), each row's held-out column class ``P``, each column's class
-    ``b``, and the columns ordered by class (``col_ptr``, ``col_order``)."""
+    """X read through a fold rule, as the kernels take it: X dense (or empty, 0 x 0), or its
+    sparse rows, row i being the entries ``starts[i]:ends[i]`` of ``idx`` and ``vals`` (a
+    CSR matrix's indptr[:-1] and indptr[1:], or another matrix's rows picked by index: see
+    `_RowResample`), each row's held-out column class ``P``, each column's class ``b``, and
+    the columns ordered by class (``col_ptr``, ``col_order``)."""
 
     X: np.ndarray
-    indptr: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
     idx: np.ndarray
     vals: np.ndarray
     P: np.ndarray
@@ -3019,10 +3022,11 @@ def _rule_view(X, P, b, col_ptr, col_order):
     """`_RuleArrays` of X (dense, or CSR) under the rule (P, b): a dense X, or an empty one
     and the CSR arrays."""
     if sp.issparse(X):
-        return _RuleArrays(np.zeros((0, 0), dtype=X.dtype), X.indptr, X.indices, X.data, P, b,
-                           col_ptr, col_order)
+        return _RuleArrays(np.zeros((0, 0), dtype=X.dtype), X.indptr[:-1], X.indptr[1:],
+                           X.indices, X.data, P, b, col_ptr, col_order)
     empty = np.zeros(0, dtype=np.int32)
-    return _RuleArrays(X, empty, empty, np.zeros(0, dtype=X.dtype), P, b, col_ptr, col_order)
+    return _RuleArrays(X, empty, empty, empty, np.zeros(0, dtype=X.dtype), P, b, col_ptr,
+                       col_order)
 
 
 def _all_cells(X):
@@ -3192,13 +3196,13 @@ def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps, a):
 
 
 # Kernels reading X through the fold rule (`_FoldTraining`; a fully observed X is a rule
-# holding nothing out): X is dense, or empty with the CSR arrays (indptr, idx, vals) holding
-# it; row i's held-out cells are the columns j with b[j] == P[i].
+# holding nothing out): X is dense, or empty with its rows' entries in idx and vals
+# (`_RuleArrays`); row i's held-out cells are the columns j with b[j] == P[i].
 @njit(cache=True, inline="always")
 def _rule_cells(i, which, R, js, xs):
     """Row i's cells of one kind into js, xs; returns their number. which > 0: training
     cells, 0: all. Dense X: every cell; CSR: the stored entries (R: `_RuleArrays`)."""
-    X, indptr, idx, vals, P, b = R.X, R.indptr, R.idx, R.vals, R.P, R.b
+    X, starts, ends, idx, vals, P, b = R.X, R.starts, R.ends, R.idx, R.vals, R.P, R.b
     c = P[i]
     count = 0
     if X.shape[0] > 0:
@@ -3208,7 +3212,7 @@ def _rule_cells(i, which, R, js, xs):
                 xs[count] = X[i, j]
                 count += 1
     else:
-        for q in range(indptr[i], indptr[i + 1]):
+        for q in range(starts[i], ends[i]):
             j = idx[q]
             if which == 0 or b[j] != c:
                 js[count] = j
@@ -4892,13 +4896,15 @@ class _FoldTraining:
         if self.sparse:
             h = self.held
             held = self.cells()._replace(X=np.zeros((0, 0), dtype=self.dtype),
-                                         indptr=h.indptr, idx=h.indices, vals=h.data)
+                                         starts=h.indptr[:-1], ends=h.indptr[1:],
+                                         idx=h.indices, vals=h.data)
             return _rule_sums(0, held, W, Ht, eps)
         empty_i, total = np.zeros(0, dtype=np.int32), np.zeros(5)
         for rows, cols, block in zip(self.row_groups, self.col_groups, self.blocks,
                                      strict=True):
             if block.size:
-                every_cell = _RuleArrays(block, empty_i, empty_i, np.zeros(0, self.dtype),
+                every_cell = _RuleArrays(block, empty_i, empty_i, empty_i,
+                                         np.zeros(0, self.dtype),
                                          np.zeros(len(rows), np.int64),
                                          np.zeros(len(cols), np.int64), self.col_ptr,
                                          self.col_order)
@@ -6540,11 +6546,21 @@ def silhouette_samples_cosine(points, labels):
 def _stability_task(X, k, seed, axis, bootstrap, method, loss, fit_kwargs):
     """One run: its (k, d) unit-norm components and relative error."""
     if bootstrap:
-        X = _resample(X, axis, np.random.default_rng(_child_seed(seed, 0)))
+        rng = np.random.default_rng(_child_seed(seed, 0))
         seed = _child_seed(seed, 1)
+        if _RowResample.serves(X, axis, method, loss, fit_kwargs):
+            res = _RowResample(X, _bootstrap_pick(X.shape[0], rng)).fit(k, method, seed,
+                                                                         fit_kwargs)
+            return _unit_rows(np.asarray(res.H, dtype=np.float64)), float(res.relative_error)
+        X = _resample(X, axis, rng)
     res = fit_nmf(X, k, method=method, loss=loss, random_state=seed, **fit_kwargs)
     comps = np.asarray(res.W.T if axis == "columns" else res.H, dtype=np.float64)
     return _unit_rows(comps), float(res.relative_error)
+
+
+def _bootstrap_pick(n, rng):
+    """n of range(n) drawn with replacement, sorted."""
+    return np.sort(rng.integers(0, n, n))
 
 
 def _resample(X, axis, rng):
@@ -6552,12 +6568,86 @@ def _resample(X, axis, rng):
     times) while some line would have no observed cell."""
     n = X.shape[1 if axis == "columns" else 0]
     for _ in range(20):
-        pick = np.sort(rng.integers(0, n, n))
+        pick = _bootstrap_pick(n, rng)
         Y = X[:, pick] if axis == "columns" else X[pick]
         if sp.issparse(Y) or not np.isnan(Y).all(axis=1 if axis == "columns" else 0).any():
             return Y
     raise ValueError("bootstrap resamples keep leaving a line with no observed cell: too "
                      "many missing cells for bootstrap=True")
+
+
+class _RowResample:
+    """A bootstrap resample of a sparse X's rows, X[pick], as KL coordinate descent fits it
+    without copying those rows (the consensus runs of `fit_nmf` on counts): the row updates
+    read them in X itself (a `_RuleArrays` whose row r is X's row pick[r]), and only the
+    resample's transpose, which the column updates read, is made (`_picked_transpose`): one
+    copy of its entries where X[pick] and its transpose were two. The fit is that of X[pick]
+    step for step; its mean (the random init's scale) and relative error are summed in
+    another order."""
+
+    def __init__(self, X, pick):
+        self.X, self.pick = X, pick
+        self.shape, self.dtype = (len(pick), X.shape[1]), X.dtype
+        self.Xt = _picked_transpose(X, pick)
+
+    @staticmethod
+    def serves(X, axis, method, loss, fit_kwargs):
+        """Whether a run on X can be fitted this way: rows of sparse X, KL coordinate
+        descent from a random init."""
+        return (sp.issparse(X) and axis == "rows" and loss == "kl"
+                and _resolve_method(method, loss) == "cd"
+                and isinstance(fit_kwargs.get("init"), str) and fit_kwargs["init"] == "random"
+                and X.nnz < 2 ** 31
+                and set(fit_kwargs) <= {f.name for f in dataclasses.fields(_FitOptions)})
+
+    def fit(self, k, method, random_state, fit_kwargs):
+        """`fit_nmf` of X[pick] with these options."""
+        kw = dict(fit_kwargs)
+        max_iter, tol = _iterations(kw.pop("max_iter", None), kw.pop("tol", None), 1)
+        return _fit(self, k, _FitOptions(method=method, loss="kl", max_iter=max_iter,
+                                         tol=tol, random_state=random_state, **kw))
+
+    def observed_mean(self):
+        return float(self.Xt.sum(dtype=np.float64)) / (self.shape[0] * self.shape[1])
+
+    def solver(self, W, H, method, loss, penalty, update_H=True):
+        X, (p, q) = self.X, self.shape
+        none = np.zeros(0, dtype=np.int64)
+        rows = _RuleArrays(np.zeros((0, 0), dtype=self.dtype), X.indptr[self.pick],
+                           X.indptr[self.pick + 1], X.indices, X.data,
+                           np.zeros(p, dtype=np.int64), np.ones(q, dtype=np.int64), none, none)
+        return _KLCDSolver(_KLLines(rows), _KLLines(_all_cells(self.Xt)), W, H, penalty,
+                           update_H)
+
+    def relative_error(self, W, H):
+        return _Data(self.Xt.shape, self.dtype, sparse=self.Xt).relative_error(H.T, W.T)
+
+
+def _picked_transpose(X, pick):
+    """X[pick].T as CSR (int32 indices), made from X's rows without making X[pick]."""
+    ptr, idx, vals = _picked_transpose_arrays(X.indptr, X.indices, X.data, pick, X.shape[1])
+    return sp.csr_matrix((vals, idx, ptr.astype(np.int32)), shape=(X.shape[1], len(pick)))
+
+
+@njit(cache=True)
+def _picked_transpose_arrays(indptr, indices, data, pick, n):
+    """CSR arrays (indptr, indices, values) of X[pick].T, each line's cells in row order."""
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    for r in range(pick.shape[0]):
+        for q in range(indptr[pick[r]], indptr[pick[r] + 1]):
+            ptr[indices[q] + 1] += 1
+    for j in range(n):
+        ptr[j + 1] += ptr[j]
+    idx = np.empty(ptr[n], dtype=np.int32)
+    vals = np.empty(ptr[n], dtype=data.dtype)
+    fill = ptr[:n].copy()
+    for r in range(pick.shape[0]):
+        for q in range(indptr[pick[r]], indptr[pick[r] + 1]):
+            j = indices[q]
+            idx[fill[j]] = r
+            vals[fill[j]] = data[q]
+            fill[j] += 1
+    return ptr, idx, vals
 
 
 @dataclass

@@ -3729,6 +3729,40 @@ def test_consensus_counts_sparse_as_dense_executor_and_checkpoint(tmp_path, monk
     assert_array_equal(first.H, dense.H)
 
 
+def test_sparse_kl_resample_fits_from_x_rows_as_from_a_copy(monkeypatch):
+    """Consensus runs on sparse counts fit a bootstrap resample of X's rows reading them in X
+    (`_RowResample`): its transpose equals scipy's, the fit from one init is that of X[pick]
+    step for step (float64 and float32), and a run's components equal those of the copied
+    resample (integer counts: the random init's scale is summed exactly either way)."""
+    X = sp.csr_matrix(sparse_counts(80, 50, 3, seed=4, density_mean=1.0))
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.integers(0, 80, 80))
+    assert len(np.unique(pick)) < 70  # rows drawn twice or more, and rows left out
+    for dtype in (np.float64, np.float32):
+        Xd = X.astype(dtype)
+        resample = nmf_cv._RowResample(Xd, pick)
+        expected = Xd[pick].T.tocsr()
+        for name in ("indptr", "indices", "data"):
+            assert_array_equal(getattr(resample.Xt, name), getattr(expected, name))
+        init = rng.random((80, 3)), rng.random((3, 50))
+        options = nmf_cv._FitOptions(loss="kl", init=init, max_iter=40, tol=0.0,
+                                     extrapolate=True)
+        ours = nmf_cv._fit(resample, 3, options)
+        copied = nmf_cv._fit(nmf_cv._validate_data(Xd[pick]), 3, options)
+        assert ours.W.dtype == dtype
+        assert_array_equal(ours.W, copied.W)
+        assert_array_equal(ours.H, copied.H)
+        assert_array_equal(ours.loss_history, copied.loss_history)
+        assert ours.relative_error == pytest.approx(copied.relative_error, rel=1e-6)
+    kw = {"init": "random", "max_iter": 300, "tol": 1e-6}
+    seed = np.random.SeedSequence(7)
+    run = nmf_cv._stability_task(X, 3, seed, "rows", True, "cd", "kl", kw)
+    monkeypatch.setattr(nmf_cv._RowResample, "serves", staticmethod(lambda *args: False))
+    copied = nmf_cv._stability_task(X, 3, seed, "rows", True, "cd", "kl", kw)
+    assert_array_equal(run[0], copied[0])
+    assert run[1] == pytest.approx(copied[1], rel=1e-10)
+
+
 def test_consensus_drops_a_run_from_another_optimum():
     """Nine runs find the same three components, one finds a mixture: it is dropped."""
     rng = np.random.default_rng(0)
