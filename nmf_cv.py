@@ -28,7 +28,8 @@ kernels after it):
 - Initialization: NNDSVD(a) or random factors, from observed cells only.
 - Fitting, public API: `fit_nmf`, `NMFResult`, the `NMF` estimator, `make_planted`. With
   ``n_runs > 1`` `fit_nmf` makes consensus components (`_consensus_fit`, in the section on
-  component stability, whose matching it shares).
+  component stability, whose matching it shares; runs on sparse counts read their resample's
+  rows in X, `_RowResample`).
 - Fitting, the driver: `_fit` makes the solver (`_setup_fit`) and `_run` steps it to
   convergence (extrapolation, dead components revived). Each solver is a class with one
   ``step()``; `_make_solver` picks one by loss, method and the data's kind:
