@@ -6546,15 +6546,17 @@ def silhouette_samples_cosine(points, labels):
 
 def _stability_task(X, k, seed, axis, bootstrap, method, loss, fit_kwargs):
     """One run: its (k, d) unit-norm components and relative error."""
+    res = None
     if bootstrap:
         rng = np.random.default_rng(_child_seed(seed, 0))
         seed = _child_seed(seed, 1)
         if _RowResample.serves(X, axis, method, loss, fit_kwargs):
             res = _RowResample(X, _bootstrap_pick(X.shape[0], rng)).fit(k, method, seed,
                                                                          fit_kwargs)
-            return _unit_rows(np.asarray(res.H, dtype=np.float64)), float(res.relative_error)
-        X = _resample(X, axis, rng)
-    res = fit_nmf(X, k, method=method, loss=loss, random_state=seed, **fit_kwargs)
+        else:
+            X = _resample(X, axis, rng)
+    if res is None:
+        res = fit_nmf(X, k, method=method, loss=loss, random_state=seed, **fit_kwargs)
     comps = np.asarray(res.W.T if axis == "columns" else res.H, dtype=np.float64)
     return _unit_rows(comps), float(res.relative_error)
 
