@@ -4895,10 +4895,8 @@ class _FoldTraining:
     def held_sums(self, W, Ht, eps):
         """`_rule_sums` over the held-out cells with a value (all of them for dense X)."""
         if self.sparse:
-            h = self.held
-            held = self.cells()._replace(X=np.zeros((0, 0), dtype=self.dtype),
-                                         starts=h.indptr[:-1], ends=h.indptr[1:],
-                                         idx=h.indices, vals=h.data)
+            rule = self.cells()
+            held = _rule_view(self.held, rule.P, rule.b, rule.col_ptr, rule.col_order)
             return _rule_sums(0, held, W, Ht, eps)
         empty_i, total = np.zeros(0, dtype=np.int32), np.zeros(5)
         for rows, cols, block in zip(self.row_groups, self.col_groups, self.blocks,
