@@ -1614,6 +1614,10 @@ def _kl_mu_lines(A, Bt, lines, l1, l2, eps, update, want_loss):
         for i in range(p):
             s += Bt[a, i]
         sums[a] = s
+    B = np.empty((p if len(miss_idx) else 0, k), dtype=Bt.dtype)  # B[i]: Bt[:, i] side by
+    for i in range(B.shape[0]):                                    # side, for missing cells
+        for a in range(k):
+            B[i, a] = Bt[a, i]
     loss = 0.0
     for j in range(q):
         x = X[j]
@@ -1625,8 +1629,9 @@ def _kl_mu_lines(A, Bt, lines, l1, l2, eps, update, want_loss):
             for a in range(k):
                 den[a] = sums[a]
             for s in range(miss_ptr[j], miss_ptr[j + 1]):
+                b = B[miss_idx[s]]
                 for a in range(k):
-                    den[a] -= Bt[a, miss_idx[s]]
+                    den[a] -= b[a]
             for a in range(k):
                 A[a, j] = _kl_majorizer_min(A[a, j], num[a], max(den[a], 0.0) + l1, l2)
         if want_loss:
