@@ -5985,6 +5985,8 @@ class ConsensusResult:
         cluster (each sample's cluster is the component with its largest loading).
     labels : dict
         rank -> (n_runs, n) cluster of every sample in every run.
+    n_runs : ndarray (r,)
+        Runs per rank (``n_runs="auto"`` gives more to the ranks that decide the pick).
     cophenetic : ndarray (r,)
         Cophenetic correlation of each consensus matrix (Brunet et al. 2004).
     cophenetic_se : ndarray (r,)
@@ -6022,6 +6024,7 @@ class ConsensusResult:
     pac: np.ndarray = None
     pac_interval: tuple = (0.1, 0.9)
     cophenetic_se: np.ndarray = None
+    n_runs: np.ndarray = None
 
     def __repr__(self):
         values = ", ".join(f"{k}: {c:.3f}" for k, c in zip(self.ranks, self.cophenetic,
@@ -6045,8 +6048,15 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
     X : array-like (m, n)
         Non-negative data, NaN = missing.
     ranks : iterable of int, each >= 2
-    n_runs : int
-        Restarts per rank (default 50).
+    n_runs : int or "auto"
+        Restarts per rank: default 50, Brunet et al.'s protocol. ``"auto"`` (`choose_rank`'s
+        choice): 10 at every rank, then 10 more at a time, up to 50, at the ranks of each
+        comparison that decides the pick (`best_cophenetic_rank`: whether consecutive
+        coefficients differ by more than 0.001) and is within one standard error
+        (``cophenetic_se``) of going the other way. Fewer runs give coefficients that err
+        high at ranks where another clustering turns up now and then, so 10 runs alone move
+        the pick on some seeds; this keeps the picks of 50 runs at a third to a half of
+        their cost (benchmarks/README.md, "Consensus runs").
     method, loss : str
         Passed to `fit_nmf`; by default Brunet's choice, KL multiplicative updates.
         ``method="cd"`` fits the KL loss by coordinate descent instead (the CLI's choice with
@@ -6083,7 +6093,10 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
     data = _validate_data(X, mask, signal=True)
     _check_choice(axis, ("columns", "rows"), "axis")
     ranks = _check_ranks(ranks, data.shape, minimum=2)
-    _check_positive_int(n_runs, "n_runs")
+    if isinstance(n_runs, str):
+        _check_choice(n_runs, ("auto",), "n_runs")
+    else:
+        _check_positive_int(n_runs, "n_runs")
     method = _resolve_method(method, loss)
     if stop is None:
         stop = "connectivity" if method == "mu" else "objective"
@@ -6101,26 +6114,69 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
     ckpt, root = _open_checkpoint(checkpoint, "consensus", data, random_state, ranks=ranks,
                                   n_runs=n_runs, method=method, loss=loss, axis=axis, stop=stop,
                                   stable_iter=stable_iter, fit_options=fit_kwargs)
-    seeds = root.spawn(len(ranks) * n_runs)
     rule = {"connectivity": stable_iter, "objective": None, "max_iter": 0}[stop]
+    run = _Run(executor, progress, ckpt)
     with _shipped(Xc, executor) as carried:
-        args = [(carried, int(k), seeds[i * n_runs + r], axis, method, loss, rule, fit_kwargs)
-                for i, k in enumerate(ranks) for r in range(n_runs)]
-        labels_flat = _map_tasks(_consensus_task, args, _Run(executor, progress, ckpt),
-                                 "consensus")
-    matrices, labels, coph, disp, se = {}, {}, [], [], []
-    for i, k in enumerate(ranks):
-        runs = np.array(labels_flat[i * n_runs:(i + 1) * n_runs])
-        C = _together(runs) / n_runs
-        matrices[int(k)], labels[int(k)] = C, runs
-        coph.append(cophenetic_correlation(C))
-        disp.append(dispersion_coefficient(C))
-        se.append(cophenetic_standard_error(runs))
-    coph = np.array(coph)
+        def task(k, seed):
+            return carried, int(k), seed, axis, method, loss, rule, fit_kwargs
+        if n_runs == "auto":
+            runs = _consensus_rounds(task, ranks, root, run)
+        else:
+            seeds = root.spawn(len(ranks) * n_runs)
+            flat = _map_tasks(_consensus_task, [task(k, seeds[i * n_runs + r])
+                                                for i, k in enumerate(ranks)
+                                                for r in range(n_runs)], run, "consensus")
+            runs = [np.array(flat[i * n_runs:(i + 1) * n_runs]) for i in range(len(ranks))]
+    matrices = {int(k): _together(r) / len(r) for k, r in zip(ranks, runs, strict=True)}
+    coph = np.array([cophenetic_correlation(matrices[int(k)]) for k in ranks])
     pac = np.array([proportion_ambiguous(matrices[int(k)], pac_interval) for k in ranks])
-    return ConsensusResult(ranks, matrices, labels, coph, np.array(disp),
+    return ConsensusResult(ranks, matrices, dict(zip(ranks.tolist(), runs, strict=True)), coph,
+                           np.array([dispersion_coefficient(matrices[int(k)]) for k in ranks]),
                            best_cophenetic_rank(ranks, coph), axis, pac, pac_interval,
-                           np.array(se))
+                           np.array([cophenetic_standard_error(r) for r in runs]),
+                           np.array([len(r) for r in runs]))
+
+
+_AUTO_RUNS = (10, 10, 50)  # consensus(n_runs="auto"): runs per rank first, per round, at most
+
+
+def _consensus_rounds(task, ranks, root, run):
+    """Each rank's runs (n_runs, n) for ``n_runs="auto"``: rounds of `_consensus_task`s,
+    ``task(k, seed)`` giving one's arguments, until `_undecided_ranks` names none. Run r
+    of rank i always has the seed root.spawn(len(ranks))[i].spawn(most)[r], whatever the
+    rounds, and a round's runs depend only on the earlier rounds' clusterings, so a
+    checkpoint resumes it round for round."""
+    first, step, most = _AUTO_RUNS
+    seeds = [s.spawn(most) for s in root.spawn(len(ranks))]
+    runs, wanted, round_ = [[] for _ in ranks], np.full(len(ranks), first), 0
+    while True:
+        todo = [(i, r) for i in range(len(ranks)) for r in range(len(runs[i]), wanted[i])]
+        if not todo:
+            return [np.array(r) for r in runs]
+        round_ += 1
+        done = _map_tasks(_consensus_task, [task(ranks[i], seeds[i][r]) for i, r in todo],
+                          run, f"consensus round {round_}")
+        for (i, _), labels in zip(todo, done, strict=True):
+            runs[i].append(labels)
+        more = _undecided_ranks(ranks, [np.array(r) for r in runs]) & (wanted < most)
+        wanted[more] += step
+
+
+def _undecided_ranks(ranks, runs):
+    """bool (r,): the ranks of the comparisons the pick rests on (`best_cophenetic_rank`: each
+    consecutive pair up to the first drop, every pair when none drops) that lie within one
+    standard error (`cophenetic_standard_error`, the two ranks' combined) of the rule's
+    threshold, so that more runs could turn them."""
+    coph = np.array([cophenetic_correlation(_together(r) / len(r)) for r in runs])
+    se = np.array([cophenetic_standard_error(r) for r in runs])
+    drops = coph[:-1] - coph[1:]
+    falling = np.flatnonzero(drops > _FIRST_DROP)
+    last = falling[0] if len(falling) else len(drops) - 1
+    near = np.abs(drops - _FIRST_DROP) <= np.hypot(se[:-1], se[1:])
+    undecided = np.zeros(len(ranks), dtype=bool)
+    for i in np.flatnonzero(near[:last + 1]):
+        undecided[i:i + 2] = True
+    return undecided
 
 
 def cophenetic_correlation(C):
@@ -6237,6 +6293,7 @@ def proportion_ambiguous(C, interval=(0.1, 0.9)):
 
 
 COPHENETIC_RULES = ("first_drop", "largest_drop", "pac")
+_FIRST_DROP = 0.001  # best_cophenetic_rank's "first_drop": a fall above this is a drop
 
 
 def best_cophenetic_rank(ranks, cophenetic, rule="first_drop", min_drop=None, pac=None):
@@ -6282,7 +6339,7 @@ def best_cophenetic_rank(ranks, cophenetic, rule="first_drop", min_drop=None, pa
     if cophenetic.shape != ranks.shape:
         raise ValueError(f"cophenetic has shape {cophenetic.shape}; ranks {ranks.shape}")
     if min_drop is None:
-        min_drop = 0.001 if rule == "first_drop" else 0.01
+        min_drop = _FIRST_DROP if rule == "first_drop" else 0.01
     drops = cophenetic[:-1] - cophenetic[1:]
     falling = np.flatnonzero(drops > min_drop)
     if len(falling):
@@ -7512,8 +7569,8 @@ def choose_rank(X, ranks, criteria=None, *, mask=None, n_restarts=_N_RESTARTS,
         ``prior_kwargs`` says otherwise), ``"cv"`` (`cross_validate`; suggests its
         ``best_rank``, and reports the one-standard-error rule as ``"cv_1se"``),
         ``"bicv"`` (`bicross_validate`), ``"randomized"`` (`randomized_rss`),
-        ``"cophenetic"`` (`consensus`, ranks >= 2), ``"stability"`` (`stability`, ranks
-        >= 2). Default: all (`CRITERIA`).
+        ``"cophenetic"`` (`consensus` with ``n_runs="auto"``, ranks >= 2), ``"stability"``
+        (`stability`, ranks >= 2). Default: all (`CRITERIA`).
     mask, random_state, executor, progress
         Shared by all criteria (each criterion draws from its own seed stream).
     checkpoint : str or os.PathLike, optional
@@ -7560,7 +7617,7 @@ def choose_rank(X, ranks, criteria=None, *, mask=None, n_restarts=_N_RESTARTS,
         tried = ranks[ranks >= criterion.min_rank]
         if len(tried) == 0:
             continue
-        kwargs = criterion_kwargs.get(criterion.keyword) or {}
+        kwargs = {**criterion.defaults, **(criterion_kwargs.get(criterion.keyword) or {})}
         if criterion.restarts:
             kwargs = {"n_restarts": n_restarts, **kwargs}
         seed = None if criterion.stream is None else seeds[criterion.stream]
@@ -7837,7 +7894,9 @@ class _Criterion:
     result (X dense with NaN, or CSR); ``stream`` is its seed stream (each criterion draws
     from its own, so adding one moves no other; None: it draws none); ``min_rank`` drops
     smaller ranks (skipped when none is left); ``restarts``: it takes ``n_restarts``;
-    ``options``: `choose_rank`'s keyword for its own arguments (default ``NAME_kwargs``).
+    ``options``: `choose_rank`'s keyword for its own arguments (default ``NAME_kwargs``),
+    which override ``defaults``, the arguments `choose_rank` gives it where they differ from
+    its function's.
     ``columns(result)`` gives its table columns (name -> {rank: value}), ``notes(result)``
     lines under the table, ``agreement(result)`` clauses after the agreement line,
     ``details(result)`` its own entry in ``to_dict()``; ``panel(ax, result, suggestions)``
@@ -7857,6 +7916,7 @@ class _Criterion:
     min_rank: int = 1
     restarts: bool = False
     options: str = ""
+    defaults: dict = field(default_factory=dict)
     columns: Callable = None
     notes: Callable = None
     agreement: Callable = None
@@ -8129,6 +8189,8 @@ def _cophenetic_columns(co):
     se = getattr(co, "cophenetic_se", None)
     if se is not None:
         cols["coph se"] = _by_rank(co.ranks, se)
+    if getattr(co, "n_runs", None) is not None:
+        cols["coph runs"] = _by_rank(co.ranks, co.n_runs)
     cols["dispersion"] = _by_rank(co.ranks, co.dispersion)
     if co.pac is not None:
         cols["PAC"] = _by_rank(co.ranks, co.pac)
@@ -8153,10 +8215,13 @@ _register(_Criterion(
         "cophenetic", "cophenetic correlation (Brunet)", "cophenetic (Brunet)",
         lambda co: co.best_rank, edge=_edge_of_range(bottom=False, single=True),
         still="coefficient highest"),),
-    stream=1, min_rank=2, options="consensus_kwargs", columns=_cophenetic_columns,
+    stream=1, min_rank=2, options="consensus_kwargs", defaults={"n_runs": "auto"},
+    columns=_cophenetic_columns,
     details=lambda co: {"ranks": _json_array(co.ranks), "cophenetic": _json_array(co.cophenetic),
                         "cophenetic_se": None if getattr(co, "cophenetic_se", None) is None
                         else _json_array(co.cophenetic_se),
+                        "n_runs": None if getattr(co, "n_runs", None) is None
+                        else _json_array(co.n_runs),
                         "dispersion": _json_array(co.dispersion),
                         "pac": None if co.pac is None else _json_array(co.pac),
                         "best_rank": co.best_rank, "axis": co.axis},
@@ -9159,10 +9224,12 @@ def _parser():
                       help="e.g. 2:10 (inclusive), 2:10:2 or 2,3,5")
     _add_rank_options(rank)
     rank.add_argument("--folds", type=int, default=5, help="cross-validation folds")
-    rank.add_argument("--runs", type=int, default=30, help="consensus restarts per rank")
+    rank.add_argument("--runs", type=_parse_int_or_auto, default="auto",
+                      help="consensus restarts per rank, or auto: 10, and more where the pick "
+                      "needs them (Brunet's protocol: 50)")
     rank.add_argument("--stability-runs", type=int, default=20,
                       help="component-stability fits per rank (default: %(default)s)")
-    rank.add_argument("--repeats", type=_parse_repeats, default="auto",
+    rank.add_argument("--repeats", type=_parse_int_or_auto, default="auto",
                       help="cross-validation fold splits, or auto: two for every rank, up "
                       "to five for the ranks still in contention (default: %(default)s)")
     rank.add_argument("--restarts", type=int, default=_N_RESTARTS,
@@ -9246,7 +9313,7 @@ def _parse_ranks(text):
             f"expected FIRST:LAST[:STEP] or a comma-separated list, got {text!r}") from None
 
 
-def _parse_repeats(text):
+def _parse_int_or_auto(text):
     if text == "auto":
         return text
     try:

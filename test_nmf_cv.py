@@ -3452,6 +3452,74 @@ def test_cophenetic_standard_error_edge_cases():
         nmf_cv.cophenetic_standard_error(same, n_groups=1)
 
 
+def test_undecided_ranks_are_those_of_the_picks_comparisons_within_one_error():
+    """The rule written out with the public coefficient and error, on runs whose coefficients
+    differ clearly (decided) or by less than their errors (undecided)."""
+    rng = np.random.default_rng(0)
+    same = np.tile(np.arange(30) % 3, (10, 1))  # coefficient 1, error 0
+    ranks = np.array([2, 3, 4])
+
+    def rule(runs):
+        coph = [nmf_cv.cophenetic_correlation(_runs_consensus(r)) for r in runs]
+        se = [nmf_cv.cophenetic_standard_error(r) for r in runs]
+        return np.diff(coph) * -1, np.hypot(se[:-1], se[1:])
+
+    flat = [same, same, same]  # no drop: every pair counts, none near 0.001
+    assert not nmf_cv._undecided_ranks(ranks, flat).any()
+    clear = [same, _ambiguous_runs(rng, 10, flip=0.6), same]
+    drops, spread = rule(clear)
+    assert drops[0] - spread[0] > 0.001  # a drop beyond doubt at k = 2, then nothing counts
+    assert not nmf_cv._undecided_ranks(ranks, clear).any()
+    close = [_ambiguous_runs(rng, 10, flip=0.3), _ambiguous_runs(rng, 10, flip=0.32), same]
+    drops, spread = rule(close)
+    assert abs(drops[0] - 0.001) <= spread[0]  # 2 against 3 within one error
+    assert drops[1] < 0  # k = 4 rises, and is compared only after a drop
+    assert nmf_cv._undecided_ranks(ranks, close).tolist() == [True, True, False]
+    later = [same, close[0], close[1]]  # first drop 2 -> 3 is clear, so 3 against 4 is moot
+    assert not nmf_cv._undecided_ranks(ranks, later).any()
+
+
+def test_consensus_auto_runs_rounds_with_seeds_fixed_per_rank_and_run(monkeypatch, tmp_path):
+    X, _ = _clustered(6, 3)
+    kw = {"random_state": 3, "progress": False, "max_iter": 60}
+    seen = []
+    real = nmf_cv._consensus_task
+
+    def recording(X, k, seed, *args):
+        seen.append((k, seed.spawn_key))
+        return real(X, k, seed, *args)
+
+    monkeypatch.setattr(nmf_cv, "_consensus_task", recording)
+    decided = iter([np.array([True, False, True]), np.array([True, False, False])]
+                   + [np.zeros(3, dtype=bool)] * 3)
+    monkeypatch.setattr(nmf_cv, "_undecided_ranks", lambda ranks, runs: next(decided))
+    res = nmf_cv.consensus(X, [2, 3, 4], n_runs="auto", **kw)
+    assert res.n_runs.tolist() == [30, 10, 20]
+    assert [len(res.labels[k]) for k in (2, 3, 4)] == [30, 10, 20]
+    root = np.random.SeedSequence(3).spawn(3)[0].spawn_key  # rank 2's: root.spawn(3)[0]
+    assert [key for k, key in seen if k == 2] == [root + (r,) for r in range(30)]
+    assert [k for k, _ in seen] == [2] * 10 + [3] * 10 + [4] * 10 + [2] * 10 + [4] * 10 + [2] * 10
+    monkeypatch.setattr(nmf_cv, "_undecided_ranks", lambda ranks, runs: np.ones(3, bool))
+    capped = nmf_cv.consensus(X, [2, 3, 4], n_runs="auto", **{**kw, "max_iter": 10})
+    assert capped.n_runs.tolist() == [50, 50, 50]  # never decided: 50 runs, then it stops
+    monkeypatch.undo()
+    again = nmf_cv.consensus(X, [2, 3, 4], n_runs="auto", **kw)  # the real rule, twice
+    same = nmf_cv.consensus(X, [2, 3, 4], n_runs="auto", **kw)
+    assert all(n % 10 == 0 and 10 <= n <= 50 for n in again.n_runs)
+    for k in (2, 3, 4):
+        assert_array_equal(again.labels[k], same.labels[k])
+    assert_allclose(again.cophenetic, same.cophenetic)
+    path = tmp_path / "ckpt"
+    first = nmf_cv.consensus(X, [2, 3, 4], n_runs="auto", checkpoint=path, **kw)
+    monkeypatch.setattr(nmf_cv, "_consensus_task", None)  # resumed round by round: no fit
+    resumed = nmf_cv.consensus(X, [2, 3, 4], n_runs="auto", checkpoint=path, **kw)
+    assert resumed.n_runs.tolist() == first.n_runs.tolist() == again.n_runs.tolist()
+    assert_allclose(resumed.cophenetic, first.cophenetic)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="n_runs"):
+        nmf_cv.consensus(X, [2], n_runs="many")
+
+
 def test_perfect_block_consensus_has_cophenetic_and_dispersion_one():
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
     C = _runs_consensus([labels] * 5)
@@ -5065,7 +5133,7 @@ def test_cli_rank_options_reach_the_criteria_and_the_json(tmp_path):
     assert report["arguments"] == {
         "file": str(tmp_path / "x.npy"), "layer": None, "ranks": [1, 2, 3],
         "criteria": ["cv", "randomized"], "folds": 3, "repeats": 2, "restarts": 2,
-        "ridge": 0.05, "max_iter": 300, "runs": 30,
+        "ridge": 0.05, "max_iter": 300, "runs": "auto",
         "stability_runs": 20, "loss": "frobenius", "seed": 4, "jobs": 1}
 
 
