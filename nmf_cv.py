@@ -3515,8 +3515,9 @@ def _rank_fit_kwargs(method, loss, fit_kwargs):
     """`fit_nmf`'s options for the fits of `stability`, `randomized_rss` and
     `bicross_validate`: close to converged (`_RANK_FIT_DEFAULTS`) and extrapolated where the
     solver allows it (`_can_extrapolate`), as cross-validation's training fits are
-    (`_FoldFits.fit`): the same tolerance in a third to a half of the time, the same picks
-    (benchmarks/README.md, "bench_quickstart.py"). ``fit_kwargs``, the caller's, win."""
+    (`_FoldFits.fit`): the same tolerance in a third to two thirds of the time, the same picks
+    (benchmarks/README.md, "bench_extrapolated_criteria.py"). ``fit_kwargs``, the caller's,
+    win."""
     faster = {"extrapolate": True} if _can_extrapolate(_resolve_method(method, loss)) else {}
     return {**_RANK_FIT_DEFAULTS, **faster, **fit_kwargs}
 
@@ -6055,8 +6056,9 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
         coefficients differ by more than 0.001) and is within one standard error
         (``cophenetic_se``) of going the other way. Fewer runs give coefficients that err
         high at ranks where another clustering turns up now and then, so 10 runs alone move
-        the pick on some seeds; this keeps the picks of 50 runs at a third to a half of
-        their cost (benchmarks/README.md, "Consensus runs").
+        the pick on some seeds; "auto" gives the 50-run pick about as often as 50 runs do,
+        in a fifth to two fifths of their time (benchmarks/README.md,
+        "bench_consensus_runs.py").
     method, loss : str
         Passed to `fit_nmf`; by default Brunet's choice, KL multiplicative updates.
         ``method="cd"`` fits the KL loss by coordinate descent instead (the CLI's choice with
