@@ -6151,6 +6151,7 @@ def _consensus_rounds(task, ranks, root, run):
     first, step, most = _AUTO_RUNS
     seeds = [s.spawn(most) for s in root.spawn(len(ranks))]
     runs, wanted, round_ = [[] for _ in ranks], np.full(len(ranks), first), 0
+    coph, se = np.zeros(len(ranks)), np.zeros(len(ranks))  # of each rank's runs so far
     while True:
         todo = [(i, r) for i in range(len(ranks)) for r in range(len(runs[i]), wanted[i])]
         if not todo:
@@ -6160,22 +6161,25 @@ def _consensus_rounds(task, ranks, root, run):
                           run, f"consensus round {round_}")
         for (i, _), labels in zip(todo, done, strict=True):
             runs[i].append(labels)
-        more = _undecided_ranks(ranks, [np.array(r) for r in runs]) & (wanted < most)
+        for i in {i for i, _ in todo}:
+            r = np.array(runs[i])
+            coph[i] = cophenetic_correlation(_together(r) / len(r))
+            se[i] = cophenetic_standard_error(r)
+        more = _undecided_ranks(coph, se) & (wanted < most)
         wanted[more] += step
 
 
-def _undecided_ranks(ranks, runs):
-    """bool (r,): the ranks of the comparisons the pick rests on (`best_cophenetic_rank`: each
-    consecutive pair up to the first drop, every pair when none drops) that lie within one
-    standard error (`cophenetic_standard_error`, the two ranks' combined) of the rule's
+def _undecided_ranks(coph, se):
+    """bool (r,): of consecutive ranks' cophenetic coefficients ``coph`` and their standard
+    errors ``se`` (`cophenetic_standard_error`), the ranks of the comparisons the pick rests on
+    (`best_cophenetic_rank`: each consecutive pair up to the first drop, every pair when none
+    drops) that lie within one standard error (the two ranks' combined) of the rule's
     threshold, so that more runs could turn them."""
-    coph = np.array([cophenetic_correlation(_together(r) / len(r)) for r in runs])
-    se = np.array([cophenetic_standard_error(r) for r in runs])
     drops = coph[:-1] - coph[1:]
     falling = np.flatnonzero(drops > _FIRST_DROP)
     last = falling[0] if len(falling) else len(drops) - 1
     near = np.abs(drops - _FIRST_DROP) <= np.hypot(se[:-1], se[1:])
-    undecided = np.zeros(len(ranks), dtype=bool)
+    undecided = np.zeros(len(coph), dtype=bool)
     for i in np.flatnonzero(near[:last + 1]):
         undecided[i:i + 2] = True
     return undecided

@@ -3457,26 +3457,28 @@ def test_undecided_ranks_are_those_of_the_picks_comparisons_within_one_error():
     differ clearly (decided) or by less than their errors (undecided)."""
     rng = np.random.default_rng(0)
     same = np.tile(np.arange(30) % 3, (10, 1))  # coefficient 1, error 0
-    ranks = np.array([2, 3, 4])
+
+    def stats(runs):
+        return (np.array([nmf_cv.cophenetic_correlation(_runs_consensus(r)) for r in runs]),
+                np.array([nmf_cv.cophenetic_standard_error(r) for r in runs]))
 
     def rule(runs):
-        coph = [nmf_cv.cophenetic_correlation(_runs_consensus(r)) for r in runs]
-        se = [nmf_cv.cophenetic_standard_error(r) for r in runs]
+        coph, se = stats(runs)
         return np.diff(coph) * -1, np.hypot(se[:-1], se[1:])
 
     flat = [same, same, same]  # no drop: every pair counts, none near 0.001
-    assert not nmf_cv._undecided_ranks(ranks, flat).any()
+    assert not nmf_cv._undecided_ranks(*stats(flat)).any()
     clear = [same, _ambiguous_runs(rng, 10, flip=0.6), same]
     drops, spread = rule(clear)
     assert drops[0] - spread[0] > 0.001  # a drop beyond doubt at k = 2, then nothing counts
-    assert not nmf_cv._undecided_ranks(ranks, clear).any()
+    assert not nmf_cv._undecided_ranks(*stats(clear)).any()
     close = [_ambiguous_runs(rng, 10, flip=0.3), _ambiguous_runs(rng, 10, flip=0.32), same]
     drops, spread = rule(close)
     assert abs(drops[0] - 0.001) <= spread[0]  # 2 against 3 within one error
     assert drops[1] < 0  # k = 4 rises, and is compared only after a drop
-    assert nmf_cv._undecided_ranks(ranks, close).tolist() == [True, True, False]
+    assert nmf_cv._undecided_ranks(*stats(close)).tolist() == [True, True, False]
     later = [same, close[0], close[1]]  # first drop 2 -> 3 is clear, so 3 against 4 is moot
-    assert not nmf_cv._undecided_ranks(ranks, later).any()
+    assert not nmf_cv._undecided_ranks(*stats(later)).any()
 
 
 def test_consensus_auto_runs_rounds_with_seeds_fixed_per_rank_and_run(monkeypatch, tmp_path):
@@ -3492,14 +3494,14 @@ def test_consensus_auto_runs_rounds_with_seeds_fixed_per_rank_and_run(monkeypatc
     monkeypatch.setattr(nmf_cv, "_consensus_task", recording)
     decided = iter([np.array([True, False, True]), np.array([True, False, False])]
                    + [np.zeros(3, dtype=bool)] * 3)
-    monkeypatch.setattr(nmf_cv, "_undecided_ranks", lambda ranks, runs: next(decided))
+    monkeypatch.setattr(nmf_cv, "_undecided_ranks", lambda coph, se: next(decided))
     res = nmf_cv.consensus(X, [2, 3, 4], n_runs="auto", **kw)
     assert res.n_runs.tolist() == [30, 10, 20]
     assert [len(res.labels[k]) for k in (2, 3, 4)] == [30, 10, 20]
     root = np.random.SeedSequence(3).spawn(3)[0].spawn_key  # rank 2's: root.spawn(3)[0]
     assert [key for k, key in seen if k == 2] == [root + (r,) for r in range(30)]
     assert [k for k, _ in seen] == [2] * 10 + [3] * 10 + [4] * 10 + [2] * 10 + [4] * 10 + [2] * 10
-    monkeypatch.setattr(nmf_cv, "_undecided_ranks", lambda ranks, runs: np.ones(3, bool))
+    monkeypatch.setattr(nmf_cv, "_undecided_ranks", lambda coph, se: np.ones(3, bool))
     capped = nmf_cv.consensus(X, [2, 3, 4], n_runs="auto", **{**kw, "max_iter": 10})
     assert capped.n_runs.tolist() == [50, 50, 50]  # never decided: 50 runs, then it stops
     monkeypatch.undo()

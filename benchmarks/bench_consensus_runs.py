@@ -110,7 +110,9 @@ def simulate(nmf_cv, ranks, pooled, n_calls):
         wanted = np.full(len(ranks), first)
         while True:
             drawn = [p[o[:w]] for p, o, w in zip(pooled, order, wanted, strict=True)]
-            more = nmf_cv._undecided_ranks(ranks, drawn) & (wanted < most)
+            coph = [nmf_cv.cophenetic_correlation(nmf_cv._together(r) / len(r)) for r in drawn]
+            se = [nmf_cv.cophenetic_standard_error(r) for r in drawn]
+            more = nmf_cv._undecided_ranks(np.array(coph), np.array(se)) & (wanted < most)
             if not more.any():
                 break
             wanted[more] += step
