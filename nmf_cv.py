@@ -1277,8 +1277,8 @@ def _observed_rss(data, W, H):
                    for a in range(0, data.shape[0], rows))
     Ht = np.ascontiguousarray(H.T)
     if data.masked:
-        return _masked_rss(W, Ht, _indptr(data.rows, data.shape[0]), data.cols, data.values,
-                           0.0)
+        return _cells_rss(W, Ht, _indptr(data.rows, data.shape[0]), data.cols, data.values,
+                          0.0, 0.0)[0]
     if data.sparse is not None:  # stored cells exactly, zeros as |WH|^2 - stored cells' part
         X = data.sparse
         stored = stored_wh2 = 0.0
@@ -1287,8 +1287,8 @@ def _observed_rss(data, W, H):
             lo, hi = X.indptr[r0], X.indptr[r1]
             indptr = (X.indptr[r0:r1 + 1] - lo).astype(np.int64)
             idx = X.indices[lo:hi].astype(np.int64)
-            stored = _masked_rss(W[r0:r1], Ht, indptr, idx, X.data[lo:hi], stored)
-            stored_wh2 = _cells_sq_prediction(W[r0:r1], Ht, indptr, idx, stored_wh2)
+            stored, stored_wh2 = _cells_rss(W[r0:r1], Ht, indptr, idx, X.data[lo:hi], stored,
+                                            stored_wh2)
         everywhere = _fdot(W.T @ W, H @ H.T)
         return stored + max(everywhere - stored_wh2, 0.0)
     rss = 0.0
@@ -1535,7 +1535,7 @@ def _hals_update(A, G, B, l1, l2, max_sweeps, tol):
     return max_sweeps
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _gram_row_times(G, A, t, acc):
     """acc[j] = sum over r of G[t, r] A[r, j], four terms per pass (a quarter of the
     accumulator traffic)."""
@@ -2093,7 +2093,7 @@ def _use_pairs(B):
     return B.shape[0] * _pairs_width(B.shape[1]) * 8 <= _PAIRS_BYTES
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _pairs_width(k):
     """Row length of _pair_products' table: k(k+1)/2 rounded up to 4 doubles (a SIMD vector,
     half a cache line) when it fits there, else to whole cache lines of 8: summing rows then
@@ -2103,14 +2103,17 @@ def _pairs_width(k):
     return 4 if n <= 4 else (n + 7) // 8 * 8
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _line_aligned_zeros(n, width):
     """float64 zeros (n, width) whose first entry starts a 64-byte cache line (numba's
     arrays start 32 bytes into one). Allocated in the kernel that fills it, so that LLVM
     knows it aliases nothing."""
-    buf = np.zeros(n * width + 8, dtype=np.float64)
+    buf = np.empty(n * width + 8, dtype=np.float64)
     start = ((64 - buf.ctypes.data % 64) % 64) // 8
-    return buf[start:start + n * width].reshape((n, width))
+    out = buf[start:start + n * width]
+    for e in range(n * width):
+        out[e] = 0.0
+    return out.reshape((n, width))
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -2198,7 +2201,7 @@ def _gram_block(Gb, inv_hess, packed, keep, bases, block_group, nb, l2):
             inv_hess[t, j] = 1.0 / hess if hess > 0.0 else 0.0  # 0: nothing to fit
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _floored_curvature(g, keep, base):
     """A coordinate's curvature g = G[t, t] for the exact step, floored where G = G0 - S
     (``keep`` 1; base = G0[t, t]): G0 - S carries rounding noise of about eps G0, below this
@@ -2362,7 +2365,7 @@ def _hals_lines(A, G, curvature, B, l1, l2, max_sweeps, tol):
     return max_sweeps
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _lines_settled(sweep, moved, first, p, tol):
     """Whether the p lines' moves in this sweep, each relative to its own first sweep's,
     average below ``tol``^2 (lines in different units count alike: a sum of moves would stop
@@ -2739,9 +2742,10 @@ def _predict_cells(A, a, scratch, c, u):
 
 
 @njit(cache=True)
-def _masked_rss(A, B, indptr, idx, x, total):
-    """``total`` plus the sum over the cells of (x - A B')^2, row by row (so that blocks of
-    rows passed in turn add up exactly as one pass)."""
+def _cells_rss(A, B, indptr, idx, x, rss, wh2):
+    """(``rss`` plus the sum over the cells of (x - A B')^2, ``wh2`` plus the sum of
+    (A B')^2), row by row (so that blocks of rows passed in turn add up exactly as one
+    pass). One kernel for both sums: one compile."""
     p, k = A.shape
     for a in range(p):
         for q in range(indptr[a], indptr[a + 1]):
@@ -2749,16 +2753,9 @@ def _masked_rss(A, B, indptr, idx, x, total):
             wh = 0.0
             for t in range(k):
                 wh += A[a, t] * B[b, t]
-            total += (x[q] - wh) ** 2
-    return total
-
-
-@njit(cache=True)
-def _cells_sq_prediction(A, B, indptr, idx, total):
-    """``total`` plus the sum over the cells of (A B')^2, row by row."""
-    for a in range(A.shape[0]):
-        total += _row_cells_sq(A, a, B, idx, indptr[a], indptr[a + 1])
-    return total
+            rss += (x[q] - wh) ** 2
+        wh2 += _row_cells_sq(A, a, B, idx, indptr[a], indptr[a + 1])
+    return rss, wh2
 
 
 # =============================================================================================
