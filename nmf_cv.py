@@ -1504,7 +1504,16 @@ def _kl_floor(dtype):
 _FAST = {"reassoc", "contract"}
 
 
-@njit(cache=True, fastmath=_FAST)
+def _jit(kernels_only=False, **options):
+    """numba.njit as every kernel here is compiled: cached on disk (``cache=True``), and
+    without the wrappers numba would otherwise compile beside it at first use: the C-callable
+    one (nothing calls a kernel from C), and for a helper only other kernels call
+    (``kernels_only``) the Python-callable one too: less to compile at first use
+    (benchmarks/README.md, "bench_first_run.py")."""
+    return njit(cache=True, no_cfunc_wrapper=True, no_cpython_wrapper=kernels_only, **options)
+
+
+@_jit(fastmath=_FAST)
 def _hals_update(A, G, B, l1, l2, max_sweeps, tol):
     """Coordinate descent on A (k x p) >= 0 for 1/2 tr(A'GA) - tr(B'A) + l1 sum A + l2/2 |A|^2.
 
@@ -1535,7 +1544,7 @@ def _hals_update(A, G, B, l1, l2, max_sweeps, tol):
     return max_sweeps
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@_jit(fastmath=_FAST, inline="always")
 def _gram_row_times(G, A, t, acc):
     """acc[j] = sum over r of G[t, r] A[r, j], four terms per pass (a quarter of the
     accumulator traffic)."""
@@ -1556,7 +1565,7 @@ def _gram_row_times(G, A, t, acc):
         r += 1
 
 
-@njit(cache=True)
+@_jit()
 def _mu_apply(A, num, den, l1, l2):
     """Multiplicative update A *= num / (den + l1 + l2 A) where the denominator is positive
     (Frobenius loss: the minimum of the Lee-Seung bound, l2 included)."""
@@ -1568,7 +1577,7 @@ def _mu_apply(A, num, den, l1, l2):
                 A[t, j] = A[t, j] * (num[t, j] / d)
 
 
-@njit(cache=True)
+@_jit()
 def _kl_mu_apply(A, ratio_sums, den, l1, l2):
     """KL multiplicative update of A (k x p) from ``ratio_sums`` (the other factor's products
     with X / WH) and ``den`` (its sums): each entry moves to the minimum of its Lee-Seung
@@ -1581,7 +1590,7 @@ def _kl_mu_apply(A, ratio_sums, den, l1, l2):
             A[t, j] = _kl_majorizer_min(A[t, j], ratio_sums[t, j], den[t, j] + l1, l2)
 
 
-@njit(cache=True, error_model="numpy")
+@_jit(error_model="numpy", kernels_only=True)
 def _kl_majorizer_min(old, num, linear, l2):
     """Minimum over s >= 0 of linear s + l2/2 s^2 - old num log s: the Lee-Seung (EM) bound of
     the coordinate's objective at ``old``."""
@@ -1592,7 +1601,7 @@ def _kl_majorizer_min(old, num, linear, l2):
     return old
 
 
-@njit(cache=True, fastmath=_FAST, error_model="numpy")
+@_jit(fastmath=_FAST, error_model="numpy")
 def _kl_mu_lines(A, Bt, lines, l1, l2, eps, update, want_loss):
     """KL multiplicative update (`_kl_mu_apply`'s) of A (k x q), column j from line j of X
     (``lines``: `_LinesWithMissing`, q x p) and the other factor Bt (k x p):
@@ -1646,7 +1655,7 @@ def _kl_mu_lines(A, Bt, lines, l1, l2, eps, update, want_loss):
     return loss
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@_jit(fastmath=_FAST, inline="always")
 def _predict_line(A, j, Bt, pred):
     """pred[i] = sum over a of Bt[a, i] A[a, j], four components per pass."""
     k, p = Bt.shape
@@ -1667,7 +1676,7 @@ def _predict_line(A, j, Bt, pred):
         a += 1
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@_jit(fastmath=_FAST, inline="always")
 def _rows_times(Bt, r, out):
     """out[a] = Bt[a] . r, four rows per pass (four independent sums)."""
     k, p = Bt.shape
@@ -2093,7 +2102,7 @@ def _use_pairs(B):
     return B.shape[0] * _pairs_width(B.shape[1]) * 8 <= _PAIRS_BYTES
 
 
-@njit(cache=True, inline="always")
+@_jit(inline="always")
 def _pairs_width(k):
     """Row length of _pair_products' table: k(k+1)/2 rounded up to 4 doubles (a SIMD vector,
     half a cache line) when it fits there, else to whole cache lines of 8: summing rows then
@@ -2103,7 +2112,7 @@ def _pairs_width(k):
     return 4 if n <= 4 else (n + 7) // 8 * 8
 
 
-@njit(cache=True, inline="always")
+@_jit(inline="always")
 def _line_aligned_zeros(n, width):
     """float64 zeros (n, width) whose first entry starts a 64-byte cache line (numba's
     arrays start 32 bytes into one). Allocated in the kernel that fills it, so that LLVM
@@ -2116,7 +2125,7 @@ def _line_aligned_zeros(n, width):
     return out.reshape((n, width))
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST)
 def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, pairs, scratch, want,
                     units=False):
     """Exact coordinate descent on each row a of A >= 0 for the masked least-squares problem
@@ -2178,7 +2187,7 @@ def _masked_cd_rows(A, B, bases, L, XB, rows, l1, l2, sweeps, tol, pairs, scratc
     return total
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@_jit(fastmath=_FAST, inline="always")
 def _gram_block(Gb, inv_hess, packed, keep, bases, block_group, nb, l2):
     """Gb[:, :, j] = G0 - S_j for a row given by its missing cells (keep[j] = 1), G0 being
     its base bases[block_group[j]], S_j for one given by its observed cells (keep[j] = 0),
@@ -2201,7 +2210,7 @@ def _gram_block(Gb, inv_hess, packed, keep, bases, block_group, nb, l2):
             inv_hess[t, j] = 1.0 / hess if hess > 0.0 else 0.0  # 0: nothing to fit
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@_jit(fastmath=_FAST, inline="always")
 def _floored_curvature(g, keep, base):
     """A coordinate's curvature g = G[t, t] for the exact step, floored where G = G0 - S
     (``keep`` 1; base = G0[t, t]): G0 - S carries rounding noise of about eps G0, below this
@@ -2211,7 +2220,7 @@ def _floored_curvature(g, keep, base):
     return max(g, keep * _CURVATURE_NOISE * base)
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@_jit(fastmath=_FAST, inline="always")
 def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
     """Coordinate descent sweeps on the first nb columns of Ab (k x size), column j
     minimising 1/2 a'G_j a - Yb_j . a + l2/2 |a|^2 over a >= 0, G_j = Gb[:, :, j], with
@@ -2248,7 +2257,7 @@ def _cd_block(Ab, Gb, Yb, inv_hess, nb, l2, sweeps, tol):
             break
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@_jit(fastmath=_FAST, inline="always")
 def _block_model(A, block_rows, B, L, Ab, Gb, sel, units):
     """Sum over a block's observed cells of (b . a)^2: a'G_a a, or for a row given by its
     observed cells the sum over them, which stays accurate when a grows along directions
@@ -2273,7 +2282,7 @@ def _block_model(A, block_rows, B, L, Ab, Gb, sel, units):
     return total
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST)
 def _pattern_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, pairs, scratch,
                      want):
     """Exact coordinate descent, as _masked_cd_rows, on lines that share a pattern: the
@@ -2335,7 +2344,7 @@ def _pattern_cd_rows(A, B, bases, L, XB, rows, starts, l1, l2, sweeps, tol, pair
     return total
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST)
 def _hals_lines(A, G, curvature, B, l1, l2, max_sweeps, tol):
     """_hals_update with the coordinates' curvatures given (``curvature[t] + l2``; a
     coordinate whose curvature is not positive stays: G[t, t] floored where G carries
@@ -2365,7 +2374,7 @@ def _hals_lines(A, G, curvature, B, l1, l2, max_sweeps, tol):
     return max_sweeps
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@_jit(fastmath=_FAST, inline="always")
 def _lines_settled(sweep, moved, first, p, tol):
     """Whether the p lines' moves in this sweep, each relative to its own first sweep's,
     average below ``tol``^2 (lines in different units count alike: a sum of moves would stop
@@ -2381,7 +2390,7 @@ def _lines_settled(sweep, moved, first, p, tol):
     return ratio <= tol * tol * p
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST)
 def _mm_targets(A, B, XB, L, rows, At, Yt):
     """For the j-th listed row a: At[:, j] = a and Yt[:, j] = XB_a + sum over the row's cells
     (its missing cells, `_line_cells`; majorized rows have no kept cells) of (b . a) b, the
@@ -2415,7 +2424,7 @@ def _mm_targets(A, B, XB, L, rows, At, Yt):
             Yt[t, j] = acc[t]
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST)
 def _masked_mu_rows(A, B, bases, L, XB, l1, l2, scratch, u, want):
     """Lee-Seung Frobenius update of each row a of A over its observed cells:
     A_a *= XB_a / (G a + l1 + l2 A_a), with the row's Gram matrix G given implicitly as in
@@ -2453,7 +2462,7 @@ def _masked_mu_rows(A, B, bases, L, XB, l1, l2, scratch, u, want):
     return total
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST, kernels_only=True)
 def _add_cross(A, a, B, cells, w, scratch, u, den):
     """den += w * sum over the cells of (b . a) b, for row a of A."""
     c = cells.shape[0]
@@ -2466,7 +2475,7 @@ def _add_cross(A, a, B, cells, w, scratch, u, den):
         den[t] += w * cross
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST)
 def _masked_model(A, B, bases, L, rows):
     """Sum over the listed rows' observed (training) cells of (A B')^2, each row through its
     own cell set (`_line_cells`, as in _masked_cd_rows): a' G a less the sum over its missing
@@ -2488,7 +2497,7 @@ def _masked_model(A, B, bases, L, rows):
     return total
 
 
-@njit(cache=True)
+@_jit(kernels_only=True)
 def _line_cells(a, L, sel):
     """Line a's cells, from the lines L (`_LineArrays`), into ``sel``: first its listed cells
     but those in its held-out block (cell_group[j] == group[a]: its base has taken them out
@@ -2508,7 +2517,7 @@ def _line_cells(a, L, sel):
     return c, c2
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST, kernels_only=True)
 def _line_sums(a, L, B, pairs, sel, acc, scratch, S, out):
     """out[:k(k+1)/2] = line a's packed sums (`_cells_packed`) over its listed cells, plus
     its sign times their sum over its kept cells: kept cells count as observed, so that the
@@ -2541,7 +2550,7 @@ def _cells_packed_typed(B, pairs, cells, acc, scratch, S):
     return lambda B, pairs, cells, acc, scratch, S: _sum_pairs(pairs, cells, acc)
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST, kernels_only=True)
 def _packed_from_cells(B, cells, acc, scratch, S):
     """`_cells_packed` with no table: B's rows gathered (`_gather_cells`), then multiplied
     (`_cells_gram`)."""
@@ -2557,7 +2566,7 @@ def _packed_from_cells(B, cells, acc, scratch, S):
             e += 1
 
 
-@njit(cache=True, inline="always")
+@_jit(inline="always")
 def _acc_width(pairs, n_packed):
     """Length of the accumulator `_cells_packed` fills: a row of ``pairs``, or n_packed."""
     if pairs is None:
@@ -2565,7 +2574,7 @@ def _acc_width(pairs, n_packed):
     return max(pairs.shape[1], n_packed)
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST, kernels_only=True)
 def _sum_pairs(pairs, cell_idx, acc):
     """acc = sum of pairs[b] over the cells b (a packed lower triangle), eight cells per pass
     (fewer passes over the accumulator than four per pass)."""
@@ -2587,7 +2596,7 @@ def _sum_pairs(pairs, cell_idx, acc):
         q += 1
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST, kernels_only=True)
 def _cells_gram(cells, k, S):
     """Lower triangle of S = sum over cells q of b_q b_q', cells[:, q] = b_q with zero rows
     from k on. Entries come in 2 x 4 tiles, so one pass over the cells loads six rows for
@@ -2617,7 +2626,7 @@ def _cells_gram(cells, k, S):
             S[t + 1, r], S[t + 1, r + 1], S[t + 1, r + 2], S[t + 1, r + 3] = s10, s11, s12, s13
 
 
-@njit(cache=True, inline="always")
+@_jit(inline="always")
 def _gather_cells(B, cell_idx, cells):
     """cells[t, q] = B[cell_idx[q], t] for t < k; rows k.. of ``cells`` are zeroed. Four
     cells at a time, so each store fills four adjacent entries of a row of ``cells`` (faster
@@ -2641,7 +2650,7 @@ def _gather_cells(B, cell_idx, cells):
     cells[k:] = 0.0
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST)
 def _unit_pairs(B, units, n_units):
     """_pair_products summed over each unit's rows: row u is the packed lower triangle of
     the sum of b b' over the rows b of B with units[b] == u. Each triangle row is one
@@ -2659,7 +2668,7 @@ def _unit_pairs(B, units, n_units):
     return pairs
 
 
-@njit(cache=True)
+@_jit()
 def _pair_products(B):
     """pairs[b] = the lower triangle of B[b] B[b]', row by row, then zeros up to
     _pairs_width entries, in a table on cache lines (`_line_aligned_zeros`)."""
@@ -2674,7 +2683,7 @@ def _pair_products(B):
     return pairs
 
 
-@njit(cache=True)
+@_jit()
 def _outside_sums(ptr, idx, sign, group, cell_group, V):
     """out[a] = the sum of V[j] over line a's listed cells outside its held-out block (see
     _line_cells), negated for a line listed by its observed cells."""
@@ -2689,7 +2698,7 @@ def _outside_sums(ptr, idx, sign, group, cell_group, V):
     return out
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST, kernels_only=True)
 def _predict_four(A, a, B, c0, c1, c2, c3):
     """A[a] . B[c] for four rows c of B, in one pass over the components."""
     s0 = s1 = s2 = s3 = 0.0
@@ -2702,7 +2711,7 @@ def _predict_four(A, a, B, c0, c1, c2, c3):
     return s0, s1, s2, s3
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST, kernels_only=True)
 def _row_cells_sq(A, a, B, idx, start, end):
     """Sum over cells q in [start, end) of (A[a] . B[idx[q]])^2, four cells per pass."""
     k = A.shape[1]
@@ -2722,13 +2731,13 @@ def _row_cells_sq(A, a, B, idx, start, end):
     return total
 
 
-@njit(cache=True, inline="always")
+@_jit(inline="always")
 def _gather_rows(B, idx, s, c, scratch):
     """scratch[t * c + q] = B[idx[s + q], t]: the B rows of one row's cells, component-major."""
     _gather_cells(B, idx[s:s + c], scratch[:B.shape[1] * c].reshape((B.shape[1], c)))
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@_jit(fastmath=_FAST, inline="always")
 def _predict_cells(A, a, scratch, c, u):
     """u[q] = A[a] . b_q for the gathered cells of one row."""
     for q in range(c):
@@ -2741,7 +2750,7 @@ def _predict_cells(A, a, scratch, c, u):
                 u[q] += at * b[q]
 
 
-@njit(cache=True)
+@_jit()
 def _cells_rss(A, B, indptr, idx, x, rss, wh2):
     """(``rss`` plus the sum over the cells of (x - A B')^2, ``wh2`` plus the sum of
     (A B')^2), row by row (so that blocks of rows passed in turn add up exactly as one
@@ -2805,7 +2814,7 @@ class _CellsKLSolver(_TransposedH):
         return self.objective
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST)
 def _masked_kl_rows(A, B, indptr, idx, x, den_all, l1, l2, eps, want_loss, scratch, u):
     """Lee-Seung KL update of each row of A over its cells:
     A_at *= sum (x / (AB')_ab) B_bt / (sum B_bt + l1 + l2 A_at). The denominator sums over the
@@ -2848,7 +2857,7 @@ def _masked_kl_rows(A, B, indptr, idx, x, den_all, l1, l2, eps, want_loss, scrat
     return s_log, s_wh
 
 
-@njit(cache=True)
+@_jit()
 def _masked_kl_loss(A, B, indptr, idx, x, eps):
     """(sum x log(x/wh) - x, sum wh) over the cells."""
     p, k = A.shape
@@ -3051,7 +3060,7 @@ def _all_cells(X):
 # kernels use numpy's error model: numba's default checks every division for a zero divisor
 # (Python's ZeroDivisionError), which keeps its loops from vectorizing; every divisor here is
 # guarded (floored at eps, or tested > 0) instead.
-@njit(cache=True, fastmath=_FAST, error_model="numpy")
+@_jit(fastmath=_FAST, error_model="numpy")
 def _kl_cd_rows(A, B, R, linear, kept, l1, l2, shape, sweeps, tol, eps, want_loss):
     """Coordinate descent on each row of A (p x k) for the KL objective over its cells, read
     through the fold rule (R: `_RuleArrays`; `_rule_cells`, training cells) and followed by
@@ -3109,7 +3118,7 @@ def _kl_cd_rows(A, B, R, linear, kept, l1, l2, shape, sweeps, tol, eps, want_los
     return total
 
 
-@njit(cache=True, fastmath=_FAST, error_model="numpy", inline="always")
+@_jit(fastmath=_FAST, error_model="numpy", inline="always")
 def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, eps):
     """Sweeps over row i's coordinates. For coordinate t, with b_q the gathered B[:, t] and
     v_q the row's predictions, f(s) = (lin_t + l1) s + l2/2 s^2 - sum x_q log(v_q + (s - a) b_q)
@@ -3166,7 +3175,7 @@ def _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, 
             v[q] += d_last * scratch[base_last + q]
 
 
-@njit(cache=True, error_model="numpy")
+@_jit(error_model="numpy")
 def _kl_safe_down(old, grad, hess, r_max):
     """A step down from ``old`` (f'(old) = grad > 0, f''(old) = hess) that stops short of
     f's minimum: old - grad / (hess + grad r_max), where r_max bounds b_q / v_q over the
@@ -3177,7 +3186,7 @@ def _kl_safe_down(old, grad, hess, r_max):
     return max(old - grad / (hess + grad * r_max), 0.0)
 
 
-@njit(cache=True, fastmath=_FAST, error_model="numpy", inline="always")
+@_jit(fastmath=_FAST, error_model="numpy", inline="always")
 def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps, a):
     """(sum x_q b_q / v_q, sum x_q b_q^2 / v_q^2, a bound on max b_q / v_q) over the cells for
     the coordinate whose b_q start at ``base`` and whose value is ``a``, first adding the
@@ -3207,7 +3216,7 @@ def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps, a):
 # Kernels reading X through the fold rule (`_FoldTraining`; a fully observed X is a rule
 # holding nothing out): X is dense, or empty with its rows' entries in idx and vals
 # (`_RuleArrays`); row i's held-out cells are the columns j with b[j] == P[i].
-@njit(cache=True, inline="always")
+@_jit(inline="always")
 def _rule_cells(i, which, R, js, xs):
     """Row i's cells of one kind into js, xs; returns their number. which > 0: training
     cells, 0: all. Dense X: every cell; CSR: the stored entries (R: `_RuleArrays`)."""
@@ -3230,7 +3239,7 @@ def _rule_cells(i, which, R, js, xs):
     return count
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST, kernels_only=True)
 def _dot_rows(A, i, B, j):
     """A[i] . B[j], accumulated in float64."""
     total = 0.0
@@ -3331,7 +3340,7 @@ class _FoldSolver(_TransposedW):
         return self.objective
 
 
-@njit(cache=True)
+@_jit()
 def _hals_groups(A, G, grams, order, ptr, B, l1, l2, max_sweeps, tol):
     """_hals_update on each group's columns of A (k x p), group g being the columns
     order[ptr[g]:ptr[g + 1]] (ascending), with Gram matrix G - grams[g]: a group's columns are
@@ -3357,7 +3366,7 @@ def _hals_groups(A, G, grams, order, ptr, B, l1, l2, max_sweeps, tol):
                 A[t, cols[q]] = Ac[t, q]
 
 
-@njit(cache=True)
+@_jit()
 def _group_grams(A, labels, n_groups):
     """Gram matrices of the rows of A (p x k) in each group, float64 (n_groups x k x k)."""
     p, k = A.shape
@@ -3375,7 +3384,7 @@ def _group_grams(A, labels, n_groups):
     return out
 
 
-@njit(cache=True)
+@_jit()
 def _rule_sums(which, R, W, Ht, eps):
     """Over the cells of one kind (see _rule_cells), with wh = W[i] . Ht[j]: (sum (x - wh)^2,
     sum wh^2, sum [x log(x / max(wh, eps)) - x], sum x, sum x^2). W, Ht with no columns give
@@ -3441,7 +3450,7 @@ class _FoldKLSolver(_TransposedH):
         return self.objective
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST)
 def _rule_kl_cols(R, W, Ht, eps, num):
     """num[j] += sum over column j's training cells of x / wh * W[i] (KL numerator of H)."""
     js = np.empty(R.b.shape[0], dtype=np.int64)
@@ -3458,7 +3467,7 @@ def _rule_kl_cols(R, W, Ht, eps, num):
                     num[j, t] += r * W[i, t]
 
 
-@njit(cache=True, fastmath=_FAST)
+@_jit(fastmath=_FAST)
 def _rule_kl_rows(R, W, Ht, h_all, h_groups, l1, l2, eps, want_loss):
     """KL multiplicative update of W's rows over their training cells, the denominator of
     row i being h_all - h_groups[P[i]] (no update when h_all is empty). Returns the sum over
@@ -4358,7 +4367,7 @@ def _training_counts(ptr, idx, sign, group, cell_group, n_groups, kept):
     observed_in_block = np.where(direct, in_block, block - in_block)
     return observed - observed_in_block + kept
 
-@njit(cache=True)
+@_jit()
 def _count_in_block(ptr, idx, group, cell_group):
     """For each line, how many of its listed cells are in its held-out block."""
     out = np.zeros(len(ptr) - 1, dtype=np.int64)
@@ -4421,7 +4430,7 @@ def _keep_coverage(fold, rows, cols, shape, n_folds, rng):
     return fold
 
 
-@njit(cache=True)
+@_jit()
 def _rule_kept_cells(ptr, idx, sign, n, start, row_class, col_class, n_folds, order):
     """`_keep_coverage` of the observed cells of data whose rows list their observed cells
     (sign > 0) or their missing ones (sorted), cells numbered in row-major order (row i's
@@ -4474,7 +4483,7 @@ def _rule_kept_cells(ptr, idx, sign, n, start, row_class, col_class, n_folds, or
     return rows.astype(np.int64), out
 
 
-@njit(cache=True)
+@_jit(kernels_only=True)
 def _observed_columns(ptr, idx, sign, i, n, out):
     """Row i's observed columns into ``out``, in order; returns their number."""
     if sign[i] > 0:
@@ -4492,7 +4501,7 @@ def _observed_columns(ptr, idx, sign, i, n, out):
     return c
 
 
-@njit(cache=True)
+@_jit(kernels_only=True)
 def _observed_column(ptr, idx, sign, i, r):
     """Row i's r-th observed column: for a row listing its missing columns L (sorted), r plus
     the number of t with L[t] - t <= r (a non-decreasing sequence: binary search)."""
@@ -4508,7 +4517,7 @@ def _observed_column(ptr, idx, sign, i, r):
     return r + (lo - ptr[i])
 
 
-@njit(cache=True)
+@_jit()
 def _keep_lines(fold, index, size, n_folds, order):
     """One side's part of `_keep_coverage`, in place: cells alone in their line, and for
     each (line, fold) holding all of the line's cells, the first of them in ``order``."""
@@ -6713,7 +6722,7 @@ def _picked_transpose(X, pick):
     return sp.csr_matrix((vals, idx, ptr.astype(np.int32)), shape=(X.shape[1], len(pick)))
 
 
-@njit(cache=True)
+@_jit()
 def _picked_transpose_arrays(indptr, indices, data, pick, n):
     """CSR arrays (indptr, indices, values) of X[pick].T, each line's cells in row order."""
     ptr = np.zeros(n + 1, dtype=np.int64)
