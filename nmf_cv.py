@@ -2505,11 +2505,10 @@ def _line_cells(a, L, sel):
     ptr, idx, cell_group, kptr, kidx = L.ptr, L.idx, L.cell_group, L.kptr, L.kidx
     g = L.group[a]
     c = 0
-    for q in range(ptr[a], ptr[a + 1]):
+    for q in range(ptr[a], ptr[a + 1]):  # no branch: cells are dropped at random in folds
         j = idx[q]
-        if cell_group[j] != g:
-            sel[c] = j
-            c += 1
+        sel[c] = j
+        c += cell_group[j] != g
     c2 = 0
     for q in range(kptr[a], kptr[a + 1]):
         sel[c + c2] = kidx[q]
@@ -3103,10 +3102,10 @@ def _kl_cd_rows(A, B, R, linear, kept, l1, l2, shape, sweeps, tol, eps, want_los
                 lin[t] = lin_all[t] - lin_groups[P[i], t]
         c = np.int64(0)
         for q in range(count):  # positive cells only: a zero adds to the linear term alone
-            if xs[q] > 0.0:
-                js[c] = js[q]
-                xs[c] = xs[q]
-                c += 1
+            x = xs[q]
+            js[c] = js[q]
+            xs[c] = x
+            c += x > 0.0  # no branch: zeros of dense counts fall anywhere
         _gather_rows(B, js, np.int64(0), c, scratch)
         _predict_cells(A, i, scratch, c, v)
         _kl_newton_sweeps(A, i, scratch, xs, v, c, lin, l1, l2, shape, sweeps, tol, eps)
@@ -3223,19 +3222,18 @@ def _rule_cells(i, which, R, js, xs):
     X, starts, ends, idx, vals, P, b = R.X, R.starts, R.ends, R.idx, R.vals, R.P, R.b
     c = P[i]
     count = 0
-    if X.shape[0] > 0:
+    every = which == 0
+    if X.shape[0] > 0:  # no branch per cell: held-out cells fall at random
         for j in range(X.shape[1]):
-            if which == 0 or b[j] != c:
-                js[count] = j
-                xs[count] = X[i, j]
-                count += 1
+            js[count] = j
+            xs[count] = X[i, j]
+            count += every | (b[j] != c)
     else:
         for q in range(starts[i], ends[i]):
             j = idx[q]
-            if which == 0 or b[j] != c:
-                js[count] = j
-                xs[count] = vals[q]
-                count += 1
+            js[count] = j
+            xs[count] = vals[q]
+            count += every | (b[j] != c)
     return count
 
 
