@@ -2501,7 +2501,8 @@ def _masked_model(A, B, bases, L, rows):
 def _line_cells(a, L, sel):
     """Line a's cells, from the lines L (`_LineArrays`), into ``sel``: first its listed cells
     but those in its held-out block (cell_group[j] == group[a]: its base has taken them out
-    already), then its kept cells. Returns the two counts."""
+    already), then its kept cells. Returns the two counts. ``sel`` has room for all the
+    line's listed cells: each is written, then kept or written over."""
     ptr, idx, cell_group, kptr, kidx = L.ptr, L.idx, L.cell_group, L.kptr, L.kidx
     g = L.group[a]
     c = 0
@@ -3218,7 +3219,8 @@ def _kl_coordinate_sums(scratch, base, xs, v, c, d_last, base_last, eps, a):
 @_jit(inline="always")
 def _rule_cells(i, which, R, js, xs):
     """Row i's cells of one kind into js, xs; returns their number. which > 0: training
-    cells, 0: all. Dense X: every cell; CSR: the stored entries (R: `_RuleArrays`)."""
+    cells, 0: all. Dense X: every cell; CSR: the stored entries (R: `_RuleArrays`). js and
+    xs have room for all the row's cells: each is written, then kept or written over."""
     X, starts, ends, idx, vals, P, b = R.X, R.starts, R.ends, R.idx, R.vals, R.P, R.b
     c = P[i]
     count = 0
