@@ -5037,12 +5037,19 @@ class _FoldTraining:
         block are held out; all of them by default), a block of rows at a time."""
         rmax, cmax = self.training_maxima()
         top = _NO_CELL
+        position = np.empty(self.shape[1], dtype=np.int64)  # of a column in its group
         for g, (rows, cols) in enumerate(zip(self.row_groups, self.col_groups, strict=True)):
             step = max(1, (1 << 20) // max(len(cols), 1))
+            position[cols] = np.arange(len(cols))
             for start in range(0, len(rows) if len(cols) else 0, step):
                 r = rows[start:start + step]
-                x = (self.X[r][:, cols].toarray() if self.sparse
-                     else self.blocks[g][start:start + step])
+                if self.sparse:  # the block from the held-out entries: no column slicing of X
+                    held = self.held[r]
+                    x = np.zeros((len(r), len(cols)), dtype=held.dtype)
+                    x[np.repeat(np.arange(len(r)), np.diff(held.indptr)),
+                      position[held.indices]] = held.data
+                else:
+                    x = self.blocks[g][start:start + step]
                 bound = np.maximum(rmax[r][:, None], cmax[cols][None, :])
                 top = _top_cell(top, x, W[r] @ Ht[cols].T, bound, loss,
                                 None if seen is None else seen[g][start:start + step])
