@@ -1635,12 +1635,7 @@ def _kl_mu_lines(A, Bt, lines, l1, l2, eps, update, want_loss):
             for i in range(p):
                 ratio[i] = x[i] / max(pred[i], eps)
             _rows_times(Bt, ratio, num)
-            for a in range(k):
-                den[a] = sums[a]
-            for s in range(miss_ptr[j], miss_ptr[j + 1]):
-                b = B[miss_idx[s]]
-                for a in range(k):
-                    den[a] -= b[a]
+            _less_rows(sums, B, miss_idx[miss_ptr[j]:miss_ptr[j + 1]], den)
             for a in range(k):
                 A[a, j] = _kl_majorizer_min(A[a, j], num[a], max(den[a], 0.0) + l1, l2)
         if want_loss:
@@ -1653,6 +1648,35 @@ def _kl_mu_lines(A, Bt, lines, l1, l2, eps, update, want_loss):
             for s in range(miss_ptr[j], miss_ptr[j + 1]):
                 loss -= max(pred[miss_idx[s]], eps)
     return loss
+
+
+@_jit(inline="always")
+def _less_rows(sums, B, rows, out):
+    """out[a] = sums[a] - B[r, a] for each r in rows in turn, four components per pass in
+    registers: an accumulator in memory would wait on its own store at every cell."""
+    k = out.shape[0]
+    a = 0
+    while a + 4 <= k:
+        d0, d1, d2, d3 = sums[a], sums[a + 1], sums[a + 2], sums[a + 3]
+        for r in rows:
+            d0 -= B[r, a]
+            d1 -= B[r, a + 1]
+            d2 -= B[r, a + 2]
+            d3 -= B[r, a + 3]
+        out[a], out[a + 1], out[a + 2], out[a + 3] = d0, d1, d2, d3
+        a += 4
+    if a + 2 <= k:
+        d0, d1 = sums[a], sums[a + 1]
+        for r in rows:
+            d0 -= B[r, a]
+            d1 -= B[r, a + 1]
+        out[a], out[a + 1] = d0, d1
+        a += 2
+    if a < k:
+        d0 = sums[a]
+        for r in rows:
+            d0 -= B[r, a]
+        out[a] = d0
 
 
 @_jit(fastmath=_FAST, inline="always")
