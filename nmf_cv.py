@@ -1665,18 +1665,12 @@ def _less_rows(sums, B, rows, out):
             d3 -= B[r, a + 3]
         out[a], out[a + 1], out[a + 2], out[a + 3] = d0, d1, d2, d3
         a += 4
-    if a + 2 <= k:
-        d0, d1 = sums[a], sums[a + 1]
-        for r in rows:
-            d0 -= B[r, a]
-            d1 -= B[r, a + 1]
-        out[a], out[a + 1] = d0, d1
-        a += 2
-    if a < k:
+    while a < k:
         d0 = sums[a]
         for r in rows:
             d0 -= B[r, a]
         out[a] = d0
+        a += 1
 
 
 @_jit(fastmath=_FAST, inline="always")
