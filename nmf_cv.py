@@ -3257,6 +3257,43 @@ def _rule_cells(i, which, R, js, xs):
     return count
 
 
+@_jit()
+def _rule_maxima(R, row_ptr):
+    """(largest training value of each row, of each column) of X read through the rule R
+    (a `_RuleArrays`; ``row_ptr``: where each row group starts among the rows ordered by
+    group), in one pass over the rows. A sparse line with fewer stored training entries
+    than training cells has an implicit zero among them; a line with no training cell
+    gets -inf."""
+    m, n = R.P.shape[0], R.b.shape[0]
+    js = np.empty(n, dtype=np.int64)
+    xs = np.empty(n, dtype=np.float64)
+    rmax = np.empty(m, dtype=np.float64)
+    cmax = np.empty(n, dtype=np.float64)
+    stored = np.empty(n, dtype=np.int64)  # training entries listed in each column
+    for j in range(n):
+        cmax[j] = -np.inf
+        stored[j] = 0
+    for i in range(m):
+        count = _rule_cells(i, np.int64(1), R, js, xs)
+        top = -np.inf
+        for q in range(count):
+            x, j = xs[q], js[q]
+            if x > top:
+                top = x
+            if x > cmax[j]:
+                cmax[j] = x
+            stored[j] += 1
+        c = R.P[i]
+        if count < n - (R.col_ptr[c + 1] - R.col_ptr[c]) and top < 0.0:
+            top = 0.0
+        rmax[i] = top
+    for j in range(n):
+        c = R.b[j]
+        if stored[j] < m - (row_ptr[c + 1] - row_ptr[c]) and cmax[j] < 0.0:
+            cmax[j] = 0.0
+    return rmax, cmax
+
+
 @_jit(fastmath=_FAST, kernels_only=True)
 def _dot_rows(A, i, B, j):
     """A[i] . B[j], accumulated in float64."""
@@ -5028,26 +5065,10 @@ class _FoldTraining:
 
     def training_maxima(self):
         """(largest training value of each row, of each column): row i's training cells
-        are its columns outside group ``P[i]``, column j's its rows outside group ``b[j]``."""
+        are its columns outside group ``P[i]``, column j's its rows outside group ``b[j]``
+        (`_rule_maxima`)."""
         if self._maxima is None:
-            m, n = self.shape
-            n_groups = len(self.row_groups)
-            by_row = np.full((m, n_groups), -np.inf)
-            by_col = np.full((n, n_groups), -np.inf)
-            # a block of rows at a time (sparse X): slicing copies, and a block is a few MB
-            bounds = _row_blocks(self.X.indptr) if self.sparse else np.array([0, m])
-            for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
-                block = self.X[r0:r1]
-                for g, (rows, cols) in enumerate(zip(self.row_groups, self.col_groups,
-                                                     strict=True)):
-                    if len(cols):
-                        by_row[r0:r1, g] = _line_max(block[:, cols], axis=1)
-                    rows = rows[(rows >= r0) & (rows < r1)] - r0
-                    if len(rows):
-                        by_col[:, g] = np.maximum(by_col[:, g], _line_max(block[rows], axis=0))
-            by_row[np.arange(m), self.P] = -np.inf
-            by_col[np.arange(n), self.b] = -np.inf
-            self._maxima = by_row.max(axis=1), by_col.max(axis=1)
+            self._maxima = _rule_maxima(self.cells(), self.row_ptr)
         return self._maxima
 
     def held_top(self, W, Ht, loss, seen=None):

@@ -2412,14 +2412,15 @@ def test_held_out_entries_read_in_blocks_equal_one_numpy_mask():
         assert got.data.dtype == S.data.dtype and got.shape == S.shape
 
 
-def test_training_maxima_read_in_blocks_equal_numpy(monkeypatch):
-    """Each row's and column's largest training value (implicit zeros counting), read a
-    block of rows at a time from sparse X: numpy's over the training cells of a dense copy,
-    the same for dense X."""
+def test_training_maxima_equal_numpy():
+    """Each row's and column's largest training value (implicit zeros counting): numpy's
+    over the training cells of a dense copy, for sparse X and for dense X; lines with no
+    stored entry, and lines stored in full (no implicit zero), included."""
     X = sparse_counts(50, 30, 3, 4)
     X[7] = 0.0
     X[:, 2] = 0.0
-    monkeypatch.setattr(nmf_cv, "_BLOCK", 40)
+    X[9] += 0.5
+    X[:, 5] += 0.25
     for S in (X, sp.csr_matrix(X)):
         train, held = _rule_training(S, n_folds=3)
         rmax, cmax = train.training_maxima()
