@@ -1259,12 +1259,12 @@ def _observed_sq_norm(data):
 _BLOCK = 1 << 22
 
 
-def _row_blocks(indptr, block=None):
+def _row_blocks(indptr):
     """Row bounds (r_0 = 0 < r_1 < ... = m) cutting a CSR matrix (its ``indptr``) into
-    consecutive blocks of rows of about ``block`` stored entries each (`_BLOCK`)."""
-    block, m = block or _BLOCK, len(indptr) - 1
+    consecutive blocks of rows of about `_BLOCK` stored entries each."""
+    m = len(indptr) - 1
     return np.unique(np.concatenate([[0], np.searchsorted(indptr, np.arange(
-        block, indptr[-1], block)), [m]]))
+        _BLOCK, indptr[-1], _BLOCK)), [m]]))
 
 
 def _observed_rss(data, W, H):
@@ -5122,24 +5122,35 @@ class _FoldTraining:
                 max(total - press, 0.0))
 
 
-def _held_entries(X, P, b, block=None):
+def _held_entries(X, P, b):
     """CSR of the stored entries of CSR X that the fold rule holds out (column class
-    ``b[j]`` equal to the row's ``P[i]``), read ``block`` entries at a time so that the
-    temporaries stay a few MB whatever X's size."""
-    P, b = P.astype(np.int32), b.astype(np.int32)
-    bounds = _row_blocks(X.indptr, block)
-    data, indices, counts = [X.data[:0]], [X.indices[:0]], [np.zeros(1, dtype=np.int64)]
-    for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
-        lo, hi = X.indptr[r0], X.indptr[r1]
-        ptr = X.indptr[r0:r1 + 1] - lo
-        held = b[X.indices[lo:hi]] == np.repeat(P[r0:r1], np.diff(ptr))
-        data.append(X.data[lo:hi][held])
-        indices.append(X.indices[lo:hi][held])
-        running = np.concatenate([[0], np.cumsum(held)])
-        counts.append(np.diff(running[ptr]))
-    indptr = np.cumsum(np.concatenate(counts))
-    return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr),
-                         shape=X.shape)
+    ``b[j]`` equal to the row's ``P[i]``): `_held_arrays`, no temporary the size of X."""
+    indptr, indices, data = _held_arrays(X.indptr, X.indices, X.data, P, b)
+    return sp.csr_matrix((data, indices, indptr), shape=X.shape)
+
+
+@_jit()
+def _held_arrays(indptr, indices, data, P, b):
+    """(indptr, indices, data) of the entries of CSR (indptr, indices, data) whose column's
+    class b[j] equals their row's P[i], in one count and one copy."""
+    m = indptr.shape[0] - 1
+    ptr = np.empty(m + 1, dtype=np.int64)
+    ptr[0] = 0
+    for i in range(m):
+        c = 0
+        for q in range(indptr[i], indptr[i + 1]):
+            c += b[indices[q]] == P[i]
+        ptr[i + 1] = ptr[i] + c
+    n_held = ptr[m]
+    out_idx = np.empty(n_held + 1, dtype=indices.dtype)  # one more: written, not kept
+    out_val = np.empty(n_held + 1, dtype=data.dtype)
+    c = 0
+    for i in range(m):  # no branch per entry: held-out entries fall at random
+        for q in range(indptr[i], indptr[i + 1]):
+            out_idx[c] = indices[q]
+            out_val[c] = data[q]
+            c += b[indices[q]] == P[i]
+    return ptr, out_idx[:n_held], out_val[:n_held]
 
 
 class _MissingFoldTraining(_FoldTraining):

@@ -2393,19 +2393,20 @@ def test_sparse_cv_equals_dense_cv():
         assert_allclose(sparse.alpha, dense.alpha, rtol=1e-8)
 
 
-def test_held_out_entries_read_in_blocks_equal_one_numpy_mask():
-    """`_held_entries` reads CSR X a block of stored entries at a time (rows cut across
-    blocks, empty rows): the same CSR as one numpy mask over every entry."""
+def test_held_out_entries_equal_one_numpy_mask():
+    """`_held_entries`: the same CSR as one numpy mask over every entry (empty rows, float32
+    and float64 values)."""
     X = sparse_counts(40, 30, 3, 5)
     X[3] = 0.0
-    S = sp.csr_matrix(X)
+    X[-1] = 0.0
     rng = np.random.default_rng(0)
     P, b = rng.integers(0, 4, 40), rng.integers(0, 4, 30)
-    rows = np.repeat(np.arange(40), np.diff(S.indptr))
-    held = b[S.indices] == P[rows]
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[held], minlength=40))])
-    for block in (1, 7, 10 ** 6):
-        got = nmf_cv._held_entries(S, P, b, block)
+    for dtype in (np.float64, np.float32):
+        S = sp.csr_matrix(X.astype(dtype))
+        rows = np.repeat(np.arange(40), np.diff(S.indptr))
+        held = b[S.indices] == P[rows]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[held], minlength=40))])
+        got = nmf_cv._held_entries(S, P, b)
         assert_array_equal(got.indptr, indptr)
         assert_array_equal(got.indices, S.indices[held])
         assert_array_equal(got.data, S.data[held])
