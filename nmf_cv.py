@@ -3263,7 +3263,8 @@ def _rule_maxima(R, row_ptr):
     (a `_RuleArrays`; ``row_ptr``: where each row group starts among the rows ordered by
     group), in one pass over the rows. A sparse line with fewer stored training entries
     than training cells has an implicit zero among them; a line with no training cell
-    gets -inf."""
+    gets -inf. For sparse X (`_FoldTraining.training_maxima`: dense X takes numpy's max,
+    which compiles nothing on a first dense cross-validation)."""
     m, n = R.P.shape[0], R.b.shape[0]
     js = np.empty(n, dtype=np.int64)
     xs = np.empty(n, dtype=np.float64)
@@ -5067,8 +5068,21 @@ class _FoldTraining:
         """(largest training value of each row, of each column): row i's training cells
         are its columns outside group ``P[i]``, column j's its rows outside group ``b[j]``
         (`_rule_maxima`)."""
-        if self._maxima is None:
+        if self._maxima is None and self.sparse:  # one kernel pass over the stored entries
             self._maxima = _rule_maxima(self.cells(), self.row_ptr)
+        elif self._maxima is None:  # numpy, a group's columns (rows) at a time: no compile
+            m, n = self.shape
+            by_row = np.full((m, len(self.row_groups)), -np.inf)
+            by_col = np.full((n, len(self.row_groups)), -np.inf)
+            for g, (rows, cols) in enumerate(zip(self.row_groups, self.col_groups,
+                                                 strict=True)):
+                if len(cols):
+                    by_row[:, g] = self.X[:, cols].max(axis=1)
+                if len(rows):
+                    by_col[:, g] = self.X[rows].max(axis=0)
+            by_row[np.arange(m), self.P] = -np.inf
+            by_col[np.arange(n), self.b] = -np.inf
+            self._maxima = by_row.max(axis=1), by_col.max(axis=1)
         return self._maxima
 
     def held_top(self, W, Ht, loss, seen=None):
