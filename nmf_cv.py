@@ -9312,6 +9312,10 @@ def _parser():
                       "needs them (Brunet's protocol: 50)")
     rank.add_argument("--stability-runs", type=int, default=20,
                       help="component-stability fits per rank (default: %(default)s)")
+    rank.add_argument("--samples", choices=("rows", "columns"), default=None,
+                      help="the axis of the samples (cells) that consensus clusters and "
+                      "stability resamples; default: rows for .h5ad (cells x genes), else "
+                      "columns (genes x samples, as Brunet et al.)")
     rank.add_argument("--repeats", type=_parse_int_or_auto, default="auto",
                       help="cross-validation fold splits, or auto: two for every rank, up "
                       "to five for the ranks still in contention (default: %(default)s)")
@@ -9517,6 +9521,8 @@ def _cli_executor(jobs, dask=None):
 
 def _cli_rank(args):
     X, row_labels, col_labels = read_matrix(args.file, layer=args.layer)
+    if args.samples is None:
+        args.samples = "rows" if args.file.endswith(".h5ad") else "columns"
     prefix = _prefix(args)
     if args.checkpoint is not None:  # where the data are, for `report` before the end
         os.makedirs(args.checkpoint, exist_ok=True)
@@ -9530,10 +9536,10 @@ def _cli_rank(args):
                                          "loss": args.loss, "ridge": args.ridge, **iterations},
                               consensus_kwargs={"n_runs": args.runs,
                                                 "method": "cd" if args.loss == "kl" else "mu",
-                                                **iterations},
+                                                "axis": args.samples, **iterations},
                               randomized_kwargs=iterations, bicv_kwargs=iterations,
                               stability_kwargs={"n_runs": args.stability_runs, "loss": args.loss,
-                                                **iterations},
+                                                "axis": args.samples, **iterations},
                               checkpoint=args.checkpoint, progress=True)
     arguments = {name: getattr(args, name) for name in _RANK_ARGUMENTS}
     _save_report(report, f"{prefix}_rank.json", args.report or f"{prefix}_rank.png",
@@ -9559,7 +9565,7 @@ def _cli_report(args):
 
 # what the rank command's JSON records, so that a run can be repeated
 _RANK_ARGUMENTS = ("layer", "ranks", "criteria", "folds", "repeats", "restarts", "ridge",
-                   "max_iter", "runs", "stability_runs", "loss", "seed", "jobs")
+                   "max_iter", "runs", "stability_runs", "samples", "loss", "seed", "jobs")
 
 
 def _rank_report(X, ranks, args, **kwargs):

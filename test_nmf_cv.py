@@ -5138,7 +5138,7 @@ def test_cli_rank_options_reach_the_criteria_and_the_json(tmp_path):
         "file": str(tmp_path / "x.npy"), "layer": None, "ranks": [1, 2, 3],
         "criteria": ["cv", "randomized"], "folds": 3, "repeats": 2, "restarts": 2,
         "ridge": 0.05, "max_iter": 300, "runs": "auto",
-        "stability_runs": 20, "loss": "frobenius", "seed": 4, "jobs": 1}
+        "stability_runs": 20, "samples": "columns", "loss": "frobenius", "seed": 4, "jobs": 1}
 
 
 def test_cli_rank_with_the_stability_criterion(tmp_path):
@@ -5158,6 +5158,35 @@ def test_cli_rank_with_the_stability_criterion(tmp_path):
     assert report["arguments"]["stability_runs"] == 6
     assert "suggested k by component stability (largest k whose components reproduce): 3" \
         in out
+
+
+def test_cli_rank_samples_in_rows_are_what_consensus_clusters_and_stability_resamples(
+        tmp_path):
+    """--samples rows: consensus clusters X's rows and stability resamples them (its
+    components are H's rows), as the library's axis="rows"; by default (columns) the
+    suggestions of the same data differ, so the option reaches both criteria."""
+    import json
+
+    X = nmf_cv.make_planted(36, 90, 3, noise=0.05, random_state=2)
+    np.save(tmp_path / "x.npy", X)
+    kw = dict(random_state=0, progress=False, consensus_kwargs={"n_runs": 4, "axis": "rows"},
+              stability_kwargs={"n_runs": 4, "axis": "rows"})
+    ref = nmf_cv.choose_rank(X, [2, 3, 4], ("cophenetic", "stability"), **kw)
+    code, out, err = run_cli("rank", tmp_path / "x.npy", "--ranks", "2:4", "--criteria",
+                             "cophenetic,stability", "--runs", 4, "--stability-runs", 4,
+                             "--samples", "rows", "--out", tmp_path / "x")
+    assert code == 0, err
+    report = json.loads((tmp_path / "x_rank.json").read_text())
+    assert report["arguments"]["samples"] == "rows"
+    for name in ("cophenetic", "stability"):
+        assert report["columns"][name] == pytest.approx(
+            {str(k): v for k, v in ref.columns()[name].items()}, rel=1e-12)
+    code, out, err = run_cli("rank", tmp_path / "x.npy", "--ranks", "2:4", "--criteria",
+                             "stability", "--stability-runs", 4, "--out", tmp_path / "y")
+    assert code == 0, err
+    default = json.loads((tmp_path / "y_rank.json").read_text())
+    assert default["arguments"]["samples"] == "columns"
+    assert default["columns"]["stability"] != pytest.approx(report["columns"]["stability"])
 
 
 def test_cli_rank_checkpoint_interrupted_and_rerun_gives_the_same_json(tmp_path):
@@ -5352,6 +5381,7 @@ def test_cli_h5ad_rank_and_consensus_fit_write_named_outputs(tmp_path, capsys, m
                         "cv", "--loss", "kl", "--folds", "3", "--out", str(out)]) == 0
     report = json.loads((tmp_path / "o_rank.json").read_text())
     assert report["row_labels"][0] == "cell0" and report["arguments"]["layer"] == "counts"
+    assert report["arguments"]["samples"] == "rows"  # cells x genes: the cells are the samples
     assert report["recommended_rank"] == (None if "cv" in report["edges"] else
                                           report["suggestions"]["cv"])
     assert report["recommendation"].startswith(("Recommended k", "No recommended k"))
