@@ -6171,6 +6171,7 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
     """
     data = _validate_data(X, mask, signal=True)
     _check_choice(axis, ("columns", "rows"), "axis")
+    _check_consensus_size(data.shape, axis)
     ranks = _check_ranks(ranks, data.shape, minimum=2)
     if isinstance(n_runs, str):
         _check_choice(n_runs, ("auto",), "n_runs")
@@ -6326,6 +6327,21 @@ def cophenetic_standard_error(labels, n_groups=10):
     left_out = np.array([cophenetic_correlation((total - _together(labels[g::G]))
                                                 / (R - len(labels[g::G]))) for g in range(G)])
     return float(np.sqrt((G - 1) / G * np.sum((left_out - left_out.mean()) ** 2)))
+
+
+# Most samples `consensus` clusters: it keeps a dense samples x samples matrix per rank (at
+# 20,000 samples, 3.2 GB each), as Brunet et al.'s consensus matrix is.
+_CONSENSUS_MAX_SAMPLES = 20_000
+
+
+def _check_consensus_size(shape, axis):
+    """Refuse, in one line, a consensus over more samples than _CONSENSUS_MAX_SAMPLES."""
+    n = shape[1 if axis == "columns" else 0]
+    if n > _CONSENSUS_MAX_SAMPLES:
+        raise ValueError(f"consensus clusters the {n} {axis} of X: a {n} x {n} matrix per "
+                         f"rank ({8e-9 * n * n:.0f} GB); cluster a subsample of at most "
+                         f"{_CONSENSUS_MAX_SAMPLES}, or leave it out (criteria without "
+                         "'cophenetic')")
 
 
 def _together(runs):
@@ -7694,13 +7710,18 @@ def choose_rank(X, ranks, criteria=None, *, mask=None, n_restarts=_N_RESTARTS,
     streams = [c.stream for c in _CRITERIA.values() if c.stream is not None]
     seeds = root.spawn(max(streams) + 1 if streams else 0)
     _check_positive_int(n_restarts, "n_restarts")
+    options = {c.name: {**c.defaults, **(criterion_kwargs.get(c.keyword) or {})}
+               for c in chosen}
+    for criterion in chosen:  # what cannot run stops the call before any fit
+        if criterion.check is not None:
+            criterion.check(data.shape, **options[criterion.name])
     Xc = _nan_copy(data)
     results, suggestions, unfinished, partial = {}, {}, {}, {}
     for criterion in chosen:
         tried = ranks[ranks >= criterion.min_rank]
         if len(tried) == 0:
             continue
-        kwargs = {**criterion.defaults, **(criterion_kwargs.get(criterion.keyword) or {})}
+        kwargs = options[criterion.name]
         if criterion.restarts:
             kwargs = {"n_restarts": n_restarts, **kwargs}
         seed = None if criterion.stream is None else seeds[criterion.stream]
@@ -7979,7 +8000,8 @@ class _Criterion:
     smaller ranks (skipped when none is left); ``restarts``: it takes ``n_restarts``;
     ``options``: `choose_rank`'s keyword for its own arguments (default ``NAME_kwargs``),
     which override ``defaults``, the arguments `choose_rank` gives it where they differ from
-    its function's.
+    its function's. ``check(shape, **kwargs)`` raises before any criterion fits where it
+    could not run on X of that shape (None: it always can).
     ``columns(result)`` gives its table columns (name -> {rank: value}), ``notes(result)``
     lines under the table, ``agreement(result)`` clauses after the agreement line,
     ``details(result)`` its own entry in ``to_dict()``; ``panel(ax, result, suggestions)``
@@ -8000,6 +8022,7 @@ class _Criterion:
     restarts: bool = False
     options: str = ""
     defaults: dict = field(default_factory=dict)
+    check: Callable = None
     columns: Callable = None
     notes: Callable = None
     agreement: Callable = None
@@ -8299,6 +8322,7 @@ _register(_Criterion(
         lambda co: co.best_rank, edge=_edge_of_range(bottom=False, single=True),
         still="coefficient highest"),),
     stream=1, min_rank=2, options="consensus_kwargs", defaults={"n_runs": "auto"},
+    check=lambda shape, axis="columns", **_: _check_consensus_size(shape, axis),
     columns=_cophenetic_columns,
     details=lambda co: {"ranks": _json_array(co.ranks), "cophenetic": _json_array(co.cophenetic),
                         "cophenetic_se": None if getattr(co, "cophenetic_se", None) is None

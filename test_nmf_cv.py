@@ -3379,6 +3379,23 @@ def test_consensus_rejects_bad_stopping_options():
         nmf_cv.consensus(X, [2], max_iters=10)
 
 
+def test_consensus_refuses_too_many_samples_before_fitting(monkeypatch):
+    """A consensus over more samples than its cap (a dense samples x samples matrix per rank)
+    is refused in one line, by `consensus` and by `choose_rank` before any criterion fits;
+    the other axis, under the cap, runs."""
+    X = nmf_cv.make_planted(30, 12, 2, noise=0.05, random_state=0)
+    monkeypatch.setattr(nmf_cv, "_CONSENSUS_MAX_SAMPLES", 20)
+    with pytest.raises(ValueError, match=r"^consensus clusters the 30 rows of X: a 30 x 30 "):
+        nmf_cv.consensus(X, [2], axis="rows", n_runs=2)
+    assert nmf_cv.consensus(X, [2], n_runs=2, max_iter=20).ranks.tolist() == [2]
+    fits = []
+    monkeypatch.setattr(nmf_cv, "_fit", lambda *a, **k: fits.append(a))
+    with pytest.raises(ValueError, match="leave it out"):
+        nmf_cv.choose_rank(X, [1, 2], ("cv", "cophenetic"), progress=False,
+                           consensus_kwargs={"axis": "rows"})
+    assert fits == []
+
+
 def test_consensus_same_with_executor_and_bad_input():
     from concurrent.futures import ThreadPoolExecutor
 
