@@ -6142,7 +6142,8 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
         ``--loss kl``): similar coefficients on real data, but they can differ on small data,
         where it is also slower, so MU stays the default.
     axis : {"columns", "rows"}
-        What is clustered.
+        What is clustered: at most 20,000 samples, since a dense samples x samples matrix
+        is kept per rank (more raise a ValueError before any fit).
     stop : {"connectivity", "objective", "max_iter"}, optional
         When a run ends; by default ``"connectivity"`` for ``method="mu"`` and
         ``"objective"`` otherwise (a coordinate-descent iteration does the work of many
