@@ -5181,7 +5181,7 @@ def test_cli_rank_samples_in_rows_are_what_consensus_clusters_and_stability_resa
         tmp_path):
     """--samples rows: consensus clusters X's rows and stability resamples them (its
     components are H's rows), as the library's axis="rows"; by default (columns) the
-    suggestions of the same data differ, so the option reaches both criteria."""
+    stability numbers of the same data differ."""
     import json
 
     X = nmf_cv.make_planted(36, 90, 3, noise=0.05, random_state=2)
