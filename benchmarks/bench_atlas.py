@@ -109,9 +109,14 @@ def run(args, path, out_dir):
                    "--ranks", args.ranks, "--criteria", args.criteria, "--jobs",
                    str(args.jobs), "--out", str(out_dir / "atlas"), *args.extra.split()]
     print(" ".join(command[1:]), file=sys.stderr)
+    imported = subprocess.run([sys.executable, "-c", "import nmf_cv; print(nmf_cv.__file__)"],
+                              env=env, cwd=out_dir, capture_output=True, text=True, check=True)
+    print(f"nmf_cv from {imported.stdout.strip()}", file=sys.stderr)
     start = time.perf_counter()
     with open(out_dir / "log.txt", "w") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # cwd: not the checkout, whose nmf_cv.py `-m` would import before PYTHONPATH's
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=out_dir)
         peak = 0.0
         while proc.poll() is None:
             peak = max(peak, sum(pss_mb(p) for p in tree(proc.pid)))
