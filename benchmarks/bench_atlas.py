@@ -147,7 +147,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "nmf_cv_atlas"))
     parser.add_argument("--module-path", metavar="DIR", help="nmf_cv from this checkout")
     args = parser.parse_args(argv)
-    data_dir = Path(args.data_dir)
+    data_dir = Path(args.data_dir).resolve()  # the command runs in another folder
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / f"counts_{args.cells}x{args.genes}_k{args.programs}_d{args.density}.npz"
     if not path.exists():
