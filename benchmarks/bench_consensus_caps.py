@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 from _common import ROOT, log, markdown_table
-from bench_consensus_runs import data_sets, pick, simulate
+from bench_consensus_runs import data_sets, simulate
 
 sys.path.insert(0, str(ROOT))
 
@@ -97,7 +97,8 @@ def main(argv=None):
                 runs = [np.array(labels[c][k][-args.runs:]) for k in ranks]
                 coph = [nmf_cv.cophenetic_correlation(nmf_cv._together(r) / len(r)) for r in runs]
                 share = np.minimum(seed_stops, c).sum() / np.sum(seed_stops)
-                rows.append([name, seed, c, f"{share:.0%}", pick(nmf_cv, ranks, runs),
+                rows.append([name, seed, c, f"{share:.0%}",
+                             nmf_cv.best_cophenetic_rank(ranks, coph),
                              ", ".join(f"{x:.4f}" for x in coph)])
         for c in CAPS:
             pooled = [np.array(labels[c][k]) for k in ranks]
