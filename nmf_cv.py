@@ -9295,9 +9295,10 @@ def _parser():
 
     fit = sub.add_parser("fit", help="fit X ~ W H and write W, H and a summary",
                          description="Fit X ~ W H (missing cells left out) and write "
-                         "PREFIX_W.csv (rows x components: usages), PREFIX_H.csv (components "
-                         "x columns) and PREFIX_fit.json; with --runs, consensus components "
-                         "and PREFIX_stability.csv.")
+                         "PREFIX_W.csv (rows x components), PREFIX_H.csv (components x "
+                         "columns) and PREFIX_fit.json; with --runs, consensus components "
+                         "over resamples of the samples (--samples) and "
+                         "PREFIX_stability.csv.")
     _add_input(fit)
     fit.add_argument("-k", "--n-components", type=int, required=True, help="rank k")
     fit.add_argument("--method", choices=METHODS, default=None,
@@ -9312,11 +9313,14 @@ def _parser():
     fit.add_argument("--runs", type=int, default=1,
                      help="consensus of this many runs from random inits, as cNMF's (default: "
                      "1, a single fit); writes each component's stability")
+    _add_samples(fit, "that --runs resamples (their usages are the matched components' "
+                 "weights)")
     fit.add_argument("--jobs", type=int, default=1,
                      help="worker processes for --runs (default: 1)")
     _add_dask(fit)
     fit.add_argument("--normalize-usage", action="store_true",
-                     help="write W with each row scaled to sum to 1 (cNMF's usage)")
+                     help="write each sample's usages scaled to sum to 1 (cNMF's usage): "
+                     "W's rows, or H's columns with samples in columns")
     fit.add_argument("--format", choices=("csv", "tsv"), default="csv",
                      help="W and H files (default: %(default)s)")
     fit.add_argument("--write-h5ad", action="store_true",
@@ -9337,10 +9341,7 @@ def _parser():
                       "needs them (Brunet's protocol: 50)")
     rank.add_argument("--stability-runs", type=int, default=20,
                       help="component-stability fits per rank (default: %(default)s)")
-    rank.add_argument("--samples", choices=("rows", "columns"), default=None,
-                      help="the axis of the samples (cells) that consensus clusters and "
-                      "stability resamples; default: rows for .h5ad (cells x genes), else "
-                      "columns (genes x samples, as Brunet et al.)")
+    _add_samples(rank, "that consensus clusters and stability resamples")
     rank.add_argument("--repeats", type=_parse_int_or_auto, default="auto",
                       help="cross-validation fold splits, or auto: two for every rank, up "
                       "to five for the ranks still in contention (default: %(default)s)")
@@ -9397,6 +9398,20 @@ def _add_input(parser):
     parser.add_argument("--out", help="output prefix (default: the input's name, here)")
 
 
+def _add_samples(parser, what):
+    parser.add_argument("--samples", choices=("rows", "columns"), default=None,
+                        help=f"the axis of the samples (cells) {what}; default: rows for "
+                        ".h5ad (cells x genes), else columns (genes x samples, as Brunet et "
+                        "al. and 10x folders)")
+
+
+def _sample_axis(args):
+    """--samples, or its default for the input file (see `_add_samples`)."""
+    if args.samples is None:
+        return "rows" if args.file.endswith(".h5ad") else "columns"
+    return args.samples
+
+
 def _add_dask(parser):
     parser.add_argument("--dask", metavar="ADDRESS",
                         help="run the fits on a dask.distributed scheduler's workers: its "
@@ -9448,11 +9463,18 @@ def _cli_fit(args):
     if args.write_h5ad and not args.file.endswith(".h5ad"):
         raise ValueError("--write-h5ad needs an .h5ad input")
     _check_positive_int(args.runs, "--runs")
+    args.samples = _sample_axis(args)
+    # fit_nmf's runs resample rows: samples in columns are fitted as X' and written back
+    flip = args.runs > 1 and args.samples == "columns"
+    if flip and args.write_h5ad:
+        raise ValueError("--write-h5ad needs --samples rows (an .h5ad file's cells)")
     kwargs = {"method": args.method, "loss": args.loss, "init": args.init,
               "max_iter": args.max_iter, "tol": args.tol, "random_state": args.seed}
     shape = X.shape
     missing = 0.0 if sp.issparse(X) else float(np.isnan(X).mean())
     if args.runs > 1:
+        if flip:
+            X = X.T.tocsr() if sp.issparse(X) else X.T
         with _cli_data(X, args) as X, _cli_executor(args.jobs, args.dask) as pool:
             res = fit_nmf(X, args.n_components, n_runs=args.runs, executor=pool,
                           progress=True, **kwargs)
@@ -9461,16 +9483,17 @@ def _cli_fit(args):
     del X
     prefix = _prefix(args)
     names = [f"component_{t + 1}" for t in range(res.n_components)]
-    W = res.W
+    usage = res.W  # samples x components, as fitted
     if args.normalize_usage:
-        sums = W.sum(axis=1, keepdims=True)
-        W = W / np.where(sums > 0, sums, 1.0)
+        sums = usage.sum(axis=1, keepdims=True)
+        usage = usage / np.where(sums > 0, sums, 1.0)
+    W, H = (res.H.T, usage.T) if flip else (usage, res.H)
     sep = "\t" if args.format == "tsv" else ","
     files = [f"{prefix}_W.{args.format}", f"{prefix}_H.{args.format}"]
     _write_csv(files[0], W, row_labels, names, sep)
-    _write_csv(files[1], res.H, names, col_labels, sep)
+    _write_csv(files[1], H, names, col_labels, sep)
     summary = {"file": args.file, "layer": args.layer, "shape": list(shape),
-               "missing_fraction": missing,
+               "samples": args.samples, "missing_fraction": missing,
                "n_components": res.n_components, "method": res.method, "loss": res.loss,
                "relative_error": res.relative_error, "n_iter": res.n_iter,
                "converged": res.converged, "objective": float(res.loss_history[-1]),
@@ -9546,8 +9569,7 @@ def _cli_executor(jobs, dask=None):
 
 def _cli_rank(args):
     X, row_labels, col_labels = read_matrix(args.file, layer=args.layer)
-    if args.samples is None:
-        args.samples = "rows" if args.file.endswith(".h5ad") else "columns"
+    args.samples = _sample_axis(args)
     prefix = _prefix(args)
     if args.checkpoint is not None:  # where the data are, for `report` before the end
         os.makedirs(args.checkpoint, exist_ok=True)

@@ -5116,6 +5116,46 @@ def test_cli_fit_writes_labelled_factors_and_summary(tmp_path):
     assert summary["missing_fraction"] == pytest.approx(np.isnan(X).mean())
 
 
+def test_cli_fit_runs_resample_the_samples_axis_and_write_in_the_input_orientation(tmp_path):
+    """fit --runs resamples the samples: by default the columns of a text file (genes x
+    samples, as rank's consensus and stability read it), fitted as X' and written back as
+    W (rows x k) and H (k x columns); --samples rows fits X itself. --normalize-usage scales
+    each sample's usages (here H's columns)."""
+    X = nmf_cv.make_planted(30, 12, 2, noise=0.05, random_state=6)
+    path = tmp_path / "genes.csv"
+    path.write_text("\n".join(["id," + ",".join(f"s{j}" for j in range(12))]
+                              + [f"g{i}," + ",".join(map(repr, row.tolist()))
+                                 for i, row in enumerate(X)]) + "\n")
+    kw = dict(n_runs=3, init="nndsvda", max_iter=200, tol=1e-6, random_state=0)
+    fit = ["fit", path, "-k", 2, "--runs", 3, "--max-iter", 200]
+
+    def written(prefix):
+        W, rows, names = nmf_cv.read_matrix(str(tmp_path / f"{prefix}_W.csv"))
+        H, names_h, cols = nmf_cv.read_matrix(str(tmp_path / f"{prefix}_H.csv"))
+        assert list(rows) == [f"g{i}" for i in range(30)] and list(names) == list(names_h)
+        assert list(cols) == [f"s{j}" for j in range(12)]
+        summary = json.loads((tmp_path / f"{prefix}_fit.json").read_text())
+        return W, H, summary
+
+    for prefix, extra, ref in (
+            ("columns", [], nmf_cv.fit_nmf(X.T, 2, **kw)),
+            ("rows", ["--samples", "rows"], nmf_cv.fit_nmf(X, 2, **kw))):
+        code, _, err = run_cli(*fit, *extra, "--out", tmp_path / prefix)
+        assert code == 0, err
+        W, H, summary = written(prefix)
+        W_ref, H_ref = (ref.H.T, ref.W.T) if prefix == "columns" else (ref.W, ref.H)
+        assert_allclose(W, W_ref, rtol=1e-12, atol=1e-14)
+        assert_allclose(H, H_ref, rtol=1e-12, atol=1e-14)
+        assert summary["samples"] == prefix and summary["shape"] == [30, 12]
+        stability = nmf_cv.read_matrix(str(tmp_path / f"{prefix}_stability.csv"))[0]
+        assert_allclose(stability[:, 0], ref.component_stability, rtol=1e-12)
+    code, _, err = run_cli(*fit, "--normalize-usage", "--out", tmp_path / "usage")
+    assert code == 0, err
+    W, H, _ = written("usage")
+    assert_allclose(H.sum(axis=0), 1.0, rtol=1e-12)
+    assert_allclose(W, written("columns")[0], rtol=1e-12, atol=1e-14)
+
+
 def test_cli_rank_prints_table_and_saves_report(tmp_path):
     import json
 
@@ -5431,6 +5471,10 @@ def test_cli_h5ad_rank_and_consensus_fit_write_named_outputs(tmp_path, capsys, m
     assert copy.varm["nmf_components"].shape == (40, 3)
     assert copy.uns["nmf"]["n_runs"] == 4 and list(copy.obs_names[:1]) == ["cell0"]
     capsys.readouterr()
+    assert nmf_cv.main(["fit", str(path), "-k", "2", "--runs", "2", "--samples", "columns",
+                        "--write-h5ad"]) == 2
+    assert capsys.readouterr().err == ("nmf_cv fit: error: --write-h5ad needs --samples rows "
+                                       "(an .h5ad file's cells)\n")
     monkeypatch.setitem(sys.modules, "anndata", None)  # as if not installed
     assert nmf_cv.main(["fit", str(path), "-k", "2"]) == 2
     err = capsys.readouterr().err

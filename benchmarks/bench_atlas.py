@@ -102,7 +102,8 @@ def run(args, path, out_dir):
         [str(Path(args.module_path or ROOT).resolve()), os.environ.get("PYTHONPATH", "")]))
     if args.fit_runs:  # consensus programs at the planted k
         command = [sys.executable, "-m", "nmf_cv", "fit", str(path), "--loss", "kl", "-k",
-                   str(args.programs), "--runs", str(args.fit_runs), "--jobs", str(args.jobs),
+                   str(args.programs), "--runs", str(args.fit_runs), "--samples", "rows",
+                   "--jobs", str(args.jobs),
                    "--out", str(out_dir / "atlas"), *args.extra.split()]
     else:
         command = [sys.executable, "-m", "nmf_cv", "rank", str(path), "--loss", "kl",
