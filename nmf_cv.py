@@ -9405,6 +9405,11 @@ def _add_samples(parser, what):
                         "al. and 10x folders)")
 
 
+def _nonzero(sums):
+    """Sums to divide by, a sample with no usage (all zeros) left as it is."""
+    return np.where(sums > 0, sums, 1.0)
+
+
 def _sample_axis(args):
     """--samples, or its default for the input file (see `_add_samples`)."""
     if args.samples is None:
@@ -9483,11 +9488,12 @@ def _cli_fit(args):
     del X
     prefix = _prefix(args)
     names = [f"component_{t + 1}" for t in range(res.n_components)]
-    usage = res.W  # samples x components, as fitted
-    if args.normalize_usage:
-        sums = usage.sum(axis=1, keepdims=True)
-        usage = usage / np.where(sums > 0, sums, 1.0)
-    W, H = (res.H.T, usage.T) if flip else (usage, res.H)
+    W, H = (res.H.T, res.W.T) if flip else (res.W, res.H)
+    if args.normalize_usage:  # each sample's usages: W's rows, or H's columns
+        if args.samples == "columns":
+            H = H / _nonzero(H.sum(axis=0, keepdims=True))
+        else:
+            W = W / _nonzero(W.sum(axis=1, keepdims=True))
     sep = "\t" if args.format == "tsv" else ","
     files = [f"{prefix}_W.{args.format}", f"{prefix}_H.{args.format}"]
     _write_csv(files[0], W, row_labels, names, sep)

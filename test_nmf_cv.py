@@ -5120,7 +5120,7 @@ def test_cli_fit_runs_resample_the_samples_axis_and_write_in_the_input_orientati
     """fit --runs resamples the samples: by default the columns of a text file (genes x
     samples, as rank's consensus and stability read it), fitted as X' and written back as
     W (rows x k) and H (k x columns); --samples rows fits X itself. --normalize-usage scales
-    each sample's usages (here H's columns)."""
+    each sample's usages (here H's columns), with --runs or without."""
     X = nmf_cv.make_planted(30, 12, 2, noise=0.05, random_state=6)
     path = tmp_path / "genes.csv"
     path.write_text("\n".join(["id," + ",".join(f"s{j}" for j in range(12))]
@@ -5154,6 +5154,12 @@ def test_cli_fit_runs_resample_the_samples_axis_and_write_in_the_input_orientati
     W, H, _ = written("usage")
     assert_allclose(H.sum(axis=0), 1.0, rtol=1e-12)
     assert_allclose(W, written("columns")[0], rtol=1e-12, atol=1e-14)
+    code, _, err = run_cli("fit", path, "-k", 2, "--normalize-usage", "--out", tmp_path / "one")
+    assert code == 0, err
+    W, H, _ = written("one")  # a single fit: of X, each sample's usages scaled all the same
+    ref = nmf_cv.fit_nmf(X, 2, init="nndsvda", max_iter=2000, tol=1e-6, random_state=0)
+    assert_allclose(H, ref.H / ref.H.sum(axis=0), rtol=1e-12)
+    assert_allclose(W, ref.W, rtol=1e-12, atol=1e-14)
 
 
 def test_cli_rank_prints_table_and_saves_report(tmp_path):
