@@ -9405,11 +9405,6 @@ def _add_samples(parser, what):
                         "al. and 10x folders)")
 
 
-def _nonzero(sums):
-    """Sums to divide by, a sample with no usage (all zeros) left as it is."""
-    return np.where(sums > 0, sums, 1.0)
-
-
 def _sample_axis(args):
     """--samples, or its default for the input file (see `_add_samples`)."""
     if args.samples is None:
@@ -9519,6 +9514,11 @@ def _cli_fit(args):
     _write_json(files[-1], summary)
     print(f"{res!r}\nwrote {', '.join(files)}")
     return 0
+
+
+def _nonzero(sums):
+    """Sums to divide by, a sample with no usage (all zeros) left as it is."""
+    return np.where(sums > 0, sums, 1.0)
 
 
 @contextlib.contextmanager
