@@ -5261,13 +5261,19 @@ class _MissingFoldTraining(_FoldTraining):
         """(X H' over each row's training cells, the rows' bases: the Gram matrix of H less
         each held-out column group's part), as `_MaskLayout.products_W`."""
         G0, grams = self.group_grams(Ht, self.b)
-        XB = _times_factor(self.X, Ht) - self.held_XBt(Ht.T).T + self.kept @ Ht
-        return np.ascontiguousarray(XB, dtype=Ht.dtype), G0[None] - grams
+        XB = Ht.T @ self.X.T  # k x m, as BLAS and held_XBt make it; transposed once, last
+        XB -= self.held_XBt(Ht.T)
+        if self.kept.nnz:  # rarely: a fold holding all of a line's observed cells
+            XB += (self.kept @ Ht).T
+        return np.ascontiguousarray(XB.T, dtype=Ht.dtype), G0[None] - grams
 
     def products_H(self, W):
         G0, grams = self.group_grams(W, self.P)
-        XB = _times_factor(self.X.T, W) - self.held_AtX(W.T).T + self.kept.T @ W
-        return np.ascontiguousarray(XB, dtype=W.dtype), G0[None] - grams
+        XB = W.T @ self.X
+        XB -= self.held_AtX(W.T)
+        if self.kept.nnz:
+            XB += (self.kept.T @ W).T
+        return np.ascontiguousarray(XB.T, dtype=W.dtype), G0[None] - grams
 
     def filled(self):
         """As `_FoldTraining.filled`, the cells filled being the held-out and missing ones."""
