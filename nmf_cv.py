@@ -1850,6 +1850,7 @@ class _LineArrays(NamedTuple):
     kptr: np.ndarray
     kidx: np.ndarray
     pattern: np.ndarray
+    fold_rule: bool
 
 
 @dataclass
@@ -1866,7 +1867,8 @@ class _MaskedLines:
     it: batches of samples missing the same features share one). ``mm`` and ``exact``: the
     lines updated by a majorize-minimize step and exactly one by one (`_majorized_lines`);
     ``shared``: lines updated exactly together with the others of their pattern, their runs
-    starting at ``shared_ptr``."""
+    starting at ``shared_ptr``. ``fold_rule`` False: no cell is left out and none kept (the
+    kernels then read a line's cells where they are listed)."""
 
     ptr: np.ndarray
     idx: np.ndarray
@@ -1881,10 +1883,12 @@ class _MaskedLines:
     shared: np.ndarray = None
     shared_ptr: np.ndarray = None
     units: np.ndarray = None
+    fold_rule: bool = True
 
     def __post_init__(self):
         p = len(self.sign)
         if self.group is None:  # no fold rule: one base, nothing left out, nothing kept
+            self.fold_rule = False
             self.group = np.zeros(p, dtype=np.int64)
             self.cell_group = np.full(int(self.idx.max(initial=0)) + 1, -1, dtype=np.int64)
         if self.kptr is None:
@@ -1897,7 +1901,7 @@ class _MaskedLines:
     def kernel(self):
         """The arrays the numba kernels read, as a `_LineArrays`."""
         return _LineArrays(self.ptr, self.idx, self.sign, self.group, self.cell_group,
-                           self.kptr, self.kidx, self.pattern)
+                           self.kptr, self.kidx, self.pattern, self.fold_rule)
 
     def majorized(self, length, max_missing):
         """These lines with ``mm``, ``exact`` and ``shared`` set. Lines sharing their
@@ -2290,8 +2294,8 @@ def _block_model(A, block_rows, B, L, Ab, Gb, sel, units):
         a = block_rows[j]
         complement[j] = 1.0 if signs[a] < 0.0 or units else 0.0
         if complement[j] == 0.0:
-            c1, c2 = _line_cells(a, L, sel)
-            total += _row_cells_sq(A, a, B, sel, np.int64(0), c1 + c2)
+            cells, _ = _line_cells(a, L, sel)
+            total += _row_cells_sq(A, a, B, cells, np.int64(0), cells.shape[0])
     for t in range(k):
         for r in range(k):
             Gt = Gb[t, r]
@@ -2421,16 +2425,16 @@ def _mm_targets(A, B, XB, L, rows, At, Yt):
         a = rows[j]
         for t in range(k):
             acc[t] = XB[a, t]
-        end, _ = _line_cells(a, L, sel)
+        cells, end = _line_cells(a, L, sel)
         q = 0
         while q + 4 <= end:
-            c0, c1, c2, c3 = sel[q], sel[q + 1], sel[q + 2], sel[q + 3]
+            c0, c1, c2, c3 = cells[q], cells[q + 1], cells[q + 2], cells[q + 3]
             s0, s1, s2, s3 = _predict_four(A, a, B, c0, c1, c2, c3)
             for t in range(k):
                 acc[t] += (s0 * B[c0, t] + s1 * B[c1, t]) + (s2 * B[c2, t] + s3 * B[c3, t])
             q += 4
         while q < end:
-            c0 = sel[q]
+            c0 = cells[q]
             s0 = 0.0
             for t in range(k):
                 s0 += float(A[a, t]) * B[c0, t]
@@ -2454,7 +2458,7 @@ def _masked_mu_rows(A, B, bases, L, XB, l1, l2, scratch, u, want):
     sel = np.empty(B.shape[0], dtype=np.int64)
     total = 0.0
     for a in range(p):
-        c1, c2 = _line_cells(a, L, sel)
+        cells, c1 = _line_cells(a, L, sel)
         sign = signs[a]
         G0 = bases[group[a]]
         for t in range(k):
@@ -2463,9 +2467,9 @@ def _masked_mu_rows(A, B, bases, L, XB, l1, l2, scratch, u, want):
                 for r in range(k):
                     acc += G0[t, r] * A[a, r]
             den[t] = acc
-        _add_cross(A, a, B, sel[:c1], sign, scratch, u, den)
-        if c2 > 0:
-            _add_cross(A, a, B, sel[c1:c1 + c2], 1.0, scratch, u, den)
+        _add_cross(A, a, B, cells[:c1], sign, scratch, u, den)
+        if cells.shape[0] > c1:
+            _add_cross(A, a, B, cells[c1:], 1.0, scratch, u, den)
         for t in range(k):
             d = den[t] + l1 + l2 * A[a, t]
             if d > 0.0:
@@ -2475,8 +2479,8 @@ def _masked_mu_rows(A, B, bases, L, XB, l1, l2, scratch, u, want):
                 for t in range(k):
                     for r in range(k):
                         total += A[a, t] * G0[t, r] * A[a, r]
-            total += sign * _row_cells_sq(A, a, B, sel, np.int64(0), c1)
-            total += _row_cells_sq(A, a, B, sel, c1, c1 + c2)
+            total += sign * _row_cells_sq(A, a, B, cells, np.int64(0), c1)
+            total += _row_cells_sq(A, a, B, cells, c1, cells.shape[0])
     return total
 
 
@@ -2503,25 +2507,28 @@ def _masked_model(A, B, bases, L, rows):
     sel = np.empty(B.shape[0], dtype=np.int64)
     total = 0.0
     for a in rows:
-        c1, c2 = _line_cells(a, L, sel)
+        cells, c1 = _line_cells(a, L, sel)
         if signs[a] < 0.0:
             G0 = bases[group[a]]
             for t in range(k):
                 at = A[a, t]
                 for r in range(k):
                     total += at * G0[t, r] * A[a, r]
-        total += signs[a] * _row_cells_sq(A, a, B, sel, np.int64(0), c1)
-        total += _row_cells_sq(A, a, B, sel, c1, c1 + c2)
+        total += signs[a] * _row_cells_sq(A, a, B, cells, np.int64(0), c1)
+        total += _row_cells_sq(A, a, B, cells, c1, cells.shape[0])
     return total
 
 
 @_jit(kernels_only=True)
 def _line_cells(a, L, sel):
-    """Line a's cells, from the lines L (`_LineArrays`), into ``sel``: first its listed cells
-    but those in its held-out block (cell_group[j] == group[a]: its base has taken them out
-    already), then its kept cells. Returns the two counts. ``sel`` has room for all the
-    line's listed cells: each is written, then kept or written over."""
+    """Line a's cells, from the lines L (`_LineArrays`): first its listed cells but those in
+    its held-out block (cell_group[j] == group[a]: its base has taken them out already), then
+    its kept cells. Returns (the cells, how many of them are listed): where the lines have no
+    fold rule, the listed cells where L lists them; else copied into ``sel``, which has room
+    for all the line's listed and kept cells (each is written, then kept or written over)."""
     ptr, idx, cell_group, kptr, kidx = L.ptr, L.idx, L.cell_group, L.kptr, L.kidx
+    if not L.fold_rule:
+        return idx[ptr[a]:ptr[a + 1]], ptr[a + 1] - ptr[a]
     g = L.group[a]
     c = 0
     for q in range(ptr[a], ptr[a + 1]):  # no branch: cells are dropped at random in folds
@@ -2532,7 +2539,7 @@ def _line_cells(a, L, sel):
     for q in range(kptr[a], kptr[a + 1]):
         sel[c + c2] = kidx[q]
         c2 += 1
-    return c, c2
+    return sel[:c + c2], c
 
 
 @_jit(fastmath=_FAST, kernels_only=True)
@@ -2542,12 +2549,12 @@ def _line_sums(a, L, B, pairs, sel, acc, scratch, S, out):
     line's Gram matrix is G0 - out (G0 - (S - K)) where it is given by its missing cells and
     out (S + K) where by its observed ones."""
     n_packed = B.shape[1] * (B.shape[1] + 1) // 2
-    c1, c2 = _line_cells(a, L, sel)
-    _cells_packed(B, pairs, sel[:c1], acc, scratch, S)
+    cells, c1 = _line_cells(a, L, sel)
+    _cells_packed(B, pairs, cells[:c1], acc, scratch, S)
     for e in range(n_packed):
         out[e] = acc[e]
-    if c2 > 0:
-        _cells_packed(B, pairs, sel[c1:c1 + c2], acc, scratch, S)
+    if cells.shape[0] > c1:
+        _cells_packed(B, pairs, cells[c1:], acc, scratch, S)
         for e in range(n_packed):
             out[e] += L.sign[a] * acc[e]
 
