@@ -3447,11 +3447,20 @@ def _group_grams(A, labels, n_groups):
     return out
 
 
+class _CellSums(NamedTuple):
+    """Sums over a set of cells, wh = W[i] . Ht[j] (`_rule_sums`'s, in its order)."""
+
+    sq: float  # sum (x - wh)^2
+    wh2: float  # sum wh^2
+    log_part: float  # sum [x log(x / max(wh, eps)) - x]
+    x_sum: float  # sum x
+    xx: float  # sum x^2
+
+
 @_jit()
 def _rule_sums(which, R, W, Ht, eps):
-    """Over the cells of one kind (see _rule_cells), with wh = W[i] . Ht[j]: (sum (x - wh)^2,
-    sum wh^2, sum [x log(x / max(wh, eps)) - x], sum x, sum x^2). W, Ht with no columns give
-    the data's sums."""
+    """Over the cells of one kind (see _rule_cells), with wh = W[i] . Ht[j]: the sums of
+    `_CellSums`, in its order. W, Ht with no columns give the data's sums."""
     js = np.empty(R.b.shape[0], dtype=np.int64)
     xs = np.empty(R.b.shape[0], dtype=np.float64)
     k = W.shape[1]
@@ -3584,9 +3593,8 @@ def _rank_fit_kwargs(method, loss, fit_kwargs):
     """`fit_nmf`'s options for the fits of `stability`, `randomized_rss` and
     `bicross_validate`: close to converged (`_RANK_FIT_DEFAULTS`) and extrapolated where the
     solver allows it (`_can_extrapolate`), as cross-validation's training fits are
-    (`_FoldFits.fit`): the same tolerance in a third to two thirds of the time, the same picks
-    (benchmarks/README.md, "bench_extrapolated_criteria.py"). ``fit_kwargs``, the caller's,
-    win."""
+    (`_FoldFits.fit`): the same tolerance sooner, the same picks (benchmarks/README.md,
+    "bench_extrapolated_criteria.py"). ``fit_kwargs``, the caller's, win."""
     faster = {"extrapolate": True} if _can_extrapolate(_resolve_method(method, loss)) else {}
     return {**_RANK_FIT_DEFAULTS, **faster, **fit_kwargs}
 
@@ -3756,14 +3764,12 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
     with one exception: a held-out cell whose error is more than half its fold's PRESS (more
     than all the fold's other cells together) and whose prediction is above every training
     value of its row and column is scored at the largest of those values, so that one
-    prediction the training cells never supported cannot carry a fold (on Golub's ALL/AML
-    data one such cell, a gene at its floor predicted 2.5x the matrix's largest value, made
-    half a fold; benchmarks/README.md). Overshoots that do not carry a fold are scored as
-    they are: they are how a rank that overfits shows (not with ``n_folds="loo"``, whose
-    folds are single cells). A
-    cell is never held out when it is the last observed cell of its row or column in a fold's
-    training set (it stays in training for every fold; ``n_kept`` counts them), so every
-    training set covers every row and column.
+    prediction the training cells never supported cannot carry a fold (as one did on Golub's
+    ALL/AML data: benchmarks/README.md, "bench_seeds.py"). Overshoots that do not carry a fold
+    are scored as they are: they are how a rank that overfits shows (not with
+    ``n_folds="loo"``, whose folds are single cells). A cell is never held out when it is the
+    last observed cell of its row or column in a fold's training set (it stays in training for
+    every fold; ``n_kept`` counts them), so every training set covers every row and column.
 
     Sparse input (scipy.sparse) is never densified, and its zeros, stored or not, are observed
     values: a held-out zero is scored like any other cell. Fully observed input, dense or
@@ -4925,9 +4931,9 @@ class _FoldTraining:
             self.blocks = [X[np.ix_(r, c)] for r, c in zip(self.row_groups, self.col_groups,
                                                            strict=True)]
         none = np.zeros((m, 0)), np.zeros((n, 0))
-        held, every = self.held_sums(*none, 1.0), _rule_sums(0, self.cells(), *none, 1.0)
-        self.x_sum = every[3] - held[3]
-        self.xx = every[4] - held[4]
+        held, every = self.held_sums(*none, 1.0), self.cell_sums(*none, 1.0)
+        self.x_sum = every.x_sum - held.x_sum
+        self.xx = every.xx - held.xx
 
     def fit_data(self):
         """What the fits fit: the training cells, read through the rule (a method, not an
@@ -4984,12 +4990,16 @@ class _FoldTraining:
             out[:, cols] = At[:, rows] @ block
         return out
 
+    def cell_sums(self, W, Ht, eps):
+        """`_CellSums` over every cell with a value (every stored entry of a sparse X)."""
+        return _CellSums(*_rule_sums(0, self.cells(), W, Ht, eps))
+
     def held_sums(self, W, Ht, eps):
-        """`_rule_sums` over the held-out cells with a value (all of them for dense X)."""
+        """`_CellSums` over the held-out cells with a value (all of them for dense X)."""
         if self.sparse:
             rule = self.cells()
             held = _rule_view(self.held, rule.P, rule.b, rule.col_ptr, rule.col_order)
-            return _rule_sums(0, held, W, Ht, eps)
+            return _CellSums(*_rule_sums(0, held, W, Ht, eps))
         empty_i, total = np.zeros(0, dtype=np.int32), np.zeros(5)
         for rows, cols, block in zip(self.row_groups, self.col_groups, self.blocks,
                                      strict=True):
@@ -5000,7 +5010,7 @@ class _FoldTraining:
                                          np.zeros(len(cols), np.int64), self.col_ptr,
                                          self.col_order)
                 total += _rule_sums(0, every_cell, W[rows], Ht[cols], eps)
-        return tuple(total)
+        return _CellSums(*total)
 
     def group_grams(self, A, labels):
         """Gram matrix of A's rows (float64) and those of each group's rows (n_groups x k x
@@ -5122,23 +5132,22 @@ class _FoldTraining:
         W = np.ascontiguousarray(W, dtype=np.float64)
         Ht = np.ascontiguousarray(H.T, dtype=np.float64)
         eps = _kl_floor(np.float64)
-        held = self.held_sums(W, Ht, eps)
-        every = _rule_sums(0, self.cells(), W, Ht, eps)
+        held, every = self.held_sums(W, Ht, eps), self.cell_sums(W, Ht, eps)
         if loss == "kl":
             w_sums = [W[g].sum(axis=0) for g in self.row_groups]
             h_sums = [Ht[g].sum(axis=0) for g in self.col_groups]
             held_mu = sum(float(a @ b) for a, b in zip(w_sums, h_sums, strict=True))
             total_mu = float(W.sum(axis=0) @ Ht.sum(axis=0))
-            press = 2.0 * (held[2] + held_mu)
+            press = 2.0 * (held.log_part + held_mu)
             return (_bound_dominant(press, self.held_top(W, Ht, loss), loss),
-                    2.0 * (every[2] + total_mu) - press)
-        press, total = held[0], every[0]
+                    2.0 * (every.log_part + total_mu) - press)
+        press, total = held.sq, every.sq
         if self.sparse:  # cells not stored: (0 - wh)^2, all cells' wh^2 minus stored ones'
             _, w_grams = self.group_grams(W, self.P)
             _, h_grams = self.group_grams(Ht, self.b)
             held_wh2 = _fdot(w_grams, h_grams)
-            press += max(held_wh2 - held[1], 0.0)
-            total += max(_fdot(W.T @ W, Ht.T @ Ht) - every[1], 0.0)
+            press += max(held_wh2 - held.wh2, 0.0)
+            total += max(_fdot(W.T @ W, Ht.T @ Ht) - every.wh2, 0.0)
         return (_bound_dominant(press, self.held_top(W, Ht, loss), loss),
                 max(total - press, 0.0))
 
@@ -6147,7 +6156,7 @@ def consensus(X, ranks, *, n_runs=50, method="mu", loss="kl", axis="columns",
         (``cophenetic_se``) of going the other way. Fewer runs give coefficients that err
         high at ranks where another clustering turns up now and then, so 10 runs alone move
         the pick on some seeds; "auto" gives the 50-run pick about as often as 50 runs do,
-        in a fifth to two fifths of their time (benchmarks/README.md,
+        in far less time (benchmarks/README.md,
         "bench_consensus_runs.py").
     method, loss : str
         Passed to `fit_nmf`; by default Brunet's choice, KL multiplicative updates.
@@ -6914,6 +6923,7 @@ def _matched_similarity(comps):
 
 
 def _unit_rows(A):
+    """A's rows scaled to unit length (zero rows left as they are)."""
     norms = np.linalg.norm(A, axis=1)
     return A / np.where(norms > 0, norms, 1.0)[:, None]
 
@@ -9217,11 +9227,7 @@ def _match_components(comps, ref):
     by least squares onto its partner (NMF fixes neither order nor scale)."""
     from scipy.optimize import linear_sum_assignment
 
-    def unit(A):
-        norms = np.linalg.norm(A, axis=1, keepdims=True)
-        return A / np.where(norms > 0, norms, 1.0)
-
-    _, cols = linear_sum_assignment(unit(comps) @ unit(ref).T, maximize=True)
+    _, cols = linear_sum_assignment(_unit_rows(comps) @ _unit_rows(ref).T, maximize=True)
     ref = ref[cols]
     sq = np.einsum("ij,ij->i", ref, ref)
     scale = np.einsum("ij,ij->i", comps, ref) / np.where(sq > 0, sq, 1.0)
