@@ -3973,9 +3973,9 @@ def cross_validate(X, ranks, *, n_folds=5, n_repeats="auto", mask=None, method=N
             for (ki, r, f), out in zip(tasks, outputs, strict=True):
                 if ki in unfinished:
                     continue
-                press[ki, r, f], train[ki, r, f] = out[0], out[1]
+                press[ki, r, f], train[ki, r, f] = out.held_out, out.training
                 if return_factors:
-                    factors[(int(ranks[ki]), r, f)] = (out[2], out[3])
+                    factors[(int(ranks[ki]), r, f)] = (out.W, out.H)
             r = len(splits)
             if unfinished:  # a report from an unfinished run: no later round was run
                 break
@@ -4042,9 +4042,22 @@ class _CVCall:
     return_factors: bool = False
 
     def kept(self, out):
-        """What the caller keeps of a fit's (held-out score, training score, W, H,
-        objective)."""
-        return out if self.return_factors else (out[0], out[1], None, None, out[4])
+        """What the caller keeps of a fit (a `_FoldFit`, or the plain tuple a checkpoint
+        gives back): its factors only if asked for."""
+        out = _FoldFit._make(out)
+        return out if self.return_factors else out._replace(W=None, H=None)
+
+
+class _FoldFit(NamedTuple):
+    """One (rank, split, fold) fit of cross-validation: its scores on the held-out cells
+    and on the training cells (`_FoldTraining.scores`), its factors (None where the caller
+    does not keep them), its final objective."""
+
+    held_out: float
+    training: float
+    W: np.ndarray
+    H: np.ndarray
+    objective: float
 
 
 @dataclass
@@ -4070,7 +4083,7 @@ def _refit_stuck(cv, round_, outputs, per_cell, refitted, stuck_restarts):
     n_train = {(r, f): cv.source.n_train(splits[r], f) for _, r, f in tasks}
     for task, out in zip(tasks, outputs, strict=True):
         if out is not None:
-            per_cell[task] = out[1] / n_train[task[1:]]
+            per_cell[task] = out.training / n_train[task[1:]]
     best = {}
     for (ki, _, _), value in per_cell.items():
         best[ki] = min(best.get(ki, np.inf), value)
@@ -4090,9 +4103,9 @@ def _refit_stuck(cv, round_, outputs, per_cell, refitted, stuck_restarts):
         if out is None:
             continue
         refitted[tasks[i][0]] += 1
-        if out[-1] < outputs[i][-1]:
+        if out.objective < outputs[i].objective:
             outputs[i] = out
-            per_cell[tasks[i]] = out[1] / n_train[tasks[i][1:]]
+            per_cell[tasks[i]] = out.training / n_train[tasks[i][1:]]
     return missing
 
 
@@ -4170,7 +4183,7 @@ def _paired_excess(press):
 
 
 def _cv_outputs(cv, round_, warm_start):
-    """Every task's (held-out score, training score, W, H, objective), in task order."""
+    """Every task's `_FoldFit`, in task order (None for a task not run: `_FinishedOnly`)."""
     splits, tasks = cv.splits, round_.tasks
     if not warm_start:
         args = [(cv.carried, cv.fits, splits[r], f, int(cv.ranks[ki]), round_.seeds[i],
@@ -4317,37 +4330,53 @@ def _observed_cells(data):
     return rows, cols, dense.ravel()
 
 
+class _Split(NamedTuple):
+    """One random division of the observed cells into folds, as a source makes it: the fold
+    rule's classes, cell (i, j) being in fold (row_class[i] + col_class[j]) % n_folds; the
+    cells that rule would hold out which every training set keeps (``kept_rows``,
+    ``kept_cols``: `_MissingRuleSource`'s); and for listed cells (`_CellSource`) each one's
+    fold, ``cell_fold`` (-1: kept), leave-one-out having no classes."""
+
+    row_class: np.ndarray
+    col_class: np.ndarray
+    n_folds: int
+    kept_rows: np.ndarray = None
+    kept_cols: np.ndarray = None
+    cell_fold: np.ndarray = None
+
+
 def _fold_rule(shape, n_folds, rng):
-    """Row and column classes of `Folds`' rule: each side dealt out evenly at random."""
-    return tuple((rng.permutation(size) % n_folds).astype(np.int32) for size in shape)
+    """A `_Split` of `Folds`' rule: each side's classes dealt out evenly at random."""
+    rows, cols = ((rng.permutation(size) % n_folds).astype(np.int32) for size in shape)
+    return _Split(rows, cols, n_folds)
 
 
 @dataclass
 class _RuleSource:
     """A fully observed X (ndarray or CSR) whose training sets are read through the fold
-    rule: a split is (row_class, col_class, n_folds). ``Xt``: X's transpose in X's layout,
+    rule (a `_Split` of its classes). ``Xt``: X's transpose in X's layout,
     which KL coordinate descent reads H's lines from (`_carried_source`), or None."""
 
     X: object
     Xt: object = None
 
     def split(self, n_folds, rng):
-        return _fold_rule(self.X.shape, n_folds, rng) + (n_folds,)
+        return _fold_rule(self.X.shape, n_folds, rng)
 
     def training(self, split, f):
         return _FoldTraining(self.X, split, f, self.Xt)
 
     def n_train(self, split, f):
-        row_class, col_class, n_folds = split
-        rows = np.bincount(row_class, minlength=n_folds)
-        cols = np.bincount(col_class, minlength=n_folds)
+        n_folds = split.n_folds
+        rows = np.bincount(split.row_class, minlength=n_folds)
+        cols = np.bincount(split.col_class, minlength=n_folds)
         held = sum(int(rows[r]) * int(cols[(f - r) % n_folds]) for r in range(n_folds))
         return self.X.shape[0] * self.X.shape[1] - held
 
     def folds(self, splits, n_folds):
         empty = np.zeros(0, dtype=np.int64)
-        return Folds(n_folds, self.X.shape, np.array([s[0] for s in splits]),
-                     np.array([s[1] for s in splits]), [(empty, empty)] * len(splits))
+        return Folds(n_folds, self.X.shape, np.array([s.row_class for s in splits]),
+                     np.array([s.col_class for s in splits]), [(empty, empty)] * len(splits))
 
 
 @dataclass
@@ -4355,10 +4384,9 @@ class _MissingRuleSource:
     """Mostly observed data with missing cells whose training sets are read through the fold
     rule (`_MissingFoldTraining`): X with zeros in its missing cells, its squared norm, and
     each row's and column's cell set as `_mask_lines` makes them (its missing cells, or for
-    a mostly missing line its observed ones), shared by every training set. A split is
-    (row_class, col_class, n_folds, kept rows, kept cols), the kept cells being those the
-    rule would hold out but `_keep_coverage` keeps in every training set: the same folds as
-    `_CellSource`'s from the same generator."""
+    a mostly missing line its observed ones), shared by every training set. A split
+    (`_Split`) has kept cells, those the rule would hold out but `_keep_coverage` keeps in
+    every training set: the same folds as `_CellSource`'s from the same generator."""
 
     X: np.ndarray
     xx: float
@@ -4396,32 +4424,32 @@ class _MissingRuleSource:
         """`_CellSource.split`'s kept cells from the same generator calls (`_keep_coverage`
         on the observed cells in row-major order), found from the rows' cell sets: no array
         per observed cell but the order (int32 where it fits) and a flag."""
-        row_class, col_class = _fold_rule(self.shape, n_folds, rng)
+        rule = _fold_rule(self.shape, n_folds, rng)
         m, n = self.shape
         listed = np.diff(self.row_ptr)
         start = np.concatenate([[0], np.cumsum(np.where(self.row_sign > 0, listed, n - listed))])
         order = np.arange(start[-1], dtype=np.int32 if start[-1] < 2 ** 31 else np.int64)
         rng.shuffle(order)  # the values of rng.permutation(start[-1]), as _keep_coverage draws
         kept_rows, kept_cols = _rule_kept_cells(self.row_ptr, self.row_idx, self.row_sign, n,
-                                                start, row_class.astype(np.int64),
-                                                col_class.astype(np.int64), n_folds, order)
-        return row_class, col_class, n_folds, kept_rows, kept_cols
+                                                start, rule.row_class.astype(np.int64),
+                                                rule.col_class.astype(np.int64), n_folds, order)
+        return rule._replace(kept_rows=kept_rows, kept_cols=kept_cols)
 
     def training(self, split, f):
         return _MissingFoldTraining(self, split, f)
 
     def n_train(self, split, f):
-        row_class, col_class, n_folds, kept_rows, kept_cols = split
-        P = (f - row_class.astype(np.int64)) % n_folds
-        kept = np.bincount(kept_rows[P[kept_rows] == col_class[kept_cols]],
+        n_folds, col_class = split.n_folds, split.col_class
+        P = (f - split.row_class.astype(np.int64)) % n_folds
+        kept = np.bincount(split.kept_rows[P[split.kept_rows] == col_class[split.kept_cols]],
                            minlength=self.shape[0])
         return int(np.sum(_training_counts(self.row_ptr, self.row_idx, self.row_sign, P,
                                            col_class.astype(np.int64), n_folds, kept)))
 
     def folds(self, splits, n_folds):
-        kept = [(s[3], s[4]) for s in splits]
-        return Folds(n_folds, self.shape, np.array([s[0] for s in splits]),
-                     np.array([s[1] for s in splits]), kept, self.observed())
+        kept = [(s.kept_rows, s.kept_cols) for s in splits]
+        return Folds(n_folds, self.shape, np.array([s.row_class for s in splits]),
+                     np.array([s.col_class for s in splits]), kept, self.observed())
 
 
 def _training_counts(ptr, idx, sign, group, cell_group, n_groups, kept):
@@ -4450,7 +4478,7 @@ def _count_in_block(ptr, idx, group, cell_group):
 @dataclass
 class _CellSource:
     """Observed cells (row-major) whose training sets are built by `fit_nmf`'s mask: a split
-    is (fold of each cell, row_class, col_class)."""
+    (`_Split`) gives each cell's fold."""
 
     rows: np.ndarray
     cols: np.ndarray
@@ -4460,30 +4488,31 @@ class _CellSource:
 
     def split(self, n_folds, rng):
         if isinstance(n_folds, str):  # leave-one-out: one cell a fold, in random order
-            return _keep_coverage(rng.permutation(len(self.rows)), self.rows, self.cols,
-                                  self.shape, len(self.rows), rng), None, None
-        row_class, col_class = _fold_rule(self.shape, n_folds, rng)
-        fold = (row_class[self.rows] + col_class[self.cols]) % n_folds
-        return (_keep_coverage(fold, self.rows, self.cols, self.shape, n_folds, rng),
-                row_class, col_class)
+            n = len(self.rows)
+            fold = _keep_coverage(rng.permutation(n), self.rows, self.cols, self.shape, n, rng)
+            return _Split(None, None, n, cell_fold=fold)
+        rule = _fold_rule(self.shape, n_folds, rng)
+        fold = (rule.row_class[self.rows] + rule.col_class[self.cols]) % n_folds
+        return rule._replace(cell_fold=_keep_coverage(fold, self.rows, self.cols, self.shape,
+                                                      n_folds, rng))
 
     def training(self, split, f):
-        return _CellTraining(self, split[0], f)
+        return _CellTraining(self, split.cell_fold, f)
 
     def n_train(self, split, f):
-        return int(np.sum(split[0] != f))
+        return int(np.sum(split.cell_fold != f))
 
     def folds(self, splits, n_folds):
         observed = None
         if self.masked:
             observed = np.zeros(self.shape, dtype=bool)
             observed[self.rows, self.cols] = True
-        kept = [(self.rows[s[0] < 0], self.cols[s[0] < 0]) for s in splits]
-        if splits[0][1] is None:
+        kept = [(self.rows[s.cell_fold < 0], self.cols[s.cell_fold < 0]) for s in splits]
+        if splits[0].row_class is None:
             return Folds(n_folds, self.shape, kept=kept, observed=observed,
-                         cell_fold=[s[0] for s in splits])
-        return Folds(n_folds, self.shape, np.array([s[1] for s in splits]),
-                     np.array([s[2] for s in splits]), kept, observed)
+                         cell_fold=[s.cell_fold for s in splits])
+        return Folds(n_folds, self.shape, np.array([s.row_class for s in splits]),
+                     np.array([s.col_class for s in splits]), kept, observed)
 
 
 def _keep_coverage(fold, rows, cols, shape, n_folds, rng):
@@ -4664,8 +4693,7 @@ class _FoldFits:
         return {**self.fit_kwargs, "alpha_W": alpha, "alpha_H": alpha}
 
     def fit(self, train, k, seed, alpha, n_restarts, first_child=None, init=None):
-        """(held-out score, training score, W, H, objective) of the best of ``n_restarts``
-        fits of rank k to one training set."""
+        """The `_FoldFit` of the best of ``n_restarts`` fits of rank k to one training set."""
         kw = self.options(alpha)
         if _can_extrapolate(_resolve_method(self.method, self.loss)):
             kw = {"extrapolate": True, **kw}
@@ -4673,7 +4701,8 @@ class _FoldFits:
             kw = {**kw, "init": init}
         res = _best_fit(train.fit_data(), k, seed, n_restarts, kw, first_child=first_child,
                         method=self.method, loss=self.loss)
-        return train.scores(res.W, res.H, self.loss) + (res.W, res.H, res.loss_history[-1])
+        return _FoldFit(*train.scores(res.W, res.H, self.loss), res.W, res.H,
+                        res.loss_history[-1])
 
 
 def _best_fit(data, k, seed, n_restarts, fit_kwargs, first_child=None, **kwargs):
@@ -4722,7 +4751,7 @@ def _cv_chain_task(source, fits, split, f, ranks, seeds, alpha):
     for k, seed in zip(ranks, seeds, strict=True):
         init = None if W is None else _grow_factors(train.X, train.mask, W, H, k, seed)
         out.append(fits.fit(train, k, seed, alpha, fits.n_restarts, init=init))
-        W, H = out[-1][2:4]
+        W, H = out[-1].W, out[-1].H
     return out
 
 
@@ -4901,12 +4930,12 @@ class _FoldTraining:
     mask = None
 
     def __init__(self, X, split, f, Xt=None):
-        row_class, col_class, n_folds = split
+        n_folds = split.n_folds
         self.X, self.shape, self.dtype = X, X.shape, X.dtype
         self.Xt = Xt  # X's transpose, if the source has one (`transposed_cells`)
         self.sparse = sp.issparse(X)
-        self.P = ((f - row_class.astype(np.int64)) % n_folds).astype(np.int64)
-        self.b = col_class.astype(np.int64)
+        self.P = ((f - split.row_class.astype(np.int64)) % n_folds).astype(np.int64)
+        self.b = split.col_class.astype(np.int64)
         self.col_order = np.argsort(self.b, kind="stable")
         self.col_ptr = _indptr(self.b[self.col_order], n_folds)
         self.col_groups = [self.col_order[self.col_ptr[c]:self.col_ptr[c + 1]]
@@ -5196,8 +5225,8 @@ class _MissingFoldTraining(_FoldTraining):
     factors; no m x n array."""
 
     def __init__(self, source, split, f):
-        row_class, col_class, n_folds, kept_rows, kept_cols = split
-        super().__init__(source.X, (row_class, col_class, n_folds), f)
+        super().__init__(source.X, split, f)
+        kept_rows, kept_cols, n_folds = split.kept_rows, split.kept_cols, split.n_folds
         self.source = source
         in_fold = self.P[kept_rows] == self.b[kept_cols]
         kr, kc = kept_rows[in_fold], kept_cols[in_fold]
@@ -5824,7 +5853,8 @@ def _resolve(value):
     if isinstance(value, _Shared):
         return _attached(value)
     if isinstance(value, tuple):
-        return tuple(_resolve(v) for v in value)
+        items = [_resolve(v) for v in value]
+        return value._make(items) if hasattr(value, "_make") else tuple(items)  # a NamedTuple
     return value
 
 

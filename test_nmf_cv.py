@@ -575,7 +575,7 @@ def test_fit_nmf_takes_public_inputs_only():
     """A cross-validation training set is fitted through _fit; fit_nmf refuses it in one
     line, as any other non-numeric X."""
     X = nmf_cv.make_planted(20, 10, 2, random_state=0)
-    split = nmf_cv._fold_rule(X.shape, 3, np.random.default_rng(0)) + (3,)
+    split = nmf_cv._fold_rule(X.shape, 3, np.random.default_rng(0))
     with pytest.raises(TypeError, match="X must hold numbers"):
         nmf_cv.fit_nmf(nmf_cv._FoldTraining(X, split, 1), 2)
 
@@ -1710,8 +1710,8 @@ def fit_training(train, k, **kw):
 
 
 def _rule_training(X, n_folds=4, f=1, seed=0):
-    split = nmf_cv._fold_rule(X.shape, n_folds, np.random.default_rng(seed)) + (n_folds,)
-    held = (split[0][:, None] + split[1][None, :]) % n_folds == f
+    split = nmf_cv._fold_rule(X.shape, n_folds, np.random.default_rng(seed))
+    held = (split.row_class[:, None] + split.col_class[None, :]) % n_folds == f
     return nmf_cv._FoldTraining(X, split, f), held
 
 
@@ -1785,7 +1785,7 @@ def _missing_training(X, f=1, n_folds=4, seed=0):
     split = source.split(n_folds, np.random.default_rng(seed))
     cell_split = _cell_source(data, False).split(n_folds, np.random.default_rng(seed))
     train = source.training(split, f)
-    return data, source, split, train, cell_split[0] != f, cell_split[0] == f
+    return data, source, split, train, cell_split.cell_fold != f, cell_split.cell_fold == f
 
 
 def ref_keep_coverage(fold, rows, cols, shape, n_folds, rng):
@@ -2528,14 +2528,15 @@ def test_missing_rule_split_keeps_the_reference_cells(density):
         source = nmf_cv._MissingRuleSource.of(nmf_cv._validate_data(X))
         split = source.split(4, np.random.default_rng(seed + 10))
         ref_rng = np.random.default_rng(seed + 10)
-        row_class, col_class = nmf_cv._fold_rule(mask.shape, 4, ref_rng)
+        rule = nmf_cv._fold_rule(mask.shape, 4, ref_rng)
+        row_class, col_class = rule.row_class, rule.col_class
         rows, cols = np.nonzero(mask)
         fold = (row_class[rows] + col_class[cols]) % 4
         kept = ref_keep_coverage(fold, rows, cols, mask.shape, 4, ref_rng) < 0
-        assert_array_equal(split[0], row_class)
-        assert_array_equal(split[1], col_class)
-        assert_array_equal(split[3], rows[kept])
-        assert_array_equal(split[4], cols[kept])
+        assert_array_equal(split.row_class, row_class)
+        assert_array_equal(split.col_class, col_class)
+        assert_array_equal(split.kept_rows, rows[kept])
+        assert_array_equal(split.kept_cols, cols[kept])
         assert kept.any()
 
 
@@ -2551,8 +2552,8 @@ def test_keep_coverage_equals_the_numpy_reference(density):
         mask[:, 1] = False
         mask[5:8, 1] = True
         rows, cols = np.nonzero(mask)
-        row_class, col_class = nmf_cv._fold_rule(mask.shape, 4, rng)
-        fold = (row_class[rows] + col_class[cols]) % 4
+        rule = nmf_cv._fold_rule(mask.shape, 4, rng)
+        fold = (rule.row_class[rows] + rule.col_class[cols]) % 4
         ours = nmf_cv._keep_coverage(fold, rows, cols, mask.shape, 4,
                                      np.random.default_rng(seed + 10))
         ref = ref_keep_coverage(fold, rows, cols, mask.shape, 4,

@@ -1040,7 +1040,7 @@ def iteration_rows(plan):
     out, read through the fold rule); a random 20% of cells missing (fit_nmf's masked path)."""
     m, n, _ = plan.scale_iteration
     X = nmf_cv.make_planted(m, n, 8, noise=0.1, random_state=0)
-    split = nmf_cv._fold_rule(X.shape, 5, np.random.default_rng(1)) + (5,)
+    split = nmf_cv._fold_rule(X.shape, 5, np.random.default_rng(1))
     training = nmf_cv._FoldTraining(X, split, 0)
     missing = X.copy()
     missing[np.random.default_rng(2).random(X.shape) < 0.2] = np.nan
