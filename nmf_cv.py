@@ -4354,8 +4354,8 @@ def _fold_rule(shape, n_folds, rng):
 @dataclass
 class _RuleSource:
     """A fully observed X (ndarray or CSR) whose training sets are read through the fold
-    rule (a `_Split` of its classes). ``Xt``: X's transpose in X's layout,
-    which KL coordinate descent reads H's lines from (`_carried_source`), or None."""
+    rule (a `_Split` of its classes). ``Xt``: X's transpose in X's layout, which KL
+    coordinate descent reads H's lines from (`_carried_source`), or None."""
 
     X: object
     Xt: object = None
