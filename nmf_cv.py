@@ -4081,14 +4081,14 @@ def _refit_stuck(cv, round_, outputs, per_cell, refitted, stuck_restarts):
     tasks, splits = round_.tasks, cv.splits
     missing = {ki for (ki, _, _), out in zip(tasks, outputs, strict=True) if out is None}
     n_train = {(r, f): cv.source.n_train(splits[r], f) for _, r, f in tasks}
-    for task, out in zip(tasks, outputs, strict=True):
+    for (ki, r, f), out in zip(tasks, outputs, strict=True):
         if out is not None:
-            per_cell[task] = out.training / n_train[task[1:]]
+            per_cell[ki, r, f] = out.training / n_train[r, f]
     best = {}
     for (ki, _, _), value in per_cell.items():
         best[ki] = min(best.get(ki, np.inf), value)
-    stuck = [i for i, task in enumerate(tasks) if task[0] not in missing
-             and per_cell[task] > _STUCK_TRAINING * best[task[0]]]
+    stuck = [i for i, (ki, r, f) in enumerate(tasks) if ki not in missing
+             and per_cell[ki, r, f] > _STUCK_TRAINING * best[ki]]
     if missing:  # the run had not come to its refits: the stuck ranks wait for theirs
         return missing | {tasks[i][0] for i in stuck}
     if not stuck:
@@ -4100,12 +4100,13 @@ def _refit_stuck(cv, round_, outputs, per_cell, refitted, stuck_restarts):
                        keep=cv.kept)
     missing = {tasks[i][0] for i, out in zip(stuck, again, strict=True) if out is None}
     for i, out in zip(stuck, again, strict=True):
+        ki, r, f = tasks[i]
         if out is None:
             continue
-        refitted[tasks[i][0]] += 1
+        refitted[ki] += 1
         if out.objective < outputs[i].objective:
             outputs[i] = out
-            per_cell[tasks[i]] = out.training / n_train[tasks[i][1:]]
+            per_cell[ki, r, f] = out.training / n_train[r, f]
     return missing
 
 
@@ -7448,8 +7449,8 @@ def prior_predictive_rank(X, *, likelihood="poisson", noise_var=None, mask=None,
     data = _validate_data(X, mask)
     mean = data.observed_mean()
     rows, cols = _line_moments(data, mean)
-    n_observed = int(np.sum(rows[0]))
-    var = float(np.sum(rows[2])) / n_observed
+    n_observed = int(np.sum(rows.counts))
+    var = float(np.sum(rows.squares)) / n_observed
     rho_row, rho_col = (_pair_covariance(*line) / var if var > 0 else math.nan
                         for line in (rows, cols))
     v = mean if likelihood == "poisson" else noise_var
@@ -7530,9 +7531,18 @@ def _rank_from_moments(mean, var, rho_row, rho_col, noise_var):
     return rank, ""
 
 
+class _LineMoments(NamedTuple):
+    """Each line's (row's, or column's) observed cells: how many, and the sum and the sum of
+    squares of their deviations from the mean (float64)."""
+
+    counts: np.ndarray
+    sums: np.ndarray
+    squares: np.ndarray
+
+
 def _line_moments(data, mean):
-    """Per-row and per-column ``(count, sum, sum of squares)`` of the observed cells'
-    deviations from ``mean``, in float64 and O(observed cells)."""
+    """The rows' and the columns' `_LineMoments` of the deviations from ``mean``, in
+    O(observed cells)."""
     m, n = data.shape
     if data.masked:
         z = np.subtract(data.values, mean, dtype=np.float64)
@@ -7540,13 +7550,13 @@ def _line_moments(data, mean):
     if data.sparse is not None:
         return _sparse_line_moments(data.sparse, mean)
     z = np.subtract(data.dense, mean, dtype=np.float64)
-    return ((np.full(m, n), z.sum(axis=1), np.einsum("ij,ij->i", z, z)),
-            (np.full(n, m), z.sum(axis=0), np.einsum("ij,ij->j", z, z)))
+    return (_LineMoments(np.full(m, n), z.sum(axis=1), np.einsum("ij,ij->i", z, z)),
+            _LineMoments(np.full(n, m), z.sum(axis=0), np.einsum("ij,ij->j", z, z)))
 
 
 def _bincount_moments(index, z, size):
-    return (np.bincount(index, minlength=size), np.bincount(index, z, size),
-            np.bincount(index, z * z, size))
+    return _LineMoments(np.bincount(index, minlength=size), np.bincount(index, z, size),
+                        np.bincount(index, z * z, size))
 
 
 def _sparse_line_moments(X, mean):
@@ -7559,7 +7569,8 @@ def _sparse_line_moments(X, mean):
     for index, size, length in ((rows, m, n), (X.indices, n, m)):
         stored, sums, squares = _bincount_moments(index, z, size)
         zeros = length - stored
-        out.append((np.full(size, length), sums - zeros * mean, squares + zeros * mean**2))
+        out.append(_LineMoments(np.full(size, length), sums - zeros * mean,
+                                squares + zeros * mean**2))
     return tuple(out)
 
 
